@@ -1,0 +1,203 @@
+"""Training configuration: one frozen dataclass, validated as a whole.
+
+Every field carries its help text (as peft's ``LoraConfig`` does) so the CLI,
+the web app and ``config.yaml`` explain themselves. :func:`validate` collects
+*every* problem and raises one :class:`ConfigError` (as torchtune does): a web
+user should see all of them at once, not one per click.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.errors import ConfigError
+
+
+class Precision(str, enum.Enum):
+    """dtype of the frozen base model (the LoRA itself trains in ``adapter_dtype``)."""
+
+    AUTO = "auto"  # bf16 where supported, else fp16 on GPU, fp32 on CPU
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    NF4 = "nf4"  # 4-bit NormalFloat + double quantization (QLoRA)
+
+
+TARGET_SETS = ("style", "attention", "late")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+SCHEDULERS = ("constant", "cosine", "linear")
+ADAPTER_DTYPES = ("fp32", "bf16")
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    base: str = _help("Base model: demo:sd15|demo:sdxl|demo:flux, a diffusers folder, a .safetensors file or a hub id.", default="demo:sd15")
+    data: str = _help("Folder of training images (+ optional <name>.txt captions).", default="")
+    out: str = _help("Run folder; exports, checkpoints, samples and events land here.", default="outputs/run")
+    preset: str = _help("Preset the values came from (for the record).", default="style")
+    rank: int = _help("LoRA rank r: 1 tone, 4 light style, 8 style, 16 rich, 32 default, 64 complex.", default=8)
+    alpha: float = _help("LoRA alpha; the update is scaled by alpha/rank (2r by default).", default=16.0)
+    targets: str = _help("Which layers get adapters: style (cross-attn to_k/to_v), attention (q/k/v/out), late (last blocks).", default="style")
+    precision: Precision = _help("Base model dtype: auto, fp32, fp16, bf16 or nf4.", default=Precision.AUTO)
+    adapter_dtype: str = _help("dtype of the trainable LoRA weights: fp32 or bf16.", default="fp32")
+    steps: int = _help("Total optimizer steps.", default=500)
+    lr: float = _help("Peak learning rate.", default=1e-4)
+    lr_scheduler: str = _help("constant, cosine or linear decay after warmup.", default="constant")
+    warmup_steps: int = _help("Linear warmup steps.", default=0)
+    batch_size: int = _help("Images per step.", default=1)
+    grad_accum: int = _help("Micro-batches accumulated per optimizer step.", default=1)
+    resolution: int = _help("Training side length; buckets keep about resolution² pixels (multiples of 64).", default=512)
+    center_crop: bool = _help("Center-crop to the bucket instead of a random (seeded) crop.", default=False)
+    caption_dropout: float = _help("Probability of training on the empty caption (keeps CFG working).", default=0.0)
+    trigger: str = _help("Trigger word prepended to every caption that lacks it.", default="")
+    optimizer: str = _help("adamw, adamw8bit or paged_adamw8bit (the last two need bitsandbytes + CUDA).", default="adamw")
+    weight_decay: float = _help("AdamW weight decay.", default=1e-2)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
+    gradient_checkpointing: bool = _help("Trade compute for memory in the denoiser.", default=False)
+    seed: int = _help("Seed for init, data order, noise and samples: same seed, same run (on CPU).", default=42)
+    checkpoint_every: int = _help("Write a resumable checkpoint every N steps (0 = only at the end).", default=100)
+    keep_checkpoints: int = _help("How many checkpoints to keep (oldest are deleted).", default=2)
+    sample_every: int = _help("Render sample images every N steps (0 = never).", default=100)
+    sample_prompts: tuple[str, ...] = _help("Prompts for sample images (empty: the first captions).", default=())
+    sample_steps: int = _help("Denoising steps for sample images.", default=20)
+    sample_guidance: float = _help("Classifier-free guidance for sample images.", default=5.0)
+    init_lora: str = _help("Start from an existing LoRA file (continue a prior run).", default="")
+    device: str = _help("auto, cpu or cuda.", default="auto")
+    title: str = _help("Title written into the export metadata.", default="")
+    license: str = _help("License written into the export metadata.", default="")
+    description: str = _help("Description written into the export metadata.", default="")
+
+
+def field_help() -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every problem with ``cfg``, each naming the field, the value and what is allowed."""
+    problems = []
+
+    def need(cond: bool, name: str, allowed: str) -> None:
+        if not cond:
+            problems.append(f"{name}={getattr(cfg, name)!r}: must be {allowed}")
+
+    def finite(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    need(isinstance(cfg.base, str) and cfg.base.strip() != "", "base", "a model path, hub id or demo:<arch>")
+    need(isinstance(cfg.rank, int) and not isinstance(cfg.rank, bool) and 1 <= cfg.rank <= 1024, "rank", "an integer from 1 to 1024")
+    need(finite(cfg.alpha) and cfg.alpha > 0, "alpha", "a number > 0")
+    need(cfg.targets in TARGET_SETS, "targets", f"one of {', '.join(TARGET_SETS)}")
+    need(cfg.adapter_dtype in ADAPTER_DTYPES, "adapter_dtype", f"one of {', '.join(ADAPTER_DTYPES)}")
+    need(isinstance(cfg.steps, int) and cfg.steps >= 1, "steps", "an integer >= 1")
+    need(finite(cfg.lr) and cfg.lr > 0, "lr", "a number > 0")
+    need(cfg.lr_scheduler in SCHEDULERS, "lr_scheduler", f"one of {', '.join(SCHEDULERS)}")
+    need(isinstance(cfg.warmup_steps, int) and cfg.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+    need(isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, "batch_size", "an integer >= 1")
+    need(isinstance(cfg.grad_accum, int) and cfg.grad_accum >= 1, "grad_accum", "an integer >= 1")
+    need(isinstance(cfg.resolution, int) and cfg.resolution >= 64 and cfg.resolution % 64 == 0, "resolution", "a multiple of 64, at least 64")
+    need(finite(cfg.caption_dropout) and 0 <= cfg.caption_dropout < 1, "caption_dropout", "in [0, 1)")
+    need(cfg.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}")
+    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a number >= 0")
+    need(finite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
+    need(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", "an integer >= 0")
+    need(isinstance(cfg.checkpoint_every, int) and cfg.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
+    need(isinstance(cfg.keep_checkpoints, int) and cfg.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1")
+    need(isinstance(cfg.sample_every, int) and cfg.sample_every >= 0, "sample_every", "an integer >= 0")
+    need(isinstance(cfg.sample_steps, int) and 1 <= cfg.sample_steps <= 200, "sample_steps", "an integer from 1 to 200")
+    need(finite(cfg.sample_guidance) and cfg.sample_guidance >= 0, "sample_guidance", "a number >= 0")
+    need(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"), "device", "auto, cpu or cuda[:N]")
+    need(isinstance(cfg.sample_prompts, tuple) and all(isinstance(p, str) for p in cfg.sample_prompts), "sample_prompts", "a list of strings")
+    return problems
+
+
+def alpha_ratio_warning(rank: int, alpha: float) -> str | None:
+    """A warning when alpha/rank leaves 0.5–2, where learning rates stop transferring between ranks."""
+    ratio = alpha / rank
+    if 0.5 <= ratio <= 2.0:
+        return None
+    return (f"alpha/rank = {alpha:g}/{rank} = {ratio:.2f} is outside 0.5–2: the update is scaled by {ratio:.2f}, "
+            f"so the learning rate will behave very differently from the presets (alpha = 2r is the default)")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """YAML/CLI values into the field's type; wrong types are left for validate() to report."""
+    if name == "precision":
+        try:
+            return Precision(value)
+        except ValueError:
+            raise ConfigError([f"precision={value!r}: must be one of {', '.join(p.value for p in Precision)}"]) from None
+    if name == "sample_prompts":
+        if isinstance(value, str):
+            return (value,) if value else ()
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    if name == "alpha" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if name in ("lr", "weight_decay") and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" as a string
+        except ValueError:
+            return value
+    return value
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    """Build and validate a config; unknown keys and bad values are reported together."""
+    known = {f.name for f in fields(TrainConfig)}
+    problems = [f"unknown key {k!r} (known keys: {', '.join(sorted(known))})" for k in values if k not in known]
+    coerced = {}
+    for key, value in values.items():
+        if key in known:
+            try:
+                coerced[key] = _coerce(key, value)
+            except ConfigError as err:
+                problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    cfg = TrainConfig(**coerced)
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["precision"] = cfg.precision.value
+    d["sample_prompts"] = list(cfg.sample_prompts)
+    return d
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([f"cannot read {path}: {err}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path} is not valid YAML: {err}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path} must hold a mapping of key: value"])
+    return data
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    return make_config(load_yaml(path))
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)

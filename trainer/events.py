@@ -1,0 +1,122 @@
+"""Small immutable events that a training run emits.
+
+The loop calls ``emit(event)``; the job puts events on a queue for the UI and
+the run appends them to ``events.jsonl`` (one JSON object per line), so a page
+opened later, or a CLI ``tail -f``, sees the same history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Event:
+    kind = "event"
+    time: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.kind, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class Start(Event):
+    kind = "start"
+    run_dir: str
+    total_steps: int
+    start_step: int
+    images: int
+    arch: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Step(Event):
+    kind = "step"
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Checkpoint(Event):
+    kind = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Sample(Event):
+    kind = "sample"
+    step: int
+    paths: tuple[str, ...]
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Log(Event):
+    kind = "log"
+    message: str
+
+
+@dataclass(frozen=True)
+class Error(Event):
+    kind = "error"
+    message: str
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class Stopped(Event):
+    kind = "stopped"
+    step: int
+
+
+@dataclass(frozen=True)
+class Done(Event):
+    kind = "done"
+    step: int
+    exports: tuple[str, ...]
+
+
+EVENT_TYPES = {cls.kind: cls for cls in (Start, Step, Checkpoint, Sample, Log, Error, Stopped, Done)}
+
+Emit = Callable[[Event], None]
+
+
+def from_dict(data: dict[str, Any]) -> Event:
+    data = dict(data)
+    cls = EVENT_TYPES[data.pop("event")]
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
+    return cls(**values)
+
+
+def append_jsonl(path: Path, event: Event) -> None:
+    """Append one event; a line is written with one write() so readers never see half of it."""
+    line = json.dumps(event.to_dict(), ensure_ascii=False) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[Event]:
+    """Read a run's events; a torn last line (killed process) is ignored."""
+    events = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return events
+    for line in lines:
+        try:
+            events.append(from_dict(json.loads(line)))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return events

@@ -1,0 +1,82 @@
+"""Presets: commented YAML files in ``presets/`` that set only what differs from the defaults.
+
+Resolution order is defaults ← preset ← explicit overrides (CLI flags or UI
+edits). Unknown keys are errors, as in nanoGPT's configurator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig, alpha_ratio_warning, load_yaml, make_config
+from trainer.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+META_KEYS = ("description",)  # preset-only keys that are not TrainConfig fields
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    values: dict[str, Any]
+
+    @property
+    def rank(self) -> int:
+        return self.values.get("rank", TrainConfig.rank)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.values.get("alpha", 2 * self.rank))
+
+    @property
+    def targets(self) -> str:
+        return self.values.get("targets", TrainConfig.targets)
+
+    def summary(self) -> str:
+        return f"{self.name}: rank {self.rank}, alpha {self.alpha:g}, targets {self.targets} — {self.description}"
+
+
+def list_presets(preset_dir: Path = PRESET_DIR) -> list[str]:
+    order = ["tone", "light", "style", "rich", "default", "complex", "late"]
+    names = sorted(p.stem for p in preset_dir.glob("*.yaml"))
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+def load_preset(name_or_path: str, preset_dir: Path = PRESET_DIR) -> Preset:
+    """Load a preset by name (``style``) or by path to a YAML file.
+
+    Raises:
+        ConfigError: the preset does not exist or holds unknown keys/bad values.
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = preset_dir / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError([f"preset {name_or_path!r} does not exist (available: {', '.join(list_presets(preset_dir))})"])
+    elif not path.is_file():
+        raise ConfigError([f"preset file {name_or_path} does not exist"])
+    raw = load_yaml(path)
+    description = str(raw.pop("description", ""))
+    if "alpha" not in raw and "rank" in raw:
+        raw["alpha"] = 2 * raw["rank"]
+    make_config(raw)  # validate keys and values now, naming the preset file
+    return Preset(name=path.stem, description=description, values=raw)
+
+
+def resolve_config(preset: str, overrides: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
+    """Merge defaults ← preset ← overrides; returns the config and warnings for the user.
+
+    An explicit ``rank`` without ``alpha`` gets α = 2r rather than the preset's alpha.
+    """
+    values = dict(load_preset(preset).values)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "rank" in overrides and "alpha" not in overrides:
+        overrides["alpha"] = 2 * overrides["rank"]
+    values.update(overrides)
+    values["preset"] = Path(preset).stem
+    cfg = make_config(values)
+    warnings = [w for w in [alpha_ratio_warning(cfg.rank, cfg.alpha)] if w]
+    return cfg, warnings
