@@ -1,0 +1,113 @@
+"""What a ``--base`` string means, decided without loading any weights.
+
+Cheap enough for the UI to call on every keystroke: it reads at most a JSON file
+or a safetensors header. Loading happens in :mod:`trainer.models`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.errors import ModelNotFoundError, UserError
+
+ARCHS = ("sd15", "sdxl", "flux")
+PIPELINE_ARCH = {
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """A parsed base model reference.
+
+    kind: ``demo`` (tiny built-in), ``demo-random`` (tiny, random weights), ``folder``
+    (diffusers folder), ``file`` (single-file checkpoint) or ``hub`` (hub id).
+    """
+
+    kind: str
+    value: str
+    arch: str | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.value} ({self.arch or 'architecture unknown'})"
+
+
+def cache_dir() -> Path:
+    """Where built demo bases are cached (override with STYLE_STUDIO_CACHE)."""
+    return Path(os.environ.get("STYLE_STUDIO_CACHE", Path.home() / ".cache" / "style-studio"))
+
+
+def arch_of_folder(path: Path) -> str:
+    index = path / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"{path} is not a diffusers model folder (cannot read model_index.json: {err})") from None
+    if class_name not in PIPELINE_ARCH:
+        raise UserError(f"{path}: pipeline {class_name!r} is not supported (supported: {', '.join(PIPELINE_ARCH)})")
+    return PIPELINE_ARCH[class_name]
+
+
+def arch_of_checkpoint(path: Path) -> str:
+    """Guess the architecture of a single-file checkpoint from its tensor names."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise UserError(f"{path.name} is not a readable .safetensors checkpoint ({err})") from None
+    joined = "\n".join(keys[:5000])
+    if "double_blocks." in joined or "single_transformer_blocks." in joined:
+        return "flux"
+    if "conditioner.embedders.1" in joined or "add_embedding." in joined or "label_emb." in joined:
+        return "sdxl"
+    if "model.diffusion_model.input_blocks" in joined or "cond_stage_model." in joined:
+        return "sd15"
+    raise UserError(f"{path.name}: cannot tell which architecture this checkpoint is (expected SD1.5, SDXL or FLUX tensor names)")
+
+
+def parse_base(base: str) -> BaseRef:
+    """Parse a ``--base`` value.
+
+    Raises:
+        ModelNotFoundError: a local path that does not exist, or a demo alias for an unknown architecture.
+    """
+    base = base.strip()
+    for prefix in ("demo-random:", "demo:"):
+        if base.startswith(prefix):
+            arch = base[len(prefix):]
+            if arch not in ARCHS:
+                raise ModelNotFoundError(f"unknown demo base {base!r}; use one of {', '.join(prefix + a for a in ARCHS)}")
+            return BaseRef(kind=prefix[:-1], value=base, arch=arch)
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return BaseRef(kind="folder", value=str(path), arch=arch_of_folder(path))
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise UserError(f"{path.name}: only .safetensors checkpoints are loaded (pickled .ckpt/.bin files can run code)")
+        return BaseRef(kind="file", value=str(path), arch=arch_of_checkpoint(path))
+    if _HUB_ID.match(base) and not base.startswith((".", "/")):
+        return BaseRef(kind="hub", value=base, arch=None)
+    raise ModelNotFoundError(
+        f"base model {base!r} does not exist: give a diffusers folder, a .safetensors checkpoint, "
+        f"a hub id like 'org/name', or demo:sd15 / demo:sdxl / demo:flux"
+    )
+
+
+def list_bases(models_dir: str | Path | None = None) -> list[str]:
+    """Demo aliases plus every diffusers folder and .safetensors checkpoint directly under ``models_dir``."""
+    found = [f"demo:{a}" for a in ARCHS]
+    if models_dir and Path(models_dir).is_dir():
+        for entry in sorted(Path(models_dir).iterdir()):
+            if (entry / "model_index.json").is_file() or entry.suffix.lower() == ".safetensors":
+                found.append(str(entry))
+    return found

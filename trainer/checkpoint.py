@@ -1,0 +1,64 @@
+"""Resumable checkpoints: adapter weights + optimizer, LR schedule and RNG state.
+
+Layout: ``<run>/checkpoints/step-000100/{adapter.safetensors, state.pt}``. A
+checkpoint folder is written under a temp name and renamed when complete, so
+a killed process never leaves a half checkpoint that resume would pick up.
+``state.pt`` holds only tensors and plain containers (``weights_only`` loading).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class TrainState:
+    step: int
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict
+    lr_scheduler: dict
+    generator: torch.Tensor
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+             and (p / "state.pt").is_file() and (p / "adapter.safetensors").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, keep: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".tmp-step-{state.step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.adapter.items()}, str(tmp / "adapter.safetensors"))
+        torch.save({"step": state.step, "optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler,
+                    "generator": state.generator}, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> TrainState:
+    raw = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    return TrainState(step=int(raw["step"]), adapter=load_file(str(Path(path) / "adapter.safetensors")),
+                      optimizer=raw["optimizer"], lr_scheduler=raw["lr_scheduler"], generator=raw["generator"])

@@ -1,0 +1,330 @@
+"""The training loop: one LoRA on a frozen base, resumable, stoppable, observable.
+
+``run_training`` is what the CLI, the web app's background job and the tests
+call. It emits :mod:`trainer.events` (also appended to ``<run>/events.jsonl``),
+checks the stop flag between steps, writes checkpoints, samples and exports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from trainer import events as ev
+from trainer.atomic import write_text
+from trainer.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig, dump_yaml
+from trainer.data import BatchPlan, Example, dataset_hash, prepare, scan_dataset, tag_frequency
+from trainer.errors import ConfigError, TrainingDiverged, UnsupportedError, UserError
+from trainer.export import ExportInfo, LoraWeights, export_lora, from_peft_state_dict, weights_from_file
+from trainer.models import LoadedBase, load_base
+from trainer.targets import resolve
+
+ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    step: int
+    stopped: bool
+    exports: tuple[str, ...]
+
+
+@dataclass
+class Cache:
+    """Latents and text embeddings computed once; the VAE and text encoders are not needed per step."""
+
+    latents: list[torch.Tensor]
+    text: dict[str, dict[str, torch.Tensor]]  # caption -> conditioning tensors
+    extra: list[dict[str, torch.Tensor]]
+
+
+def build_cache(base: LoadedBase, examples: list[Example], batch: int = 8) -> Cache:
+    handler, pipe = base.handler, base.pipe
+    latents: list[Optional[torch.Tensor]] = [None] * len(examples)
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_bucket.setdefault(ex.bucket, []).append(i)
+    for indices in by_bucket.values():
+        for start in range(0, len(indices), batch):
+            chunk = indices[start:start + batch]
+            encoded = handler.encode_image(pipe, torch.stack([examples[i].pixels for i in chunk]).to(base.device))
+            for i, lat in zip(chunk, encoded):
+                latents[i] = lat
+    captions = sorted({ex.caption for ex in examples} | {""})
+    text = {}
+    for start in range(0, len(captions), batch):
+        chunk = captions[start:start + batch]
+        text.update(zip(chunk, handler.encode_text(pipe, chunk)))
+    extra = [handler.extra_conditioning(pipe, ex.original_size, ex.crop_top_left, (ex.bucket[1], ex.bucket[0]),
+                                        None, None) for ex in examples]
+    return Cache(latents=latents, text=text, extra=extra)
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                 fused=device.type == "cuda")
+    if device.type != "cuda":
+        raise UnsupportedError(f"optimizer {config.optimizer} needs a CUDA GPU; use --optimizer adamw on CPU")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if config.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def adapted_weights(base: LoadedBase, config: TrainConfig) -> LoraWeights:
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(base.denoiser, adapter_name=ADAPTER)
+    return from_peft_state_dict(state, config.rank, config.alpha)
+
+
+def flux_dims(base: LoadedBase) -> tuple[int, int] | None:
+    if base.arch != "flux":
+        return None
+    d = base.denoiser
+    inner = d.config.num_attention_heads * d.config.attention_head_dim
+    return inner, d.single_transformer_blocks[0].proj_mlp.out_features if len(d.single_transformer_blocks) else 4 * inner
+
+
+def inject_lora(base: LoadedBase, config: TrainConfig) -> list[str]:
+    """Add the trainable adapter to the denoiser; returns the adapted module names."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    denoiser = base.denoiser
+    names = resolve(base.arch, config.targets, [n for n, _ in denoiser.named_modules()])
+    torch.manual_seed(config.seed)
+    denoiser.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=names,
+                                    init_lora_weights=True), adapter_name=ADAPTER)
+    if config.init_lora:
+        prior = weights_from_file(config.init_lora, names)
+        if prior.rank != config.rank:
+            raise ConfigError([f"init_lora {Path(config.init_lora).name} has rank {prior.rank}; pass --rank {prior.rank}"])
+        rescale = (prior.alpha / prior.rank) / (config.alpha / config.rank)  # keep ΔW when alphas differ
+        state = {}
+        for module, (a, b) in prior.modules.items():
+            state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a, b * rescale
+        set_peft_model_state_dict(denoiser, state, adapter_name=ADAPTER)
+    cast_training_params(denoiser, dtype=torch.float32 if config.adapter_dtype == "fp32" else torch.bfloat16)
+    if config.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    return names
+
+
+def sample_prompts(config: TrainConfig, examples: list[Example]) -> list[str]:
+    if config.sample_prompts:
+        return list(config.sample_prompts)
+    return list(dict.fromkeys(ex.caption for ex in examples))[:2]
+
+
+@torch.no_grad()
+def render_samples(base: LoadedBase, prompts: list[str], config: TrainConfig, size: tuple[int, int]):
+    """One image per prompt with fixed seeds (seed + i), so samples are comparable across steps."""
+    images = []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator("cpu").manual_seed(config.seed + i)
+        out = base.pipe(prompt=prompt, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
+                        width=size[0], height=size[1], generator=generator, **base.handler.pipeline_kwargs(base.pipe))
+        images.append(out.images[0])
+    return images
+
+
+def _batch(cache: Cache, plan: BatchPlan, index: int, config: TrainConfig, examples: list[Example],
+           generator: torch.Generator, device: torch.device):
+    ids = plan.batch(index)
+    latents = torch.stack([cache.latents[i] for i in ids]).to(device)
+    drop = torch.rand(len(ids), generator=generator) < config.caption_dropout
+    texts = [cache.text["" if d else examples[i].caption] for i, d in zip(ids, drop.tolist())]
+    cond = {k: torch.stack([t[k] for t in texts]).to(device) for k in texts[0]}
+    for key in cache.extra[ids[0]]:
+        cond[key] = torch.stack([cache.extra[i][key] for i in ids]).to(device)
+    return latents, cond
+
+
+def run_training(config: TrainConfig, emit: Optional[ev.Emit] = None, stop: Optional[threading.Event] = None,
+                 resume: bool = False, show_progress: bool = False) -> RunResult:
+    """Train a LoRA as ``config`` says; see the module docstring.
+
+    Raises:
+        UserError: bad data, base or config (also recorded in events.jsonl);
+        TrainingDiverged: NaN/inf loss (the last good checkpoint is kept).
+    """
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    events_path = run_dir / "events.jsonl"
+    stop = stop or threading.Event()
+
+    def emit_all(event: ev.Event) -> None:
+        ev.append_jsonl(events_path, event)
+        if emit is not None:
+            emit(event)
+
+    try:
+        return _train(config, run_dir, emit_all, stop, resume, show_progress)
+    except UserError as err:
+        ev.append_jsonl(events_path, ev.Error(message=str(err)))
+        raise
+    except Exception as err:
+        ev.append_jsonl(events_path, ev.Error(message=f"internal error: {type(err).__name__}: {err}"))
+        raise
+
+
+def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Event, resume: bool,
+           show_progress: bool) -> RunResult:
+    started_at = time.time()
+    checkpoints = checkpoint_dirs(run_dir)
+    if resume and not checkpoints:
+        raise UserError(f"nothing to resume in {run_dir}: it has no checkpoint yet; start the run again without --resume")
+    scan = scan_dataset(config.data)
+    for warning in scan.warnings:
+        emit(ev.Log(message=warning))
+    base = load_base(config.base, config.precision, config.device)
+    examples, skipped = prepare(scan, config.resolution, config.center_crop, config.trigger, config.seed)
+    for name, reason in skipped:
+        emit(ev.Log(message=f"skipped {name}: {reason}"))
+    write_text(run_dir / "config.yaml", dump_yaml(config))
+
+    cache = build_cache(base, examples)
+    names = inject_lora(base, config)
+    denoiser = base.denoiser
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config, params, base.device)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(config.lr_scheduler if config.lr_scheduler != "constant" else "constant_with_warmup",
+                                 optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+    noise_scheduler = base.handler.training_scheduler(base.pipe)
+    generator = torch.Generator().manual_seed(config.seed)
+    start_step = 0
+    if resume:
+        from peft.utils import set_peft_model_state_dict
+
+        state = load_checkpoint(checkpoints[-1])
+        set_peft_model_state_dict(denoiser, state.adapter, adapter_name=ADAPTER)
+        optimizer.load_state_dict(state.optimizer)
+        lr_scheduler.load_state_dict(state.lr_scheduler)
+        generator.set_state(state.generator)
+        start_step = state.step
+    plan = BatchPlan(examples, config.batch_size, config.seed)
+    prompts = sample_prompts(config, examples)
+    sample_size = max({ex.bucket for ex in examples}, key=lambda b: sum(ex.bucket == b for ex in examples))
+    groups = {ex.source: Path(ex.source).parent.name for ex in examples}
+    emit(ev.Start(run_dir=str(run_dir), total_steps=config.steps, start_step=start_step, images=len(examples),
+                  arch=base.arch, message=f"{'resumed at step ' + str(start_step) if resume else 'started'}: "
+                  f"{len(examples)} images, {len(names)} adapted modules, {config.steps} steps on {base.arch} "
+                  f"({base.precision.value}, {base.device.type})"))
+
+    def checkpoint(step: int) -> None:
+        path = save_checkpoint(run_dir, TrainState(step=step, adapter=adapted_state(denoiser), optimizer=optimizer.state_dict(),
+                                                   lr_scheduler=lr_scheduler.state_dict(), generator=generator.get_state()),
+                               keep=config.keep_checkpoints)
+        emit(ev.Checkpoint(step=step, path=str(path)))
+
+    def sample(step: int) -> None:
+        denoiser.eval()
+        paths = []
+        for i, image in enumerate(render_samples(base, prompts, config, sample_size)):
+            path = run_dir / "samples" / f"step-{step:06d}-{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+            paths.append(str(path))
+        denoiser.train()
+        emit(ev.Sample(step=step, paths=tuple(paths), prompts=tuple(prompts)))
+
+    progress = None
+    if show_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=config.steps, initial=start_step, desc=run_dir.name, unit="step", dynamic_ncols=True)
+    step = start_step
+    denoiser.train()
+    try:
+        while step < config.steps and not stop.is_set():
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(config.grad_accum):
+                latents, cond = _batch(cache, plan, step * config.grad_accum + micro, config, examples, generator, base.device)
+                loss = base.handler.loss(base.pipe, denoiser, noise_scheduler, latents, cond, generator) / config.grad_accum
+                loss.backward()
+                total += float(loss.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+            if not (math.isfinite(total) and math.isfinite(float(grad_norm))):
+                kept = checkpoint_dirs(run_dir)
+                raise TrainingDiverged(
+                    f"training diverged at step {step + 1} (loss={total}, grad norm={float(grad_norm)}); "
+                    f"{'the last good checkpoint is ' + kept[-1].name if kept else 'no checkpoint was written yet'}. "
+                    f"Lower the learning rate (now {config.lr:g}) or use fp32/bf16 instead of fp16, then --resume or restart"
+                )
+            optimizer.step()
+            lr_scheduler.step()
+            step += 1
+            emit(ev.Step(step=step, total_steps=config.steps, loss=total, lr=lr_scheduler.get_last_lr()[0],
+                         seconds=time.perf_counter() - t0))
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{total:.4f}")
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                checkpoint(step)
+            if config.sample_every and step % config.sample_every == 0:
+                sample(step)
+    finally:
+        if progress is not None:
+            progress.close()
+
+    stopped = step < config.steps
+    if not checkpoint_dirs(run_dir) or checkpoint_dirs(run_dir)[-1].name != f"step-{step:06d}":
+        checkpoint(step)
+    weights = adapted_weights(base, config)
+    info = ExportInfo(
+        arch=base.arch, modelspec_architecture=base.handler.modelspec_architecture,
+        base_model_version=base.handler.base_model_version, base=config.base, base_sha256=base_fingerprint(base),
+        steps=step, resolution=config.resolution, output_name=run_dir.name, title=config.title or run_dir.name,
+        trigger=config.trigger, license=config.license, description=config.description, targets=config.targets,
+        started_at=started_at, image_count=len(examples), data_sha256=dataset_hash(examples),
+        tag_frequency=tag_frequency(examples, groups),
+    )
+    exports = export_lora(run_dir, weights, info, base.handler.peft_prefix, flux_dims(base))
+    paths = tuple(str(p) for p in exports)
+    emit(ev.Stopped(step=step) if stopped else ev.Done(step=step, exports=paths))
+    if stopped:
+        emit(ev.Log(message=f"exports written: {', '.join(Path(p).name for p in paths)}"))
+    return RunResult(step=step, stopped=stopped, exports=paths)
+
+
+def adapted_state(denoiser) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(denoiser, adapter_name=ADAPTER)
+
+
+def base_fingerprint(base: LoadedBase) -> str:
+    """sha256 of the denoiser weights (single file, or the folder's denoiser shards); empty for hub ids."""
+    import hashlib
+
+    ref = base.ref
+    if ref.kind == "file":
+        files = [Path(ref.value)]
+    elif ref.kind in ("folder", "demo", "demo-random"):
+        from trainer.models import demo_folder
+
+        folder = Path(ref.value) if ref.kind == "folder" else demo_folder(ref)
+        files = sorted((folder / base.handler.denoiser_attr).glob("*.safetensors"))
+    else:
+        return ""
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest() if files else ""

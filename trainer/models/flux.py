@@ -1,0 +1,76 @@
+"""FLUX: a rectified-flow transformer trained on the flow-matching objective.
+
+Timestep sampling, packing and the target ``noise - latents`` follow diffusers'
+``train_dreambooth_lora_flux.py`` (weighting scheme "none": uniform timesteps).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.models.sd import SD15
+
+
+class Flux(SD15):
+    name = "flux"
+    pipeline_class = "FluxPipeline"
+    denoiser_attr = "transformer"
+    modelspec_architecture = "flux-1-dev/lora"
+    base_model_version = "flux1"
+    peft_prefix = "transformer"
+    train_guidance = 1.0  # guidance-distilled models are trained with guidance 1, as the diffusers example does
+
+    def text_encoders(self, pipe):
+        return [pipe.text_encoder, pipe.text_encoder_2]
+
+    def max_sequence_length(self, pipe) -> int:
+        return min(int(pipe.tokenizer_2.model_max_length), 512)
+
+    @torch.no_grad()
+    def encode_text(self, pipe, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        embeds, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=pipe.text_encoder.device,
+                                               max_sequence_length=self.max_sequence_length(pipe))
+        return [{"encoder_hidden_states": e.cpu(), "pooled_projections": p.cpu()} for e, p in zip(embeds, pooled)]
+
+    @torch.no_grad()
+    def encode_image(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float().cpu()
+
+    def extra_conditioning(self, pipe, original_size, crop_top_left, target_size, dtype, device):
+        return {}
+
+    def training_scheduler(self, pipe):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    def loss(self, pipe, denoiser, noise_scheduler, latents, cond, generator) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        bsz, channels, height, width = latents.shape
+        device, dtype = latents.device, denoiser.dtype
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
+        u = torch.rand((bsz,), generator=generator)
+        indices = (u * noise_scheduler.config.num_train_timesteps).long()
+        timesteps = noise_scheduler.timesteps[indices].to(device)
+        sigmas = noise_scheduler.sigmas[indices].to(device).view(bsz, 1, 1, 1)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        packed = FluxPipeline._pack_latents(noisy, bsz, channels, height, width)
+        img_ids = FluxPipeline._prepare_latent_image_ids(bsz, height // 2, width // 2, device, dtype)
+        text = cond["encoder_hidden_states"].to(dtype)
+        txt_ids = torch.zeros(text.shape[1], 3, device=device, dtype=dtype)
+        guidance = None
+        if denoiser.config.guidance_embeds:
+            guidance = torch.full((bsz,), self.train_guidance, device=device, dtype=torch.float32)
+        pred = denoiser(hidden_states=packed.to(dtype), timestep=timesteps / 1000, guidance=guidance,
+                        pooled_projections=cond["pooled_projections"].to(dtype), encoder_hidden_states=text,
+                        txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        scale = pipe.vae_scale_factor
+        pred = FluxPipeline._unpack_latents(pred, height * scale, width * scale, scale)
+        target = noise - latents
+        return torch.mean((pred.float() - target.float()) ** 2)
+
+    def pipeline_kwargs(self, pipe) -> dict:
+        return {"max_sequence_length": self.max_sequence_length(pipe)}

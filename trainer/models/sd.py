@@ -1,0 +1,80 @@
+"""SD1.5 and SDXL: UNet denoisers trained on the noise-prediction objective.
+
+The objective, timestep sampling and conditioning follow diffusers' own
+``train_text_to_image_lora.py`` / ``train_text_to_image_lora_sdxl.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class SD15:
+    name = "sd15"
+    pipeline_class = "StableDiffusionPipeline"
+    denoiser_attr = "unet"
+    modelspec_architecture = "stable-diffusion-v1/lora"
+    base_model_version = "sd_v1"
+    kohya_prefix = "lora_unet_"
+    peft_prefix = "unet"
+
+    def text_encoders(self, pipe):
+        return [pipe.text_encoder]
+
+    @torch.no_grad()
+    def encode_text(self, pipe, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        embeds, _ = pipe.encode_prompt(captions, pipe.text_encoder.device, 1, False)
+        return [{"encoder_hidden_states": e.cpu()} for e in embeds]
+
+    @torch.no_grad()
+    def encode_image(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return (latents * vae.config.scaling_factor).float().cpu()
+
+    def extra_conditioning(self, pipe, original_size, crop_top_left, target_size, dtype, device):
+        return {}
+
+    def loss(self, pipe, denoiser, noise_scheduler, latents, cond, generator) -> torch.Tensor:
+        bsz = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator).to(latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+        pred = denoiser(noisy.to(denoiser.dtype), timesteps, cond["encoder_hidden_states"].to(denoiser.dtype),
+                        added_cond_kwargs=added or None, return_dict=False)[0]
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+    def training_scheduler(self, pipe):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def pipeline_kwargs(self, pipe) -> dict:
+        return {}
+
+
+class SDXL(SD15):
+    name = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
+    modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    base_model_version = "sdxl_base_v1-0"
+
+    def text_encoders(self, pipe):
+        return [pipe.text_encoder, pipe.text_encoder_2]
+
+    @torch.no_grad()
+    def encode_text(self, pipe, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=pipe.text_encoder.device,
+                                                   num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return [{"encoder_hidden_states": e.cpu(), "text_embeds": p.cpu()} for e, p in zip(embeds, pooled)]
+
+    def extra_conditioning(self, pipe, original_size, crop_top_left, target_size, dtype, device):
+        """SDXL's micro-conditioning: original size, crop corner and target size (H, W order)."""
+        ids = torch.tensor([list(original_size) + list(crop_top_left) + list(target_size)], dtype=torch.float32)
+        return {"time_ids": ids[0]}
