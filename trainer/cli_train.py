@@ -1,0 +1,129 @@
+"""``python -m trainer train``: flags → a validated TrainConfig → the same run the web app starts."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from trainer.bases import parse_base
+from trainer.config import Precision, TrainConfig, load_config, load_yaml
+from trainer.errors import UserError
+from trainer.presets import resolve_config
+
+# CLI flag -> TrainConfig field, for flags whose names differ only by dashes
+_FLAGS = ("base", "data", "out", "rank", "alpha", "targets", "precision", "steps", "lr", "lr_scheduler", "warmup_steps",
+          "batch_size", "grad_accum", "resolution", "caption_dropout", "trigger", "optimizer", "seed",
+          "checkpoint_every", "sample_every", "sample_steps", "sample_guidance", "init_lora", "device", "title",
+          "license", "description", "adapter_dtype", "keep_checkpoints")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with TrainConfig keys (flags given here override it)")
+    p.add_argument("--base", help="demo:sd15|demo:sdxl|demo:flux, a diffusers folder, a .safetensors checkpoint or a hub id")
+    p.add_argument("--data", help="folder of images with optional <name>.txt captions")
+    p.add_argument("--out", help="run folder (default outputs/<data folder name>)")
+    p.add_argument("--preset", default=None, help="preset name from presets/ or a YAML path (default: style)")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float, help="default 2 x rank")
+    p.add_argument("--targets", choices=("style", "attention", "late"))
+    p.add_argument("--precision", choices=[x.value for x in Precision])
+    p.add_argument("--adapter-dtype", choices=("fp32", "bf16"))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-scheduler", choices=("constant", "cosine", "linear"))
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--resolution", type=int, help="default: 64 for demo bases, 512 SD1.5/FLUX, 1024 SDXL")
+    p.add_argument("--center-crop", action="store_true", default=None)
+    p.add_argument("--caption-dropout", type=float)
+    p.add_argument("--trigger")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--keep-checkpoints", type=int)
+    p.add_argument("--sample-every", type=int)
+    p.add_argument("--sample-prompt", action="append", dest="sample_prompts", help="repeatable")
+    p.add_argument("--sample-steps", type=int)
+    p.add_argument("--sample-guidance", type=float)
+    p.add_argument("--init-lora", help="continue from an existing LoRA .safetensors")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--title")
+    p.add_argument("--license")
+    p.add_argument("--description")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def default_resolution(base: str) -> int:
+    ref = parse_base(base)
+    if ref.kind in ("demo", "demo-random"):
+        return 64
+    return 1024 if ref.arch == "sdxl" else 512
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
+    """Defaults ← preset ← --config file ← flags; a resumed run reuses its saved config."""
+    flags = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
+    for name in ("center_crop", "gradient_checkpointing"):
+        if getattr(args, name):
+            flags[name] = True
+    if args.sample_prompts:
+        flags["sample_prompts"] = tuple(args.sample_prompts)
+    if args.resume:
+        if not args.out:
+            raise UserError("--resume needs --out pointing at the run folder to continue")
+        saved = Path(args.out) / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"nothing to resume: {saved} does not exist (start the run without --resume first)")
+        config = load_config(saved)
+        allowed = {k: v for k, v in flags.items() if k in ("steps", "device", "sample_every", "checkpoint_every")}
+        return replace(config, out=args.out, **allowed), []
+    values = load_yaml(args.config) if args.config else {}
+    preset = args.preset or values.pop("preset", "style")
+    values.update(flags)
+    if not values.get("data"):
+        raise UserError("--data is required: a folder of images (with optional <name>.txt captions)")
+    values.setdefault("base", "demo:sd15")
+    values.setdefault("out", str(Path("outputs") / Path(values["data"]).resolve().name))
+    if "resolution" not in values:
+        values["resolution"] = default_resolution(values["base"])
+    return resolve_config(preset, values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.loop import run_training
+
+    config, warnings = config_from_args(args)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after this step (checkpoint and exports will be written; press Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        result = run_training(config, emit=_print_notable, stop=stop, resume=args.resume, show_progress=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    verb = "stopped" if result.stopped else "done"
+    print(f"{verb} at step {result.step}: " + ", ".join(result.exports))
+    return 0
+
+
+def _print_notable(event) -> None:
+    """Log lines (skipped files, warnings) go to stderr; steps are shown by the progress bar."""
+    from trainer import events as ev
+
+    if isinstance(event, ev.Log):
+        print(f"note: {event.message}", file=sys.stderr)
