@@ -21,6 +21,14 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _demo_model(args: argparse.Namespace) -> int:
@@ -39,13 +47,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# subcommand -> (module with add_arguments/run, help); modules are imported only when used
+COMMANDS = {
+    "train": ("trainer.cli_train", "train a LoRA"),
+    "caption": ("captioning.cli", "write <image>.txt captions"),
+    "mix": ("trainer.cli_mix", "preview, bake or grid a weighted mix of LoRAs"),
+    "demo-data": ("trainer.demo_data", "write a captioned demo style set"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from trainer import cli_train
+    import importlib
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Train, mix and export style LoRAs.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    cli_train.add_arguments(sub.add_parser("train", help="train a LoRA"))
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text))
+        except ImportError as err:
+            sub.add_parser(name, help=f"(unavailable: {err})")
 
     demo = sub.add_parser("demo-model", help="write a tiny base model as a diffusers folder")
     demo.add_argument("--arch", choices=("sd15", "sdxl", "flux"), required=True)
@@ -55,39 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="re-export a run's latest checkpoint in another layout")
     export.add_argument("--run", required=True, help="run folder (outputs/<run>)")
     export.add_argument("--format", choices=("kohya", "diffusers", "comfy"), default="kohya")
-
-    try:
-        from captioning import cli as caption_cli
-
-        caption_cli.add_arguments(sub.add_parser("caption", help="write <image>.txt captions"))
-    except ImportError:
-        caption_cli = None
-    from trainer import demo_data
-
-    demo_data.add_arguments(sub.add_parser("demo-data", help="write a captioned demo style set"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
     _quiet_libraries()
     from trainer.errors import UserError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     handlers = {"demo-model": _demo_model, "export": _export}
     try:
-        if args.command == "train":
-            from trainer import cli_train
-
-            return cli_train.run(args)
-        if args.command == "caption":
-            from captioning import cli as caption_cli
-
-            return caption_cli.run(args)
-        if args.command == "demo-data":
-            from trainer import demo_data
-
-            return demo_data.run(args)
+        if args.command in COMMANDS:
+            return importlib.import_module(COMMANDS[args.command][0]).run(args)
         return handlers[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -11,20 +11,28 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from trainer.errors import WriteError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path in the target's folder; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise WriteError(f"cannot write {path}: {err.strerror or err}; check that the folder exists and is writable") from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as err:
+        raise WriteError(f"writing {path.name} failed ({err.strerror or err}); the disk may be full. "
+                         f"Nothing half-written was left behind; free space and try again") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

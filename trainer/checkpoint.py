@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainer.errors import WriteError
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -43,14 +45,17 @@ def save_checkpoint(run_dir: Path, state: TrainState, keep: int) -> Path:
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-step-{state.step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.adapter.items()}, str(tmp / "adapter.safetensors"))
         torch.save({"step": state.step, "optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler,
                     "generator": state.generator}, tmp / "state.pt")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as err:
+        raise WriteError(f"saving checkpoint step {state.step} failed ({err.strerror or err}); the disk may be full. "
+                         f"Earlier checkpoints are intact; free space and resume with --resume") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoint_dirs(run_dir)[:-keep]:

@@ -163,10 +163,8 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
                 coerced[key] = _coerce(key, value)
             except ConfigError as err:
                 problems.extend(err.problems)
-    if problems:
-        raise ConfigError(problems)
     cfg = TrainConfig(**coerced)
-    problems = validate(cfg)
+    problems += validate(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -44,3 +44,7 @@ class TrainingDiverged(UserError):
 
 class JobBusyError(UserError):
     """Another training job already owns the GPU."""
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, read-only folder); nothing half-written was left behind."""

@@ -1,0 +1,283 @@
+"""Caption a dataset folder: find images, run a captioner in batches, write sidecars.
+
+This is what the web app's Dataset step and ``python -m trainer caption`` both
+call. It never overwrites an existing caption unless asked, never crashes on
+one bad file (each skip carries a reason), reports progress after every batch,
+stops between batches when ``cancel`` is set, and writes every ``.txt``
+atomically so an interrupted run leaves no half-written caption.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+from captioning.base import SOURCE_PATH_KEY, Captioner
+from captioning.errors import CaptionFileError
+from captioning.postprocess import CaptionOptions, postprocess
+from captioning.registry import available_captioners, get_captioner
+from trainer.errors import ConfigError, DataError, ImageError
+from trainer.images import IMAGE_EXTENSIONS, is_image_name, open_image
+
+CAPTION_EXTENSION = ".txt"
+# kohya-style repeat folders: "10_mystyle" trains each image inside 10 times per epoch.
+KOHYA_FOLDER = re.compile(r"^\d+_.+")
+
+
+@dataclass(frozen=True)
+class CaptionReport:
+    """What a captioning run did. Paths are relative to the data folder, with ``/``.
+
+    Args:
+        written: images that got a new or replaced caption.
+        kept: images whose existing caption was left alone (``overwrite`` off).
+        skipped: ``(file, reason)`` for unreadable images and unreadable caption files.
+        backend: the captioner that ran (``""`` when nothing needed captioning).
+        fallback_reason: why ``auto`` used ``filename`` instead of a model, else ``""``.
+        cancelled: the run stopped early because ``cancel`` was set.
+    """
+
+    written: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
+    backend: str = ""
+    fallback_reason: str = ""
+    cancelled: bool = False
+
+
+def caption_path(image: str | Path) -> Path:
+    """``a/b.png`` -> ``a/b.txt`` (kohya and most trainers read this name)."""
+    return Path(image).with_suffix(CAPTION_EXTENSION)
+
+
+def find_images(data_dir: str | Path) -> list[Path]:
+    """Images at the top of ``data_dir`` and in kohya ``N_name`` subfolders, sorted.
+
+    Hidden files (``.DS_Store``, macOS ``._x.png``) and other subfolders are ignored.
+
+    Raises:
+        DataError: ``data_dir`` is not a folder.
+    """
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    folders = [root] + sorted(p for p in root.iterdir() if p.is_dir() and KOHYA_FOLDER.match(p.name))
+    images = [
+        p
+        for folder in folders
+        for p in folder.iterdir()
+        if p.is_file() and is_image_name(p.name) and not p.name.startswith(".")
+    ]
+    return sorted(images, key=lambda p: p.relative_to(root).as_posix())
+
+
+def read_caption(path: str | Path) -> str:
+    """The caption stored in ``path``, stripped (``""`` for an empty file).
+
+    Raises:
+        CaptionFileError: the file is not UTF-8 text (the reason says where and how to fix it).
+        OSError: the file cannot be read at all.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as err:
+        raise CaptionFileError(
+            f"existing caption {path.name} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "re-save it as UTF-8, or caption again with overwrite on to replace it"
+        ) from None
+
+
+def write_caption(path: str | Path, text: str) -> None:
+    """Write one caption atomically: a temp file in the same folder, then ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text.strip() + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_captions(data_dir: str | Path) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
+    """Existing captions of every image: ``({relative image: caption}, ((caption file, reason), ...))``.
+
+    Images without a caption file are left out; unreadable caption files are
+    listed with a reason instead of raising (for the editor and for exports).
+    """
+    root = Path(data_dir).expanduser()
+    captions, problems = {}, []
+    for image in find_images(root):
+        sidecar = caption_path(image)
+        if not sidecar.is_file():
+            continue
+        try:
+            captions[_rel(image, root)] = read_caption(sidecar)
+        except (CaptionFileError, OSError) as err:
+            problems.append((_rel(sidecar, root), str(err)))
+    return captions, tuple(problems)
+
+
+def tag_frequency(captions: Mapping[str, str] | Iterable[str]) -> dict[str, int]:
+    """Count comma-separated tags as kohya does for ``ss_tag_frequency`` (stripped, lower-cased).
+
+    Accepts ``{image: caption}`` or plain caption strings; most frequent first.
+    """
+    texts = captions.values() if isinstance(captions, Mapping) else captions
+    counts = Counter(tag.strip().lower() for text in texts for tag in text.split(",") if tag.strip())
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def tag_frequency_by_folder(data_dir: str | Path) -> dict[str, dict[str, int]]:
+    """kohya's full ``ss_tag_frequency`` shape: ``{image folder name: {tag: count}}``.
+
+    Top-level images count under the data folder's own name, images in
+    ``10_style`` under ``"10_style"``. ``json.dumps`` it into the metadata.
+    """
+    root = Path(data_dir).expanduser()
+    captions, _ = read_captions(root)
+    by_folder: dict[str, list[str]] = {}
+    for rel, text in captions.items():
+        folder = rel.rpartition("/")[0] or root.resolve().name
+        by_folder.setdefault(folder, []).append(text)
+    return {folder: tag_frequency(texts) for folder, texts in sorted(by_folder.items())}
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _reason(err: Exception, name: str) -> str:
+    """ImageError messages start with the file name; the report already has it."""
+    text = str(err)
+    return text[len(name) + 2 :] if text.startswith(name + ": ") else text
+
+
+def _plan(images: list[Path], root: Path, overwrite: bool):
+    """Split images into (to caption, kept, skipped) without loading any model."""
+    pending, kept, skipped, sidecar_owner = [], [], [], {}
+    for image in images:
+        rel, sidecar = _rel(image, root), caption_path(image)
+        if sidecar in sidecar_owner:
+            skipped.append((rel, f"shares the caption file {sidecar.name} with {sidecar_owner[sidecar]}; rename one"))
+            continue
+        sidecar_owner[sidecar] = rel
+        if sidecar.exists() and not overwrite:
+            try:
+                if read_caption(sidecar):
+                    kept.append(rel)
+                    continue
+            except (CaptionFileError, OSError) as err:
+                skipped.append((rel, str(err)))
+                continue
+            # An empty caption file is a placeholder, not a caption: fill it.
+        pending.append(image)
+    return pending, kept, skipped
+
+
+def _caption_batch(captioner, batch, root, options, written, skipped) -> None:
+    """Open, caption and write one batch, appending to ``written``/``skipped``."""
+    opened = []
+    for image in batch:
+        try:
+            img = open_image(image)
+        except ImageError as err:
+            skipped.append((_rel(image, root), _reason(err, image.name)))
+            continue
+        img.info[SOURCE_PATH_KEY] = str(image)
+        opened.append((image, img))
+    if not opened:
+        return
+    texts = captioner.caption([img for _, img in opened])
+    if len(texts) != len(opened):
+        raise RuntimeError(f"{captioner.name} returned {len(texts)} captions for {len(opened)} images")
+    for (image, _), text in zip(opened, texts):
+        sidecar = caption_path(image)
+        try:
+            write_caption(sidecar, postprocess(text, options))
+        except OSError as err:  # read-only folder, disk full: report it, keep going
+            skipped.append((_rel(image, root), f"could not write {sidecar.name}: {err.strerror or err}"))
+            continue
+        written.append(_rel(image, root))
+
+
+def caption_folder(
+    data_dir: str | Path,
+    captioner: str | Captioner = "auto",
+    options: CaptionOptions = CaptionOptions(),
+    device: str = "cpu",
+    model_path: str | None = None,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+    allow_fallback: bool = True,
+) -> CaptionReport:
+    """Write ``<image>.txt`` captions for every image in ``data_dir`` that lacks one.
+
+    Args:
+        data_dir: the dataset folder (top-level images and kohya ``N_name`` subfolders).
+        captioner: a registry name, or a captioner you built (you keep ownership
+            and close it; one built here from a name is closed before returning).
+        options: post-processing and ``overwrite``.
+        device, model_path: passed to :func:`get_captioner` when ``captioner`` is a name.
+        batch_size: images per model call; lower it if the GPU runs out of memory.
+        progress: called as ``progress(done, total)`` before the first and after every batch.
+        cancel: checked before every batch; when set, the run stops and says so.
+        allow_fallback: for ``auto`` only: use ``filename`` when no model is found
+            (the report's ``fallback_reason`` says what was missing) instead of raising.
+
+    Raises:
+        DataError: the folder is missing or holds no images.
+        ConfigError: ``batch_size`` is below 1.
+        UnknownCaptioner, CaptionerUnavailable: as :func:`get_captioner`.
+    """
+    if batch_size < 1:
+        raise ConfigError([f"batch_size {batch_size} must be at least 1"])
+    if isinstance(captioner, str) and captioner.strip().lower() not in available_captioners():
+        get_captioner(captioner)  # raises UnknownCaptioner with the list, before any work
+    root = Path(data_dir).expanduser()
+    images = find_images(root)
+    if not images:
+        raise DataError(
+            f"no images in {root} (looked at the top level and in N_name subfolders for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    pending, kept, skipped = _plan(images, root, options.overwrite)
+    if not pending:
+        return CaptionReport(kept=tuple(kept), skipped=tuple(skipped))
+
+    owned = isinstance(captioner, str)
+    if owned:
+        captioner = get_captioner(captioner, device=device, model_path=model_path, allow_fallback=allow_fallback)
+    written, cancelled, done = [], False, 0
+    try:
+        if progress:
+            progress(0, len(pending))
+        for start in range(0, len(pending), batch_size):
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+            batch = pending[start : start + batch_size]
+            _caption_batch(captioner, batch, root, options, written, skipped)
+            done += len(batch)
+            if progress:
+                progress(done, len(pending))
+    finally:
+        if owned:
+            captioner.close()
+    return CaptionReport(
+        written=tuple(written),
+        kept=tuple(kept),
+        skipped=tuple(skipped),
+        backend=captioner.name,
+        fallback_reason=getattr(captioner, "fallback_reason", ""),
+        cancelled=cancelled,
+    )
