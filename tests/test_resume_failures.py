@@ -1,0 +1,135 @@
+"""Resume is exact; NaN, stop, disk-full and a killed process lose nothing."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_config
+from trainer import events as ev
+from trainer.checkpoint import checkpoint_dirs
+from trainer.errors import TrainingDiverged, WriteError
+from trainer.loop import run_training
+
+
+def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint_dirs(run_dir)[-1] / "adapter.safetensors"))
+
+
+def stop_at(step: int, stop: threading.Event):
+    def emit(event):
+        if isinstance(event, ev.Step) and event.step == step:
+            stop.set()
+    return emit
+
+
+def test_stop_then_resume_matches_an_uninterrupted_run(base_dirs, scene_dir, tmp_path):
+    settings = dict(steps=6, checkpoint_every=2, lr=1e-2, caption_dropout=0.2, batch_size=2, lr_scheduler="cosine",
+                    warmup_steps=2)
+    straight = run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "straight", **settings))
+    assert straight.step == 6
+
+    config = tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "split", **settings)
+    stop = threading.Event()
+    first = run_training(config, emit=stop_at(3, stop), stop=stop)
+    assert first.stopped and first.step == 3
+    assert [p.name for p in checkpoint_dirs(tmp_path / "split")][-1] == "step-000003"  # final checkpoint on stop
+    assert (tmp_path / "split" / "lora.safetensors").is_file()  # and the exports so far
+    resumed = run_training(config, resume=True)
+    assert resumed.step == 6 and not resumed.stopped
+    expected, got = final_adapter(tmp_path / "straight"), final_adapter(tmp_path / "split")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+    starts = [e for e in ev.read_jsonl(tmp_path / "split" / "events.jsonl") if isinstance(e, ev.Start)]
+    assert [s.start_step for s in starts] == [0, 3]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(base_dirs, scene_dir, tmp_path):
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match="no checkpoint yet"):
+        run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "r"), resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dirs, scene_dir, tmp_path, monkeypatch):
+    from trainer.models.sd import SD15
+
+    real_loss = SD15.loss
+    calls = {"n": 0}
+
+    def flaky_loss(self, *args):
+        calls["n"] += 1
+        loss = real_loss(self, *args)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(SD15, "loss", flaky_loss)
+    run_dir = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match="diverged at step 4.*last good checkpoint is step-000002"):
+        run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run_dir, steps=8, checkpoint_every=2))
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step-000002"]
+    assert all(torch.isfinite(t).all() for t in final_adapter(run_dir).values())
+    assert not (run_dir / "lora.safetensors").exists()  # no export of a diverged adapter
+    last = ev.read_jsonl(run_dir / "events.jsonl")[-1]
+    assert isinstance(last, ev.Error) and "diverged" in last.message
+
+
+def test_disk_full_midway_leaves_no_half_written_file(base_dirs, scene_dir, tmp_path, monkeypatch):
+    import trainer.export as export
+
+    run_dir = tmp_path / "full"
+    run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run_dir, steps=2))
+    good_bytes = (run_dir / "lora.safetensors").read_bytes()
+
+    def save_half_then_fail(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 1000)  # part of a file ...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
+
+    monkeypatch.setattr(export, "save_file", save_half_then_fail)
+    with pytest.raises(WriteError, match="No space left on device.*Nothing half-written"):
+        run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run_dir, steps=3), resume=True)
+    assert (run_dir / "lora.safetensors").read_bytes() == good_bytes  # the old export is intact
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_unwritable_run_folder_is_a_clear_error(base_dirs, scene_dir, tmp_path):
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("x")
+    with pytest.raises((WriteError, OSError)):
+        run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, blocker / "run", steps=1))
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_final_step(base_dirs, scene_dir, tmp_path):
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "trainer", "train", "--base", str(base_dirs["sd15"]), "--data", str(scene_dir),
+           "--out", str(run_dir), "--steps", "400", "--checkpoint-every", "5", "--resolution", "64", "--sample-every", "0"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(checkpoint_dirs(run_dir)) < 1:
+            time.sleep(0.2)
+        assert checkpoint_dirs(run_dir), proc.stderr.read().decode() if proc.poll() is not None else "no checkpoint"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = int(checkpoint_dirs(run_dir)[-1].name.split("-")[1])
+    assert 0 < killed_at < 400 and not (run_dir / "lora.safetensors").exists()
+    from trainer.config import load_config
+    from dataclasses import replace
+
+    config = replace(load_config(run_dir / "config.yaml"), steps=killed_at + 5)
+    result = run_training(config, resume=True)
+    assert result.step == killed_at + 5 and (run_dir / "lora.safetensors").is_file()
