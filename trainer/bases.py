@@ -111,3 +111,23 @@ def list_bases(models_dir: str | Path | None = None) -> list[str]:
             if (entry / "model_index.json").is_file() or entry.suffix.lower() == ".safetensors":
                 found.append(str(entry))
     return found
+
+
+def native_resolution(ref: BaseRef, folder: Path | None = None) -> int:
+    """The pixel size a base was trained at, read from its configs (no weights loaded).
+
+    UNet bases: ``unet.sample_size`` × the VAE's downscale factor; FLUX: the VAE's ``sample_size``.
+    Files and hub ids fall back to the family default (SDXL 1024, else 512).
+    """
+    fallback = 1024 if ref.arch == "sdxl" else 512
+    folder = folder or (Path(ref.value) if ref.kind == "folder" else None)
+    if folder is None:
+        return fallback
+    try:
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        if ref.arch == "flux":
+            return int(vae["sample_size"])
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return fallback

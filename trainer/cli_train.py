@@ -9,13 +9,13 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.bases import parse_base
+from trainer.bases import native_resolution, parse_base
 from trainer.config import Precision, TrainConfig, load_config, load_yaml
 from trainer.errors import UserError
 from trainer.presets import resolve_config
 
 # CLI flag -> TrainConfig field, for flags whose names differ only by dashes
-_FLAGS = ("base", "data", "out", "rank", "alpha", "targets", "precision", "steps", "lr", "lr_scheduler", "warmup_steps",
+_FLAGS = ("base", "base_config", "data", "out", "rank", "alpha", "targets", "precision", "steps", "lr", "lr_scheduler", "warmup_steps",
           "batch_size", "grad_accum", "resolution", "caption_dropout", "trigger", "optimizer", "seed",
           "checkpoint_every", "sample_every", "sample_steps", "sample_guidance", "init_lora", "device", "title",
           "license", "description", "adapter_dtype", "keep_checkpoints")
@@ -24,6 +24,7 @@ _FLAGS = ("base", "data", "out", "rank", "alpha", "targets", "precision", "steps
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with TrainConfig keys (flags given here override it)")
     p.add_argument("--base", help="demo:sd15|demo:sdxl|demo:flux, a diffusers folder, a .safetensors checkpoint or a hub id")
+    p.add_argument("--base-config", help="for a single-file checkpoint: diffusers folder with its configs and tokenizers")
     p.add_argument("--data", help="folder of images with optional <name>.txt captions")
     p.add_argument("--out", help="run folder (default outputs/<data folder name>)")
     p.add_argument("--preset", default=None, help="preset name from presets/ or a YAML path (default: style)")
@@ -38,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
-    p.add_argument("--resolution", type=int, help="default: 64 for demo bases, 512 SD1.5/FLUX, 1024 SDXL")
+    p.add_argument("--resolution", type=int, help="default: the base's native size (64 demo bases, 512 SD1.5, 1024 SDXL)")
     p.add_argument("--center-crop", action="store_true", default=None)
     p.add_argument("--caption-dropout", type=float)
     p.add_argument("--trigger")
@@ -60,10 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_resolution(base: str) -> int:
+    """The base's own training size (64 for the tiny demo bases, 512 SD1.5, 1024 SDXL)."""
     ref = parse_base(base)
     if ref.kind in ("demo", "demo-random"):
-        return 64
-    return 1024 if ref.arch == "sdxl" else 512
+        from trainer.models.tiny import RESOLUTION
+
+        return RESOLUTION
+    return native_resolution(ref)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:

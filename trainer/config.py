@@ -43,6 +43,7 @@ def _help(text: str, **kw) -> Any:
 @dataclass(frozen=True)
 class TrainConfig:
     base: str = _help("Base model: demo:sd15|demo:sdxl|demo:flux, a diffusers folder, a .safetensors file or a hub id.", default="demo:sd15")
+    base_config: str = _help("For a single-file checkpoint: a diffusers folder with the matching configs/tokenizers (offline loading).", default="")
     data: str = _help("Folder of training images (+ optional <name>.txt captions).", default="")
     out: str = _help("Run folder; exports, checkpoints, samples and events land here.", default="outputs/run")
     preset: str = _help("Preset the values came from (for the record).", default="style")

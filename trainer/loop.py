@@ -188,7 +188,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     scan = scan_dataset(config.data)
     for warning in scan.warnings:
         emit(ev.Log(message=warning))
-    base = load_base(config.base, config.precision, config.device)
+    base = load_base(config.base, config.precision, config.device, config.base_config or None)
     examples, skipped = prepare(scan, config.resolution, config.center_crop, config.trigger, config.seed)
     for name, reason in skipped:
         emit(ev.Log(message=f"skipped {name}: {reason}"))

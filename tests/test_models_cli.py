@@ -1,0 +1,197 @@
+"""Base-model sources and the CLI contract: exit 0 on success, 2 with one line on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from trainer.__main__ import main
+from trainer.bases import list_bases, parse_base
+from trainer.config import Precision
+from trainer.errors import ModelNotFoundError, UserError
+from trainer.models import load_base
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "flux"])
+def test_folder_and_demo_alias_load_the_same_architecture(base_dirs, arch):
+    for source in (str(base_dirs[arch]), f"demo:{arch}"):
+        base = load_base(source, device="cpu")
+        assert base.arch == arch and base.precision is Precision.FP32  # auto on CPU = fp32
+        assert not any(p.requires_grad for p in base.denoiser.parameters())
+
+
+def test_demo_model_command_writes_a_loadable_diffusers_folder(tmp_path):
+    assert main(["demo-model", "--arch", "sdxl", "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    assert parse_base(str(tmp_path / "m")).arch == "sdxl"
+    assert str(tmp_path / "m") in list_bases(tmp_path)
+
+
+@pytest.mark.parametrize("precision,dtype", [(Precision.BF16, torch.bfloat16), (Precision.FP16, torch.float16)])
+def test_half_precision_bases(base_dirs, precision, dtype):
+    base = load_base(str(base_dirs["sd15"]), precision, "cpu")
+    assert base.denoiser.dtype == dtype and base.pipe.vae.dtype == dtype
+
+
+def test_hub_id_offline_is_one_clear_line_without_hanging(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    t0 = time.time()
+    with pytest.raises(ModelNotFoundError) as err:
+        load_base("some-org/some-model-that-is-not-cached", device="cpu")
+    assert time.time() - t0 < 30
+    message = str(err.value)
+    assert "huggingface-cli download some-org/some-model-that-is-not-cached" in message and "\n" not in message
+
+
+def test_single_file_checkpoint_without_its_config_says_what_to_do(tmp_path, base_dirs):
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "my-model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+               "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.zeros(1, 77)}, str(ckpt))
+    assert parse_base(str(ckpt)).arch == "sd15"
+    with pytest.raises(ModelNotFoundError, match="--base-config"):
+        load_base(str(ckpt), device="cpu")
+
+
+@pytest.mark.parametrize("base,message", [
+    ("/no/such/folder", "does not exist"),
+    ("demo:sd3", "unknown demo base"),
+    ("not a model", "does not exist"),
+])
+def test_bad_base_values(base, message):
+    with pytest.raises(UserError, match=message):
+        parse_base(base)
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not loaded")
+    with pytest.raises(UserError, match="only .safetensors"):
+        parse_base(str(ckpt))
+
+
+def test_broken_model_folder_is_a_clear_error(tmp_path, base_dirs):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(base_dirs["sd15"], broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(ModelNotFoundError, match="cannot load the diffusers folder"):
+        load_base(str(broken), device="cpu")
+
+
+def test_nf4_base_trains_with_fp32_adapters_on_cpu(base_dirs, scene_dir, tmp_path):
+    """bitsandbytes runs NF4 + double quant on CPU, so the QLoRA path is tested here, not only on a GPU."""
+    import bitsandbytes as bnb
+    from safetensors import safe_open
+
+    from trainer.loop import run_training
+
+    config = tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "nf4", precision="nf4", steps=3, lr=1e-2)
+    result = run_training(config)
+    assert result.step == 3
+    base = load_base(str(base_dirs["sd15"]), Precision.NF4, "cpu")
+    to_k = base.denoiser.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k
+    assert isinstance(to_k, bnb.nn.Linear4bit) and to_k.weight.quant_state.nested  # double quantization
+    with safe_open(result.exports[0], framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert any(t.abs().sum() > 0 for t in ups)  # the adapters trained
+
+
+def test_init_lora_continues_from_a_prior_run(base_dirs, scene_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.loop import run_training
+
+    first = run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "a", steps=3, lr=1e-2))
+    for export in first.exports:  # both layouts continue the same adapter
+        config = tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / Path(export).stem, steps=1, lr=1e-12,
+                             init_lora=export)
+        second = run_training(config)
+        prior = load_file(first.exports[0])
+        after = load_file(second.exports[0])
+        key = next(k for k in prior if k.endswith("lora_up.weight"))
+        torch.testing.assert_close(after[key], prior[key], atol=1e-6, rtol=1e-4)
+
+
+def test_init_lora_with_other_rank_names_the_fix(base_dirs, scene_dir, tmp_path):
+    from trainer.loop import run_training
+
+    first = run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "a", steps=1, rank=4))
+    with pytest.raises(UserError, match="pass --rank 4"):
+        run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "b", steps=1, init_lora=first.exports[0]))
+
+
+BAD_CLI = [
+    (["train", "--base", "demo:sd15", "--data", "{empty}"], "no images found"),
+    (["train", "--base", "demo:sd15", "--data", "{missing}"], "does not exist"),
+    (["train", "--base", "/nope/model", "--data", "{good}"], "does not exist"),
+    (["train", "--base", "demo:sd15", "--data", "{good}", "--rank", "0"], "rank=0"),
+    (["train", "--base", "demo:sd15", "--data", "{good}", "--alpha", "-2"], "alpha=-2"),
+    (["train", "--base", "demo:sd15", "--data", "{good}", "--preset", "nope"], "preset 'nope' does not exist"),
+    (["train", "--base", "demo:sd15", "--data", "{bad_only}"], "no usable images"),
+    (["train", "--out", "{empty}", "--resume"], "nothing to resume"),
+    (["export", "--run", "{empty}"], "not a run folder"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_CLI, ids=[m for _, m in BAD_CLI])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, scene_dir, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad_only").mkdir()
+    (tmp_path / "bad_only" / "x.png").write_bytes(b"")
+    paths = {"empty": tmp_path / "empty", "missing": tmp_path / "missing", "good": scene_dir, "bad_only": tmp_path / "bad_only"}
+    argv = [a.format(**paths) for a in argv] + ["--out", str(tmp_path / "run")] * (argv[0] == "train" and "--out" not in argv)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_cli_train_end_to_end_in_a_fresh_process(base_dirs, scene_dir, tmp_path):
+    """The README's command: exit 0, a progress bar, the exports; a bad input: exit 2, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "run1"
+    done = subprocess.run([sys.executable, "-m", "trainer", "train", "--base", str(base_dirs["sd15"]), "--data",
+                           str(scene_dir), "--preset", "style", "--steps", "4", "--out", str(out), "--sample-every", "2",
+                           "--sample-steps", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "4/4" in done.stderr  # tqdm progress bar
+    assert (out / "lora.safetensors").is_file() and (out / "lora_diffusers.safetensors").is_file()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002-0.png", "step-000002-1.png",
+                                                                  "step-000004-0.png", "step-000004-1.png"]
+    bad = subprocess.run([sys.executable, "-m", "trainer", "train", "--base", "demo:sd15", "--data", str(tmp_path / "nope")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: data folder")
+
+
+def test_cli_reexport_formats(base_dirs, scene_dir, tmp_path):
+    from trainer.export import read_lora
+
+    from trainer.loop import run_training
+
+    run = run_training(tiny_config(str(base_dirs["flux"]), scene_dir, tmp_path / "f", steps=2))
+    for fmt, name in (("kohya", "lora.safetensors"), ("diffusers", "lora_diffusers.safetensors"), ("comfy", "lora_comfy.safetensors")):
+        before = read_lora(Path(run.exports[0]).parent / name)[0] if fmt != "comfy" else None
+        assert main(["export", "--run", str(tmp_path / "f"), "--format", fmt]) == 0
+        tensors, _ = read_lora(tmp_path / "f" / name)
+        if before is not None:
+            assert tensors.keys() == before.keys()
+            for key in tensors:
+                torch.testing.assert_close(tensors[key], before[key])
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in read_lora(tmp_path / "f" / "lora_comfy.safetensors")[0])
