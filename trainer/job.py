@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,7 +53,7 @@ def summarize(run_dir: str, state: str, events: list[ev.Event]) -> JobSnapshot:
     losses, log, samples, step_times = [], [], [], []
     for e in events:
         if isinstance(e, ev.Start):
-            snap = replace(snap, total_steps=e.total_steps, step=e.start_step)
+            snap = replace(snap, total_steps=e.total_steps, step=e.start_step, error="")  # a resume starts clean
             log.append(e.message or f"started: {e.images} images, {e.total_steps} steps ({e.arch})")
         elif isinstance(e, ev.Step):
             losses.append((e.step, e.loss))
@@ -114,6 +113,8 @@ class Job:
         return self.state in ("queued", "running", "stopping")
 
     def start(self) -> "Job":
+        if self.resume:  # show the losses and samples from before the interruption too
+            self._history = ev.read_jsonl(self.run_dir / "events.jsonl")
         self._thread = threading.Thread(target=self._run, name=f"train:{self.run_dir.name}", daemon=True)
         with self._lock:
             self._state = "running"
@@ -146,7 +147,8 @@ class Job:
             self._emit(ev.Error(message=str(err)))
         except Exception as err:  # a bug: keep the app alive, show one line, keep the traceback in the log
             final = "failed"
-            self._emit(ev.Error(message=f"internal error: {type(err).__name__}: {err}"))
+            self._emit(ev.Error(message=f"internal error: {type(err).__name__}: {err} "
+                                            "(the full traceback is in the log; please report it)"))
             self._emit(ev.Log(message=traceback.format_exc()))
         with self._lock:
             self._state = final
@@ -169,6 +171,21 @@ class Job:
             history = list(self._history)
             state = self._state
         return summarize(str(self.run_dir), state, history)
+
+
+def disk_state(history: list[ev.Event]) -> str:
+    """How a run that is not running ended, from the events after its last start (a resumed run
+    that was stopped earlier and then finished is ``done``)."""
+    starts = [i for i, e in enumerate(history) if isinstance(e, ev.Start)]
+    tail = history[starts[-1]:] if starts else history
+    for e in reversed(tail):
+        if isinstance(e, ev.Done):
+            return "done"
+        if isinstance(e, ev.Stopped):
+            return "stopped"
+        if isinstance(e, ev.Error):
+            return "failed"
+    return "interrupted"
 
 
 @dataclass(frozen=True)
@@ -210,6 +227,18 @@ class JobManager:
         config = load_config(run_dir / "config.yaml")
         return self.start(replace(config, out=str(run_dir)), resume=True)
 
+    def snapshot(self, run_dir: str | Path) -> Optional[JobSnapshot]:
+        """The live snapshot if ``run_dir`` is the current job's folder, else one read from its
+        ``events.jsonl`` (``None`` when the folder has no events yet)."""
+        run_dir = Path(run_dir)
+        job = self.current()
+        if job is not None and job.run_dir.resolve() == run_dir.resolve():
+            return job.snapshot()
+        history = ev.read_jsonl(run_dir / "events.jsonl")
+        if not history:
+            return None
+        return summarize(str(run_dir), disk_state(history), history)
+
     def run_path(self, run_name: str) -> Path:
         """The folder of run ``run_name``; names that would escape ``outputs_dir`` are refused."""
         candidate = (self.outputs_dir / run_name).resolve()
@@ -226,17 +255,10 @@ class JobManager:
             if not (run_dir / "config.yaml").is_file():
                 continue
             history = ev.read_jsonl(run_dir / "events.jsonl")
-            kinds = [e.kind for e in history]
             if current is not None and current.is_active() and current.run_dir.resolve() == run_dir.resolve():
                 state = "running"
-            elif "done" in kinds:
-                state = "done"
-            elif "stopped" in kinds:
-                state = "stopped"
-            elif "error" in kinds:
-                state = "failed"
             else:
-                state = "interrupted"
+                state = disk_state(history)
             snap = summarize(str(run_dir), state, history)
             has_ckpt = any((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else False
             runs.append(RunInfo(name=run_dir.name, path=str(run_dir), state=state, step=snap.step,

@@ -1,0 +1,125 @@
+"""app.py and ui.app without a browser: import is inert, launch defaults are safe, the page builds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.job import JobSnapshot
+from ui import format as fmt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_limits():
+    from trainer.images import DEFAULT_LIMITS
+
+    return DEFAULT_LIMITS
+
+
+def test_importing_app_is_inert():
+    code = ("import sys, builtins; opened = []; real = builtins.open\n"
+            "builtins.open = lambda *a, **k: (opened.append(a[0]), real(*a, **k))[1]\n"
+            "import app\n"
+            "heavy = [m for m in ('gradio', 'torch', 'diffusers', 'ui.app', 'trainer.loop') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert not opened, opened\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_app_py_is_short_and_args_default_to_loopback():
+    import app
+
+    assert len((ROOT / "app.py").read_text().splitlines()) <= 40
+    args = app.parse_args([])
+    assert (args.host, args.port, args.base, args.share, args.auth) == ("127.0.0.1", 7860, "demo:sd15", False, None)
+
+
+def test_ui_never_imports_the_loop_or_torch():
+    code = ("import sys; import ui.app\n"
+            "bad = [m for m in ('torch', 'trainer.loop', 'trainer.models', 'diffusers') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_launch_is_safe_by_default(tmp_path, monkeypatch, capsys):
+    import gradio as gr
+
+    from app import parse_args
+    from ui import app as ui_app
+
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: seen.update(kw, analytics=self.analytics_enabled))
+    ui_app.launch(parse_args(["--outputs", str(tmp_path / "out"), "--base", "demo-random:sd15"]))
+    assert seen["server_name"] == "127.0.0.1" and seen["share"] is False and seen["auth"] is None
+    assert seen["allowed_paths"] == [str((tmp_path / "out").resolve())]
+    assert seen["analytics"] is False and seen["ssr_mode"] is False
+    assert seen["max_file_size"] >= 10 * default_limits().max_bytes  # per-file limits are ours, with reasons
+    assert "WARNING" not in capsys.readouterr().err
+    fonts = [f for f in seen["theme"]._font + seen["theme"]._font_mono]
+    assert all(isinstance(f, str) or type(f).__name__ == "Font" for f in fonts), "system fonts only: no GoogleFont"
+
+    monkeypatch.delenv(ui_app.AUTH_ENV, raising=False)
+    ui_app.launch(parse_args(["--host", "0.0.0.0", "--outputs", str(tmp_path / "out")]))
+    assert "without a password" in capsys.readouterr().err
+    monkeypatch.setenv(ui_app.AUTH_ENV, "ann:secret")
+    ui_app.launch(parse_args(["--host", "0.0.0.0", "--outputs", str(tmp_path / "out"), "--share"]))
+    assert "WARNING" not in capsys.readouterr().err
+    assert seen["auth"] == ("ann", "secret") and seen["share"] is True
+
+
+def test_auth_and_host_parsing():
+    from ui.app import is_loopback, parse_auth
+
+    assert parse_auth("a:b:c") == ("a", "b:c") and parse_auth(None) is None
+    for bad in ("nocolon", ":pw", "user:"):
+        with pytest.raises(SystemExit):
+            parse_auth(bad)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.com")
+
+
+def test_page_builds_with_the_ids_the_browser_tests_use(tmp_path):
+    from ui.app import build
+    from ui.studio import Studio
+
+    demo = build(Studio(tmp_path, default_base="demo-random:sd15"))
+    ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    for needed in ("run-select", "upload", "upload-report", "captioner", "trigger", "caption-all", "base", "base-arch",
+                   "preset", "preset-info", "steps", "precision", "start", "stop", "train-progress", "loss-plot",
+                   "samples", "train-log", "run-list", "resume", "mix-lora-0", "mix-weight-0", "mix-lora-1",
+                   "mix-preview", "mix-upload", "export-title", "export-trigger-phrase", "export-license",
+                   "export-description", "dl-kohya", "dl-diffusers", "dl-samples"):
+        assert needed in ids, needed
+    assert demo.analytics_enabled is False
+
+
+def snap(**kw) -> JobSnapshot:
+    values = dict(run_dir="r", state="running", step=3, total_steps=10, losses=((1, 0.5), (2, 0.4), (3, 0.3)),
+                  it_per_s=0.5, eta_s=14.0)
+    values.update(kw)
+    return JobSnapshot(**values)
+
+
+def test_progress_html_shows_step_speed_eta_and_escapes_errors():
+    text = fmt.progress_html(snap())
+    assert 'data-step="3"' in text and 'data-total="10"' in text and "width:30.0%" in text
+    assert "step 3/10 · 2.0 s/it · ETA 14 s · loss 0.3000" in text
+    failed = fmt.progress_html(snap(state="failed", error="<script>alert(1)</script> bad"))
+    assert "<script>" not in failed and "&lt;script&gt;" in failed and 'role="alert"' in failed
+    assert "Not trained yet" in fmt.progress_html(None)
+    assert "Interrupted" in fmt.progress_line(snap(state="interrupted"))
+
+
+def test_duration_points_and_reports():
+    assert [fmt.duration(s) for s in (7, 185, 3900)] == ["7 s", "3 min 05 s", "1 h 05 min"]
+    many = snap(losses=tuple((i, 1.0 / i) for i in range(1, 2001)))
+    points = fmt.loss_points(many)
+    assert len(points) == fmt.MAX_PLOT_POINTS and points[-1][0] == 2000 and points[0][0] == 1
+    report = fmt.upload_report(2, [("a`b\n.png", "not an image Pillow can read")])
+    assert "`a'b .png` — not an image Pillow can read" in report and "Added **2**" in report
+    assert fmt.checkpoint_line(snap(state="stopped", checkpoint="/o/r/checkpoints/step-000004")) == \
+        "Last checkpoint (final): `checkpoints/step-000004`"

@@ -1,0 +1,158 @@
+"""ui.store: upload names never escape the run folder, bad files are rejected with a reason."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from trainer.errors import UserError
+from trainer.images import ImageLimits
+from ui import store
+
+
+def png(path: Path, size=(32, 32), color=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+@pytest.mark.parametrize("original, expected", [
+    ("cat.png", "cat.png"),
+    ("../../etc/passwd.png", "passwd.png"),
+    ("..\\..\\windows\\evil.PNG", "evil.png"),
+    ("/abs/path/x.jpg", "x.jpg"),
+    ("..png", "image.png"),
+    (".hidden.png", "hidden.png"),
+    ("my cat (2).JPEG", "my_cat_2.jpeg"),
+    ("naïve café.webp", "naive_cafe.webp"),
+    ("日本語.png", "image.png"),
+    ("CON.png", "image.png"),
+    ("a" * 300 + ".png", "a" * store.MAX_STEM + ".png"),
+    ("noext", "noext"),
+    ("x.p;ng", "x.p_ng"),
+])
+def test_safe_upload_name(original, expected):
+    assert store.safe_upload_name(original) == expected
+
+
+def test_safe_run_name():
+    assert store.safe_run_name("My Style v2") == "My_Style_v2"
+    assert store.safe_run_name("../../x") == "x"
+    for bad in ("", "..", "///", "..."):
+        with pytest.raises(UserError):
+            store.safe_run_name(bad)
+
+
+def test_import_keeps_good_images_and_rejects_others_with_reasons(tmp_path):
+    up = tmp_path / "upload"
+    good = [png(up / "red.png"), png(up / "blue.jpg", color=(0, 0, 200))]
+    Image.new("RGB", (8, 8)).save(good[1], format="JPEG")
+    corrupt = up / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    empty = up / "empty.png"
+    empty.write_bytes(b"")
+    text = up / "notes.pdf"
+    text.write_bytes(b"%PDF")
+    big = png(up / "big.png", size=(300, 300))
+    run = tmp_path / "outputs" / "run"
+
+    report = store.import_uploads([*good, corrupt, empty, text, big], run, ImageLimits(max_pixels=200 * 200))
+
+    assert sorted(report.accepted) == ["blue.jpg", "red.png"]
+    reasons = dict(report.rejected)
+    assert set(reasons) == {"corrupt.png", "empty.png", "notes.pdf", "big.png"}
+    assert "not an image" in reasons["corrupt.png"] or "damaged" in reasons["corrupt.png"]
+    assert "empty" in reasons["empty.png"]
+    assert "not an image file type" in reasons["notes.pdf"]
+    assert "megapixels" in reasons["big.png"]
+    assert all("/" not in r for r in reasons.values())  # reasons name the user's file, not the temp path
+    assert sorted(p.name for p in (run / "dataset").iterdir()) == ["blue.jpg", "red.png"]
+    assert (run / "thumbs" / "red.jpg").is_file()
+
+
+def test_import_never_overwrites_and_keeps_stems_unique(tmp_path):
+    run = tmp_path / "run"
+    first = store.import_uploads([png(tmp_path / "a" / "cat.png")], run)
+    second = store.import_uploads([png(tmp_path / "b" / "cat.png", color=(1, 2, 3)),
+                                   png(tmp_path / "c" / "cat.jpg", color=(4, 5, 6))], run)
+    assert first.accepted == ["cat.png"]
+    assert second.accepted == ["cat-2.png", "cat-3.jpg"]  # cat.jpg would share cat.txt with cat.png
+    data = run / "dataset"
+    assert Image.open(data / "cat.png").getpixel((0, 0)) == (200, 30, 30)
+
+
+def test_import_rejects_duplicates(tmp_path):
+    run = tmp_path / "run"
+    src = png(tmp_path / "x.png")
+    store.import_uploads([src], run)
+    report = store.import_uploads([src], run, names=["copy.png"])
+    assert report.accepted == []
+    assert report.rejected == [("copy.png", "already in the dataset as x.png")]
+
+
+def test_traversal_names_land_inside_the_dataset(tmp_path):
+    run = tmp_path / "outputs" / "run"
+    src = png(tmp_path / "up" / "f.png")
+    other = png(tmp_path / "up" / "g.png", color=(1, 1, 1))
+    report = store.import_uploads([src, other], run, names=["../../../escape.png", "..\\..\\x.png"])
+    assert report.accepted == ["escape.png", "x.png"]
+    assert (run / "dataset" / "escape.png").is_file()
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path / "outputs" / "escape.png").exists()
+
+
+def test_caption_sidecars_uploaded_together(tmp_path):
+    up = tmp_path / "up"
+    img = png(up / "Sunset Sky.png")
+    (up / "Sunset Sky.txt").write_text("a sunset, orange sky\n", encoding="utf-8")
+    (up / "orphan.txt").write_text("nothing", encoding="utf-8")
+    run = tmp_path / "run"
+    report = store.import_uploads([img, up / "Sunset Sky.txt", up / "orphan.txt"], run)
+    assert report.accepted == ["Sunset_Sky.png"] and report.captions == 1
+    assert store.read_caption(run, "Sunset_Sky.png") == "a sunset, orange sky"
+    assert [n for n, _ in report.rejected] == ["orphan.txt"]
+
+
+def test_captions_round_trip_and_names_from_the_page_are_checked(tmp_path):
+    run = tmp_path / "run"
+    store.import_uploads([png(tmp_path / "a.png")], run)
+    store.write_caption(run, "a.png", "  zkstyle,\n a red   square ")
+    assert (run / "dataset" / "a.txt").read_text(encoding="utf-8") == "zkstyle, a red square\n"
+    assert store.read_caption(run, "a.png") == "zkstyle, a red square"
+    [item] = store.list_items(run)
+    assert (item.name, item.caption) == ("a.png", "zkstyle, a red square")
+    (tmp_path / "victim.png").write_bytes(b"x")
+    for bad in ("../victim.png", "a.txt", "missing.png", "/etc/passwd", "sub/a.png"):
+        with pytest.raises(UserError):
+            store.write_caption(run, bad, "x")
+    assert not (tmp_path / "victim.txt").exists()
+
+
+def test_remove_item_and_rebuilt_thumbnail(tmp_path):
+    run = tmp_path / "run"
+    store.import_uploads([png(tmp_path / "a.png"), png(tmp_path / "b.png", color=(9, 9, 9))], run)
+    store.write_caption(run, "a.png", "x")
+    store.remove_item(run, "a.png")
+    assert [i.name for i in store.list_items(run)] == ["b.png"]
+    assert not (run / "dataset" / "a.txt").exists()
+    (run / "thumbs" / "b.jpg").unlink()
+    [item] = store.list_items(run)
+    assert Path(item.thumb).is_file()
+
+
+def test_caption_from_name_and_settings(tmp_path):
+    assert store.caption_from_name("red_circle-01 (2).png") == "red circle"
+    assert store.load_settings(tmp_path) == {}
+    store.save_settings(tmp_path, trigger="zk")
+    store.save_settings(tmp_path, preset="tone")
+    assert store.load_settings(tmp_path) == {"trigger": "zk", "preset": "tone"}
+    (tmp_path / "studio.json").write_text("[1, 2]")
+    assert store.load_settings(tmp_path) == {}
+
+
+def test_new_run_name_is_unique(tmp_path):
+    first = store.new_run_name(tmp_path, now=0)
+    (tmp_path / first).mkdir()
+    assert store.new_run_name(tmp_path, now=0) == first + "-2"

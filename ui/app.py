@@ -1,0 +1,118 @@
+"""The page: a run picker above four tabs (Dataset → Train → Mix & Preview → Export).
+
+:func:`build` makes the Blocks for a :class:`Studio`; :func:`launch` serves it
+with the safe defaults: loopback, no share link, no analytics, only the outputs
+folder servable, system fonts (the page loads with no network).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
+
+import gradio as gr  # noqa: E402
+
+from trainer.errors import UserError  # noqa: E402
+from ui import dataset, export, mix, train  # noqa: E402
+from ui.studio import Studio  # noqa: E402
+
+AUTH_ENV = "STYLE_STUDIO_AUTH"
+# gradio refuses a whole multi-file upload if one file is over its cap, so its cap is only a hard stop for
+# abuse; the per-image limits (with a reason per rejected file) are applied by ui.store after the upload.
+# 2 GB also leaves room for large LoRA files on the Mix tab.
+UPLOAD_HARD_CAP = 2 * 1024**3
+CSS = """
+.train-progress .bar { height: 14px; border-radius: 7px; background: var(--neutral-200); overflow: hidden; }
+.train-progress .fill { height: 100%; background: var(--color-accent); transition: width .4s; }
+.train-progress .fill.state-failed { background: #d33; }
+.train-progress .progress-text { margin-top: 6px; font-variant-numeric: tabular-nums; }
+.train-progress .progress-error { margin-top: 6px; color: #c22; font-weight: 600; }
+.dataset-grid { flex-wrap: wrap !important; gap: 10px !important; }
+.dataset-grid .card { max-width: 190px; }
+.dataset-grid img.thumb { width: 100%; height: 150px; object-fit: cover; border-radius: 6px; }
+"""
+
+
+def theme() -> gr.themes.Base:
+    """Default look with system fonts only (the default theme would fetch web fonts)."""
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
+def build(studio: Studio) -> gr.Blocks:
+    with gr.Blocks(title="Style Adapter Studio", analytics_enabled=False) as demo:
+        gr.Markdown("## Style Adapter Studio\nTrain a style LoRA from your images: **1** add images and captions, "
+                    "**2** train, **3** try it out, **4** download it.")
+        with gr.Row():
+            run = gr.Dropdown(label="Run", choices=studio.run_names(), value=None, allow_custom_value=True,
+                              elem_id="run-select", scale=4,
+                              info="Each run keeps its images, captions, checkpoints and LoRA in its own folder.")
+            new_run = gr.Button("New run", elem_id="new-run", scale=0, min_width=140)
+        version = gr.State(0)  # bumped when the dataset changes, to redraw the image grid
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("1 · Dataset", id="dataset", elem_id="tab-dataset"):
+                ds = dataset.build(studio, run, version)
+            with gr.Tab("2 · Train", id="train", elem_id="tab-train"):
+                train.build(studio, run, ds["trigger"])
+            with gr.Tab("3 · Mix & Preview", id="mix", elem_id="tab-mix") as mix_tab:
+                mx = mix.build(studio, run)
+            with gr.Tab("4 · Export", id="export", elem_id="tab-export") as export_tab:
+                ex = export.build(studio, run)
+
+        def on_load():
+            return gr.update(choices=studio.run_names(), value=studio.initial_run())
+
+        def on_run(name):
+            """Normalize a typed run name into a safe folder name."""
+            try:
+                safe = studio.run_dir(name).name
+            except UserError:
+                return studio.initial_run()
+            return safe if safe != name else gr.skip()
+
+        demo.load(on_load, None, run)
+        run.change(on_run, run, run)
+        new_run.click(lambda: gr.update(choices=studio.run_names(), value=studio.new_run()), None, run)
+        for handler, inputs, outputs in (ds["on_run"], mx["on_show"], ex["on_show"]):
+            run.change(handler, inputs, outputs)
+        mix_tab.select(*mx["on_show"])
+        export_tab.select(*ex["on_show"])
+    return demo
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit(f"--auth / {AUTH_ENV} must look like user:password")
+    return user, password
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def launch(args) -> None:
+    """Serve the app for parsed ``app.py`` arguments (blocks until the server stops)."""
+    auth = parse_auth(args.auth or os.environ.get(AUTH_ENV))
+    if not is_loopback(args.host) and auth is None:
+        print(f"WARNING: serving on {args.host} without a password: anyone who can reach this machine can use "
+              f"the app and read its outputs. Add --auth user:password (or set {AUTH_ENV}).", file=sys.stderr)
+    outputs = Path(args.outputs).resolve()
+    outputs.mkdir(parents=True, exist_ok=True)
+    studio = Studio(outputs, default_base=args.base, models_dir=args.models, loras_dir=args.loras)
+    build(studio).queue(default_concurrency_limit=4).launch(
+        server_name=args.host, server_port=args.port, share=bool(args.share), auth=auth,
+        allowed_paths=[str(outputs)], max_file_size=UPLOAD_HARD_CAP, theme=theme(), css=CSS,
+        ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False, footer_links=["settings"],
+        show_error=True, favicon_path=None)

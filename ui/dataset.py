@@ -1,0 +1,125 @@
+"""Dataset tab: drop images, see them as a grid with editable captions, caption them all.
+
+Everything is written to ``outputs/<run>/dataset/`` as it happens (an image when
+it is accepted, a caption when its box loses focus), so a reload loses nothing.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+
+import gradio as gr
+
+from trainer.errors import UserError
+from ui import format as fmt
+from ui.studio import Studio
+
+
+def _limits_line(studio: Studio) -> str:
+    mb = studio.limits.max_bytes / 2**20
+    mp = studio.limits.max_pixels / 1e6
+    return (f"Drop as many images as you like (10–200 is typical). Each must be under {mb:.0f} MB and "
+            f"{mp:.0f} megapixels; other files are rejected with the reason. `.txt` files with the same "
+            f"name as an image become its caption.")
+
+
+def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
+    """Build the tab inside the current ``gr.Tab``; returns components other tabs use."""
+    gr.Markdown(_limits_line(studio))
+    upload = gr.File(file_count="multiple", label="Images", elem_id="upload", height=140)
+    report = gr.Markdown(elem_id="upload-report")
+    with gr.Row():
+        captioner = gr.Dropdown(label="Captioner", choices=studio.captioners(), value=studio.captioners()[0],
+                                elem_id="captioner", scale=2,
+                                info="Writes a description of each image; 'filename' works offline.")
+        trigger = gr.Textbox(label="Trigger word", elem_id="trigger", scale=2, placeholder="e.g. zkstyle",
+                             info="A rare word you will put in prompts to call up the style.")
+        overwrite = gr.Checkbox(label="Overwrite existing captions", value=False, elem_id="caption-overwrite", scale=1)
+        caption_btn = gr.Button("Caption all", variant="primary", elem_id="caption-all", scale=0, min_width=160)
+    caption_status = gr.Markdown(elem_id="caption-status")
+    saved = gr.Markdown(elem_id="caption-saved")
+
+    def on_upload(run_name, files, ver):
+        if not files:
+            return gr.skip(), gr.skip(), ver, gr.skip()
+        try:
+            names = studio.run_names()
+            report_ = studio.import_uploads(run_name, [str(f) for f in files])
+        except UserError as err:
+            return None, f"⚠ {err}", ver, gr.skip()
+        text = fmt.upload_report(len(report_.accepted), report_.rejected, report_.captions)
+        choices = gr.update(choices=studio.run_names()) if studio.run_names() != names else gr.skip()
+        return None, text, ver + 1, choices
+
+    upload.upload(on_upload, [run, upload, version], [upload, report, version, run],
+                  concurrency_id="dataset", concurrency_limit=1)
+
+    def on_caption_all(run_name, name, trig, over, ver, progress=gr.Progress()):
+        cancel = threading.Event()
+
+        def step(done, total):
+            progress((done, total), desc="Captioning", unit="images")
+
+        try:
+            text = studio.caption_all(run_name, name, trig or "", bool(over), progress=step, cancel=cancel)
+        except UserError as err:
+            return f"⚠ {err}", ver
+        return text, ver + 1
+
+    caption_btn.click(on_caption_all, [run, captioner, trigger, overwrite, version], [caption_status, version],
+                      concurrency_id="dataset", concurrency_limit=1)
+
+    def on_trigger(run_name, trig):
+        try:
+            studio.save_settings(run_name, trigger=(trig or "").strip())
+        except UserError:
+            pass
+
+    trigger.blur(on_trigger, [run, trigger], None)
+
+    @gr.render(inputs=[run, version])
+    def cards(run_name, ver):
+        try:
+            items = studio.items(run_name)
+        except UserError as err:
+            gr.Markdown(f"⚠ {err}")
+            return
+        gr.Markdown(f"**{len(items)} image(s)** in {fmt.md_code(run_name)} — click a caption to edit it; it is saved "
+                    "when you click elsewhere." if items else "No images yet: drop some above.",
+                    elem_id="dataset-count")
+        with gr.Row(elem_id="dataset-grid", elem_classes=["dataset-grid"]):
+            for item in items:
+                with gr.Column(min_width=170, scale=0, elem_classes=["card"]), gr.Group():
+                    gr.HTML(f'<img class="thumb" src="{html.escape(fmt.file_url(item.thumb))}" '
+                            f'alt="{html.escape(item.name)}" loading="lazy">', padding=False)
+                    box = gr.Textbox(value=item.caption, label=item.name, lines=2, max_lines=5,
+                                     key=f"cap-{run_name}-{ver}-{item.name}", elem_classes=["caption-box"],
+                                     interactive=True)
+                    remove = gr.Button("Remove", size="sm", key=f"rm-{run_name}-{ver}-{item.name}",
+                                       elem_classes=["remove-image"])
+
+                    def save(text, run_name=run_name, name=item.name):
+                        try:
+                            studio.set_caption(run_name, name, text)
+                        except UserError as err:
+                            return f"⚠ {err}"
+                        return f"Saved caption of {fmt.md_code(name)}."
+
+                    def drop(v, run_name=run_name, name=item.name):
+                        try:
+                            studio.remove_image(run_name, name)
+                        except UserError as err:
+                            return f"⚠ {err}", v
+                        return f"Removed {fmt.md_code(name)}.", v + 1
+
+                    box.blur(save, box, saved)
+                    remove.click(drop, version, [saved, version])
+
+    def on_run(run_name):
+        try:
+            return studio.settings(run_name).get("trigger", ""), ""
+        except UserError as err:
+            return "", f"⚠ {err}"
+
+    return {"trigger": trigger, "on_run": (on_run, [run], [trigger, report]), "caption_status": caption_status}

@@ -1,0 +1,116 @@
+"""Pure text/HTML for the page (no gradio): progress bar, ETA, log, file URLs.
+
+Kept apart from the tab modules so it can be unit-tested without a server.
+Everything user-controlled that lands in HTML goes through :func:`html.escape`.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Optional
+from urllib.parse import quote
+
+from trainer.job import JobSnapshot
+
+STATE_LABELS = {
+    "queued": "Queued",
+    "running": "Training",
+    "stopping": "Stopping after this step…",
+    "done": "Finished",
+    "stopped": "Stopped",
+    "failed": "Failed",
+    "interrupted": "Interrupted (the server stopped) — press Resume to continue from the last checkpoint",
+}
+MAX_PLOT_POINTS = 500
+
+
+def file_url(path: str | Path) -> str:
+    """URL of a file under the outputs folder (the only folder the server serves)."""
+    return "gradio_api/file=" + quote(str(Path(path).resolve()))
+
+
+def duration(seconds: float) -> str:
+    """``7 s``, ``3 min 05 s``, ``1 h 05 min``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def progress_line(snap: JobSnapshot) -> str:
+    if snap.state == "running" and not snap.total_steps:
+        return ("Starting: loading the base model and reading the images "
+                "(the first run after the server starts also loads torch, up to a minute on a CPU)…")
+    parts = [STATE_LABELS.get(snap.state, snap.state)]
+    if snap.total_steps:
+        parts.append(f"step {snap.step}/{snap.total_steps}")
+    if snap.it_per_s:
+        speed = f"{snap.it_per_s:.2f} it/s" if snap.it_per_s >= 1 else f"{1 / snap.it_per_s:.1f} s/it"
+        parts.append(speed)
+    if snap.state in ("running", "stopping") and snap.eta_s:
+        parts.append(f"ETA {duration(snap.eta_s)}")
+    if snap.losses:
+        parts.append(f"loss {snap.losses[-1][1]:.4f}")
+    return " · ".join(parts)
+
+
+def progress_html(snap: Optional[JobSnapshot], note: str = "") -> str:
+    """A progress bar with step/total, speed and ETA; the error (if any) as one line under it."""
+    if snap is None:
+        body = '<div class="progress-text">Not trained yet. Add images, pick a preset, press Start.</div>'
+        return f'<div class="train-progress" data-state="new" data-step="0" data-total="0">{body}{_note(note)}</div>'
+    pct = 100.0 * snap.step / snap.total_steps if snap.total_steps else 0.0
+    error = (f'<div class="progress-error" role="alert">⚠ {html.escape(snap.error)}</div>' if snap.error else "")
+    return (
+        f'<div class="train-progress" data-state="{html.escape(snap.state)}" data-step="{snap.step}" '
+        f'data-total="{snap.total_steps}" data-points="{len(snap.losses)}">'
+        f'<div class="bar" role="progressbar" aria-valuemin="0" aria-valuemax="{snap.total_steps}" '
+        f'aria-valuenow="{snap.step}"><div class="fill state-{html.escape(snap.state)}" '
+        f'style="width:{pct:.1f}%"></div></div>'
+        f'<div class="progress-text">{html.escape(progress_line(snap))}</div>{error}{_note(note)}</div>'
+    )
+
+
+def _note(note: str) -> str:
+    return f'<div class="progress-note">{html.escape(note)}</div>' if note else ""
+
+
+def loss_points(snap: Optional[JobSnapshot]) -> list[tuple[int, float]]:
+    """At most :data:`MAX_PLOT_POINTS` (step, loss) pairs, evenly thinned, always keeping the last."""
+    if snap is None or not snap.losses:
+        return []
+    points = list(snap.losses)
+    if len(points) > MAX_PLOT_POINTS:
+        stride = len(points) / MAX_PLOT_POINTS
+        points = [points[int(i * stride)] for i in range(MAX_PLOT_POINTS - 1)] + [points[-1]]
+    return points
+
+
+def log_text(snap: Optional[JobSnapshot], lines: int = 200) -> str:
+    return "\n".join(snap.log[-lines:]) if snap is not None else ""
+
+
+def checkpoint_line(snap: Optional[JobSnapshot]) -> str:
+    if snap is None or not snap.checkpoint:
+        return ""
+    where = Path(snap.checkpoint)
+    label = f"{where.parent.name}/{where.name}" if where.parent.name else where.name
+    final = " (final)" if snap.state in ("stopped", "done") else ""
+    return f"Last checkpoint{final}: `{label}`"
+
+
+def md_code(text: str) -> str:
+    """Inline code for Markdown that cannot be broken out of (backticks and newlines removed)."""
+    return "`" + " ".join(str(text).replace("`", "'").split()) + "`"
+
+
+def upload_report(accepted: int, rejected: list[tuple[str, str]], captions: int = 0) -> str:
+    head = f"Added **{accepted}** image(s)" + (f" and {captions} caption file(s)" if captions else "") + "."
+    if not rejected:
+        return head
+    lines = [head, "", f"**Rejected {len(rejected)} file(s):**"]
+    lines += [f"- {md_code(name)} — {' '.join(reason.split())}" for name, reason in rejected]
+    return "\n".join(lines)

@@ -1,0 +1,304 @@
+"""The dataset on disk, without gradio: safe upload names, imports, caption sidecars.
+
+Uploads come from strangers' browsers, so a file name is only ever a *hint*:
+it is reduced to ``[A-Za-z0-9._-]``, made unique inside ``outputs/<run>/dataset/``
+and written with exclusive create, so nothing outside the run folder (or an
+existing file) can be touched. Every image is decoded with
+:func:`trainer.images.open_image` before it is kept, and every rejected file gets
+a reason a person can read.
+
+Layout of a run folder as the web app writes it::
+
+    outputs/<run>/dataset/<name>.<ext>   the images the trainer reads (config.data)
+    outputs/<run>/dataset/<name>.txt     their captions (UTF-8, one line)
+    outputs/<run>/thumbs/<name>.jpg      small previews for the page (outside dataset/)
+    outputs/<run>/studio.json            page settings (trigger word, ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from trainer.atomic import write_text
+from trainer.errors import ImageError, UserError
+from trainer.images import DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, is_image_name, open_image
+
+THUMB_SIZE = 256
+MAX_STEM = 80
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def _slug(text: str, fallback: str) -> str:
+    """``text`` reduced to ``[A-Za-z0-9._-]``, without leading dots, dashes or underscores."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = _UNSAFE.sub("_", text).strip("._- ")
+    text = re.sub(r"_+", "_", text)
+    if not text or text.lower() in _RESERVED:
+        return fallback
+    return text
+
+
+def safe_upload_name(original: str) -> str:
+    """A file name that is safe to create inside the dataset folder.
+
+    Only the last path component of ``original`` is kept (``/`` and ``\\`` both
+    count as separators, so ``..\\..\\x.png`` becomes ``x.png``); the extension
+    is lowercased and the stem limited to :data:`MAX_STEM` characters.
+    """
+    base = re.split(r"[\\/]", str(original))[-1]
+    stem, dot, ext = base.rpartition(".")
+    if not dot:
+        stem, ext = base, ""
+    ext = _slug(ext, "").lower()[:16]
+    stem = _slug(stem, "image")[:MAX_STEM].rstrip("._-") or "image"
+    return f"{stem}.{ext}" if ext else stem
+
+
+def safe_stem(text: str, fallback: str = "lora") -> str:
+    """A file stem from free text such as a title (``Ink Wash / v1`` → ``Ink_Wash_v1``)."""
+    return _slug(str(text or ""), fallback)[:MAX_STEM].rstrip("._-") or fallback
+
+
+def safe_run_name(text: str) -> str:
+    """A run folder name from user text; raises :class:`UserError` if nothing usable is left."""
+    name = _slug(str(text or "").strip(), "")[:64].rstrip("._-")
+    if not name:
+        raise UserError(f"run name {text!r} has no usable characters; use letters, digits, '-' or '_'")
+    return name
+
+
+def new_run_name(outputs_dir: Path, now: float | None = None) -> str:
+    """``style-YYYYMMDD-HHMM`` (plus ``-2``, ``-3``... if taken)."""
+    stamp = time.strftime("%Y%m%d-%H%M", time.localtime(now))
+    name = f"style-{stamp}"
+    n = 2
+    while (Path(outputs_dir) / name).exists():
+        name, n = f"style-{stamp}-{n}", n + 1
+    return name
+
+
+def inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def dataset_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "dataset"
+
+
+def thumbs_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "thumbs"
+
+
+def _taken_stems(folder: Path) -> set[str]:
+    return {p.stem.lower() for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    """``name`` or ``name-2``, ``name-3``...; unique by *stem* so captions (``<stem>.txt``) never collide."""
+    stem, _, ext = name.rpartition(".")
+    candidate, n = stem, 2
+    while candidate.lower() in taken:
+        candidate, n = f"{stem}-{n}", n + 1
+    taken.add(candidate.lower())
+    return f"{candidate}.{ext}"
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy_exclusive(src: Path, dst: Path) -> None:
+    """Copy without ever replacing an existing file (``x`` mode fails if ``dst`` exists)."""
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def _write_thumb(img: Image.Image, path: Path) -> None:
+    thumb = img.copy()
+    thumb.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    thumb.save(tmp, format="JPEG", quality=85)
+    os.replace(tmp, path)
+
+
+@dataclass
+class ImportReport:
+    accepted: list[str] = field(default_factory=list)  # stored names inside dataset/
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (uploaded name, reason)
+    captions: int = 0  # .txt sidecars imported together with their images
+
+    def summary(self) -> str:
+        parts = [f"added {len(self.accepted)} image(s)"]
+        if self.captions:
+            parts.append(f"{self.captions} caption file(s)")
+        if self.rejected:
+            parts.append(f"rejected {len(self.rejected)}")
+        return ", ".join(parts)
+
+
+def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits = DEFAULT_LIMITS,
+                   names: list[str] | None = None) -> ImportReport:
+    """Validate uploaded files and copy the good images into ``run_dir/dataset/``.
+
+    Args:
+        paths: the uploaded temp files (gradio's upload cache).
+        run_dir: ``outputs/<run>``; created if missing.
+        limits: per-image byte and pixel limits.
+        names: the names the user gave the files (default: each path's base name).
+
+    ``.txt`` files uploaded together with an image of the same name become its
+    caption. Duplicates (same bytes as an image already in the dataset) are
+    rejected. Nothing in the dataset is ever overwritten.
+    """
+    report = ImportReport()
+    data = dataset_dir(run_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    taken = _taken_stems(data)
+    known = {_file_hash(p): p.name for p in data.iterdir() if p.is_file() and is_image_name(p.name)}
+    names = list(names) if names is not None else [Path(p).name for p in paths]
+    texts: dict[str, Path] = {}
+    stored_by_stem: dict[str, str] = {}
+    for src, shown in zip(map(Path, paths), names):
+        shown = re.split(r"[\\/]", str(shown))[-1] or "(unnamed)"
+        if shown.lower().endswith(".txt"):
+            texts[shown[:-4].lower()] = src
+            continue
+        if not is_image_name(shown):
+            exts = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+            report.rejected.append((shown, f"not an image file type (allowed: {exts})"))
+            continue
+        try:
+            img = open_image(src, limits)
+        except ImageError as err:
+            # open_image names the temp file; the user knows the file by its own name
+            reason = str(err).split(": ", 1)[-1] if ": " in str(err) else str(err)
+            report.rejected.append((shown, reason))
+            continue
+        digest = _file_hash(src)
+        if digest in known:
+            report.rejected.append((shown, f"already in the dataset as {known[digest]}"))
+            continue
+        stored = _unique_name(safe_upload_name(shown), taken)
+        dst = data / stored
+        if not inside(dst, data):  # cannot happen after safe_upload_name; kept as a last guard
+            report.rejected.append((shown, "unsafe file name"))
+            continue
+        _copy_exclusive(src, dst)
+        _write_thumb(img, thumb_path(run_dir, stored))
+        known[digest] = stored
+        report.accepted.append(stored)
+        stored_by_stem[shown.rpartition(".")[0].lower()] = stored
+    for stem, src in texts.items():
+        stored = stored_by_stem.get(stem)
+        if stored is None:
+            report.rejected.append((f"{stem}.txt", "caption file without an image of the same name in this upload"))
+            continue
+        try:
+            write_caption(run_dir, stored, src.read_bytes().decode("utf-8-sig"))
+            report.captions += 1
+        except (UnicodeDecodeError, UserError, OSError):
+            report.rejected.append((f"{stem}.txt", "caption is not UTF-8 text (re-save it as UTF-8)"))
+    return report
+
+
+def thumb_path(run_dir: Path, name: str) -> Path:
+    return thumbs_dir(run_dir) / (Path(name).stem + ".jpg")
+
+
+def _item_path(run_dir: Path, name: str) -> Path:
+    """The dataset image ``name``; names from the page are checked, never trusted."""
+    data = dataset_dir(run_dir)
+    path = data / name
+    if name != Path(name).name or not is_image_name(name) or not inside(path, data) or not path.is_file():
+        raise UserError(f"{name!r} is not an image in this run's dataset")
+    return path
+
+
+def read_caption(run_dir: Path, name: str) -> str:
+    txt = _item_path(run_dir, name).with_suffix(".txt")
+    try:
+        return txt.read_bytes().decode("utf-8-sig").strip()
+    except FileNotFoundError:
+        return ""
+    except UnicodeDecodeError:
+        return ""
+
+
+def write_caption(run_dir: Path, name: str, text: str) -> None:
+    """Write ``<stem>.txt`` next to image ``name`` atomically (one line, stripped)."""
+    caption = " ".join(str(text).split())
+    write_text(_item_path(run_dir, name).with_suffix(".txt"), caption + "\n")
+
+
+def remove_item(run_dir: Path, name: str) -> None:
+    path = _item_path(run_dir, name)
+    for p in (path, path.with_suffix(".txt"), thumb_path(run_dir, name)):
+        p.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    path: str
+    thumb: str
+    caption: str
+
+
+def list_items(run_dir: Path) -> list[Item]:
+    """The images of a run's dataset with their captions, sorted by name; thumbnails are rebuilt if missing."""
+    data = dataset_dir(run_dir)
+    if not data.is_dir():
+        return []
+    items = []
+    for path in sorted(data.iterdir(), key=lambda p: p.name.lower()):
+        if not path.is_file() or not is_image_name(path.name) or path.name.startswith("."):
+            continue
+        thumb = thumb_path(run_dir, path.name)
+        if not thumb.is_file():
+            try:
+                _write_thumb(open_image(path), thumb)
+            except ImageError:
+                thumb = path
+        items.append(Item(name=path.name, path=str(path), thumb=str(thumb), caption=read_caption(run_dir, path.name)))
+    return items
+
+
+def caption_from_name(name: str) -> str:
+    """Fallback caption from a file name: ``red_circle-01 (2).png`` → ``red circle``."""
+    stem = re.sub(r"[_\-.]+", " ", Path(name).stem)
+    stem = re.sub(r"\(\d+\)|\b\d+\b", " ", stem)
+    return re.sub(r"\s+", " ", stem).strip()
+
+
+def load_settings(run_dir: Path) -> dict:
+    try:
+        data = json.loads((Path(run_dir) / "studio.json").read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_settings(run_dir: Path, **values) -> None:
+    settings = load_settings(run_dir)
+    settings.update(values)
+    write_text(Path(run_dir) / "studio.json", json.dumps(settings, indent=2, ensure_ascii=False))

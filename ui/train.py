@@ -1,0 +1,172 @@
+"""Train tab: base, preset, advanced settings, Start/Stop, live progress, runs and Resume.
+
+Training runs in the server's background job; this tab only polls it (a
+``gr.Timer``), so closing the browser does not stop a run and reopening the page
+shows it again.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import gradio as gr
+
+from trainer.config import TrainConfig, field_help
+from trainer.errors import UserError
+from ui import format as fmt
+from ui.studio import Studio, TrainForm, is_demo
+
+POLL_SECONDS = 1.0
+DEMO_RESOLUTION = 64  # the demo bases are 64 px models
+
+
+def _preset_fields(studio: Studio, preset: str) -> tuple:
+    values = studio.preset_values(preset)
+    return (values.get("steps", TrainConfig.steps), values.get("lr", TrainConfig.lr),
+            values.get("batch_size", TrainConfig.batch_size))
+
+
+def _resolution_for(base: str, current) -> int:
+    if is_demo(base):
+        return DEMO_RESOLUTION
+    return TrainConfig.resolution if not current or int(current) <= DEMO_RESOLUTION else int(current)
+
+
+def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
+    helps = field_help()
+    presets = studio.presets()
+    first_preset = "style" if "style" in presets else presets[0]
+    steps0, lr0, batch0 = _preset_fields(studio, first_preset)
+    nf4_ok, nf4_why = studio.nf4_status()
+    with gr.Row(equal_height=True):
+        base = gr.Dropdown(label="Base model", choices=studio.bases(), value=studio.default_base,
+                           allow_custom_value=True, elem_id="base", scale=3,
+                           info="A demo base, a model found in the models folder, or type a folder path / hub id.")
+        base_info = gr.Markdown(studio.describe_base(studio.default_base), elem_id="base-arch")
+    with gr.Row(equal_height=True):
+        preset = gr.Dropdown(label="Preset", choices=presets, value=first_preset, elem_id="preset", scale=1,
+                             info="How much the LoRA can learn: tone < light < style < rich < complex.")
+        preset_info = gr.Markdown(studio.describe_preset(first_preset), elem_id="preset-info")
+    with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+        with gr.Row():
+            steps = gr.Number(steps0, label="Steps", precision=0, minimum=1, elem_id="steps", info=helps["steps"])
+            lr = gr.Number(lr0, label="Learning rate", elem_id="lr", info=helps["lr"])
+            resolution = gr.Number(_resolution_for(studio.default_base, None), label="Resolution", precision=0,
+                                   step=64, minimum=64, elem_id="resolution", info=helps["resolution"])
+            batch = gr.Number(batch0, label="Batch size", precision=0, minimum=1, elem_id="batch",
+                              info=helps["batch_size"])
+        with gr.Row():
+            precision = gr.Dropdown(studio.precisions(), value="auto", label="Precision", elem_id="precision",
+                                    info=("fp16/bf16 halve memory on a GPU; nf4 (4-bit) quarters it."
+                                          if nf4_ok else f"NF4 is disabled here: {nf4_why}"))
+            seed = gr.Number(TrainConfig.seed, label="Seed", precision=0, minimum=0, elem_id="seed", info=helps["seed"])
+            checkpoint_every = gr.Number(TrainConfig.checkpoint_every, label="Checkpoint every N steps", precision=0,
+                                         minimum=0, elem_id="checkpoint-every", info=helps["checkpoint_every"])
+        with gr.Row():
+            sample_prompt = gr.Textbox(label="Sample prompt", elem_id="sample-prompt", scale=3,
+                                       placeholder="empty: the first captions of the dataset")
+            sample_every = gr.Number(TrainConfig.sample_every, label="Sample every N steps", precision=0, minimum=0,
+                                     elem_id="sample-every", info=helps["sample_every"])
+            sample_steps = gr.Number(TrainConfig.sample_steps, label="Sample denoising steps", precision=0,
+                                     minimum=1, maximum=200, elem_id="sample-steps")
+    with gr.Row():
+        start = gr.Button("Start training", variant="primary", elem_id="start")
+        stop = gr.Button("Stop", variant="stop", elem_id="stop")
+    status = gr.Markdown(elem_id="train-status")
+    progress = gr.HTML(fmt.progress_html(None), elem_id="train-progress")
+    with gr.Row(equal_height=True):
+        plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Training loss",
+                           elem_id="loss-plot", height=260, scale=3)
+        samples = gr.Gallery(label="Latest samples", elem_id="samples", columns=2, height=260, scale=2,
+                             allow_preview=True, interactive=False)
+    checkpoint = gr.Markdown(elem_id="train-checkpoint")
+    log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, autoscroll=True, elem_id="train-log")
+    with gr.Accordion("Runs", open=True, elem_id="runs"):
+        runs = gr.Radio(choices=studio.run_list(), value=None, label="Trained runs (pick one to show it)",
+                        elem_id="run-list")
+        with gr.Row():
+            resume = gr.Button("Resume selected run", elem_id="resume")
+            refresh = gr.Button("Refresh", elem_id="refresh-runs")
+    last = gr.State(None)  # what the page shows now, so a poll only sends what changed
+
+    base.change(lambda b, r: (studio.describe_base(b), _resolution_for(b, r)), [base, resolution],
+                [base_info, resolution])
+    preset.change(lambda p: (studio.describe_preset(p), *_preset_fields(studio, p)), preset,
+                  [preset_info, steps, lr, batch])
+
+    def on_run(run_name):
+        """Another run selected: show the base and preset it was last trained with."""
+        try:
+            saved = studio.settings(run_name)
+        except UserError:
+            return gr.skip(), gr.skip()
+        return (saved["base"] if saved.get("base") else gr.skip(),
+                saved["preset"] if saved.get("preset") in presets else gr.skip())
+
+    run.change(on_run, run, [base, preset])
+
+    def on_precision(value):
+        if value != "nf4":
+            return gr.skip()
+        ok, why = studio.nf4_status(full=True)
+        if ok:
+            return gr.skip()
+        return gr.update(value="auto", choices=studio.precisions(), info=f"NF4 is disabled here: {why}")
+
+    precision.change(on_precision, precision, precision)
+
+    def on_start(run_name, *values):
+        form = TrainForm(*values)
+        try:
+            used, message = studio.start(run_name, form)
+        except UserError as err:
+            return gr.skip(), f"⚠ {err}", None
+        choices = studio.run_names()
+        return gr.update(choices=choices, value=used), message, None
+
+    start.click(on_start, [run, base, preset, steps, lr, resolution, batch, precision, seed, sample_prompt,
+                           sample_every, sample_steps, checkpoint_every, trigger], [run, status, last],
+                concurrency_id="train-control", concurrency_limit=1)
+    stop.click(lambda: studio.stop(), None, status, concurrency_id="train-control", concurrency_limit=1)
+
+    def on_resume(run_name):
+        try:
+            return studio.resume(run_name), None
+        except UserError as err:
+            return f"⚠ {err}", gr.skip()
+
+    resume.click(on_resume, run, [status, last], concurrency_id="train-control", concurrency_limit=1)
+    refresh.click(lambda: gr.update(choices=studio.run_list()), None, runs)
+    runs.input(lambda name: name or gr.skip(), runs, run)
+
+    def poll(run_name, shown):
+        """Timer tick: send only the parts that changed since the last tick."""
+        snap = studio.snapshot(run_name)
+        active = studio.active_run()
+        note = (f"'{active}' is training; select it in the Run box to watch it."
+                if active and active != run_name else "")
+        view = {"run": run_name, "note": note, "state": snap.state if snap else None,
+                "step": snap.step if snap else 0, "total": snap.total_steps if snap else 0,
+                "points": len(snap.losses) if snap else 0, "log": snap.log[-1:] if snap else (),
+                "samples": list(snap.samples) if snap else [], "checkpoint": snap.checkpoint if snap else "",
+                "error": snap.error if snap else ""}
+        shown = shown or {}
+        if view == shown:
+            return (gr.skip(),) * 7
+        same_run = shown.get("run") == run_name
+
+        def changed(key):
+            return not same_run or view[key] != shown.get(key)
+
+        plot_update = pd.DataFrame(fmt.loss_points(snap), columns=["step", "loss"]) if changed("points") else gr.skip()
+        samples_update = view["samples"] if changed("samples") else gr.skip()
+        runs_update = gr.skip()
+        if changed("state") or changed("total"):
+            listed = studio.run_list()
+            runs_update = gr.update(choices=listed, value=run_name if run_name in {n for _, n in listed} else None)
+        return (fmt.progress_html(snap, note), plot_update, samples_update, fmt.checkpoint_line(snap),
+                fmt.log_text(snap), runs_update, view)
+
+    timer = gr.Timer(POLL_SECONDS)
+    timer.tick(poll, [run, last], [progress, plot, samples, checkpoint, log, runs, last],
+               show_progress="hidden", concurrency_id="poll", concurrency_limit=None)
+    return {"base": base, "last": last, "runs": runs, "status": status}
