@@ -68,9 +68,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dirs, scene_dir,
     real_loss = SD15.loss
     calls = {"n": 0}
 
-    def flaky_loss(self, *args):
+    def flaky_loss(self, *args, **kwargs):
         calls["n"] += 1
-        loss = real_loss(self, *args)
+        loss = real_loss(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 4 else loss
 
     monkeypatch.setattr(SD15, "loss", flaky_loss)

@@ -53,6 +53,7 @@ COMMANDS = {
     "caption": ("captioning.cli", "write <image>.txt captions"),
     "mix": ("trainer.cli_mix", "preview, bake or grid a weighted mix of LoRAs"),
     "demo-data": ("trainer.demo_data", "write a captioned demo style set"),
+    "queue": ("trainer.cli_queue", "queue training runs: add, list, cancel, resume, run"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 import threading
 from dataclasses import replace
@@ -58,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--license")
     p.add_argument("--description")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="train on N processes (one per GPU; CPU uses gloo) by relaunching under torchrun")
 
 
 def default_resolution(base: str) -> int:
@@ -85,7 +88,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
         if not saved.is_file():
             raise UserError(f"nothing to resume: {saved} does not exist (start the run without --resume first)")
         config = load_config(saved)
-        allowed = {k: v for k, v in flags.items() if k in ("steps", "device", "sample_every", "checkpoint_every")}
+        # batch_size may change with the number of processes: keep batch_size × processes equal for an exact resume
+        allowed = {k: v for k, v in flags.items()
+                   if k in ("steps", "device", "sample_every", "checkpoint_every", "batch_size")}
         return replace(config, out=args.out, **allowed), []
     values = load_yaml(args.config) if args.config else {}
     preset = args.preset or values.pop("preset", "style")
@@ -99,8 +104,27 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     return resolve_config(preset, values)
 
 
+def relaunch_distributed(processes: int, argv: list[str]) -> int:
+    """Run this same command under torchrun on ``processes`` processes (argument list, never a shell string)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "trainer", *rest]
+    return subprocess.call(cmd)
+
+
 def run(args: argparse.Namespace) -> int:
+    from trainer.distributed import world_size_from_env
     from trainer.loop import run_training
+
+    if args.num_processes > 1 and world_size_from_env() == 1:
+        return relaunch_distributed(args.num_processes, sys.argv[1:])
 
     config, warnings = config_from_args(args)
     for warning in warnings:
@@ -120,8 +144,9 @@ def run(args: argparse.Namespace) -> int:
         result = run_training(config, emit=_print_notable, stop=stop, resume=args.resume, show_progress=True)
     finally:
         signal.signal(signal.SIGINT, previous)
-    verb = "stopped" if result.stopped else "done"
-    print(f"{verb} at step {result.step}: " + ", ".join(result.exports))
+    if result.exports:  # only the main process writes (and reports) exports
+        verb = "stopped" if result.stopped else "done"
+        print(f"{verb} at step {result.step}: " + ", ".join(result.exports))
     return 0
 
 

@@ -216,9 +216,10 @@ class BatchPlan:
     right data position from the step count alone. Every batch holds one bucket size.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int):
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_to_full: bool = False):
         self.batch_size = batch_size
         self.seed = seed
+        self.pad_to_full = pad_to_full  # several processes need equal shares: repeat items to fill short batches
         self.by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, ex in enumerate(examples):
             self.by_bucket[ex.bucket].extend([index] * ex.repeats)
@@ -233,7 +234,10 @@ class BatchPlan:
         for bucket in sorted(self.by_bucket):
             indices = self.by_bucket[bucket]
             order = [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
-            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            if self.pad_to_full:
+                chunks = [(c * self.batch_size)[:self.batch_size] for c in chunks]
+            batches += chunks
         batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
         self._epoch_cache = (epoch, batches)
         return batches

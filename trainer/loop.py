@@ -21,6 +21,7 @@ from trainer import events as ev
 from trainer.atomic import write_text
 from trainer.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, dump_yaml
+from trainer.distributed import Dist, setup
 from trainer.data import BatchPlan, Example, dataset_hash, prepare, scan_dataset, tag_frequency
 from trainer.errors import ConfigError, TrainingDiverged, UnsupportedError, UserError
 from trainer.export import ExportInfo, LoraWeights, export_lora, from_peft_state_dict, weights_from_file
@@ -66,6 +67,21 @@ def build_cache(base: LoadedBase, examples: list[Example], batch: int = 8) -> Ca
     extra = [handler.extra_conditioning(pipe, ex.original_size, ex.crop_top_left, (ex.bucket[1], ex.bucket[0]),
                                         None, None) for ex in examples]
     return Cache(latents=latents, text=text, extra=extra)
+
+
+def shared_cache(base: LoadedBase, examples: list[Example], run_dir: Path, dist: Dist) -> Cache:
+    """Compute the cache once: the main process encodes, the others wait and read its file."""
+    if dist.world == 1:
+        return build_cache(base, examples)
+    path = run_dir / "cache.pt"
+    if dist.is_main:
+        cache = build_cache(base, examples)
+        torch.save({"latents": cache.latents, "text": cache.text, "extra": cache.extra}, path)
+    dist.barrier()
+    if not dist.is_main:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        cache = Cache(latents=raw["latents"], text=raw["text"], extra=raw["extra"])
+    return cache
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
@@ -140,11 +156,15 @@ def render_samples(base: LoadedBase, prompts: list[str], config: TrainConfig, si
 
 
 def _batch(cache: Cache, plan: BatchPlan, index: int, config: TrainConfig, examples: list[Example],
-           generator: torch.Generator, device: torch.device):
-    ids = plan.batch(index)
+           generator: torch.Generator, device: torch.device, dist: Dist):
+    """This process's rows of global batch ``index``; caption dropout is drawn for the whole batch."""
+    global_ids = plan.batch(index)
+    drop = (torch.rand(len(global_ids), generator=generator) < config.caption_dropout).tolist()
+    local = len(global_ids) // dist.world
+    ids = global_ids[dist.rank * local:(dist.rank + 1) * local]
+    drop = drop[dist.rank * local:(dist.rank + 1) * local]
     latents = torch.stack([cache.latents[i] for i in ids]).to(device)
-    drop = torch.rand(len(ids), generator=generator) < config.caption_dropout
-    texts = [cache.text["" if d else examples[i].caption] for i, d in zip(ids, drop.tolist())]
+    texts = [cache.text["" if d else examples[i].caption] for i, d in zip(ids, drop)]
     cond = {k: torch.stack([t[k] for t in texts]).to(device) for k in texts[0]}
     for key in cache.extra[ids[0]]:
         cond[key] = torch.stack([cache.extra[i][key] for i in ids]).to(device)
@@ -160,27 +180,34 @@ def run_training(config: TrainConfig, emit: Optional[ev.Emit] = None, stop: Opti
         TrainingDiverged: NaN/inf loss (the last good checkpoint is kept).
     """
     run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    events_path = run_dir / "events.jsonl"
     stop = stop or threading.Event()
+    dist = setup(config.device)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    events_path = run_dir / "events.jsonl"
 
     def emit_all(event: ev.Event) -> None:
+        if not dist.is_main:
+            return  # one writer: the main process
         ev.append_jsonl(events_path, event)
         if emit is not None:
             emit(event)
 
     try:
-        return _train(config, run_dir, emit_all, stop, resume, show_progress)
+        return _train(config, run_dir, emit_all, stop, resume, show_progress and dist.is_main, dist)
     except UserError as err:
-        ev.append_jsonl(events_path, ev.Error(message=str(err)))
+        if dist.is_main:
+            ev.append_jsonl(events_path, ev.Error(message=str(err)))
         raise
     except Exception as err:
-        ev.append_jsonl(events_path, ev.Error(message=f"internal error: {type(err).__name__}: {err}"))
+        if dist.is_main:
+            ev.append_jsonl(events_path, ev.Error(message=f"internal error: {type(err).__name__}: {err}"))
         raise
 
 
 def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Event, resume: bool,
-           show_progress: bool) -> RunResult:
+           show_progress: bool, dist: Dist) -> RunResult:
     started_at = time.time()
     checkpoints = checkpoint_dirs(run_dir)
     if resume and not checkpoints:
@@ -188,13 +215,13 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     scan = scan_dataset(config.data)
     for warning in scan.warnings:
         emit(ev.Log(message=warning))
-    base = load_base(config.base, config.precision, config.device, config.base_config or None)
+    base = load_base(config.base, config.precision, dist.device(config.device), config.base_config or None)
     examples, skipped = prepare(scan, config.resolution, config.center_crop, config.trigger, config.seed)
     for name, reason in skipped:
         emit(ev.Log(message=f"skipped {name}: {reason}"))
-    write_text(run_dir / "config.yaml", dump_yaml(config))
-
-    cache = build_cache(base, examples)
+    if dist.is_main:
+        write_text(run_dir / "config.yaml", dump_yaml(config))
+    cache = shared_cache(base, examples, run_dir, dist)
     names = inject_lora(base, config)
     denoiser = base.denoiser
     params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -215,7 +242,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
         lr_scheduler.load_state_dict(state.lr_scheduler)
         generator.set_state(state.generator)
         start_step = state.step
-    plan = BatchPlan(examples, config.batch_size, config.seed)
+    forward = dist.wrap(denoiser)
+    plan = BatchPlan(examples, config.batch_size * dist.world, config.seed, pad_to_full=dist.world > 1)
     prompts = sample_prompts(config, examples)
     sample_size = max({ex.bucket for ex in examples}, key=lambda b: sum(ex.bucket == b for ex in examples))
     groups = {ex.source: Path(ex.source).parent.name for ex in examples}
@@ -225,12 +253,16 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                   f"({base.precision.value}, {base.device.type})"))
 
     def checkpoint(step: int) -> None:
+        if not dist.is_main:
+            return
         path = save_checkpoint(run_dir, TrainState(step=step, adapter=adapted_state(denoiser), optimizer=optimizer.state_dict(),
                                                    lr_scheduler=lr_scheduler.state_dict(), generator=generator.get_state()),
                                keep=config.keep_checkpoints)
         emit(ev.Checkpoint(step=step, path=str(path)))
 
     def sample(step: int) -> None:
+        if not dist.is_main:
+            return
         denoiser.eval()
         paths = []
         for i, image in enumerate(render_samples(base, prompts, config, sample_size)):
@@ -254,10 +286,14 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(config.grad_accum):
-                latents, cond = _batch(cache, plan, step * config.grad_accum + micro, config, examples, generator, base.device)
-                loss = base.handler.loss(base.pipe, denoiser, noise_scheduler, latents, cond, generator) / config.grad_accum
-                loss.backward()
+                latents, cond = _batch(cache, plan, step * config.grad_accum + micro, config, examples, generator,
+                                       base.device, dist)
+                with dist.no_sync(forward, skip=micro < config.grad_accum - 1):
+                    loss = base.handler.loss(base.pipe, denoiser, noise_scheduler, latents, cond, generator,
+                                             shard=dist.shard, forward=forward) / config.grad_accum
+                    loss.backward()
                 total += float(loss.detach())
+            total = dist.mean(total)  # report the global-batch loss, as one process would see it
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
             if not (math.isfinite(total) and math.isfinite(float(grad_norm))):
                 kept = checkpoint_dirs(run_dir)
@@ -285,6 +321,9 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     stopped = step < config.steps
     if not checkpoint_dirs(run_dir) or checkpoint_dirs(run_dir)[-1].name != f"step-{step:06d}":
         checkpoint(step)
+    dist.barrier()
+    if not dist.is_main:
+        return RunResult(step=step, stopped=stopped, exports=())
     weights = adapted_weights(base, config)
     info = ExportInfo(
         arch=base.arch, modelspec_architecture=base.handler.modelspec_architecture,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.models.sd import SD15
+from trainer.models.sd import SD15, draw_shard
 
 
 class Flux(SD15):
@@ -46,13 +46,14 @@ class Flux(SD15):
 
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
-    def loss(self, pipe, denoiser, noise_scheduler, latents, cond, generator) -> torch.Tensor:
+    def loss(self, pipe, denoiser, noise_scheduler, latents, cond, generator, shard=(0, 1), forward=None) -> torch.Tensor:
+        """Mean flow-matching loss of this process's share of the global batch (see ``SD15.loss``)."""
         from diffusers import FluxPipeline
 
         bsz, channels, height, width = latents.shape
         device, dtype = latents.device, denoiser.dtype
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
-        u = torch.rand((bsz,), generator=generator)
+        noise = draw_shard(torch.randn, tuple(latents.shape), generator, shard).to(device, latents.dtype)
+        u = draw_shard(torch.rand, (bsz,), generator, shard)
         indices = (u * noise_scheduler.config.num_train_timesteps).long()
         timesteps = noise_scheduler.timesteps[indices].to(device)
         sigmas = noise_scheduler.sigmas[indices].to(device).view(bsz, 1, 1, 1)
@@ -64,7 +65,7 @@ class Flux(SD15):
         guidance = None
         if denoiser.config.guidance_embeds:
             guidance = torch.full((bsz,), self.train_guidance, device=device, dtype=torch.float32)
-        pred = denoiser(hidden_states=packed.to(dtype), timestep=timesteps / 1000, guidance=guidance,
+        pred = (forward or denoiser)(hidden_states=packed.to(dtype), timestep=timesteps / 1000, guidance=guidance,
                         pooled_projections=cond["pooled_projections"].to(dtype), encoder_hidden_states=text,
                         txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         scale = pipe.vae_scale_factor

@@ -10,6 +10,14 @@ import torch
 import torch.nn.functional as F
 
 
+def draw_shard(sample, local_shape: tuple, generator: torch.Generator, shard: tuple[int, int]) -> torch.Tensor:
+    """Draw for the whole global batch, keep rows ``rank·local … (rank+1)·local``."""
+    rank, world = shard
+    local = local_shape[0]
+    full = sample((local * world, *local_shape[1:]), generator=generator)
+    return full[rank * local:(rank + 1) * local]
+
+
 class SD15:
     name = "sd15"
     pipeline_class = "StableDiffusionPipeline"
@@ -36,17 +44,26 @@ class SD15:
     def extra_conditioning(self, pipe, original_size, crop_top_left, target_size, dtype, device):
         return {}
 
-    def loss(self, pipe, denoiser, noise_scheduler, latents, cond, generator) -> torch.Tensor:
+    def loss(self, pipe, denoiser, noise_scheduler, latents, cond, generator, shard=(0, 1), forward=None) -> torch.Tensor:
+        """Mean noise-prediction loss of this process's share of the global batch.
+
+        Noise and timesteps are drawn for the *global* batch (``world`` × local) from the
+        shared generator and sliced by ``rank``, so N processes see exactly the draws a
+        single process with an N-times larger batch would. ``forward`` is the (possibly
+        DDP-wrapped) module to call; ``denoiser`` is the bare model for its attributes.
+        """
         bsz = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator).to(latents.device)
+        noise = draw_shard(torch.randn, (bsz, *latents.shape[1:]), generator, shard).to(latents.device, latents.dtype)
+        timesteps = draw_shard(lambda shape, generator: torch.randint(0, noise_scheduler.config.num_train_timesteps, shape,
+                                                                      generator=generator), (bsz,), generator, shard)
+        timesteps = timesteps.to(latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         if noise_scheduler.config.prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
         added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
-        pred = denoiser(noisy.to(denoiser.dtype), timesteps, cond["encoder_hidden_states"].to(denoiser.dtype),
+        pred = (forward or denoiser)(noisy.to(denoiser.dtype), timesteps, cond["encoder_hidden_states"].to(denoiser.dtype),
                         added_cond_kwargs=added or None, return_dict=False)[0]
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
 

@@ -1,0 +1,384 @@
+"""The durable job queue: runs finish in order, a killed worker's run resumes, a bad database is a clear error."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.conftest import tiny_config
+from trainer import events as ev
+from trainer.errors import DataError, ModelNotFoundError, UserError
+from trainer.queue import AUTO_RESUME_LIMIT, JobQueue, QueueError, run_worker
+
+REPO = Path(__file__).resolve().parent.parent
+ENTRY = "import sys; from trainer.cli_queue import main; sys.exit(main(sys.argv[1:]))"
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"worker exited ({proc.returncode}) before {what}: {log.read_text() if log else ''}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def light_config(tmp_path: Path, name: str, **overrides):
+    """A valid config for fake runners (no model is loaded)."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return tiny_config("demo:sd15", tmp_path / "data", tmp_path / "outputs" / name, **overrides)
+
+
+def fake_runner(ran: list, fail: dict | None = None):
+    """Records (run name, resume) and ends like run_training; ``fail`` maps run names to exceptions."""
+    def runner(config, emit, stop, resume):
+        name = Path(config.out).name
+        ran.append((name, resume))
+        if fail and name in fail:
+            raise fail[name]
+        return SimpleNamespace(stopped=False)
+    return runner
+
+
+def blocking_runner(started: threading.Event):
+    """Trains 'forever' until the stop flag is set, like the loop checking it between steps."""
+    def runner(config, emit, stop, resume):
+        started.set()
+        assert stop.wait(30), "the stop flag never came"
+        return SimpleNamespace(stopped=True)
+    return runner
+
+
+def fake_checkpoint(run_dir: Path, step: int) -> None:
+    ckpt = run_dir / "checkpoints" / f"step-{step:06d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.pt").write_bytes(b"x")
+    (ckpt / "adapter.safetensors").write_bytes(b"x")
+
+
+def dead_worker_claims(outputs: Path) -> int:
+    """A worker process claims the next job and is killed: the job is left 'running' with a dead pid."""
+    code = ("import sys, time; from trainer.queue import JobQueue; "
+            "job = JobQueue(sys.argv[1]).claim_next('default'); print(job.id, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(outputs)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        job_id = int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    return job_id
+
+
+# -- real training ---------------------------------------------------------------------------------
+
+def test_three_queued_runs_all_finish_in_order(base_dirs, scene_dir, tmp_path):
+    queue = JobQueue(tmp_path / "outputs")
+    added = [queue.add(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "outputs" / f"run{i}", steps=2))
+             for i in range(3)]
+    assert [j.position for j in added] == [1, 2, 3] and {j.state for j in added} == {"queued"}
+
+    ran = run_worker(queue, once=True, poll=0.1)
+
+    assert [j.id for j in ran] == [j.id for j in added]
+    jobs = queue.list()
+    assert [j.state for j in jobs] == ["done"] * 3 and all(j.error == "" for j in jobs)
+    for job in jobs:
+        assert (Path(job.run_dir) / "lora.safetensors").is_file()
+        assert (Path(job.run_dir) / "lora_diffusers.safetensors").is_file()
+        assert isinstance(ev.read_jsonl(Path(job.run_dir) / "events.jsonl")[-1], ev.Done)
+        assert job.created_at <= job.started_at <= job.finished_at and job.device_group == "default"
+    for earlier, later in zip(jobs, jobs[1:]):
+        assert earlier.created_at <= later.created_at and earlier.finished_at <= later.started_at  # one at a time
+
+
+@pytest.mark.slow
+def test_killed_worker_is_recovered_and_its_run_resumes(base_dirs, scene_dir, tmp_path):
+    outputs = tmp_path / "outputs"
+    queue = JobQueue(outputs)
+    job = queue.add(tiny_config(str(base_dirs["sd15"]), scene_dir, outputs / "long", steps=300, checkpoint_every=2))
+    run_dir = Path(job.run_dir)
+    log = tmp_path / "worker.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", ENTRY, "run", "--once", "--poll", "0.2", "--outputs", str(outputs)],
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=err, stderr=err)
+    try:
+        wait_for(lambda: queue.get(job.id).last_checkpoint, 240, "the first checkpoint", proc, log)
+        assert queue.get(job.id).state == "running" and queue.get(job.id).worker_pid == proc.pid
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert queue.get(job.id).state == "running"  # nobody has noticed yet
+    assert not (run_dir / "lora.safetensors").exists()
+
+    [recovered] = queue.recover()
+    killed_at = int(recovered.last_checkpoint.split("-")[1])
+    assert recovered.id == job.id and recovered.state == "interrupted" and recovered.resumable
+    assert recovered.crashes == 1 and f"resumes from checkpoint {recovered.last_checkpoint}" in recovered.error
+    assert 0 < killed_at < 300
+
+    requeued = queue.resume(job.id, steps=killed_at + 2)  # the rest of 300 steps would take minutes here
+    assert requeued.state == "queued" and requeued.resume and requeued.position == 1
+    [finished] = run_worker(queue, once=True, poll=0.1)
+
+    assert finished.id == job.id and finished.state == "done", finished.error
+    history = ev.read_jsonl(run_dir / "events.jsonl")
+    assert [e.start_step for e in history if isinstance(e, ev.Start)] == [0, killed_at]
+    assert isinstance(history[-1], ev.Done) and history[-1].step == killed_at + 2
+    assert (run_dir / "lora.safetensors").is_file()
+
+
+def test_cancel_of_a_running_job_stops_it_with_a_checkpoint(base_dirs, scene_dir, tmp_path):
+    queue = JobQueue(tmp_path / "outputs")
+    job = queue.add(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "outputs" / "long", steps=300,
+                                checkpoint_every=2))
+    worker = threading.Thread(target=run_worker, args=(queue,), kwargs=dict(once=True, poll=0.1))
+    worker.start()
+    try:
+        wait_for(lambda: queue.get(job.id).last_checkpoint, 120, "the first checkpoint")
+        assert queue.cancel(job.id).state == "stopping"
+    finally:
+        worker.join(120)
+    assert not worker.is_alive()
+    ended = queue.get(job.id)
+    assert ended.state == "stopped" and ended.resumable
+    stopped = ev.read_jsonl(Path(ended.run_dir) / "events.jsonl")[-2]  # Stopped, then the "exports written" log
+    assert isinstance(stopped, ev.Stopped) and 2 <= stopped.step < 300
+    assert ended.last_checkpoint == f"step-{stopped.step:06d}"  # the final checkpoint at the stop
+    assert (Path(ended.run_dir) / "lora.safetensors").is_file()
+
+
+# -- queue logic (fake runners: no model) ----------------------------------------------------------
+
+def test_cancelled_job_never_runs_and_ended_jobs_cannot_be_cancelled(tmp_path):
+    queue = JobQueue(tmp_path / "outputs")
+    first, second = queue.add(light_config(tmp_path, "a")), queue.add(light_config(tmp_path, "b"))
+    assert queue.cancel(first.id).state == "cancelled"
+    assert queue.get(second.id).position == 1
+    ran = []
+    run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
+    assert ran == [("b", False)]
+    assert [j.state for j in queue.list()] == ["cancelled", "done"]
+    with pytest.raises(QueueError, match="already ended \\(cancelled\\)"):
+        queue.cancel(first.id)
+    with pytest.raises(QueueError, match="no job 99"):
+        queue.cancel(99)
+
+
+def test_failures_are_recorded_and_the_worker_goes_on(tmp_path):
+    queue = JobQueue(tmp_path / "outputs")
+    for name in ("bad", "bug", "good"):
+        queue.add(light_config(tmp_path, name))
+    ran = []
+    fail = {"bad": UserError("the data folder has no images"), "bug": KeyError("oops")}
+    ended = run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran, fail))
+    assert [j.state for j in ended] == ["failed", "failed", "done"]
+    assert ended[0].error == "the data folder has no images"
+    assert ended[1].error.startswith("internal error: KeyError")
+    with pytest.raises(QueueError, match="no checkpoint .* to resume from"):
+        queue.resume(ended[0].id)
+
+
+def test_one_job_at_a_time_per_device_group(tmp_path):
+    queue = JobQueue(tmp_path / "outputs")
+    a, b, c = (queue.add(light_config(tmp_path, n)) for n in "abc")
+    pinned = queue.add(light_config(tmp_path, "pinned"), group="1")
+    claimed = queue.claim_next("0")
+    assert claimed.id == a.id and claimed.state == "running" and claimed.worker_pid == os.getpid()
+    assert queue.claim_next("0") is None  # group 0 is busy (its worker, this process, is alive)
+    assert queue.claim_next("1").id == b.id  # another GPU group runs in parallel
+    assert queue.claim_next("1") is None
+    assert queue.finish(a.id, "done", token=claimed.token)
+    assert not queue.finish(a.id, "done")  # only a running job can finish
+    assert queue.claim_next("0").id == c.id
+    assert queue.get(pinned.id).state == "queued" and queue.claim_next("0") is None  # pinned to group 1
+    with pytest.raises(QueueError, match="already used by job"):
+        queue.add(light_config(tmp_path, "c"))  # its run folder belongs to a running job
+
+
+def test_worker_start_resumes_interrupted_jobs_at_their_old_place(tmp_path):
+    outputs = tmp_path / "outputs"
+    queue = JobQueue(outputs)
+    crashed = queue.add(light_config(tmp_path, "crashed"))
+    later = queue.add(light_config(tmp_path, "later"))
+    assert dead_worker_claims(outputs) == crashed.id
+    fake_checkpoint(Path(crashed.run_dir), 4)
+    assert queue.get(crashed.id).state == "running"
+
+    ran = []
+    run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
+
+    assert ran == [("crashed", True), ("later", False)]  # recovered, resumed first, from its checkpoint
+    assert queue.get(crashed.id).state == "done" and queue.get(crashed.id).crashes == 1
+    assert queue.get(later.id).state == "done"
+
+
+def test_a_job_that_keeps_killing_its_worker_waits_for_a_person(tmp_path):
+    outputs = tmp_path / "outputs"
+    queue = JobQueue(outputs)
+    job = queue.add(light_config(tmp_path, "killer"))
+    assert dead_worker_claims(outputs) == job.id
+    with sqlite3.connect(queue.path) as conn:  # as if it had died AUTO_RESUME_LIMIT times before
+        conn.execute("UPDATE jobs SET crashes = ? WHERE id = ?", (AUTO_RESUME_LIMIT, job.id))
+    ran = []
+    run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
+    assert ran == [] and queue.get(job.id).state == "interrupted" and queue.get(job.id).resumable
+    assert "no checkpoint yet" in queue.get(job.id).error
+    assert not queue.resume(job.id).resume  # no checkpoint: it restarts from step 0
+    run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
+    assert ran == [("killer", False)] and queue.get(job.id).state == "done"
+
+
+def test_worker_shutdown_leaves_the_job_interrupted_for_the_next_worker(tmp_path):
+    queue = JobQueue(tmp_path / "outputs")
+    job = queue.add(light_config(tmp_path, "overnight"))
+    started, stop = threading.Event(), threading.Event()
+    worker = threading.Thread(target=run_worker, args=(queue,),
+                              kwargs=dict(poll=0.05, stop=stop, runner=blocking_runner(started)))
+    worker.start()
+    assert started.wait(10)
+    stop.set()  # Ctrl-C on `queue run`
+    worker.join(10)
+    assert not worker.is_alive()
+    assert queue.get(job.id).state == "interrupted" and queue.get(job.id).crashes == 0
+    fake_checkpoint(Path(job.run_dir), 7)  # what the loop writes when it stops
+    ran = []
+    run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
+    assert ran == [("overnight", True)]
+
+
+def test_add_stores_absolute_paths_and_guards_run_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    queue = JobQueue("outputs")
+    with pytest.raises(DataError, match="data folder .*data.* does not exist"):
+        queue.add(tiny_config("demo:sd15", Path("data"), Path("outputs/rel")))
+    with pytest.raises(ModelNotFoundError, match="base model .*missing-base.* does not exist"):
+        queue.add(tiny_config("missing-base", Path("."), Path("outputs/rel")))
+    (tmp_path / "data").mkdir()
+    job = queue.add(tiny_config("demo:sd15", Path("data"), Path("outputs/rel")))
+    assert job.run_dir == str(tmp_path / "outputs" / "rel") and job.config.data == str(tmp_path / "data")
+    assert "out: " + str(tmp_path / "outputs" / "rel") in job.config_yaml  # YAML written by dump_yaml
+    with pytest.raises(QueueError, match="nothing to resume"):
+        queue.add(light_config(tmp_path, "fresh"), resume=True)
+    fake_checkpoint(tmp_path / "outputs" / "old", 10)
+    with pytest.raises(QueueError, match="already holds a run .*--resume"):
+        queue.add(light_config(tmp_path, "old"))
+    assert queue.add(light_config(tmp_path, "old"), resume=True).resume
+
+
+# -- a damaged or busy database --------------------------------------------------------------------
+
+def damage_pages(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8192:8192 + 64] = b"\xff" * 64  # the header of page 3: a valid SQLite file with a broken b-tree
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "broken page"])
+def test_corrupt_database_is_a_clear_error_and_deletes_nothing(tmp_path, damage):
+    outputs = tmp_path / "outputs"
+    db = outputs / "queue.sqlite3"
+    if damage == "garbage":
+        outputs.mkdir()
+        db.write_bytes(os.urandom(64) * 100)
+    else:
+        queue = JobQueue(outputs)
+        for i in range(40):
+            queue.add(light_config(tmp_path, f"r{i}", description="x" * 300))
+        damage_pages(db)
+    (outputs / "finished-run").mkdir()
+    (outputs / "finished-run" / "lora.safetensors").write_bytes(b"weights")
+    before = {p: p.read_bytes() for p in outputs.rglob("*") if p.is_file()}
+
+    with pytest.raises(QueueError) as err:
+        JobQueue(outputs)
+    message = str(err.value)
+    assert f"queue database {db} is corrupt" in message and "Move it aside" in message
+    assert "are not affected" in message and "\n" not in message
+    assert {p: p.read_bytes() for p in outputs.rglob("*") if p.is_file()} == before
+
+    db.rename(db.with_suffix(".bad"))  # what the message says to do
+    assert JobQueue(outputs).list() == []
+
+
+def test_newer_schema_is_refused(tmp_path):
+    queue = JobQueue(tmp_path)
+    with sqlite3.connect(queue.path) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(QueueError, match="newer version"):
+        JobQueue(tmp_path)
+
+
+def test_locked_database_is_a_clear_error_within_the_timeout(tmp_path):
+    JobQueue(tmp_path)
+    holder = sqlite3.connect(tmp_path / "queue.sqlite3", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        queue = JobQueue(tmp_path, busy_timeout=0.3)
+        t0 = time.monotonic()
+        with pytest.raises(QueueError, match="queue database is locked by another process"):
+            queue.add(light_config(tmp_path, "x"))
+        assert time.monotonic() - t0 < 3
+        assert queue.list() == []  # the queue view still reads (WAL)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert queue.add(light_config(tmp_path, "x")).state == "queued"
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def cli(*argv: str) -> int:
+    from trainer.cli_queue import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return run(parser.parse_args(list(argv)))
+
+
+def test_cli_add_list_cancel_resume(tmp_path, capsys):
+    outputs, data = tmp_path / "outputs", tmp_path / "scenes"
+    run_yaml = tmp_path / "run.yaml"
+    data.mkdir()
+    run_yaml.write_text(f"base: demo:sd15\ndata: {data}\nsteps: 3\nresolution: 64\nrank: 4\n")
+    assert cli("add", "--outputs", str(outputs), "--config", str(run_yaml)) == 0
+    assert cli("add", "--outputs", str(outputs), "--config", str(run_yaml), "--out", str(outputs / "second"),
+               "--steps", "5", "--group", "1") == 0
+    out = capsys.readouterr().out
+    assert f"queued job 1 at position 1: {outputs / 'scenes'}" in out and "queued job 2 at position 2" in out
+
+    jobs = JobQueue(outputs).list()
+    assert (jobs[0].config.steps, jobs[0].config.rank, jobs[0].config.alpha) == (3, 4, 8.0)
+    assert (jobs[1].config.steps, jobs[1].group) == (5, "1")
+
+    assert cli("cancel", "1", "--outputs", str(outputs)) == 0
+    assert "job 1: cancelled" in capsys.readouterr().out
+    assert cli("list", "--outputs", str(outputs)) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:5] == ["ID", "STATE", "POS", "GROUP", "STEP"]
+    assert table[1].split()[:3] == ["1", "cancelled", "-"] and table[2].split()[:4] == ["2", "queued", "1", "1"]
+    with pytest.raises(QueueError, match="job 1 is cancelled; only interrupted, stopped, failed"):
+        cli("resume", "1", "--outputs", str(outputs))
+    with pytest.raises(QueueError, match="already used by job 2"):
+        cli("add", "--outputs", str(outputs), "--config", str(run_yaml), "--out", str(outputs / "second"))
+
+
+def test_cli_user_error_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "queue.sqlite3").write_bytes(b"not a database " * 300)
+    proc = subprocess.run([sys.executable, "-c", ENTRY, "list", "--outputs", str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: queue database ")
+    assert "is corrupt" in proc.stderr and "Traceback" not in proc.stderr
