@@ -1,0 +1,17 @@
+"""Multi-LoRA mixing: load many LoRAs on one base, re-weight them live, bake a mix to one file.
+
+- :class:`MixSession` — the base loaded once; each LoRA file read once into a named adapter;
+  ``set_weights`` re-weights (no file re-read, no base reload); optional ``fuse``/``unfuse``.
+- :func:`inspect_lora` — format, architecture, rank, alpha, targets, metadata of a file (header only).
+- :func:`bake` — ΔW = Σ wᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ written exactly (rank concatenation) or SVD-compressed.
+- :func:`comparison_grid` — one prompt/seed over a list of weights (one or two LoRAs), labelled.
+
+No UI code here; ``ui/mix.py`` and ``trainer/cli_mix.py`` call these.
+"""
+
+from trainer.mixing.bake import BakeReport, bake
+from trainer.mixing.grid import comparison_grid
+from trainer.mixing.layouts import LoraInfo, inspect_lora
+from trainer.mixing.session import MixSession
+
+__all__ = ["BakeReport", "LoraInfo", "MixSession", "bake", "comparison_grid", "inspect_lora"]

@@ -1,0 +1,95 @@
+"""Comparison grids: one prompt and seed rendered over a list of weights, as one labelled image."""
+
+from __future__ import annotations
+
+from PIL import Image, ImageDraw, ImageFont
+
+from trainer.errors import UserError
+
+MIN_CELL = 128  # tiny 64 px renders are scaled up (nearest) so labels and pixels stay legible
+PAD = 6
+
+
+def _font(size: int = 12):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def label_grid(cells: list[list[Image.Image]], col_labels: list[str], row_labels: list[str] | None,
+               title: str) -> Image.Image:
+    """Cells in rows and columns on white, with a title line, column labels on top and row labels on the left."""
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    side = max(MIN_CELL, max(c.width for row in cells for c in row))
+    line = max(_text_size(probe, "Ag x0.5", font)[1], 10) + PAD
+    left = max((_text_size(probe, t, font)[0] for t in row_labels), default=0) + 2 * PAD if row_labels else 0
+    top = 2 * line + PAD
+    width = left + len(col_labels) * (side + PAD) + PAD
+    width = max(width, _text_size(probe, title, font)[0] + 2 * PAD)
+    grid = Image.new("RGB", (width, top + len(cells) * (side + PAD)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((PAD, PAD), title, fill="black", font=font)
+    for j, label in enumerate(col_labels):
+        w, _ = _text_size(draw, label, font)
+        draw.text((left + PAD + j * (side + PAD) + max(0, (side - w) // 2), PAD + line), label, fill="black", font=font)
+    for i, row in enumerate(cells):
+        y = top + i * (side + PAD)
+        if row_labels:
+            draw.text((PAD, y + side // 2 - line // 2), row_labels[i], fill="black", font=font)
+        for j, cell in enumerate(row):
+            image = cell.convert("RGB")
+            if image.size != (side, side):
+                image = image.resize((side, side), Image.NEAREST)
+            grid.paste(image, (left + PAD + j * (side + PAD), y))
+    return grid
+
+
+def comparison_grid(session, lora_name: str, weights: list[float], prompt: str, seed: int, steps: int,
+                    guidance: float, second: tuple[str, list[float]] | None = None):
+    """Render ``prompt``/``seed`` for each weight of ``lora_name`` (columns) and, with ``second``,
+    each weight of a second LoRA (rows); the other LoRAs keep their current weights.
+
+    The session's weights (and fused state) are restored afterwards, whatever happens.
+
+    Raises:
+        UserError: unknown LoRA names, the same LoRA on both axes, or an empty weight list.
+    """
+    session.info(lora_name)
+    weights = [float(w) for w in weights]
+    if not weights:
+        raise UserError("the comparison grid needs at least one weight")
+    rows: list[float | None] = [None]
+    if second is not None:
+        session.info(second[0])
+        if second[0] == lora_name:
+            raise UserError(f"pick two different LoRAs for the two grid axes (both are {lora_name!r})")
+        rows = [float(w) for w in second[1]]
+        if not rows:
+            raise UserError("the second grid axis needs at least one weight")
+    saved, was_fused = session.weights, session.fused
+    cells = []
+    try:
+        for w2 in rows:
+            row = []
+            for w in weights:
+                mix = {**saved, lora_name: w}
+                if second is not None:
+                    mix[second[0]] = w2
+                session.set_weights(mix)
+                row.append(session.render(prompt, seed, steps, guidance))
+            cells.append(row)
+    finally:
+        session.set_weights(saved)
+        if was_fused:
+            session.fuse()
+    title = f"{prompt!r} · seed {seed} · {steps} steps · guidance {guidance:g}"
+    col_labels = [f"{lora_name} x{w:g}" for w in weights]  # the default font has no ×
+    row_labels = [f"{second[0]} x{w:g}" for w in rows] if second is not None else None
+    return label_grid(cells, col_labels, row_labels, title)
