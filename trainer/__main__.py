@@ -83,14 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     _quiet_libraries()
-    from trainer.errors import UserError
-
     args = build_parser().parse_args(argv)
     handlers = {"demo-model": _demo_model, "export": _export}
+    if args.command in COMMANDS:
+        return run_command(importlib.import_module(COMMANDS[args.command][0]).run, args)
+    return run_command(handlers[args.command], args)
+
+
+def run_command(command, args: argparse.Namespace) -> int:
+    """Run a subcommand: a user error is one ``error:`` line and exit code 2, Ctrl-C is 130."""
+    from trainer.errors import UserError
+
     try:
-        if args.command in COMMANDS:
-            return importlib.import_module(COMMANDS[args.command][0]).run(args)
-        return handlers[args.command](args)
+        return command(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

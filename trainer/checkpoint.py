@@ -14,10 +14,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from trainer.errors import WriteError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so listing checkpoints stays cheap (queue, UI)
+    import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -41,6 +43,9 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, keep: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{state.step:06d}"
     tmp = root / f".tmp-step-{state.step:06d}-{os.getpid()}"
@@ -64,6 +69,9 @@ def save_checkpoint(run_dir: Path, state: TrainState, keep: int) -> Path:
 
 
 def load_checkpoint(path: Path) -> TrainState:
+    import torch
+    from safetensors.torch import load_file
+
     raw = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
     return TrainState(step=int(raw["step"]), adapter=load_file(str(Path(path) / "adapter.safetensors")),
                       optimizer=raw["optimizer"], lr_scheduler=raw["lr_scheduler"], generator=raw["generator"])

@@ -165,15 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer queue", description="A durable queue of training runs.")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.queue_action == "run":  # the worker loads diffusers/transformers; their chatter is not for artists
-        from trainer.__main__ import _quiet_libraries
+    from trainer.__main__ import _quiet_libraries, run_command
 
+    if args.queue_action == "run":  # the worker loads diffusers/transformers; their chatter is not for artists
         _quiet_libraries()
-    try:
-        return run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("aborted", file=sys.stderr)
-        return 130
+    return run_command(run, args)

@@ -7,7 +7,6 @@ checks the stop flag between steps, writes checkpoints, samples and exports.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import socket
 import sqlite3
 import threading
@@ -40,6 +39,7 @@ import yaml
 from trainer import events as ev
 from trainer.bases import parse_base
 from trainer.config import TrainConfig, dump_yaml, make_config
+from trainer.checkpoint import checkpoint_dirs
 from trainer.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -119,15 +119,9 @@ class QueuedJob:
 
 
 def last_checkpoint(run_dir: str | Path) -> str:
-    """Name of the run folder's newest complete checkpoint, "" if none (as trainer.checkpoint, without torch)."""
-    root = Path(run_dir) / "checkpoints"
-    try:
-        entries = list(root.iterdir())
-    except OSError:
-        return ""
-    done = [p.name for p in entries if re.fullmatch(r"step-\d+", p.name)
-            and (p / "state.pt").is_file() and (p / "adapter.safetensors").is_file()]
-    return max(done, key=lambda n: int(n[5:]), default="")
+    """Name of the run folder's newest complete checkpoint, "" if none."""
+    found = checkpoint_dirs(Path(run_dir))
+    return found[-1].name if found else ""
 
 
 def _proc_stat(pid: int) -> Optional[tuple[str, str]]:
