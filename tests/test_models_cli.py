@@ -195,3 +195,21 @@ def test_cli_reexport_formats(base_dirs, scene_dir, tmp_path):
             for key in tensors:
                 torch.testing.assert_close(tensors[key], before[key])
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in read_lora(tmp_path / "f" / "lora_comfy.safetensors")[0])
+
+
+def test_hub_id_loads_from_the_local_cache_offline(base_dirs, tmp_path, monkeypatch):
+    """A hub id that is in the Hugging Face cache loads with no network (the cache layout built by hand)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--studio-tests--tiny-sd15" / "snapshots" / ("0" * 40)
+    shutil.copytree(base_dirs["sd15"], snapshot)
+    (cache / "models--studio-tests--tiny-sd15" / "refs").mkdir()
+    (cache / "models--studio-tests--tiny-sd15" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    base = load_base("studio-tests/tiny-sd15", device="cpu")
+    assert base.arch == "sd15" and base.ref.kind == "hub"
