@@ -65,10 +65,17 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
     return Precision.FP32
 
 
+SHIPPED_DEMOS = Path(__file__).resolve().parents[2] / "demo_models"
+
+
 def demo_folder(ref: BaseRef) -> Path:
-    """Folder of a demo base, built on first use (random tiny weights, seed 0)."""
+    """Folder of a demo base: the shipped pretrained one (``demo_models/<arch>``) for ``demo:``
+    when present, else tiny random weights built on first use (seed 0) and cached."""
     from trainer.models import tiny
 
+    shipped = SHIPPED_DEMOS / ref.arch
+    if ref.kind == "demo" and (shipped / "model_index.json").is_file():
+        return shipped
     folder = cache_dir() / ref.kind / ref.arch
     if not (folder / "model_index.json").is_file():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -145,7 +152,17 @@ def _from_single_file(ref: BaseRef, dtype: torch.dtype, config: str | None):
 
 def load_pipeline(ref: BaseRef, dtype: torch.dtype, config: str | None = None):
     if ref.kind in ("demo", "demo-random"):
-        ref = BaseRef(kind="folder", value=str(demo_folder(ref)), arch=ref.arch)
+        folder = demo_folder(ref)
+        if folder.is_relative_to(SHIPPED_DEMOS):
+            try:
+                return _from_pretrained(BaseRef(kind="folder", value=str(folder), arch=ref.arch), dtype)
+            except ModelNotFoundError:
+                raise ModelNotFoundError(
+                    f"the shipped demo base in {folder} is missing files or damaged; restore it with "
+                    f"`git checkout -- demo_models/{ref.arch}` or rebuild it with "
+                    f"`python -m trainer pretrain-demo --arch {ref.arch} --out {folder}`"
+                ) from None
+        ref = BaseRef(kind="folder", value=str(folder), arch=ref.arch)
     if ref.kind == "file":
         return _from_single_file(ref, dtype, config)
     return _from_pretrained(ref, dtype)
