@@ -49,6 +49,13 @@ class Dist:
         tensor = torch.tensor([value], device=self.accelerator.device, dtype=torch.float64)
         return float(self.accelerator.reduce(tensor, reduction="mean"))
 
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is true on one (a stop request must end all ranks at the same step)."""
+        if self.accelerator is None:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(tensor, reduction="sum") > 0)
+
     def no_sync(self, model: torch.nn.Module, skip: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
         if self.accelerator is None or not skip:

@@ -280,7 +280,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     step = start_step
     denoiser.train()
     try:
-        while step < config.steps and not stop.is_set():
+        while step < config.steps and not dist.any(stop.is_set()):
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
