@@ -1,0 +1,120 @@
+"""Goals of issue 7 checked against measured rows, and the markdown tables of a results file."""
+
+from __future__ import annotations
+
+# (metric, arch, precision, comparison, target, what it means)
+GOALS = (
+    ("speedup", "sdxl@1024", "bf16", ">=", 2.0, "steps/s ours ÷ reference"),
+    ("speedup", "flux@512", "bf16", ">=", 2.0, "steps/s ours ÷ reference"),
+    ("mfu", "sdxl@1024", "bf16", ">=", 0.35, "MFU of ours (dense bf16 peak)"),
+    ("mfu", "flux@512", "bf16", ">=", 0.35, "MFU of ours (dense bf16 peak)"),
+    ("peak_gb", "flux@512", "nf4", "<=", 8.0, "peak VRAM of ours (max_memory_reserved)"),
+    ("peak_gb", "sdxl@1024", "fp16", "<=", 10.0, "peak VRAM of ours (max_memory_reserved)"),
+    ("peak_gb", "sd15@512", "fp16", "<=", 4.0, "peak VRAM of ours (max_memory_reserved)"),
+    ("reweight_ms", "*", "bf16", "<", 50.0, "slider re-weight (set_adapters), median"),
+    ("lora3_overhead_pct", "*", "bf16", "<=", 10.0, "3 unfused LoRAs over base sampling, %"),
+)
+
+
+def _measure(metric: str, arch: str, precision: str, rank, rows: list[dict], ratio_rows: list[dict]):
+    """(value, variant) of the best measured "ours" variant for a goal; (None, None) when not measured."""
+    if metric == "speedup":
+        hits = [(r["speedup"], r.get("variant")) for r in ratio_rows
+                if (r["arch"], r["precision"], r["rank"]) == (arch, precision, rank)]
+        return max(hits, key=lambda h: h[0]) if hits else (None, None)
+    if metric in ("mfu", "peak_gb"):
+        hits = [r for r in rows if r["kind"] == "train" and r["loop"] == "ours" and r["status"] == "ok"
+                and (r["arch"], r["precision"], r["rank"]) == (arch, precision, rank)]
+        if metric == "mfu":
+            hits = [(r["mfu"], r.get("variant")) for r in hits if r.get("mfu") is not None]
+            return max(hits, key=lambda h: h[0]) if hits else (None, None)
+        hits = [(r["peak_reserved_mb"] / 1024, r.get("variant")) for r in hits if r.get("peak_reserved_mb") is not None]
+        return min(hits, key=lambda h: h[0]) if hits else (None, None)
+    hits = [r for r in rows if r["kind"] == "inference" and r["status"] == "ok"
+            and (r["arch"], r["precision"]) == (arch, precision)]
+    return (hits[0].get(metric), None) if hits else (None, None)
+
+
+def check_goals(results: dict) -> list[dict]:
+    """One line per goal and rank/architecture: measured value, met or missed by how much, or owed."""
+    from benchmarks.archs import FULL_SPECS
+
+    rows, ratio_rows = results.get("rows", []), results.get("ratios", [])
+    ranks = sorted({r["rank"] for r in rows if r["kind"] == "train"}) or [16, 32]
+    out = []
+    for metric, arch, precision, cmp, target, meaning in GOALS:
+        archs = list(FULL_SPECS) if arch == "*" else [arch]
+        for a in archs:
+            for rank in (ranks if metric in ("speedup", "mfu", "peak_gb") else [None]):
+                value, variant = _measure(metric, a, precision, rank, rows, ratio_rows)
+                line = {"goal": f"{meaning} {cmp} {target:g}", "metric": metric, "arch": a, "precision": precision,
+                        "rank": rank, "target": target, "value": value, "variant": variant}
+                if value is None:
+                    line["status"] = "owed (not measured)"
+                else:
+                    met = value >= target if cmp == ">=" else (value < target if cmp == "<" else value <= target)
+                    gap = abs(value - target) / target * 100
+                    line["status"] = "met" if met else f"missed by {gap:.0f}%"
+                out.append(line)
+    return out
+
+
+def _f(value, digits=2, scale=1.0, suffix=""):
+    if value is None:
+        return "–"
+    return f"{value * scale:.{digits}f}{suffix}"
+
+
+def _g(value):
+    return "–" if value is None else f"{value:.3g}"
+
+
+def markdown(results: dict) -> str:
+    env, rows = results.get("environment", {}), results.get("rows", [])
+    smoke = results.get("mode") == "smoke"
+    cuda = str(env.get("device", "")).startswith("cuda")
+    mem = "peak VRAM alloc / reserved (GiB)" if cuda else "peak host RSS (GiB, whole process)"
+    lines = [f"Mode: **{results.get('mode')}**{' (tiny models on CPU: checks the harness, not speed)' if smoke else ''}; "
+             f"device: **{env.get('device_name')}**; "
+             + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v) + f"; python {env.get('python')}.",
+             "", f"Command: `{results.get('command')}`", ""]
+    lines += ["| arch | precision | rank | loop (variant) | steps/s (median) | steps/s (p95) | images/s | " + mem +
+              " | TFLOP/s | MFU | grad ckpt | status |", "|" + "---|" * 12]
+    train = sorted((r for r in rows if r["kind"] == "train"),
+                   key=lambda r: (r["arch"], r["precision"], r["rank"], r["loop"], r.get("variant", "")))
+    for r in train:
+        if cuda:
+            peak = f"{_f(r.get('peak_allocated_mb'), 2, 1 / 1024)} / {_f(r.get('peak_reserved_mb'), 2, 1 / 1024)}"
+        else:
+            peak = _f(r.get("peak_rss_mb"), 2, 1 / 1024)
+        ckpt = str(r.get("options", {}).get("grad_ckpt", "–"))
+        lines.append(f"| {r['arch']} | {r['precision']} | {r['rank']} | {r['loop']} ({r.get('variant', '–')}) | "
+                     f"{_f(r.get('steps_per_s'), 3)} | "
+                     f"{_f(r.get('steps_per_s_p95'), 3)} | {_f(r.get('images_per_s'), 3)} | {peak} | "
+                     f"{_g(r.get('achieved_tflops'))} | {_f(r.get('mfu'), 1, 100, '%')} | {ckpt} | {r['status']} |")
+    if results.get("ratios"):
+        lines += ["", "| arch | precision | rank | ours variant | speedup ours ÷ reference | "
+                  "peak memory ours ÷ reference |",
+                  "|---|---|---|---|---|---|"]
+        for q in results["ratios"]:
+            lines.append(f"| {q['arch']} | {q['precision']} | {q['rank']} | {q.get('variant', '–')} | "
+                         f"{_f(q['speedup'], 2, 1, '×')} | "
+                         f"{_f(q.get('memory_ratio'), 2, 1, '×')} |")
+    inf = [r for r in rows if r["kind"] == "inference"]
+    if inf:
+        lines += ["", "| arch | precision | steps | base s/img | 1 LoRA | 3 LoRAs | fused mix | 3-LoRA overhead | "
+                  "re-weight ms (median / max) | load s (first / mean) | fuse s | status |", "|" + "---|" * 12]
+        for r in sorted(inf, key=lambda r: (r["arch"], r["precision"])):
+            lines.append(f"| {r['arch']} | {r['precision']} | {r.get('sample_steps', '–')} | {_f(r.get('base_s'), 3)} | "
+                         f"{_f(r.get('lora1_s'), 3)} | {_f(r.get('lora3_s'), 3)} | {_f(r.get('fused_s'), 3)} | "
+                         f"{_f(r.get('lora3_overhead_pct'), 1, 1, '%')} | {_f(r.get('reweight_ms'), 2)} / "
+                         f"{_f(r.get('reweight_max_ms'), 2)} | {_f(r.get('load_first_s'), 3)} / "
+                         f"{_f(r.get('load_mean_s'), 3)} | "
+                         f"{_f(r.get('fuse_s'), 3)} | {r['status']} |")
+    if not smoke:
+        lines += ["", "| goal | arch | precision | rank | measured (best variant) | status |", "|---|---|---|---|---|---|"]
+        for g in check_goals(results):
+            best = f" ({g['variant']})" if g.get("variant") else ""
+            lines.append(f"| {g['goal']} | {g['arch']} | {g['precision']} | {g['rank'] or '–'} | "
+                         f"{_f(g['value'], 3)}{best} | {g['status']} |")
+    return "\n".join(lines) + "\n"
