@@ -60,13 +60,20 @@ class FakeLoop:
             step += 1
             out(ev.Step(step=step, total_steps=config.steps, loss=1.0 / step, lr=1e-4, seconds=0.01))
             if config.checkpoint_every and step % config.checkpoint_every == 0:
-                (run / "checkpoints" / f"step-{step:06d}").mkdir(parents=True, exist_ok=True)
-                out(ev.Checkpoint(step=step, path=str(run / "checkpoints" / f"step-{step:06d}")))
-        (run / "checkpoints" / f"step-{step:06d}").mkdir(parents=True, exist_ok=True)
-        out(ev.Checkpoint(step=step, path=str(run / "checkpoints" / f"step-{step:06d}")))
+                out(ev.Checkpoint(step=step, path=save_checkpoint(run, step)))
+        out(ev.Checkpoint(step=step, path=save_checkpoint(run, step)))
         exports = (str(run / "lora.safetensors"),)
         out(ev.Stopped(step=step) if stop.is_set() and step < config.steps else ev.Done(step=step, exports=exports))
         return step
+
+
+def save_checkpoint(run: Path, step: int) -> str:
+    """A checkpoint folder with the two files a complete one has (what the queue looks for)."""
+    folder = run / "checkpoints" / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter.safetensors").write_bytes(b"x")
+    (folder / "state.pt").write_bytes(b"x")
+    return str(folder)
 
 
 def config_for(tmp_path: Path, name: str = "run1", **kw):

@@ -123,3 +123,26 @@ def test_duration_points_and_reports():
     assert "`a'b .png` — not an image Pillow can read" in report and "Added **2**" in report
     assert fmt.checkpoint_line(snap(state="stopped", checkpoint="/o/r/checkpoints/step-000004")) == \
         "Last checkpoint (final): `checkpoints/step-000004`"
+
+
+def queued(id_, state, run, position=None, error="", last_checkpoint=""):
+    from trainer.queue import QueuedJob
+
+    return QueuedJob(id=id_, state=state, run_dir=f"/o/{run}", config_yaml="", resume=False, group="",
+                     device_group="", created_at=0.0, queued_at=0.0, started_at=None, finished_at=None,
+                     heartbeat_at=None, worker_pid=None, crashes=0, error=error, position=position,
+                     last_checkpoint=last_checkpoint)
+
+
+def test_queue_table_shows_active_jobs_first_and_escapes_notes():
+    jobs = [queued(1, "done", "old"), queued(2, "stopped", "st", last_checkpoint="step-000004"),
+            queued(3, "running", "now"), queued(4, "queued", "next", position=1),
+            queued(5, "failed", "bad", error="<b>no images</b>\nin data")]
+    text = fmt.queue_html(jobs)
+    rows = [line.split('"')[1] for line in text.split("<tr data-job-id=")[1:]]
+    assert rows == ["3", "4", "5", "2", "1"]  # running, then waiting (by position), then the newest ended
+    assert 'data-run="next" data-state="queued" data-position="1"' in text
+    assert "&lt;b&gt;no images&lt;/b&gt; in data" in text and "<b>" not in text
+    assert "queue is empty" in fmt.queue_html([])
+    # only jobs one can act on are offered, with labels that do not change with the state
+    assert fmt.queue_choices(jobs) == [("job 4 — next", 4), ("job 3 — now", 3), ("job 2 — st", 2)]

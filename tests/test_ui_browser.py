@@ -2,7 +2,8 @@
 
 One server (``python app.py`` on a free port, tiny random-weight demo base) and one
 browser profile are shared by the tests of this module, which run in file order:
-page → dataset → train/stop → resume → mix → export → file-serving rules. Each
+page → dataset → train, queue a second run, stop → resume → mix (toggles, slider, bake, grid)
+→ export → a failing job → file-serving rules. Each
 stage leaves a screenshot in ``test-artifacts/browser/``.
 
 Run just these: ``python -m pytest tests/test_ui_browser.py -m browser -q``.
@@ -85,7 +86,8 @@ def server(tmp_path_factory):
     port = free_port()
     log = root / "server.log"
     env = {**os.environ, "STYLE_STUDIO_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"}
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}  # one torch thread: the machine is shared and timings stay comparable
     env.pop("STYLE_STUDIO_AUTH", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--outputs", str(outputs),
@@ -177,6 +179,14 @@ def progress(pg) -> dict:
             "points": int(el.get_attribute("data-points") or 0), "text": el.inner_text()}
 
 
+def queue_row(pg, run: str) -> dict:
+    """The queue view's row of ``run`` (its data-* attributes), {} if it has none."""
+    row = pg.locator(f'#queue-view tr[data-run="{run}"]')
+    if not row.count():
+        return {}
+    return {k: row.first.get_attribute(f"data-{k}") for k in ("job-id", "state", "position")}
+
+
 def make_images(folder: Path) -> list[Path]:
     from PIL import Image, ImageDraw
 
@@ -249,7 +259,7 @@ def test_caption_all_then_edit_one_caption_in_place(page, server):
                "the trigger word after reload")
 
 
-# ---- 3. train, watch, refuse a second start, stop ----------------------------------------------
+# ---- 3. train, watch, queue a second start, stop ----------------------------------------------
 def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page, server):
     engine("trainer.loop", "run_training")
     open_tab(page, "2 · Train")
@@ -276,11 +286,20 @@ def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page
                "the reopened page to show live progress")
     reopened.close()
 
-    page.click("#start")  # one job at a time: a second start is refused with a clear message
-    wait_until(page, lambda: "still training" in page.locator("#train-status").inner_text(), 10,
-               "the busy message")
+    page.click("#start")  # one job at a time: a second start queues (a copy of the run) behind the first
+    wait_until(page, lambda: "queued at position 1" in page.locator("#train-status").inner_text(), 20,
+               "the queued message")
+    FLOW["queued"] = page.locator("#run-select input").input_value()
+    assert FLOW["queued"] == FLOW["run"] + "-2"
+    wait_until(page, lambda: queue_row(page, FLOW["queued"]).get("state") == "queued", 10, "the queued row")
+    assert queue_row(page, FLOW["queued"])["position"] == "1"
+    assert queue_row(page, FLOW["run"])["state"] == "running"
+    wait_until(page, lambda: progress(page)["state"] == "queued", 10, "the queued run's progress")
+    assert "Queued at position 1" in progress(page)["text"]
     shot(page, "03-training")
 
+    pick(page, "run-select", FLOW["run"])
+    wait_until(page, lambda: progress(page)["state"] == "running", 10, "the first run's progress again")
     page.click("#stop")
     done = wait_until(page, lambda: (p := progress(page))["state"] in ("stopped", "done", "failed") and p, 90,
                       "the run to stop")
@@ -294,6 +313,14 @@ def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page
     assert f"{FLOW['run']} — stopped" in page.locator("#run-list").inner_text()
     FLOW["stopped_at"] = done["step"]
     shot(page, "04-stopped")
+
+    # the queued run starts by itself once the first one stopped; cancel it from the queue view
+    wait_until(page, lambda: queue_row(page, FLOW["queued"]).get("state") == "running", 120,
+               "the queued run to start")
+    pick(page, "queue-job", f"job {queue_row(page, FLOW['queued'])['job-id']} — {FLOW['queued']}")
+    page.click("#queue-cancel")
+    wait_until(page, lambda: queue_row(page, FLOW["queued"]).get("state") in ("stopped", "done"), 120,
+               "the second run to stop")
 
 
 def test_resume_from_the_run_list(page, server):
@@ -333,7 +360,30 @@ def preview_src(page) -> str:
     return img.get_attribute("src") if img.count() else ""
 
 
-def test_mix_two_loras_and_a_slider_rerenders_without_reloading(page, server, tmp_path):
+def image_at(server, src: str):
+    """The pixels behind an <img> src (a data: URL or a file the server serves)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    if src.startswith("data:"):
+        data = base64.b64decode(src.split(",", 1)[1])
+    else:
+        with urllib.request.urlopen(urllib.parse.urljoin(server.url, src), timeout=10) as r:
+            data = r.read()
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def mix_info(page) -> str:
+    return page.locator("#mix-info").inner_text()
+
+
+def toggle(page, slot: int) -> None:
+    page.locator(f"#mix-on-{slot} input[type=checkbox]").click()
+
+
+def test_mix_two_loras_toggles_and_a_slider_rerender_without_reloading(page, server, tmp_path):
     engine("trainer.mixing", "MixSession")
     if "stopped_at" not in FLOW:
         pytest.skip("needs the trained LoRA from the training test")
@@ -344,23 +394,78 @@ def test_mix_two_loras_and_a_slider_rerenders_without_reloading(page, server, tm
     page.locator("#mix-upload input[type=file]").set_input_files(str(other))
     wait_until(page, lambda: "ink_wash" in page.locator("#mix-lora-1 input").input_value(), 20,
                "the uploaded LoRA in slot 2")
-    page.click("#mix-render")
-    first = wait_until(page, lambda: preview_src(page), 180, "the first preview")
-    info = page.locator("#mix-info").inner_text()
+    toggle(page, 0)  # both off: the preview is the base model alone
+    toggle(page, 1)
+    wait_until(page, lambda: mix_info(page).count("(off)") == 2 and preview_src(page), 180, "the base-only preview")
+    base_image = image_at(server, preview_src(page))
+    info = mix_info(page)
     assert "Base loaded 1×, LoRA files read 2×" in info, info
+    for slot in (0, 1):  # what each file is, from LoraInfo.summary()
+        line = page.locator(f"#mix-line-{slot}").inner_text()
+        assert "kohya" in line and "SD1.5" in line and "rank" in line and "alpha" in line, line
+
+    toggle(page, 0)
+    toggle(page, 1)
+    first = wait_until(page, lambda: "(off)" not in mix_info(page) and (s := preview_src(page)) and
+                       image_at(server, s).tobytes() != base_image.tobytes() and s, 120, "the mixed preview")
     shot(page, "05-mix")
 
     slider = page.locator("#mix-weight-0 input[type=range]")
     box = slider.bounding_box()
     page.mouse.click(box["x"] + box["width"] * 0.05, box["y"] + box["height"] / 2)  # drag weight 1 → about -0.85
     second = wait_until(page, lambda: (s := preview_src(page)) != first and s, 120, "a re-rendered preview")
-    assert float(page.locator("#mix-weight-0 input[type=number]").input_value()) < 0
-    info = page.locator("#mix-info").inner_text()
-    assert "Base loaded 1×, LoRA files read 2×" in info, info  # a slider change reloads nothing
-    page.mouse.click(box["x"] + box["width"] * 0.95, box["y"] + box["height"] / 2)
-    wait_until(page, lambda: (s := preview_src(page)) not in (first, second) and s, 120, "a third preview")
-    assert "LoRA files read 2×" in page.locator("#mix-info").inner_text()
+    weight = float(page.locator("#mix-weight-0 input[type=number]").input_value())
+    assert weight < 0
+    assert "Base loaded 1×, LoRA files read 2×" in mix_info(page)  # a slider change reloads nothing
+
+    toggle(page, 0)  # off again: back to exactly the base image, and the slider keeps its value
+    toggle(page, 1)
+    wait_until(page, lambda: (s := preview_src(page)) != second and image_at(server, s).tobytes() ==
+               base_image.tobytes(), 120, "the preview to return to the base image")
+    assert float(page.locator("#mix-weight-0 input[type=number]").input_value()) == weight
+    assert "LoRA files read 2×" in mix_info(page)
+    toggle(page, 0)
+    toggle(page, 1)
+    wait_until(page, lambda: "(off)" not in mix_info(page), 120, "both LoRAs on again")
     shot(page, "06-mix-slider")
+
+
+def test_bake_the_mix_and_download_it(page, server, tmp_path):
+    engine("trainer.mixing", "bake")
+    if "stopped_at" not in FLOW:
+        pytest.skip("needs the trained LoRA from the training test")
+    from safetensors import safe_open
+
+    page.click("#mix-bake")
+    wait_until(page, lambda: "Baked" in page.locator("#mix-bake-report").inner_text(), 120, "the bake report")
+    report = page.locator("#mix-bake-report").inner_text()
+    assert "relative error 0.00%" in report and "layout kohya" in report and "rank" in report, report
+    baked = download(page, "mix-bake-download", tmp_path)
+    assert baked.name == f"{FLOW['run']}_mix.safetensors"
+    assert (server.outputs / FLOW["run"] / "export" / baked.name).is_file()
+    with safe_open(str(baked), framework="np") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+                        for k in keys)
+    sources = json.loads(meta["studio.mix.sources"])
+    assert sorted(s["file"] for s in sources) == ["ink_wash.safetensors", "lora.safetensors"]
+    assert meta["studio.mix.method"] == "concat"
+
+
+def test_comparison_grid_is_shown_and_downloads(page, server, tmp_path):
+    engine("trainer.mixing", "comparison_grid")
+    if "stopped_at" not in FLOW:
+        pytest.skip("needs the trained LoRA from the training test")
+    from PIL import Image
+
+    page.locator("#mix-grid-weights textarea, #mix-grid-weights input").first.fill("0, 1")
+    page.click("#mix-grid")
+    wait_until(page, lambda: "2 image(s)" in page.locator("#mix-grid-info").inner_text(), 120, "the grid")
+    wait_until(page, lambda: page.locator("#mix-grid-image img").count() > 0, 20, "the grid image")
+    grid = download(page, "mix-grid-download", tmp_path)
+    with Image.open(grid) as img:
+        assert img.width > img.height >= 128  # two labelled cells side by side
+    shot(page, "06b-mix-bake-grid")
 
 
 # ---- 5. export ------------------------------------------------------------------------------------
@@ -382,8 +487,13 @@ def test_export_with_edited_metadata_downloads_valid_safetensors(page, server, t
                "the metadata of the run")
     values = {"title": "Ink Outline Test", "trigger-phrase": "zkstyle", "license": "CC-BY-4.0",
               "description": "Thick ink outlines on flat shapes (browser test)."}
-    for key, value in values.items():
-        page.locator(f"#export-{key} textarea, #export-{key} input").first.fill(value)
+    boxes = {key: page.locator(f"#export-{key} textarea, #export-{key} input").first for key in values}
+    for _ in range(5):  # the tab's own refresh may still land after the first fill: fill until the values stay
+        for key, value in values.items():
+            boxes[key].fill(value)
+        page.wait_for_timeout(1000)
+        if all(boxes[key].input_value() == value for key, value in values.items()):
+            break
     page.click("#export-apply")
     page.wait_for_selector("#export-status :text('Metadata written')", timeout=30_000)
     shot(page, "07-export")
@@ -424,7 +534,7 @@ def test_a_failing_job_shows_one_line_and_the_app_keeps_working(page, server):
     wait_until(page, lambda: progress(page)["state"] == "failed", 120, "the job to fail")
     error = page.locator("#train-progress .progress-error").inner_text()
     assert error.startswith("⚠") and "\n" not in error.strip() and len(error) < 600, error
-    assert page.locator("#run-select input").input_value() == FLOW["run"] + "-2"
+    assert page.locator("#run-select input").input_value() == FLOW["run"] + "-3"  # -2 is the queued one
     shot(page, "08-failed-job")
     pick(page, "base", BASE)  # the server survived: the earlier run is still there and a new start works
     page.locator("#run-list").get_by_text(f"{FLOW['run']} — stopped").click()

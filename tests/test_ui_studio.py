@@ -1,22 +1,33 @@
 """ui.studio.Studio without a browser: runs, training control, captions, mixing cache, exports.
 
-Training uses the fake loop from test_job; mixing uses a fake session that
-records calls, so these tests need neither torch nor a model.
+Training goes through the real queue (SQLite in tmp) and its worker thread with the
+fake loop from test_job; mixing uses a fake engine that records calls, so these
+tests need neither torch nor a model.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
 from tests.test_job import FakeLoop, wait_for
-from trainer.errors import UserError
+from trainer.errors import LoraFormatError, UserError
 from ui.studio import MixSlot, Studio, TrainForm
+
+
+class FakeInfo:
+    def __init__(self, name, path):
+        self.name, self.path = name, path
+
+    def summary(self):
+        return f"{self.name}: kohya, SD1.5, rank 1, alpha 2, 4 modules"
 
 
 class FakeMix:
@@ -24,15 +35,20 @@ class FakeMix:
 
     instances: list["FakeMix"] = []
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, device: str = "cpu"):
         self.base = base
         self.added: list[tuple[str, str]] = []
         self.removed: list[str] = []
         self.weights: list[dict] = []
+        self.fused = 0
         FakeMix.instances.append(self)
 
     def add_lora(self, path, name=None):
+        self.reads = getattr(self, "reads", 0) + 1
+        if Path(path).read_bytes().startswith(b"flux"):
+            raise LoraFormatError(f"{Path(path).name}: its layer names belong to a FLUX model; load it with a FLUX base")
         self.added.append((path, name))
+        return FakeInfo(name, path)
 
     def remove_lora(self, name):
         self.removed.append(name)
@@ -40,16 +56,57 @@ class FakeMix:
     def set_weights(self, weights):
         self.weights.append(dict(weights))
 
+    def fuse(self):
+        self.fused += 1
+
     def render(self, prompt, seed, steps, guidance):
         total = sum(self.weights[-1].values()) if self.weights else 0
         return Image.new("RGB", (8, 8), (int(100 + 50 * total) % 256, seed % 256, steps))
 
 
+def fake_bake(session, weights, out_path, rank=None):
+    Path(out_path).write_bytes(b"baked")
+    active = tuple(n for n, w in weights.items() if w)
+    return SimpleNamespace(path=str(out_path), rank=rank or 2, relative_error=0.0 if rank is None else 0.125,
+                           method="concat" if rank is None else "svd", layout="kohya", layers=4, sources=active,
+                           weights=dict(weights))
+
+
+def fake_grid(session, name, weights, prompt, seed, steps, guidance, second=None):
+    rows = len(second[1]) if second else 1
+    fake_grid.calls.append((name, list(weights), second))
+    return Image.new("RGB", (10 * len(weights), 10 * rows))
+
+
+fake_grid.calls = []
+ENGINE = SimpleNamespace(MixSession=FakeMix, bake=fake_bake, comparison_grid=fake_grid)
+ENDED = ("done", "failed", "stopped", "cancelled", "interrupted")
+
+
 @pytest.fixture
 def studio(tmp_path):
     FakeMix.instances = []
-    return Studio(tmp_path / "outputs", default_base="demo-random:sd15", models_dir=tmp_path / "models",
-                  loras_dir=tmp_path / "loras", runner=FakeLoop(step_seconds=0.01), mix_factory=FakeMix)
+    fake_grid.calls = []
+    s = Studio(tmp_path / "outputs", default_base="demo-random:sd15", models_dir=tmp_path / "models",
+               loras_dir=tmp_path / "loras", runner=FakeLoop(step_seconds=0.01), mix_engine=ENGINE, worker_poll=0.02)
+    s.start_worker()
+    yield s
+    s.shutdown(10)
+
+
+def release_after_stop(gate: threading.Semaphore) -> None:
+    """The worker turns a cancel into the loop's stop flag at its next heartbeat: let it see it first."""
+    time.sleep(0.3)
+    gate.release(100)
+
+
+def job_of(studio: Studio, run: str):
+    return studio._job_for(studio.run_dir(run))
+
+
+def wait_ended(studio: Studio, run: str):
+    wait_for(lambda: (j := job_of(studio, run)) is not None and j.state in ENDED)
+    return job_of(studio, run)
 
 
 def add_images(studio: Studio, run: str, tmp_path: Path, n: int = 3) -> list[str]:
@@ -83,9 +140,9 @@ def test_run_names_are_sanitized_and_confined(studio, tmp_path):
 def test_start_trains_the_runs_dataset_with_the_forms_values(studio, tmp_path):
     add_images(studio, "r1", tmp_path)
     used, message = studio.start("r1", form(trigger=" zk ", sample_prompt="a zk cat", lr="3e-4"))
-    assert used == "r1" and "4 steps" in message
-    job = studio.jobs.current()
-    assert job.wait(10) and job.state == "done"
+    assert used == "r1" and "4 steps" in message and message.startswith("Training 'r1'")
+    job = wait_ended(studio, "r1")
+    assert job.state == "done"
     cfg = job.config
     assert (cfg.data, cfg.out) == (str(studio.outputs_dir / "r1" / "dataset"), str(studio.outputs_dir / "r1"))
     assert (cfg.rank, cfg.alpha, cfg.steps, cfg.lr, cfg.trigger) == (1, 2.0, 4, 3e-4, "zk")
@@ -95,33 +152,70 @@ def test_start_trains_the_runs_dataset_with_the_forms_values(studio, tmp_path):
     assert snap.state == "done" and snap.step == 4
 
 
-def test_start_refuses_empty_dataset_bad_values_and_a_second_job(studio, tmp_path):
+def test_start_refuses_empty_dataset_and_bad_values(studio, tmp_path):
     with pytest.raises(UserError, match="dataset is empty"):
         studio.start("empty", form())
     add_images(studio, "r1", tmp_path)
     with pytest.raises(UserError) as err:
         studio.start("r1", form(steps=0, resolution=65, lr="fast"))
     assert "steps=0" in str(err.value) and "resolution=65" in str(err.value) and "lr='fast'" in str(err.value)
+    assert studio.jobs() == []
+
+
+def test_a_second_start_queues_behind_the_running_one_and_runs_after_it(studio, tmp_path):
     gate = threading.Semaphore(0)
-    studio.jobs._runner = FakeLoop(gate=gate)
-    studio.start("r1", form(steps=3))
+    studio.runner = FakeLoop(gate=gate)
+    add_images(studio, "r1", tmp_path)
     add_images(studio, "r2", tmp_path)
-    with pytest.raises(UserError, match="'r1' is still training"):
-        studio.start("r2", form())
-    assert studio.active_run() == "r1" and studio.initial_run() == "r1"
+    studio.start("r1", form(steps=3))
+    wait_for(lambda: studio.active_run() == "r1")
+    used, message = studio.start("r2", form(steps=2))
+    assert used == "r2" and "queued at position 1" in message and "'r1' is training" in message
+    assert studio.snapshot("r2").state == "queued"
+    assert "Queued at position 1" in studio.queue_note("r2")
+    assert [(Path(j.run_dir).name, j.state, j.position) for j in studio.jobs()] == \
+        [("r1", "running", None), ("r2", "queued", 1)]
+    assert studio.initial_run() == "r1"
+    gate.release(1)
+    wait_for(lambda: studio.snapshot("r1").step == 1)
+    assert studio.snapshot("r1").state == "running"  # live progress from events.jsonl while it trains
     assert "Stopping 'r1'" in studio.stop()
-    gate.release(10)
-    assert studio.jobs.current().wait(10)
+    release_after_stop(gate)
+    assert wait_ended(studio, "r1").state == "stopped"
+    assert wait_ended(studio, "r2").state == "done"  # the queued run started by itself once r1 stopped
     assert studio.stop() == "Nothing is training."
+
+
+def test_cancel_a_queued_job_and_resume_a_stopped_one_by_id(studio, tmp_path):
+    gate = threading.Semaphore(0)
+    studio.runner = FakeLoop(gate=gate)
+    for run in ("r1", "r2"):
+        add_images(studio, run, tmp_path)
+        studio.start(run, form(steps=6))
+    wait_for(lambda: studio.active_run() == "r1")
+    r1, r2 = job_of(studio, "r1"), job_of(studio, "r2")
+    assert "Cancelled job" in studio.cancel_job(r2.id) and job_of(studio, "r2").state == "cancelled"
+    gate.release(2)
+    wait_for(lambda: studio.snapshot("r1").step == 2)
+    assert "Stopping job" in studio.cancel_job(r1.id)
+    release_after_stop(gate)
+    assert wait_ended(studio, "r1").state == "stopped"
+    with pytest.raises(UserError, match="already ended"):
+        studio.cancel_job(r1.id)
+    studio.runner = FakeLoop()
+    assert "Resuming 'r1' from checkpoint step-000002" in studio.resume_job(r1.id)
+    assert wait_ended(studio, "r1").state == "done" and studio.snapshot("r1").step == 6
+    with pytest.raises(UserError, match="only interrupted, stopped, failed"):
+        studio.resume_job(r1.id)
 
 
 def test_training_an_already_trained_run_copies_it(studio, tmp_path):
     add_images(studio, "r1", tmp_path)
     studio.start("r1", form())
-    assert studio.jobs.current().wait(10)
+    wait_ended(studio, "r1")
     used, message = studio.start("r1", form())
     assert used == "r1-2" and "copied" in message
-    assert studio.jobs.current().wait(10)
+    wait_ended(studio, "r1-2")
     assert sorted(p.name for p in (studio.outputs_dir / "r1-2" / "dataset").glob("*.png")) == \
         ["img0.png", "img1.png", "img2.png"]
 
@@ -129,17 +223,17 @@ def test_training_an_already_trained_run_copies_it(studio, tmp_path):
 def test_stop_then_resume_from_the_run_list(studio, tmp_path):
     add_images(studio, "r1", tmp_path)
     gate = threading.Semaphore(0)
-    studio.jobs._runner = FakeLoop(gate=gate)
+    studio.runner = FakeLoop(gate=gate)
     studio.start("r1", form(steps=10))
     gate.release(3)
-    wait_for(lambda: studio.snapshot("r1").step == 3)
+    wait_for(lambda: (s := studio.snapshot("r1")) is not None and s.step == 3)
     studio.stop()
-    gate.release(100)
-    assert studio.jobs.current().wait(10)
+    release_after_stop(gate)
+    wait_ended(studio, "r1")
     assert studio.run_list() == [("r1 — stopped at 3/10 · resumable", "r1")]
-    studio.jobs._runner = FakeLoop()
+    studio.runner = FakeLoop()
     assert "Resuming 'r1'" in studio.resume("r1")
-    assert studio.jobs.current().wait(10)
+    wait_for(lambda: job_of(studio, "r1").state == "done")
     assert studio.run_list() == [("r1 — done at 10/10", "r1")]
     with pytest.raises(UserError, match="already finished"):
         studio.resume("r1")
@@ -148,14 +242,37 @@ def test_stop_then_resume_from_the_run_list(studio, tmp_path):
         studio.resume("fresh")
 
 
+def test_a_server_restart_keeps_the_queue_and_resumes_the_interrupted_run(tmp_path):
+    gate = threading.Semaphore(0)
+    first = Studio(tmp_path / "outputs", runner=FakeLoop(gate=gate), mix_engine=ENGINE, worker_poll=0.02)
+    first.start_worker()
+    for run in ("r1", "r2"):
+        add_images(first, run, tmp_path)
+        first.start(run, form(steps=6))
+    gate.release(2)
+    wait_for(lambda: (s := first.snapshot("r1")) is not None and s.step == 2)
+    first.worker_stop.set()  # the server shuts down: the job stops after its step, with a checkpoint
+    release_after_stop(gate)
+    first.shutdown(10)
+    assert job_of(first, "r1").state == "interrupted" and job_of(first, "r2").state == "queued"
+    runner = FakeLoop()
+    second = Studio(tmp_path / "outputs", runner=runner, mix_engine=ENGINE, worker_poll=0.02)
+    try:
+        second.start_worker()
+        wait_for(lambda: [j.state for j in second.jobs()] == ["done", "done"])
+        assert runner.calls[0] == (str(second.outputs_dir / "r1"), True)  # continued from its checkpoint, first
+    finally:
+        second.shutdown(10)
+
+
 def test_failed_job_shows_one_line_and_the_studio_keeps_working(studio, tmp_path):
     add_images(studio, "r1", tmp_path)
-    studio.jobs._runner = FakeLoop(fail_at=1, error=RuntimeError("CUDA exploded"))
+    studio.runner = FakeLoop(fail_at=1, error=RuntimeError("CUDA exploded"))
     studio.start("r1", form())
-    assert studio.jobs.current().wait(10)
+    assert wait_ended(studio, "r1").state == "failed"
     snap = studio.snapshot("r1")
     assert snap.state == "failed" and "CUDA exploded" in snap.error and "\n" not in snap.error
-    studio.jobs._runner = FakeLoop()
+    studio.runner = FakeLoop()
     assert studio.start("r1", form())[0] == "r1-2"
 
 
@@ -181,23 +298,89 @@ def test_mixing_loads_base_and_files_once_and_only_reweights(studio, tmp_path):
     a.parent.mkdir()
     a.write_bytes(b"x")
     b.write_bytes(b"y")
-    img1, info = studio.render_mix("demo-random:sd15", [MixSlot(str(a), 1.0), MixSlot(str(b), 0.5)], "p", 1, 4, 5.0)
-    img2, _ = studio.render_mix("demo-random:sd15", [MixSlot(str(a), 0.2), MixSlot(str(b), 0.5)], "p", 1, 4, 5.0)
-    img3, info3 = studio.render_mix("demo-random:sd15", [MixSlot(str(a), 0.2)], "p", 1, 4, 5.0)
+    r1 = studio.render_mix("demo-random:sd15", [MixSlot(str(a), 1.0), MixSlot(str(b), 0.5)], "p", 1, 4, 5.0)
+    r2 = studio.render_mix("demo-random:sd15", [MixSlot(str(a), 0.2), MixSlot(str(b), 0.5)], "p", 1, 4, 5.0)
+    r3 = studio.render_mix("demo-random:sd15", [MixSlot(str(a), 0.2)], "p", 1, 4, 5.0)
     [session] = FakeMix.instances
-    assert len(session.added) == 2 and studio.base_loads == 1
-    names = [n for _, n in session.added]
-    assert session.weights == [{names[0]: 1.0, names[1]: 0.5}, {names[0]: 0.2, names[1]: 0.5},
-                               {names[0]: 0.2, names[1]: 0.0}]
-    assert img1.getpixel((0, 0)) != img2.getpixel((0, 0))
-    assert "Base loaded 1×, LoRA files read 2×" in info3
+    assert session.added == [(str(a), "a"), (str(b), "b")] and studio.base_loads == 1
+    assert session.weights == [{"a": 1.0, "b": 0.5}, {"a": 0.2, "b": 0.5}, {"a": 0.2, "b": 0.0}]
+    assert r1.image.getpixel((0, 0)) != r2.image.getpixel((0, 0))
+    assert "Base loaded 1×, LoRA files read 2×" in r3.info
+    assert r1.lines == ["a: kohya, SD1.5, rank 1, alpha 2, 4 modules", "b: kohya, SD1.5, rank 1, alpha 2, 4 modules"]
     os.utime(a, (1, 1))  # the file was rewritten (e.g. a resumed run exported again)
     studio.render_mix("demo-random:sd15", [MixSlot(str(a), 1.0)], "p", 1, 4, 5.0)
-    assert session.removed == [names[0]] and len(session.added) == 3
+    assert session.removed == ["a"] and len(session.added) == 3
     studio.render_mix("demo:sd15", [MixSlot(str(a), 1.0)], "p", 1, 4, 5.0)  # another base: one new session
     assert len(FakeMix.instances) == 2 and studio.base_loads == 2
-    with pytest.raises(UserError, match="only .safetensors"):
-        studio.render_mix("demo:sd15", [MixSlot(str(tmp_path / "evil.ckpt"), 1.0)], "p", 1, 4, 5.0)
+
+
+def test_switching_a_lora_off_keeps_its_weight_and_fuse_is_optional(studio, tmp_path):
+    a = tmp_path / "loras" / "a.safetensors"
+    a.parent.mkdir()
+    a.write_bytes(b"x")
+    on = studio.render_mix("demo-random:sd15", [MixSlot(str(a), 0.75)], "p", 1, 4, 5.0, fuse=True)
+    off = studio.render_mix("demo-random:sd15", [MixSlot(str(a), 0.75, enabled=False)], "p", 1, 4, 5.0)
+    [session] = FakeMix.instances
+    assert session.weights == [{"a": 0.75}, {"a": 0.0}] and session.fused == 1 and len(session.added) == 1
+    assert "(fused)" in on.info and "a × 0 (off)" in off.info and off.lines[0].endswith("switched off")
+
+
+def test_wrong_architecture_and_pickle_files_are_refused_on_their_own_line(studio, tmp_path):
+    good, flux = tmp_path / "loras" / "good.safetensors", tmp_path / "loras" / "flux.safetensors"
+    good.parent.mkdir()
+    good.write_bytes(b"x")
+    flux.write_bytes(b"flux")
+    result = studio.render_mix("demo-random:sd15", [MixSlot(str(flux), 1.0), MixSlot(str(tmp_path / "evil.ckpt"), 1.0),
+                                                    MixSlot(str(good), 1.0), MixSlot("", 1.0)], "p", 1, 4, 5.0)
+    assert result.lines[0].startswith("⚠ flux.safetensors: its layer names belong to a FLUX model")
+    assert result.lines[1].startswith("⚠ evil.ckpt: only .safetensors") and result.lines[3] == ""
+    assert result.lines[2].startswith("good: kohya") and "2 LoRA file(s) refused" in result.info
+    assert "\n" not in result.lines[0]
+    assert FakeMix.instances[0].weights[-1] == {"good": 1.0}  # the rest still renders
+    again = studio.render_mix("demo-random:sd15", [MixSlot(str(flux), 0.5), MixSlot(str(good), 0.2)], "p", 1, 4, 5.0)
+    assert again.lines[0] == result.lines[0] and FakeMix.instances[0].reads == 2  # a refused file is not re-read
+
+
+def test_bake_writes_the_mix_into_the_runs_export_folder(studio, tmp_path):
+    a, b = tmp_path / "loras" / "a.safetensors", tmp_path / "loras" / "b.safetensors"
+    a.parent.mkdir()
+    a.write_bytes(b"x")
+    b.write_bytes(b"y")
+    slots = [MixSlot(str(a), 0.7), MixSlot(str(b), 0.3, enabled=False)]
+    path, report = studio.bake_mix("r1", "demo-random:sd15", slots, None)
+    assert Path(path) == studio.outputs_dir / "r1" / "export" / "r1_mix.safetensors" and Path(path).is_file()
+    assert "exact" in report and "relative error 0.00%" in report and "layout kohya" in report
+    path, report = studio.bake_mix("r1", "demo-random:sd15", slots, 4)
+    assert Path(path).name == "r1_mix_r4.safetensors" and "SVD to rank 4" in report and "12.50%" in report
+    with pytest.raises(UserError, match="pick a run"):
+        studio.bake_mix("", "demo-random:sd15", slots, None)
+    with pytest.raises(UserError, match="whole number"):
+        studio.bake_mix("r1", "demo-random:sd15", slots, 2.5)
+    (tmp_path / "loras" / "f.safetensors").write_bytes(b"flux")
+    with pytest.raises(UserError, match="cannot bake: f.safetensors"):
+        studio.bake_mix("r1", "demo-random:sd15", [MixSlot(str(tmp_path / "loras" / "f.safetensors"), 1)], None)
+
+
+def test_comparison_grid_over_one_or_two_loras(studio, tmp_path):
+    a, b = tmp_path / "loras" / "a.safetensors", tmp_path / "loras" / "b.safetensors"
+    a.parent.mkdir()
+    a.write_bytes(b"x")
+    b.write_bytes(b"y")
+    slots = [MixSlot(str(a), 1.0), MixSlot(str(b), 0.5)]
+    path, info = studio.make_grid("r1", "demo-random:sd15", slots, 0, "0, 0.5 1", None, "", "p", 1, 4, 5.0)
+    assert Path(path) == studio.outputs_dir / "r1" / "export" / "r1_grid.png"
+    assert Image.open(path).size == (30, 10) and "3 image(s)" in info
+    studio.make_grid("r1", "demo-random:sd15", slots, 0, "0,1", 1, "0 1", "p", 1, 4, 5.0)
+    assert fake_grid.calls[-1] == ("a", [0.0, 1.0], ("b", [0.0, 1.0]))
+    with pytest.raises(UserError, match="'x' is not a number"):
+        studio.make_grid("r1", "demo-random:sd15", slots, 0, "0, x", None, "", "p", 1, 4, 5.0)
+    with pytest.raises(UserError, match="LoRA 3 is empty"):
+        studio.make_grid("r1", "demo-random:sd15", slots, 2, "0, 1", None, "", "p", 1, 4, 5.0)
+    with pytest.raises(UserError, match="two different"):
+        studio.make_grid("r1", "demo-random:sd15", slots, 1, "0, 1", 1, "0", "p", 1, 4, 5.0)
+    with pytest.raises(UserError, match="too many"):
+        studio.make_grid("r1", "demo-random:sd15", slots, 0, " ".join(["1"] * 6), 1, " ".join(["0"] * 5),
+                         "p", 1, 4, 5.0)
 
 
 def test_lora_files_and_uploads(studio, tmp_path):
@@ -277,3 +460,17 @@ def test_describe_base_and_preset(studio, tmp_path):
     assert "needs network" in studio.describe_base("org/model")
     assert "rank 1" in studio.describe_preset("tone") and studio.describe_preset("nope").startswith("⚠")
     assert studio.bases()[0] == "demo-random:sd15"
+
+
+def test_resume_a_run_trained_outside_the_queue(studio, tmp_path):
+    from tests.test_job import config_for
+
+    add_images(studio, "cli", tmp_path)
+    config = config_for(tmp_path, name="cli", data=str(studio.outputs_dir / "cli" / "dataset"), steps=3)
+    stop = threading.Event()
+    stop.set()  # like `python -m trainer train` stopped with Ctrl-C before its first step
+    FakeLoop()(config, lambda e: None, stop, False)
+    assert studio.run_list() == [("cli — stopped at 0/3 · resumable", "cli")] and studio.jobs() == []
+    assert "Resuming 'cli'" in studio.resume("cli")
+    wait_for(lambda: (j := job_of(studio, "cli")) is not None and j.state == "done")
+    assert studio.snapshot("cli").step == 3

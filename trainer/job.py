@@ -192,7 +192,7 @@ def disk_state(history: list[ev.Event]) -> str:
 class RunInfo:
     name: str
     path: str
-    state: str  # done | stopped | failed | interrupted | running
+    state: str  # done | stopped | failed | interrupted | running | queued | stopping | cancelled
     step: int
     total_steps: int
     resumable: bool
@@ -247,21 +247,33 @@ class JobManager:
         return candidate
 
     def list_runs(self) -> list[RunInfo]:
-        runs = []
         current = self.current()
-        if not self.outputs_dir.is_dir():
-            return runs
-        for run_dir in sorted(self.outputs_dir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
-            if not (run_dir / "config.yaml").is_file():
-                continue
-            history = ev.read_jsonl(run_dir / "events.jsonl")
-            if current is not None and current.is_active() and current.run_dir.resolve() == run_dir.resolve():
-                state = "running"
-            else:
-                state = disk_state(history)
-            snap = summarize(str(run_dir), state, history)
-            has_ckpt = any((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else False
-            runs.append(RunInfo(name=run_dir.name, path=str(run_dir), state=state, step=snap.step,
-                                total_steps=snap.total_steps,
-                                resumable=has_ckpt and state in ("interrupted", "stopped", "failed")))
+        live = {}
+        if current is not None and current.is_active():
+            live[str(current.run_dir.resolve())] = "running"
+        return list_runs(self.outputs_dir, live)
+
+
+def list_runs(outputs_dir: str | Path, states: Optional[dict[str, str]] = None) -> list[RunInfo]:
+    """Every run folder (one with a ``config.yaml``) under ``outputs_dir``, newest first.
+
+    Args:
+        states: ``{absolute run folder: state}`` from whoever runs jobs (the job manager, the queue);
+            it overrides the state read from ``events.jsonl``. Only a run in state interrupted,
+            stopped or failed with a checkpoint is resumable.
+    """
+    outputs_dir, states = Path(outputs_dir), states or {}
+    runs: list[RunInfo] = []
+    if not outputs_dir.is_dir():
         return runs
+    for run_dir in sorted(outputs_dir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+        if not (run_dir / "config.yaml").is_file():
+            continue
+        history = ev.read_jsonl(run_dir / "events.jsonl")
+        state = states.get(str(run_dir.resolve())) or disk_state(history)
+        snap = summarize(str(run_dir), state, history)
+        has_ckpt = any((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else False
+        runs.append(RunInfo(name=run_dir.name, path=str(run_dir), state=state, step=snap.step,
+                            total_steps=snap.total_steps,
+                            resumable=has_ckpt and state in ("interrupted", "stopped", "failed")))
+    return runs

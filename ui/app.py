@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
@@ -110,9 +112,27 @@ def launch(args) -> None:
               f"the app and read its outputs. Add --auth user:password (or set {AUTH_ENV}).", file=sys.stderr)
     outputs = Path(args.outputs).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
-    studio = Studio(outputs, default_base=args.base, models_dir=args.models, loras_dir=args.loras)
-    build(studio).queue(default_concurrency_limit=4).launch(
-        server_name=args.host, server_port=args.port, share=bool(args.share), auth=auth,
-        allowed_paths=[str(outputs)], max_file_size=UPLOAD_HARD_CAP, theme=theme(), css=CSS,
-        ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False, footer_links=["settings"],
-        show_error=True, favicon_path=None)
+    try:
+        studio = Studio(outputs, default_base=args.base, models_dir=args.models, loras_dir=args.loras)
+    except UserError as err:  # e.g. a corrupt or locked queue database: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
+    stop = threading.Event()
+    studio.start_worker(stop)  # one worker trains queued runs; it outlives any browser tab
+    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        build(studio).queue(default_concurrency_limit=4).launch(
+            server_name=args.host, server_port=args.port, share=bool(args.share), auth=auth,
+            allowed_paths=[str(outputs)], max_file_size=UPLOAD_HARD_CAP, theme=theme(), css=CSS,
+            ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False, footer_links=["settings"],
+            show_error=True, favicon_path=None)
+    finally:
+        # the running job stops after its step with a checkpoint; the next server start resumes it
+        studio.shutdown(timeout=60)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    """SIGTERM ends the server like Ctrl-C does, so the worker is shut down cleanly."""
+    raise KeyboardInterrupt

@@ -114,3 +114,39 @@ def upload_report(accepted: int, rejected: list[tuple[str, str]], captions: int 
     lines = [head, "", f"**Rejected {len(rejected)} file(s):**"]
     lines += [f"- {md_code(name)} — {' '.join(reason.split())}" for name, reason in rejected]
     return "\n".join(lines)
+
+
+QUEUE_STATES = {"queued": "waiting", "running": "training", "stopping": "stopping after this step",
+                "done": "finished", "failed": "failed", "stopped": "stopped", "cancelled": "cancelled",
+                "interrupted": "interrupted (resumes when the server starts)"}
+
+
+def queue_html(jobs, limit: int = 20) -> str:
+    """The training queue as a table: id, run, state, position, error; the newest ``limit`` jobs, with
+    the active ones first. Each row carries ``data-*`` attributes (tests and scripts read them)."""
+    active = [j for j in jobs if j.state in ("running", "stopping", "queued")]
+    active.sort(key=lambda j: (j.state == "queued", j.position or 0))
+    rest = [j for j in reversed(jobs) if j not in active][:max(0, limit - len(active))]
+    if not active and not rest:
+        return '<div class="queue-view" data-jobs="0">The queue is empty: press Start to add a run.</div>'
+    rows = []
+    for j in active + rest:
+        run = Path(j.run_dir).name
+        pos = str(j.position) if j.position else ""
+        error = " ".join(str(j.error or "").split())
+        rows.append(
+            f'<tr data-job-id="{j.id}" data-run="{html.escape(run)}" data-state="{html.escape(j.state)}" '
+            f'data-position="{pos}"><td>{j.id}</td><td>{html.escape(run)}</td>'
+            f'<td>{html.escape(QUEUE_STATES.get(j.state, j.state))}</td><td>{pos}</td>'
+            f'<td class="queue-error">{html.escape(error[:300])}</td></tr>')
+    return ('<div class="queue-view" data-jobs="%d"><table><thead><tr><th>Job</th><th>Run</th><th>State</th>'
+            '<th>Position</th><th>Note</th></tr></thead><tbody>%s</tbody></table></div>' % (len(jobs), "".join(rows)))
+
+
+def queue_choices(jobs) -> list[tuple[str, int]]:
+    """(label, id) of the jobs a person can act on (cancel or resume), newest first."""
+    out = []
+    for j in reversed(jobs):
+        if j.state in ("queued", "running", "stopping") or j.resumable:
+            out.append((f"job {j.id} — {Path(j.run_dir).name}", j.id))  # stable label: the state is in the table
+    return out

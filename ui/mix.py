@@ -1,8 +1,11 @@
-"""Mix & Preview tab: up to four LoRAs with a weight slider each, rendered on the base model.
+"""Mix & Preview tab: up to four LoRAs (weight slider + on/off each), preview, bake, comparison grid.
 
 The base pipeline is loaded once and each LoRA file is read once (as a named
-adapter); moving a slider only re-weights the adapters and renders again
-(DESIGN.md "Mixing math": a slider change must not reload files).
+adapter); moving a slider or switching a LoRA off only re-weights the adapters
+and renders again (DESIGN.md "Mixing math": a slider change must not reload files).
+Under each LoRA a line says what the file is (``LoraInfo.summary()``: format,
+architecture, rank, alpha, modules, trigger, ignored keys) or why it was refused.
+The work is done by :class:`ui.mixdesk.MixDesk`; this module only draws widgets.
 """
 
 from __future__ import annotations
@@ -19,37 +22,78 @@ log = logging.getLogger(__name__)
 SLOTS = 4
 PREVIEW_MIN = 256
 _RENDER = {"concurrency_id": "mix", "concurrency_limit": 1, "trigger_mode": "always_last"}
+_ONE = {"concurrency_id": "mix", "concurrency_limit": 1}
+
+
+def _internal(what: str, err: Exception) -> str:
+    """A bug must not take the page down: one line here, the traceback in the server log."""
+    log.exception("%s failed", what)
+    return f"⚠ internal error while {what}: {type(err).__name__}: {err} (details in the server log)"
 
 
 def build(studio: Studio, run: gr.Dropdown) -> dict:
-    gr.Markdown("Pick LoRAs and move the sliders: the preview re-renders with the new weights "
-                "(the base model and the LoRA files are loaded only once).")
+    gr.Markdown("Pick LoRAs and move the sliders (or switch one off): the preview re-renders with the new "
+                "weights; the base model and the LoRA files are loaded only once.")
     with gr.Row():
         base = gr.Dropdown(label="Base model", choices=studio.bases(), value=studio.default_base,
                            allow_custom_value=True, elem_id="mix-base", scale=3,
                            info="The base the LoRAs were trained for (set from the run).")
         upload = gr.File(label="Add a LoRA (.safetensors)", file_types=[".safetensors"], elem_id="mix-upload",
                          scale=2, height=130)
-    pickers, sliders = [], []
+    pickers, sliders, toggles, lines = [], [], [], []
     with gr.Row():
         for i in range(SLOTS):
-            with gr.Column(min_width=200, elem_classes=["mix-slot"]):
+            with gr.Column(min_width=220, elem_classes=["mix-slot"]):
                 pickers.append(gr.Dropdown(label=f"LoRA {i + 1}", choices=[], value=None, elem_id=f"mix-lora-{i}"))
-                sliders.append(gr.Slider(-1.0, 2.0, value=1.0 if i == 0 else 0.5, step=0.05, label="Weight",
-                                         elem_id=f"mix-weight-{i}"))
+                with gr.Row(equal_height=True):
+                    sliders.append(gr.Slider(-1.0, 2.0, value=1.0 if i == 0 else 0.5, step=0.05, label="Weight",
+                                             elem_id=f"mix-weight-{i}", scale=4))
+                    toggles.append(gr.Checkbox(True, label="On", elem_id=f"mix-on-{i}", scale=1, min_width=60))
+                lines.append(gr.Markdown(elem_id=f"mix-line-{i}", elem_classes=["mix-line"]))
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", value="a red circle on a blue square", elem_id="mix-prompt", scale=4)
         seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="mix-seed", scale=1)
         steps = gr.Number(8 if is_demo(studio.default_base) else 25, label="Steps", precision=0, minimum=1,
                           maximum=100, elem_id="mix-steps", scale=1)
         guidance = gr.Number(5.0, label="Guidance", minimum=0, elem_id="mix-guidance", scale=1)
-    render_btn = gr.Button("Render preview", variant="primary", elem_id="mix-render")
+    with gr.Row(equal_height=True):
+        render_btn = gr.Button("Render preview", variant="primary", elem_id="mix-render", scale=3)
+        fuse = gr.Checkbox(False, label="Fuse for speed", elem_id="mix-fuse", scale=1,
+                           info="Merge the mix into the base weights while rendering (undone on the next change).")
     info = gr.Markdown(elem_id="mix-info")
     preview = gr.Image(label="Preview", type="pil", interactive=False, elem_id="mix-preview", height=384,
                        format="png")
+    with gr.Accordion("Bake the mix into one LoRA file", open=True, elem_id="mix-bake-section"):
+        with gr.Row(equal_height=True):
+            method = gr.Radio([("Exact (rank = sum of ranks)", "exact"), ("SVD to a chosen rank", "svd")],
+                              value="exact", label="Method", elem_id="mix-bake-method", scale=3)
+            rank = gr.Number(4, label="Rank (SVD)", precision=0, minimum=1, elem_id="mix-bake-rank", scale=1)
+            bake_btn = gr.Button("Bake mix", variant="primary", elem_id="mix-bake", scale=1)
+            bake_dl = gr.DownloadButton("Download baked mix", elem_id="mix-bake-download", interactive=False,
+                                        scale=1)
+        bake_report = gr.Markdown(elem_id="mix-bake-report")
+    with gr.Accordion("Comparison grid", open=True, elem_id="mix-grid-section"):
+        slot_choices = [(f"LoRA {i + 1}", i) for i in range(SLOTS)]
+        with gr.Row(equal_height=True):
+            grid_lora = gr.Dropdown(slot_choices, value=0, label="Columns: LoRA", elem_id="mix-grid-lora", scale=1)
+            grid_weights = gr.Textbox("0, 0.5, 1", label="Weights", elem_id="mix-grid-weights", scale=2)
+            grid_second = gr.Dropdown([("none", -1), *slot_choices], value=-1, label="Rows: LoRA (optional)",
+                                      elem_id="mix-grid-second", scale=1)
+            grid_second_weights = gr.Textbox("0, 1", label="Row weights", elem_id="mix-grid-second-weights", scale=2)
+        with gr.Row():
+            grid_btn = gr.Button("Make grid", variant="primary", elem_id="mix-grid", scale=3)
+            grid_dl = gr.DownloadButton("Download grid", elem_id="mix-grid-download", interactive=False, scale=1)
+        grid_info = gr.Markdown(elem_id="mix-grid-info")
+        grid_image = gr.Image(label="Grid", type="filepath", interactive=False, elem_id="mix-grid-image",
+                              format="png")
 
     def choices():
         return [(label, path) for label, path in studio.lora_files()]
+
+    def slots_of(values) -> list[MixSlot]:
+        paths, weights, on = values[:SLOTS], values[SLOTS:2 * SLOTS], values[2 * SLOTS:3 * SLOTS]
+        return [MixSlot(path=p or "", weight=float(w if w is not None else 0), enabled=bool(o))
+                for p, w, o in zip(paths, weights, on)]
 
     def on_show(run_name, *current):
         """Tab opened or run changed: refresh the LoRA lists, preselect the run's LoRA and base."""
@@ -61,22 +105,20 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             values[0] = own
         return (studio.run_base(run_name), *[gr.update(choices=options, value=v) for v in values])
 
-    def render(base_name, prompt_text, seed_value, steps_value, guidance_value, *slot_values):
-        slots = [MixSlot(path=p, weight=w) for p, w in zip(slot_values[:SLOTS], slot_values[SLOTS:]) if p]
+    def render(base_name, prompt_text, seed_value, steps_value, guidance_value, fuse_value, *slot_values):
         try:
-            image, text = studio.render_mix(base_name, slots, prompt_text, int(seed_value or 0),
-                                            int(steps_value or 1), float(guidance_value or 0))
+            result = studio.render_mix(base_name, slots_of(slot_values), prompt_text, int(seed_value or 0),
+                                       int(steps_value or 1), float(guidance_value or 0), fuse=bool(fuse_value))
         except UserError as err:
-            return gr.skip(), f"⚠ {err}"
-        except Exception as err:  # a bug in preview must not take the page down: one line here, details in the log
-            log.exception("preview failed")
-            return gr.skip(), (f"⚠ internal error while rendering: {type(err).__name__}: {err} "
-                               "(details in the server log)")
+            return gr.skip(), f"⚠ {err}", *[gr.skip()] * SLOTS
+        except Exception as err:  # noqa: BLE001 — shown as one line, traceback in the log
+            return gr.skip(), _internal("rendering", err), *[gr.skip()] * SLOTS
+        image, text = result.image, result.info
         if min(image.size) < PREVIEW_MIN:  # the 64 px demo bases: enlarge with hard pixels so it can be seen
             factor = -(-PREVIEW_MIN // min(image.size))
             image = image.resize((image.width * factor, image.height * factor), resample=Image.Resampling.NEAREST)
             text += f" (a {image.width // factor} px image, shown {factor}× larger)"
-        return image, text
+        return image, text, *result.lines
 
     def on_upload(file, *current):
         if not file:
@@ -92,12 +134,42 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             values[empty] = stored
         return None, f"Added {stored.rsplit('/', 1)[-1]}.", *[gr.update(choices=options, value=v) for v in values]
 
-    inputs = [base, prompt, seed, steps, guidance, *pickers, *sliders]
+    def on_bake(run_name, base_name, method_value, rank_value, *slot_values):
+        try:
+            if method_value == "svd" and (rank_value is None or rank_value == ""):
+                raise UserError("give the rank to compress the mix to (SVD), e.g. 4")
+            path, text = studio.bake_mix(run_name, base_name, slots_of(slot_values),
+                                         float(rank_value) if method_value == "svd" else None)
+        except UserError as err:
+            return f"⚠ {err}", gr.update(value=None, interactive=False)
+        except Exception as err:  # noqa: BLE001
+            return _internal("baking", err), gr.update(value=None, interactive=False)
+        return text, gr.update(value=path, interactive=True)
+
+    def on_grid(run_name, base_name, prompt_text, seed_value, steps_value, guidance_value, axis, weights_text,
+                second, second_text, *slot_values):
+        try:
+            path, text = studio.make_grid(run_name, base_name, slots_of(slot_values), int(axis or 0), weights_text,
+                                          None if second in (None, "", -1) else int(second), second_text,
+                                          prompt_text, int(seed_value or 0), int(steps_value or 1),
+                                          float(guidance_value or 0))
+        except UserError as err:
+            return f"⚠ {err}", gr.skip(), gr.update(value=None, interactive=False)
+        except Exception as err:  # noqa: BLE001
+            return _internal("drawing the grid", err), gr.skip(), gr.update(value=None, interactive=False)
+        return text, path, gr.update(value=path, interactive=True)
+
+    slot_inputs = [*pickers, *sliders, *toggles]
+    inputs = [base, prompt, seed, steps, guidance, fuse, *slot_inputs]
+    outputs = [preview, info, *lines]
     upload.upload(on_upload, [upload, *pickers], [upload, info, *pickers])
-    render_btn.click(render, inputs, [preview, info], **_RENDER)
-    prompt.submit(render, inputs, [preview, info], **_RENDER)
-    for slider in sliders:
-        slider.release(render, inputs, [preview, info], **_RENDER)
+    render_btn.click(render, inputs, outputs, **_RENDER)
+    prompt.submit(render, inputs, outputs, **_RENDER)
+    for widget in (*sliders, *toggles, fuse):
+        (widget.release if isinstance(widget, gr.Slider) else widget.input)(render, inputs, outputs, **_RENDER)
     for picker in pickers:
-        picker.input(render, inputs, [preview, info], **_RENDER)
+        picker.input(render, inputs, outputs, **_RENDER)
+    bake_btn.click(on_bake, [run, base, method, rank, *slot_inputs], [bake_report, bake_dl], **_ONE)
+    grid_btn.click(on_grid, [run, base, prompt, seed, steps, guidance, grid_lora, grid_weights, grid_second,
+                             grid_second_weights, *slot_inputs], [grid_info, grid_image, grid_dl], **_ONE)
     return {"on_show": (on_show, [run, *pickers], [base, *pickers])}

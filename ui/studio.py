@@ -10,12 +10,11 @@ page starts in a second and torch is only loaded when training or preview begins
 from __future__ import annotations
 
 import importlib.util
-import itertools
+import logging
 import shutil
 import threading
-import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,10 +22,14 @@ from trainer.bases import list_bases, parse_base
 from trainer.config import Precision
 from trainer.errors import ConfigError, UserError
 from trainer.images import DEFAULT_LIMITS, ImageLimits
-from trainer.job import JobManager, JobSnapshot, Runner
+from trainer import events as ev
+from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
+from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
 from trainer.presets import list_presets, load_preset, resolve_config
 from ui import store
+from ui.mixdesk import MixDesk, MixResult, MixSlot, parse_weights  # noqa: F401 (re-exported for the tabs)
 
+log = logging.getLogger(__name__)
 LORA_UPLOADS = "_loras"  # outputs/_loras: LoRA files uploaded on the Mix tab (never a run: no config.yaml)
 EXPORT_FIELDS = ("title", "trigger_phrase", "license", "description")
 ARCH_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "flux": "FLUX.1"}
@@ -78,22 +81,6 @@ class TrainForm:
         return values
 
 
-@dataclass
-class MixSlot:
-    path: str
-    weight: float
-
-
-@dataclass
-class _Mixer:
-    """One loaded base pipeline and the adapter files loaded into it (each file read once)."""
-
-    base: str
-    session: Any
-    loaded: dict[tuple[str, float], str] = field(default_factory=dict)  # (path, mtime) -> adapter name
-    adapter_reads: int = 0
-
-
 class Studio:
     """Everything the page does, for one server process.
 
@@ -103,26 +90,75 @@ class Studio:
         models_dir: folder scanned for local diffusers folders / checkpoints.
         loras_dir: extra folder of ``.safetensors`` LoRAs offered on the Mix tab.
         limits: per-image upload limits.
-        runner: training function for :class:`JobManager` (tests inject fakes).
-        mix_factory: ``base -> MixSession`` (tests inject fakes; default ``trainer.mixing.MixSession``).
+        runner: training function the queue worker calls (tests inject fakes; default the real loop).
+        mix_engine: ``trainer.mixing`` or a stand-in with ``MixSession``/``bake``/``comparison_grid`` (tests).
+        worker_poll: seconds between the worker's looks at an empty queue (and heartbeats).
+
+    Training goes through the durable queue in ``outputs/queue.sqlite3`` (:mod:`trainer.queue`), the same one
+    ``python -m trainer queue`` uses; :meth:`start_worker` runs its one worker on a daemon thread.
+
+    Raises:
+        QueueError: the queue database cannot be used (the message says how to fix it).
     """
 
     def __init__(self, outputs_dir: str | Path, default_base: str = "demo:sd15", models_dir: str | Path = "models",
                  loras_dir: str | Path = "loras", limits: ImageLimits = DEFAULT_LIMITS,
-                 runner: Optional[Runner] = None, mix_factory: Optional[Callable[[str], Any]] = None):
+                 runner: Optional[Runner] = None, mix_engine: Any = None, worker_poll: float = 1.0):
         self.outputs_dir = Path(outputs_dir).resolve()
         self.default_base = default_base
         self.models_dir = Path(models_dir)
         self.loras_dir = Path(loras_dir)
         self.limits = limits
-        self.jobs = JobManager(self.outputs_dir, runner=runner)
-        self._mix_factory = mix_factory
-        self._mixer: Optional[_Mixer] = None
-        self._mix_lock = threading.Lock()
-        self._names = itertools.count(1)
-        self.base_loads = 0
+        self.runner = runner  # read at each job start, so tests can swap it between jobs
+        self.queue = JobQueue(self.outputs_dir)
+        self.worker_poll = worker_poll
+        self.worker_stop = threading.Event()
+        self._worker: Optional[threading.Thread] = None
+        self.mix = MixDesk(default_base, engine=mix_engine,
+                           session_kwargs=lambda base: {"device": "cpu" if is_demo(base) else "auto"})
         self._nf4: Optional[tuple[bool, str]] = None
-        self._snapshots: dict[Path, tuple[tuple[int, int], Optional[JobSnapshot]]] = {}
+        self._snapshots: dict[Path, tuple[tuple, Optional[JobSnapshot]]] = {}
+
+    # ---- the queue worker -------------------------------------------------------------------
+    def start_worker(self, stop: Optional[threading.Event] = None) -> threading.Thread:
+        """Start the one worker thread (daemon) that trains queued jobs; ``stop`` shuts it down.
+
+        At start the worker puts jobs interrupted by a server stop back in the queue (they continue from
+        their last checkpoint). Closing a browser never stops a job: only Stop/Cancel or the stop event do.
+        """
+        if self._worker is not None and self._worker.is_alive():
+            return self._worker
+        if stop is not None:
+            self.worker_stop = stop
+        self._worker = threading.Thread(target=self._work, name="queue-worker", daemon=True)
+        self._worker.start()
+        return self._worker
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop the worker: the running job stops after its step with a checkpoint and is resumed by the next
+        worker (``interrupted``)."""
+        self.worker_stop.set()
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def _work(self) -> None:
+        try:
+            run_worker(self.queue, stop=self.worker_stop, poll=self.worker_poll, runner=self._run)
+        except Exception:  # the queue database went away: say so in the log, the page keeps working
+            log.exception("the training queue worker stopped")
+
+    def _run(self, config, emit, stop, resume):
+        return (self.runner or _default_runner)(config, emit, stop, resume)
+
+    def jobs(self) -> list[QueuedJob]:
+        """Every job in the queue, oldest first."""
+        return self.queue.list()
+
+    def _job_for(self, run_dir: Path, jobs: Optional[list[QueuedJob]] = None) -> Optional[QueuedJob]:
+        """The newest queue job of a run folder (None if it never went through the queue)."""
+        target = str(run_dir.resolve())
+        mine = [j for j in (self.jobs() if jobs is None else jobs) if j.run_dir == target]
+        return mine[-1] if mine else None
 
     # ---- runs -------------------------------------------------------------------------------
     def run_dir(self, name: str) -> Path:
@@ -143,8 +179,9 @@ class Studio:
         return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     def active_run(self) -> Optional[str]:
-        job = self.jobs.current()
-        return job.run_dir.name if job is not None and job.is_active() else None
+        """The run the worker is training now (None while the queue is idle)."""
+        job = next((j for j in self.jobs() if j.state in ("running", "stopping")), None)
+        return Path(job.run_dir).name if job is not None else None
 
     def initial_run(self) -> str:
         """The run a freshly opened page shows: the one training, else the newest, else a new name."""
@@ -153,10 +190,18 @@ class Studio:
     def new_run(self) -> str:
         return store.new_run_name(self.outputs_dir)
 
+    def runs(self) -> list[RunInfo]:
+        """Trained runs on disk, with the queue's word on their state where it has one."""
+        states = {}
+        for job in self.jobs():  # oldest first: the newest job of a folder wins
+            if job.state != "cancelled":
+                states[job.run_dir] = job.state
+        return list_runs(self.outputs_dir, states)
+
     def run_list(self) -> list[tuple[str, str]]:
         """(label, run name) of every trained run, newest first: ``r1 — stopped at 3/10 · resumable``."""
         out = []
-        for r in self.jobs.list_runs():
+        for r in self.runs():
             where = f"{r.step}/{r.total_steps}" if r.total_steps else "before the first step"
             out.append((f"{r.name} — {r.state} at {where}" + (" · resumable" if r.resumable else ""), r.name))
         return out
@@ -301,24 +346,23 @@ class Studio:
         return [p.value for p in Precision if ok or p is not Precision.NF4]
 
     def start(self, run: str, form: TrainForm) -> tuple[str, str]:
-        """Start training ``run`` on its dataset; returns (run actually used, message).
+        """Queue ``run`` for training on its dataset; returns (run actually used, message).
 
-        A run that was already trained is not overwritten: its dataset is copied to a
-        new run (``<run>-2``) which is trained instead.
+        The queue trains one run at a time: while another one trains this one waits, and the message
+        says at which position. A run that was already trained (or is waiting in the queue) is not
+        overwritten: its dataset is copied to a new run (``<run>-2``) which is queued instead.
 
         Raises:
-            UserError: empty dataset, invalid settings (all listed), or another job running.
+            UserError: empty dataset, invalid settings (all listed), or the queue refused it.
         """
         run_dir = self.run_dir(run)
         if not store.list_items(run_dir):
             raise UserError("the dataset is empty: add images on the Dataset tab first")
         parse_base(form.base)  # a missing folder or unknown demo name is refused now, not after loading torch
-        active = self.active_run()
-        if active is not None:
-            raise UserError(f"'{active}' is still training; only one run can use the GPU at a time. "
-                            "Stop it or wait for it to finish, then press Start again")
         note = ""
-        if (run_dir / "config.yaml").is_file() or (run_dir / "events.jsonl").is_file():
+        job = self._job_for(run_dir)
+        if ((run_dir / "config.yaml").is_file() or (run_dir / "events.jsonl").is_file()
+                or (run_dir / "checkpoints").is_dir() or (job is not None and job.state in ACTIVE)):
             run_dir = self._copy_run(run_dir)
             note = f"'{run}' was already trained, so its dataset was copied to a new run '{run_dir.name}'. "
         if form.precision == Precision.NF4.value:
@@ -332,11 +376,21 @@ class Studio:
         except ConfigError as err:
             raise UserError("cannot start: " + "; ".join(err.problems)) from None
         self.save_settings(run_dir.name, trigger=form.trigger.strip(), preset=form.preset, base=form.base.strip())
-        self.jobs.start(config)
-        message = note + f"Training '{run_dir.name}': {config.steps} steps on {config.base}."
+        active = self.active_run()
+        queued = self.queue.add(config)
+        message = note + self._queued_message(queued, active, f"Training '{run_dir.name}': {config.steps} steps "
+                                                              f"on {config.base}.")
         if warnings:
             message += " Warning: " + "; ".join(warnings)
         return run_dir.name, message
+
+    @staticmethod
+    def _queued_message(job: QueuedJob, active: Optional[str], starting: str) -> str:
+        if active is None and job.position == 1:
+            return starting
+        ahead = f"'{active}' is training" if active else "other runs are waiting"
+        return (f"'{Path(job.run_dir).name}' is queued at position {job.position} (job {job.id}): {ahead}, and one "
+                "run trains at a time; it starts by itself when its turn comes.")
 
     def _copy_run(self, run_dir: Path) -> Path:
         n = 2
@@ -351,46 +405,101 @@ class Studio:
         return target
 
     def stop(self) -> str:
-        job = self.jobs.current()
-        if job is None or not job.is_active():
+        """Stop the run that is training now (after its current step, with a final checkpoint and exports)."""
+        job = next((j for j in self.jobs() if j.state in ("running", "stopping")), None)
+        if job is None:
             return "Nothing is training."
-        job.stop()
-        return f"Stopping '{job.run_dir.name}' after the current step; a final checkpoint and the exports are saved."
+        self.queue.cancel(job.id)
+        return (f"Stopping '{Path(job.run_dir).name}' after the current step; a final checkpoint and the exports "
+                "are saved.")
+
+    def cancel_job(self, job_id: int) -> str:
+        """Cancel a queued job (it never runs) or stop the running one.
+
+        Raises:
+            UserError: no such job, or it already ended.
+        """
+        before = self.queue.get(int(job_id))
+        after = self.queue.cancel(int(job_id))
+        name = Path(after.run_dir).name
+        if before.state in ("running", "stopping"):
+            return f"Stopping job {after.id} ('{name}') after the current step; a final checkpoint is saved."
+        return f"Cancelled job {after.id} ('{name}'); it will not run."
+
+    def resume_job(self, job_id: int) -> str:
+        """Queue a stopped, failed or interrupted job again, continuing from its last checkpoint.
+
+        Raises:
+            UserError: the job is not resumable (the queue says why).
+        """
+        active = self.active_run()
+        job = self.queue.resume(int(job_id))
+        where = f"checkpoint {job.last_checkpoint}" if job.last_checkpoint else "step 0 (it had no checkpoint yet)"
+        return self._queued_message(job, active, f"Resuming '{Path(job.run_dir).name}' from {where}.")
 
     def resume(self, run: str) -> str:
+        """Resume ``run`` from its last checkpoint through the queue (its queue job if it has one).
+
+        Raises:
+            UserError: never trained, already finished, no checkpoint, or already queued/training.
+        """
         run_dir = self.run_dir(run)
-        active = self.active_run()
-        if active is not None:
-            raise UserError(f"'{active}' is still training; stop it before resuming another run")
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"'{run}' has not been trained yet: press Start")
-        info = next((r for r in self.jobs.list_runs() if r.name == run_dir.name), None)
+        job = self._job_for(run_dir)
+        if job is not None and job.state in ("queued", "running", "stopping"):
+            raise UserError(f"'{run_dir.name}' is already {job.state} (job {job.id})")
+        info = next((r for r in self.runs() if r.name == run_dir.name), None)
         if info is not None and not info.resumable:
             why = "it already finished" if info.state == "done" else "it has no checkpoint yet"
             raise UserError(f"'{run}' cannot be resumed: {why}")
-        self.jobs.resume(run_dir.name)
-        return f"Resuming '{run_dir.name}' from its last checkpoint."
+        if job is not None and job.resumable:
+            return self.resume_job(job.id)
+        from trainer.config import load_config  # a run trained before the queue existed (or by `train`)
+
+        active = self.active_run()
+        config = replace(load_config(run_dir / "config.yaml"), out=str(run_dir))
+        queued = self.queue.add(config, resume=True)
+        return self._queued_message(queued, active, f"Resuming '{run_dir.name}' from its last checkpoint.")
 
     def snapshot(self, run: str) -> Optional[JobSnapshot]:
-        """The run's progress: live for the current job, else read from its events.jsonl (re-read only
-        when the file changed, since every open page asks once a second)."""
+        """The run's progress from its events.jsonl (the worker's runs append to it live) and its state from
+        the queue; re-read only when the file or the state changed, since every open page asks once a second."""
         try:
             run_dir = self.run_dir(run)
         except UserError:
             return None
-        job = self.jobs.current()
-        if job is not None and job.run_dir.resolve() == run_dir:
-            return job.snapshot()
+        job = self._job_for(run_dir)
+        state = job.state if job is not None and job.state != "cancelled" else None
+        error = job.error if job is not None and job.state == "failed" else ""
         try:
             st = (run_dir / "events.jsonl").stat()
+            stamp = (st.st_mtime_ns, st.st_size)
         except OSError:
-            return None
-        key = (st.st_mtime_ns, st.st_size)
+            stamp = None
+        key = (stamp, state, error, job.position if job is not None else None)
         cached = self._snapshots.get(run_dir)
-        if cached is None or cached[0] != key:
-            cached = (key, self.jobs.snapshot(run_dir))
-            self._snapshots[run_dir] = cached
-        return cached[1]
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        history = ev.read_jsonl(run_dir / "events.jsonl") if stamp is not None else []
+        if not history and state is None:
+            snap = None
+        else:
+            snap = summarize(str(run_dir), state or disk_state(history), history)
+            if error and not snap.error:
+                snap = replace(snap, error=" ".join(error.split()))
+        self._snapshots[run_dir] = (key, snap)
+        return snap
+
+    def queue_note(self, run: str) -> str:
+        """One line for a run waiting in the queue: its position and what is training."""
+        try:
+            job = self._job_for(self.run_dir(run))
+        except UserError:
+            return ""
+        if job is None or job.state != "queued":
+            return ""
+        return f"Queued at position {job.position} (job {job.id})."
 
     # ---- LoRA files -------------------------------------------------------------------------
     def lora_files(self) -> list[tuple[str, str]]:
@@ -429,61 +538,38 @@ class Studio:
         except UserError:
             return self.default_base
 
-    # ---- mixing -----------------------------------------------------------------------------
-    def _session(self, base: str) -> _Mixer:
-        if self._mixer is None or self._mixer.base != base:
-            self._mixer = None  # drop the old pipeline before loading another
-            if self._mix_factory is not None:
-                session = self._mix_factory(base)
-            else:
-                from trainer.mixing import MixSession
-
-                session = MixSession(base, device="auto" if not is_demo(base) else "cpu")
-            self.base_loads += 1
-            self._mixer = _Mixer(base=base, session=session)
-        return self._mixer
-
-    def _adapter(self, mixer: _Mixer, path: str) -> str:
-        p = Path(path)
-        if p.suffix.lower() != ".safetensors":
-            raise UserError(f"{p.name}: only .safetensors LoRA files are accepted")
-        try:
-            key = (str(p.resolve()), p.stat().st_mtime)
-        except OSError:
-            raise UserError(f"LoRA file {p.name} no longer exists") from None
-        if key not in mixer.loaded:
-            stale = [k for k in mixer.loaded if k[0] == key[0]]
-            for k in stale:  # the file was rewritten (a resumed run): drop the old adapter
-                mixer.session.remove_lora(mixer.loaded.pop(k))
-            name = f"lora{next(self._names)}"
-            mixer.session.add_lora(str(p), name=name)
-            mixer.loaded[key] = name
-            mixer.adapter_reads += 1
-        return mixer.loaded[key]
+    # ---- mixing (ui.mixdesk does the work) --------------------------------------------------
+    @property
+    def base_loads(self) -> int:
+        return self.mix.base_loads
 
     def render_mix(self, base: str, slots: list[MixSlot], prompt: str, seed: int, steps: int,
-                   guidance: float) -> tuple[Any, str]:
-        """Render ``prompt`` with the weighted LoRAs; returns (PIL image, one-line info)."""
-        base = (base or self.default_base).strip()
-        chosen = [s for s in slots if s.path]
-        with self._mix_lock:
-            t0 = time.perf_counter()
-            mixer = self._session(base)
-            weights = {}
-            for slot in chosen:
-                name = self._adapter(mixer, slot.path)
-                weights[name] = weights.get(name, 0.0) + float(slot.weight)
-            for name in mixer.loaded.values():
-                weights.setdefault(name, 0.0)
-            mixer.session.set_weights(weights)
-            t1 = time.perf_counter()
-            image = mixer.session.render(prompt or "", seed=int(seed), steps=int(steps), guidance=float(guidance))
-            t2 = time.perf_counter()
-        mix = ", ".join(f"{Path(s.path).parent.name if Path(s.path).name == 'lora.safetensors' else Path(s.path).stem}"
-                        f" × {float(s.weight):g}" for s in chosen) or "no LoRA (base model only)"
-        info = (f"{mix} — rendered in {t2 - t1:.1f} s; re-weighting took {(t1 - t0) * 1000:.0f} ms. "
-                f"Base loaded {self.base_loads}×, LoRA files read {mixer.adapter_reads}×.")
-        return image, info
+                   guidance: float, fuse: bool = False) -> MixResult:
+        """Render ``prompt`` with the weighted LoRAs (see :meth:`MixDesk.render`)."""
+        return self.mix.render(base, slots, prompt, seed, steps, guidance, fuse=fuse)
+
+    def _export_dir(self, run: str) -> Path:
+        if not str(run or "").strip():
+            raise UserError("pick a run first: baked mixes and grids are saved in its export folder")
+        return self.run_dir(run) / "export"
+
+    def bake_mix(self, run: str, base: str, slots: list[MixSlot], rank: Optional[float]) -> tuple[str, str]:
+        """Bake the mix into ``outputs/<run>/export/<run>_mix[_r<k>].safetensors``; returns (path, report)."""
+        folder = self._export_dir(run)
+        name = f"{folder.parent.name}_mix" + (f"_r{int(rank)}" if rank is not None and float(rank).is_integer() else "")
+        return self.mix.bake(base, slots, folder / f"{name}.safetensors", rank)
+
+    def make_grid(self, run: str, base: str, slots: list[MixSlot], axis: int, weights: str,
+                  second: Optional[int], second_weights: str, prompt: str, seed: int, steps: int,
+                  guidance: float) -> tuple[str, str]:
+        """A comparison grid saved as ``outputs/<run>/export/<run>_grid.png``; returns (path, info)."""
+        folder = self._export_dir(run)
+        first = parse_weights(weights, f"weights of LoRA {axis + 1}")
+        other = None
+        if second is not None and second >= 0:
+            other = (second, parse_weights(second_weights, f"weights of LoRA {second + 1}"))
+        return self.mix.grid(base, slots, axis, first, other, prompt, seed, steps, guidance,
+                             folder / f"{folder.parent.name}_grid.png")
 
     # ---- export -----------------------------------------------------------------------------
     def exports(self, run: str) -> dict[str, Optional[str]]:

@@ -1,8 +1,9 @@
-"""Train tab: base, preset, advanced settings, Start/Stop, live progress, runs and Resume.
+"""Train tab: base, preset, advanced settings, Start/Stop, the queue, live progress, runs and Resume.
 
-Training runs in the server's background job; this tab only polls it (a
-``gr.Timer``), so closing the browser does not stop a run and reopening the page
-shows it again.
+Start puts the run in the server's training queue (``trainer.queue``, the same
+one ``python -m trainer queue`` uses); one worker thread trains one run at a time.
+This tab only polls (a ``gr.Timer``), so closing the browser does not stop a run,
+reopening the page shows it again, and a server restart resumes it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,17 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         start = gr.Button("Start training", variant="primary", elem_id="start")
         stop = gr.Button("Stop", variant="stop", elem_id="stop")
     status = gr.Markdown(elem_id="train-status")
+    with gr.Accordion("Queue (one run trains at a time; the rest wait here, also after a server restart)",
+                      open=True, elem_id="queue"):
+        jobs0 = studio.jobs()
+        queue_view = gr.HTML(fmt.queue_html(jobs0), elem_id="queue-view")
+        with gr.Row(equal_height=True):
+            job_pick = gr.Dropdown(label="Job", choices=fmt.queue_choices(jobs0), value=None, elem_id="queue-job",
+                                   allow_custom_value=True,
+                                   scale=3, info="Pick a job, then cancel it (a running one stops after its step) "
+                                                 "or resume it from its last checkpoint.")
+            cancel_job = gr.Button("Cancel job", variant="stop", elem_id="queue-cancel", scale=0, min_width=140)
+            resume_job = gr.Button("Resume job", elem_id="queue-resume", scale=0, min_width=140)
     progress = gr.HTML(fmt.progress_html(None), elem_id="train-progress")
     with gr.Row(equal_height=True):
         plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Training loss",
@@ -135,23 +147,41 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
             return f"⚠ {err}", gr.skip()
 
     resume.click(on_resume, run, [status, last], concurrency_id="train-control", concurrency_limit=1)
+
+    def on_job(action, job_id):
+        if job_id is None or job_id == "":
+            return "⚠ pick a job in the list first", gr.skip()
+        try:
+            return action(int(job_id)), None
+        except ValueError:
+            return f"⚠ {job_id!r} is not a job number", gr.skip()
+        except UserError as err:
+            return f"⚠ {err}", gr.skip()
+
+    cancel_job.click(lambda j: on_job(studio.cancel_job, j), job_pick, [status, last],
+                     concurrency_id="train-control", concurrency_limit=1)
+    resume_job.click(lambda j: on_job(studio.resume_job, j), job_pick, [status, last],
+                     concurrency_id="train-control", concurrency_limit=1)
     refresh.click(lambda: gr.update(choices=studio.run_list()), None, runs)
     runs.input(lambda name: name or gr.skip(), runs, run)
 
     def poll(run_name, shown):
         """Timer tick: send only the parts that changed since the last tick."""
+        jobs = studio.jobs()
         snap = studio.snapshot(run_name)
         active = studio.active_run()
-        note = (f"'{active}' is training; select it in the Run box to watch it."
-                if active and active != run_name else "")
+        note = studio.queue_note(run_name) if run_name else ""
+        if active and active != run_name:
+            note = (note + " " if note else "") + f"'{active}' is training now; select it in the Run box to watch it."
         view = {"run": run_name, "note": note, "state": snap.state if snap else None,
                 "step": snap.step if snap else 0, "total": snap.total_steps if snap else 0,
                 "points": len(snap.losses) if snap else 0, "log": snap.log[-1:] if snap else (),
                 "samples": list(snap.samples) if snap else [], "checkpoint": snap.checkpoint if snap else "",
-                "error": snap.error if snap else ""}
+                "error": snap.error if snap else "",
+                "queue": [(j.id, j.state, j.position, j.error, j.resumable) for j in jobs]}
         shown = shown or {}
         if view == shown:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 9
         same_run = shown.get("run") == run_name
 
         def changed(key):
@@ -160,13 +190,16 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         plot_update = pd.DataFrame(fmt.loss_points(snap), columns=["step", "loss"]) if changed("points") else gr.skip()
         samples_update = view["samples"] if changed("samples") else gr.skip()
         runs_update = gr.skip()
-        if changed("state") or changed("total"):
+        if changed("state") or changed("total") or changed("queue"):
             listed = studio.run_list()
             runs_update = gr.update(choices=listed, value=run_name if run_name in {n for _, n in listed} else None)
+        queue_update, pick_update = gr.skip(), gr.skip()
+        if view["queue"] != shown.get("queue"):
+            queue_update, pick_update = fmt.queue_html(jobs), gr.update(choices=fmt.queue_choices(jobs))
         return (fmt.progress_html(snap, note), plot_update, samples_update, fmt.checkpoint_line(snap),
-                fmt.log_text(snap), runs_update, view)
+                fmt.log_text(snap), runs_update, queue_update, pick_update, view)
 
     timer = gr.Timer(POLL_SECONDS)
-    timer.tick(poll, [run, last], [progress, plot, samples, checkpoint, log, runs, last],
+    timer.tick(poll, [run, last], [progress, plot, samples, checkpoint, log, runs, queue_view, job_pick, last],
                show_progress="hidden", concurrency_id="poll", concurrency_limit=None)
     return {"base": base, "last": last, "runs": runs, "status": status}

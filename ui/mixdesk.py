@@ -1,0 +1,269 @@
+"""The Mix & Preview tab's state, without gradio: one loaded base, its adapters, preview, bake and grids.
+
+The base pipeline is loaded once and each LoRA file is read once into a named adapter;
+a slider or on/off change only re-weights the loaded adapters (DESIGN.md "Mixing math").
+A file that cannot be used (another architecture, shapes that do not fit, not a real
+safetensors file) is refused with the engine's one-line reason on its own slot; the other
+LoRAs still render. ``trainer.mixing`` (torch) is imported only when the first preview runs.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from trainer.errors import UserError
+
+MAX_GRID_CELLS = 25  # each cell is a full render; more would hold the preview lock for minutes
+
+
+@dataclass
+class MixSlot:
+    """One LoRA row of the tab: the file, its slider value and its on/off switch (off = weight 0,
+    the slider value is kept)."""
+
+    path: str
+    weight: float
+    enabled: bool = True
+
+    @property
+    def effective(self) -> float:
+        return float(self.weight) if self.enabled else 0.0
+
+
+@dataclass
+class MixResult:
+    image: Any  # PIL image at the base's native size
+    info: str  # one line: the mix, timings, load counters
+    lines: list[str]  # per slot given: the file's summary, a ⚠ refusal, or "" for an empty slot
+
+
+@dataclass
+class _Loaded:
+    """One loaded base pipeline and the adapter files loaded into it (each file read once)."""
+
+    base: str
+    session: Any
+    loaded: dict[tuple[str, float], str] = field(default_factory=dict)  # (path, mtime) -> adapter name
+    infos: dict[str, Any] = field(default_factory=dict)  # adapter name -> LoraInfo
+    refused: dict[tuple[str, float], str] = field(default_factory=dict)  # (path, mtime) -> why (not read again)
+    adapter_reads: int = 0
+
+
+def _engine_default():
+    import trainer.mixing
+
+    return trainer.mixing
+
+
+def slot_label(path: str) -> str:
+    """``run`` for a run's own ``outputs/<run>/lora.safetensors``, else the file stem."""
+    p = Path(path)
+    return p.parent.name if p.name == "lora.safetensors" else p.stem
+
+
+def parse_weights(text: str, what: str = "weights") -> list[float]:
+    """``"0, 0.5, 1"`` (commas and/or spaces) -> ``[0.0, 0.5, 1.0]``.
+
+    Raises:
+        UserError: an empty list or a value that is not a number (named).
+    """
+    parts = [p for p in re.split(r"[,\s;]+", str(text or "").strip()) if p]
+    if not parts:
+        raise UserError(f"{what}: give at least one weight, e.g. 0, 0.5, 1")
+    out = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            raise UserError(f"{what}: {part!r} is not a number (write them like 0, 0.5, 1)") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise UserError(f"{what}: {part!r} is not a finite number")
+        out.append(value)
+    return out
+
+
+class MixDesk:
+    """Mixing for one server process (one base loaded at a time, guarded by a lock).
+
+    Args:
+        default_base: base used when the tab sends none.
+        engine: an object with ``MixSession``, ``bake`` and ``comparison_grid`` (tests inject fakes;
+            default :mod:`trainer.mixing`, imported on first use).
+        session_kwargs: ``base -> kwargs`` for ``MixSession`` (device choice).
+    """
+
+    def __init__(self, default_base: str, engine: Any = None,
+                 session_kwargs: Optional[Callable[[str], dict]] = None):
+        self.default_base = default_base
+        self._engine = engine
+        self._session_kwargs = session_kwargs or (lambda base: {})
+        self._loaded: Optional[_Loaded] = None
+        self._lock = threading.Lock()
+        self.base_loads = 0
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = _engine_default()
+        return self._engine
+
+    # ---- loading ----------------------------------------------------------------------------
+    def _session(self, base: str) -> _Loaded:
+        if self._loaded is None or self._loaded.base != base:
+            self._loaded = None  # drop the old pipeline before loading another
+            session = self.engine.MixSession(base, **self._session_kwargs(base))
+            self.base_loads += 1
+            self._loaded = _Loaded(base=base, session=session)
+        return self._loaded
+
+    def _adapter(self, mixer: _Loaded, path: str) -> str:
+        p = Path(path)
+        if p.suffix.lower() != ".safetensors":
+            raise UserError(f"{p.name}: only .safetensors LoRA files are accepted "
+                            "(pickled .pt/.ckpt/.bin files can run code)")
+        try:
+            key = (str(p.resolve()), p.stat().st_mtime)
+        except OSError:
+            raise UserError(f"LoRA file {p.name} no longer exists") from None
+        if key in mixer.refused:  # a slider move must not re-read a file that was already refused
+            raise UserError(mixer.refused[key])
+        if key not in mixer.loaded:
+            for stale in [k for k in mixer.loaded if k[0] == key[0]]:  # rewritten (a resumed run): drop the old one
+                old = mixer.loaded.pop(stale)
+                mixer.session.remove_lora(old)
+                mixer.infos.pop(old, None)
+            name = self._new_name(mixer, slot_label(path))
+            try:
+                info = mixer.session.add_lora(str(p), name=name)
+            except UserError as err:  # LoraFormatError: another architecture, shapes that do not fit, not safetensors
+                mixer.refused[key] = str(err)
+                raise
+            mixer.loaded[key] = name
+            mixer.infos[name] = info
+            mixer.adapter_reads += 1
+        return mixer.loaded[key]
+
+    @staticmethod
+    def _new_name(mixer: _Loaded, label: str) -> str:
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_") or "lora"
+        taken, name, n = set(mixer.loaded.values()), stem, 1
+        while name in taken:
+            n += 1
+            name = f"{stem}_{n}"
+        return name
+
+    def _prepare(self, base: str, slots: list[MixSlot], fuse: bool) -> tuple[_Loaded, list[Optional[str]], list[str]]:
+        """Load what is missing and set the weights; returns (mixer, adapter name per slot, line per slot).
+        Must be called with the lock held."""
+        mixer = self._session((base or self.default_base).strip())
+        names: list[Optional[str]] = []
+        lines: list[str] = []
+        weights: dict[str, float] = {}
+        for slot in slots:
+            if not slot.path:
+                names.append(None)
+                lines.append("")
+                continue
+            try:
+                name = self._adapter(mixer, slot.path)
+            except UserError as err:  # wrong architecture, shapes that do not fit, a pickle: one line on the slot
+                names.append(None)
+                lines.append(f"⚠ {' '.join(str(err).split())}")
+                continue
+            names.append(name)
+            weights[name] = weights.get(name, 0.0) + slot.effective
+            info = mixer.infos.get(name)
+            line = info.summary() if hasattr(info, "summary") else name
+            lines.append(line + ("" if slot.enabled else " — switched off"))
+        for name in mixer.loaded.values():
+            weights.setdefault(name, 0.0)
+        mixer.session.set_weights(weights)  # re-weighting only: no file read, no base reload (unfuses first)
+        if fuse:
+            mixer.session.fuse()
+        return mixer, names, lines
+
+    # ---- actions ----------------------------------------------------------------------------
+    def render(self, base: str, slots: list[MixSlot], prompt: str, seed: int, steps: int, guidance: float,
+               fuse: bool = False) -> MixResult:
+        """Render ``prompt`` with the weighted LoRAs (refused files are left out, with their reason)."""
+        with self._lock:
+            t0 = time.perf_counter()
+            mixer, names, lines = self._prepare(base, slots, fuse)
+            t1 = time.perf_counter()
+            image = mixer.session.render(prompt or "", seed=int(seed), steps=int(steps), guidance=float(guidance))
+            t2 = time.perf_counter()
+        used = [f"{slot_label(s.path)} × {s.effective:g}" + ("" if s.enabled else " (off)")
+                for s, n in zip(slots, names) if n is not None]
+        refused = sum(1 for line in lines if line.startswith("⚠"))
+        info = (f"{', '.join(used) or 'no LoRA (base model only)'} — rendered in {t2 - t1:.1f} s"
+                f"{' (fused)' if fuse else ''}; re-weighting took {(t1 - t0) * 1000:.0f} ms. "
+                f"Base loaded {self.base_loads}×, LoRA files read {mixer.adapter_reads}×.")
+        if refused:
+            info += f" {refused} LoRA file(s) refused: see the line under each."
+        return MixResult(image=image, info=info, lines=lines)
+
+    def bake(self, base: str, slots: list[MixSlot], out_path: Path, rank: Optional[int]) -> tuple[str, str]:
+        """Write the current mix (on/off and weights as the sliders say) to ``out_path``; returns (path, report).
+
+        Raises:
+            UserError: nothing switched on, a refused file, a bad rank.
+        """
+        if rank is not None and (int(rank) != rank or rank < 1):
+            raise UserError(f"bake rank must be a whole number of at least 1, got {rank:g}")
+        with self._lock:
+            mixer, names, lines = self._prepare(base, slots, fuse=False)
+            problems = [line for line in lines if line.startswith("⚠")]
+            if problems:
+                raise UserError(f"cannot bake: {problems[0][2:]}")
+            weights = {n: 0.0 for n in mixer.loaded.values()}
+            for slot, name in zip(slots, names):
+                if name is not None:
+                    weights[name] += slot.effective
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            report = self.engine.bake(mixer.session, weights, out_path, rank=None if rank is None else int(rank))
+        method = "exact (ranks concatenated)" if report.method == "concat" else f"SVD to rank {report.rank}"
+        text = (f"Baked {', '.join(report.sources)} into `{Path(report.path).name}`: {method}, rank {report.rank}, "
+                f"relative error {report.relative_error:.2%}, layout {report.layout}, {report.layers} layers.")
+        return report.path, text
+
+    def grid(self, base: str, slots: list[MixSlot], axis: int, weights: list[float],
+             second: Optional[tuple[int, list[float]]], prompt: str, seed: int, steps: int, guidance: float,
+             out_path: Path) -> tuple[str, str]:
+        """A labelled comparison grid of slot ``axis`` over ``weights`` (columns) and optionally another slot
+        (rows); the other LoRAs keep their current weights. Saved as PNG to ``out_path``.
+
+        Raises:
+            UserError: an empty or refused slot, the same slot twice, too many cells.
+        """
+        cells = len(weights) * (len(second[1]) if second else 1)
+        if cells > MAX_GRID_CELLS:
+            raise UserError(f"{cells} images is too many for one grid (at most {MAX_GRID_CELLS}); use fewer weights")
+        if second is not None and second[0] == axis:
+            raise UserError("pick two different LoRAs for the two grid axes")
+        with self._lock:
+            mixer, names, lines = self._prepare(base, slots, fuse=False)
+
+            def name_of(i: int) -> str:
+                if i < 0 or i >= len(slots) or not slots[i].path:
+                    raise UserError(f"LoRA {i + 1} is empty: pick a file in that slot first")
+                if names[i] is None:
+                    raise UserError(f"LoRA {i + 1} cannot be used: {lines[i][2:]}")
+                return names[i]
+
+            first = name_of(axis)
+            other = (name_of(second[0]), list(second[1])) if second is not None else None
+            t0 = time.perf_counter()
+            image = self.engine.comparison_grid(mixer.session, first, list(weights), prompt or "", int(seed),
+                                                int(steps), float(guidance), second=other)
+            took = time.perf_counter() - t0
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(f".{out_path.name}.tmp")
+        image.save(tmp, format="PNG")
+        tmp.replace(out_path)
+        return str(out_path), f"{cells} image(s) of `{first}`" + (f" × `{other[0]}`" if other else "") + \
+            f" rendered in {took:.1f} s; saved as `{out_path.name}`."
