@@ -27,7 +27,8 @@ def label_grid(cells: list[list[Image.Image]], col_labels: list[str], row_labels
     """Cells in rows and columns on white, with a title line, column labels on top and row labels on the left."""
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    side = max(MIN_CELL, max(c.width for row in cells for c in row))
+    widest_label = max((_text_size(probe, t, font)[0] for t in col_labels), default=0)
+    side = max(MIN_CELL, max(c.width for row in cells for c in row), widest_label + PAD)  # labels never overlap
     line = max(_text_size(probe, "Ag x0.5", font)[1], 10) + PAD
     left = max((_text_size(probe, t, font)[0] for t in row_labels), default=0) + 2 * PAD if row_labels else 0
     top = 2 * line + PAD
