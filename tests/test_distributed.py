@@ -76,7 +76,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(base_dirs, scene_dir
 
 @pytest.mark.slow
 def test_killed_two_process_run_resumes_on_one_process_exactly(base_dirs, scene_dir, tmp_path):
-    steps = 60
+    steps = 30
     proc = torchrun(train_args(base_dirs["sd15"], scene_dir, tmp_path / "ddp", steps=steps))
     try:
         deadline = time.time() + 180

@@ -54,6 +54,7 @@ COMMANDS = {
     "mix": ("trainer.cli_mix", "preview, bake or grid a weighted mix of LoRAs"),
     "demo-data": ("trainer.demo_data", "write a captioned demo style set"),
     "queue": ("trainer.cli_queue", "queue training runs: add, list, cancel, resume, run"),
+    "pretrain-demo": ("trainer.pretrain.cli", "train a tiny demo base from scratch (demo_models/)"),
     "bench": ("trainer.cli_bench", "speed and memory benchmarks (CPU smoke mode, or full size on a GPU)"),
 }
 

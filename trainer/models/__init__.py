@@ -1,7 +1,8 @@
 """Load a base model from any source, in the precision asked for.
 
-Sources (parsed by :mod:`trainer.bases`): ``demo:<arch>`` / ``demo-random:<arch>``
-(tiny models built and cached on first use), a local diffusers folder, a
+Sources (parsed by :mod:`trainer.bases`): ``demo:<arch>`` (the tiny pretrained bases
+shipped in ``demo_models/``), ``demo-random:<arch>`` (tiny random weights, built and cached
+on first use), a local diffusers folder, a
 single-file ``.safetensors`` checkpoint (diffusers ``from_single_file``), or a
 hub id (used from the local cache; downloaded only where the hub answers).
 Missing weights end in one :class:`ModelNotFoundError` line saying what to

@@ -1,0 +1,105 @@
+"""``python -m trainer pretrain-demo`` pieces: word-level tokenizers, a seconds-long pretraining
+run that writes a loadable diffusers folder, resume, and CLI input errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+
+def test_grammar_and_trigger_words_are_single_tokens(tmp_path):
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from trainer.pretrain import models
+
+    clip = models.clip_tokenizer()
+    for word in models.grammar_words():
+        assert len(clip(word).input_ids) == 3, word  # BOS, word, EOS
+    clip.save_pretrained(tmp_path / "clip")
+    again = CLIPTokenizer.from_pretrained(tmp_path / "clip")
+    text = "zkstyle, a small red star in the top left on a blue background"
+    assert again(text).input_ids == clip(text).input_ids
+    assert len(clip(text).input_ids) == 2 + len(text.replace(",", " ,").split())
+    t5 = models.t5_tokenizer()
+    t5.save_pretrained(tmp_path / "t5")
+    ids = T5TokenizerFast.from_pretrained(tmp_path / "t5")(text).input_ids
+    assert len(ids) == 1 + len(text.replace(",", " ,").split())  # one piece per word, plus </s>
+
+
+def test_captions_fit_the_token_budget():
+    import random
+
+    from trainer.demo_data import describe, sample_spec
+    from trainer.pretrain import models
+
+    clip, rng = models.clip_tokenizer(), random.Random(0)
+    longest = max(len(clip("zkstyle, " + describe(sample_spec(rng), True, True)).input_ids) for _ in range(300))
+    assert longest <= models.MAX_TOKENS
+
+
+def test_augmented_captions_keep_the_scene():
+    import random
+
+    from trainer.pretrain.data import augment_caption
+
+    rng = random.Random(0)
+    out = [augment_caption("a red circle on a blue background", rng, junk=1.0) for _ in range(20)]
+    assert all(o.endswith(", a red circle on a blue background") for o in out)
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrain(tmp_path_factory):
+    """A seconds-long sd15 pretraining run (budgets in minutes: 0.05 = 3 s)."""
+    from trainer.pretrain.train import pretrain
+
+    root = tmp_path_factory.mktemp("pretrain")
+    summary = pretrain("sd15", root / "sd15", root / "work", minutes=0.05, pool=64, batch=4, vae_minutes=0.05,
+                       vae_pool=32, log=lambda *_: None)
+    return root, summary
+
+
+def test_pretrain_writes_a_loadable_fp16_folder(tiny_pretrain):
+    from safetensors import safe_open
+
+    from trainer.config import Precision
+    from trainer.models import load_base
+
+    root, summary = tiny_pretrain
+    folder = root / "sd15"
+    studio = json.loads((folder / "studio.json").read_text())
+    assert studio["steps"] >= 1 and studio["guidance"] > 0 and studio["train_steps"] == summary["train_steps"] >= 1
+    for part in ("unet", "vae", "text_encoder"):
+        (weights,) = (folder / part).glob("*.safetensors")
+        with safe_open(str(weights), "pt") as f:
+            assert f.get_tensor(next(iter(f.keys()))).dtype.is_floating_point
+            assert str(f.get_tensor(next(iter(f.keys()))).dtype) == "torch.float16"
+    base = load_base(str(folder), Precision.FP32, "cpu")
+    assert base.arch == "sd15" and base.pipe.unet.dtype.is_floating_point
+    assert base.pipe.scheduler.config.prediction_type == "v_prediction"
+    image = base.pipe("a red circle on a blue background", num_inference_steps=2, height=64, width=64).images[0]
+    assert image.size == (64, 64)
+
+
+def test_pretrain_resumes_from_its_state(tiny_pretrain):
+    from trainer.pretrain.train import pretrain
+
+    root, first = tiny_pretrain
+    log = (root / "work" / "sd15" / "loss.jsonl").read_text().splitlines()
+    assert len(log) == first["train_steps"]
+    minutes = (first["train_seconds"] + 2.0) / 60
+    again = pretrain("sd15", root / "sd15", root / "work", minutes=minutes, pool=64, batch=4, log=lambda *_: None)
+    assert again["train_steps"] > first["train_steps"]  # continued, not restarted
+    steps = [json.loads(line)["step"] for line in (root / "work" / "sd15" / "loss.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, again["train_steps"] + 1))
+
+
+def test_cli_rejects_a_bad_budget():
+    from trainer.errors import UserError
+    from trainer.pretrain import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    with pytest.raises(UserError, match="--minutes"):
+        cli.run(parser.parse_args(["--arch", "sd15", "--out", "x", "--minutes", "0"]))

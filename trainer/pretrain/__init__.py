@@ -1,0 +1,1 @@
+"""Pretraining of the shipped demo bases (``python -m trainer pretrain-demo``)."""
