@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_config
 from trainer.checkpoint import checkpoint_dirs
 from trainer.config import load_config
 from trainer.loop import run_training

@@ -26,6 +26,7 @@ from PIL import Image
 
 from trainer.errors import DataError, ImageError
 from trainer.images import DEFAULT_LIMITS, ImageLimits, is_image_name, open_image
+from trainer.paths import is_inside, sha256_file
 
 _REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
 
@@ -63,19 +64,11 @@ def caption_from_filename(path: Path) -> str:
     return re.sub(r"\s+", " ", stem).strip()
 
 
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _scan_folder(folder: Path, root: Path, repeats: int, group: str, items: list, skipped: list, warnings: list) -> None:
     for path in sorted(folder.iterdir()):
         if not path.is_file() or not is_image_name(path.name):
             continue
-        if not _inside(path, root):
+        if not is_inside(path, root):
             skipped.append((path.name, "links outside the data folder"))
             continue
         caption = _read_caption(path.with_suffix(".txt"), warnings)
@@ -94,7 +87,7 @@ def _scan_metadata(root: Path, items: list, skipped: list, warnings: list) -> No
             warnings.append(f"metadata.jsonl line {lineno}: not a JSON object with file_name; ignored")
             continue
         path = root / name
-        if not _inside(path, root):
+        if not is_inside(path, root):
             skipped.append((name, "points outside the data folder"))
             continue
         if not path.is_file():
@@ -260,6 +253,6 @@ def dataset_hash(examples: list[Example]) -> str:
     """sha256 over every used file's bytes and caption, in a stable order (provenance)."""
     digest = hashlib.sha256()
     for ex in sorted(examples, key=lambda e: e.source):
-        digest.update(hashlib.sha256(Path(ex.source).read_bytes()).digest())
+        digest.update(bytes.fromhex(sha256_file(ex.source)))
         digest.update(ex.caption.encode("utf-8"))
     return digest.hexdigest()

@@ -350,6 +350,8 @@ def base_fingerprint(base: LoadedBase) -> str:
     """sha256 of the denoiser weights (single file, or the folder's denoiser shards); empty for hub ids."""
     import hashlib
 
+    from trainer.paths import sha256_file
+
     ref = base.ref
     if ref.kind == "file":
         files = [Path(ref.value)]
@@ -360,9 +362,7 @@ def base_fingerprint(base: LoadedBase) -> str:
         files = sorted((folder / base.handler.denoiser_attr).glob("*.safetensors"))
     else:
         return ""
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest() if files else ""
+    if len(files) == 1:
+        return sha256_file(files[0])
+    combined = hashlib.sha256("".join(sha256_file(p) for p in files).encode())  # sharded weights
+    return combined.hexdigest() if files else ""

@@ -17,7 +17,6 @@ Layout of a run folder as the web app writes it::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from PIL import Image
 from trainer.atomic import write_text
 from trainer.errors import ImageError, UserError
 from trainer.images import DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, is_image_name, open_image
+from trainer.paths import is_inside, sha256_file
 
 THUMB_SIZE = 256
 MAX_STEM = 80
@@ -88,14 +88,6 @@ def new_run_name(outputs_dir: Path, now: float | None = None) -> str:
     return name
 
 
-def inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def dataset_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "dataset"
 
@@ -116,14 +108,6 @@ def _unique_name(name: str, taken: set[str]) -> str:
         candidate, n = f"{stem}-{n}", n + 1
     taken.add(candidate.lower())
     return f"{candidate}.{ext}"
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _copy_exclusive(src: Path, dst: Path) -> None:
@@ -174,7 +158,7 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
     data = dataset_dir(run_dir)
     data.mkdir(parents=True, exist_ok=True)
     taken = _taken_stems(data)
-    known = {_file_hash(p): p.name for p in data.iterdir() if p.is_file() and is_image_name(p.name)}
+    known = {sha256_file(p): p.name for p in data.iterdir() if p.is_file() and is_image_name(p.name)}
     names = list(names) if names is not None else [Path(p).name for p in paths]
     texts: dict[str, Path] = {}
     stored_by_stem: dict[str, str] = {}
@@ -194,13 +178,13 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
             reason = str(err).split(": ", 1)[-1] if ": " in str(err) else str(err)
             report.rejected.append((shown, reason))
             continue
-        digest = _file_hash(src)
+        digest = sha256_file(src)
         if digest in known:
             report.rejected.append((shown, f"already in the dataset as {known[digest]}"))
             continue
         stored = _unique_name(safe_upload_name(shown), taken)
         dst = data / stored
-        if not inside(dst, data):  # cannot happen after safe_upload_name; kept as a last guard
+        if not is_inside(dst, data):  # cannot happen after safe_upload_name; kept as a last guard
             report.rejected.append((shown, "unsafe file name"))
             continue
         _copy_exclusive(src, dst)
@@ -229,7 +213,7 @@ def _item_path(run_dir: Path, name: str) -> Path:
     """The dataset image ``name``; names from the page are checked, never trusted."""
     data = dataset_dir(run_dir)
     path = data / name
-    if name != Path(name).name or not is_image_name(name) or not inside(path, data) or not path.is_file():
+    if name != Path(name).name or not is_image_name(name) or not is_inside(path, data) or not path.is_file():
         raise UserError(f"{name!r} is not an image in this run's dataset")
     return path
 

@@ -19,7 +19,6 @@ layer (``.alpha`` keys, or ``lora_adapter_metadata`` for PEFT files), 1 when no 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from trainer.errors import LoraFormatError
+from trainer.paths import sha256_file
 from trainer.mixing.index import ARCH_LABELS
 
 # suffix -> role; checked in order, first match wins
@@ -263,14 +263,6 @@ def layer_scale(stem: str, roles: dict[str, str], naming: str, rank: int, alpha:
                                       f"lora_adapter_metadata says r={r}; the metadata does not match the weights")
             return float(a) / (math.sqrt(rank) if config.get("use_rslora") else rank)
     return 1.0
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def representative(values: list[float]) -> float:
