@@ -213,3 +213,37 @@ def test_hub_id_loads_from_the_local_cache_offline(base_dirs, tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     base = load_base("studio-tests/tiny-sd15", device="cpu")
     assert base.arch == "sd15" and base.ref.kind == "hub"
+
+
+def test_demo_bases_bring_their_own_sampling_defaults(tmp_path, scene_dir):
+    """studio.json steps/guidance become the sample defaults unless the user gives them."""
+    import argparse
+
+    from trainer import cli_train
+    from trainer.bases import base_sampling_defaults
+
+    parser = argparse.ArgumentParser()
+    cli_train.add_arguments(parser)
+    for base in ("demo:sd15", "demo:flux"):
+        expected = base_sampling_defaults(base)
+        assert set(expected) == {"steps", "guidance"}, base  # the shipped demo bases carry studio.json
+        config, _ = cli_train.config_from_args(parser.parse_args(["--base", base, "--data", str(scene_dir)]))
+        assert (config.sample_steps, config.sample_guidance) == (expected["steps"], expected["guidance"])
+        config, _ = cli_train.config_from_args(parser.parse_args(["--base", base, "--data", str(scene_dir),
+                                                                  "--sample-guidance", "7"]))
+        assert config.sample_guidance == 7.0
+    assert base_sampling_defaults("demo-random:sd15") == {}
+
+
+@pytest.mark.parametrize("guidance_embeds,guidance,expected", [
+    (True, 3.5, {"guidance_scale": 3.5}),
+    (False, 1.0, {"guidance_scale": 1.0}),
+    (False, 2.0, {"guidance_scale": 1.0, "true_cfg_scale": 2.0, "negative_prompt": ""}),
+])
+def test_flux_guidance_becomes_true_cfg_without_guidance_embeds(guidance_embeds, guidance, expected):
+    from types import SimpleNamespace
+
+    from trainer.models import ARCH_HANDLERS
+
+    pipe = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(guidance_embeds=guidance_embeds)))
+    assert ARCH_HANDLERS["flux"].guidance_kwargs(pipe, guidance) == expected

@@ -20,6 +20,7 @@ PIPELINE_ARCH = {
     "StableDiffusionXLPipeline": "sdxl",
     "FluxPipeline": "flux",
 }
+SHIPPED_DEMOS = Path(__file__).resolve().parent.parent / "demo_models"  # demo:<arch> weights shipped in git
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -111,6 +112,33 @@ def list_bases(models_dir: str | Path | None = None) -> list[str]:
             if (entry / "model_index.json").is_file() or entry.suffix.lower() == ".safetensors":
                 found.append(str(entry))
     return found
+
+
+def sampling_defaults(ref: BaseRef, folder: Path | None = None) -> dict:
+    """Sampling steps/guidance stored with a base (``studio.json``, written for the demo bases), else {}.
+
+    For a FLUX base without guidance embeds the stored ``true_cfg_scale`` is its guidance.
+    """
+    folder = folder or (Path(ref.value) if ref.kind == "folder" else None)
+    try:
+        raw = json.loads((folder / "studio.json").read_text(encoding="utf-8")) if folder else {}
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    if isinstance(raw.get("steps"), int):
+        out["steps"] = raw["steps"]
+    guidance = raw.get("true_cfg_scale", raw.get("guidance"))
+    if isinstance(guidance, (int, float)):
+        out["guidance"] = float(guidance)
+    return out
+
+
+def base_sampling_defaults(base: str) -> dict:
+    """:func:`sampling_defaults` for a ``--base`` string (the shipped folder for ``demo:<arch>``)."""
+    ref = parse_base(base)
+    if ref.kind == "demo":
+        return sampling_defaults(ref, SHIPPED_DEMOS / ref.arch)
+    return sampling_defaults(ref) if ref.kind == "folder" else {}
 
 
 def native_resolution(ref: BaseRef, folder: Path | None = None) -> int:

@@ -10,7 +10,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.bases import native_resolution, parse_base
+from trainer.bases import base_sampling_defaults, native_resolution, parse_base
 from trainer.config import Precision, TrainConfig, load_config, load_yaml
 from trainer.errors import UserError
 from trainer.presets import resolve_config
@@ -101,6 +101,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     values.setdefault("out", str(Path("outputs") / Path(values["data"]).resolve().name))
     if "resolution" not in values:
         values["resolution"] = default_resolution(values["base"])
+    for key, value in base_sampling_defaults(values["base"]).items():
+        values.setdefault(f"sample_{key}", value)  # the base's own tuned sampling, unless given
     return resolve_config(preset, values)
 
 

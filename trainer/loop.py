@@ -148,8 +148,9 @@ def render_samples(base: LoadedBase, prompts: list[str], config: TrainConfig, si
     images = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator("cpu").manual_seed(config.seed + i)
-        out = base.pipe(prompt=prompt, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
-                        width=size[0], height=size[1], generator=generator, **base.handler.pipeline_kwargs(base.pipe))
+        out = base.pipe(prompt=prompt, num_inference_steps=config.sample_steps, width=size[0], height=size[1],
+                        generator=generator, **base.handler.guidance_kwargs(base.pipe, config.sample_guidance),
+                        **base.handler.pipeline_kwargs(base.pipe))
         images.append(out.images[0])
     return images
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from trainer.bases import list_bases, parse_base
+from trainer.bases import base_sampling_defaults, list_bases, parse_base
 from trainer.config import Precision
 from trainer.errors import ConfigError, UserError
 from trainer.images import DEFAULT_LIMITS, ImageLimits
@@ -371,6 +371,9 @@ class Studio:
                 raise UserError(f"{why}; pick bf16, fp16 or auto")
         overrides = form.overrides()
         overrides.update(data=str(store.dataset_dir(run_dir)), out=str(run_dir))
+        for key, value in base_sampling_defaults(form.base).items():  # the base's tuned sampling (studio.json)
+            if overrides.get(f"sample_{key}") is None:
+                overrides[f"sample_{key}"] = value
         try:
             config, warnings = resolve_config(form.preset or "style", overrides)
         except ConfigError as err:

@@ -324,6 +324,7 @@ class MixSession:
         if size % 16:
             raise UserError(f"image size must be a multiple of 16, got {size}")
         generator = torch.Generator("cpu").manual_seed(int(seed))
-        out = self.pipe(prompt=prompt, num_inference_steps=int(steps), guidance_scale=float(guidance), width=size,
-                        height=size, generator=generator, **self.loaded.handler.pipeline_kwargs(self.pipe))
+        handler = self.loaded.handler
+        out = self.pipe(prompt=prompt, num_inference_steps=int(steps), width=size, height=size, generator=generator,
+                        **handler.guidance_kwargs(self.pipe, float(guidance)), **handler.pipeline_kwargs(self.pipe))
         return out.images[0]

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from trainer.bases import BaseRef, cache_dir, parse_base
+from trainer.bases import SHIPPED_DEMOS, BaseRef, cache_dir, parse_base
 from trainer.config import Precision
 from trainer.errors import ModelNotFoundError, UnsupportedError, UserError
 from trainer.models.flux import Flux
@@ -64,9 +64,6 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
     if device.type == "cuda":
         return Precision.BF16 if torch.cuda.is_bf16_supported() else Precision.FP16
     return Precision.FP32
-
-
-SHIPPED_DEMOS = Path(__file__).resolve().parents[2] / "demo_models"
 
 
 def demo_folder(ref: BaseRef) -> Path:

@@ -75,3 +75,10 @@ class Flux(SD15):
 
     def pipeline_kwargs(self, pipe) -> dict:
         return {"max_sequence_length": self.max_sequence_length(pipe)}
+
+    def guidance_kwargs(self, pipe, guidance: float) -> dict:
+        """FLUX.1-dev embeds guidance; a transformer without guidance embeds (schnell, the tiny
+        demo base) ignores ``guidance_scale``, so guidance > 1 becomes true CFG with an empty negative."""
+        if pipe.transformer.config.guidance_embeds or guidance <= 1.0:
+            return {"guidance_scale": float(guidance)}
+        return {"guidance_scale": 1.0, "true_cfg_scale": float(guidance), "negative_prompt": ""}

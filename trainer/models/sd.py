@@ -75,6 +75,10 @@ class SD15:
     def pipeline_kwargs(self, pipe) -> dict:
         return {}
 
+    def guidance_kwargs(self, pipe, guidance: float) -> dict:
+        """Pipeline arguments for classifier-free guidance strength ``guidance``."""
+        return {"guidance_scale": float(guidance)}
+
 
 class SDXL(SD15):
     name = "sdxl"

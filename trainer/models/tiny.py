@@ -74,7 +74,7 @@ def build_sd15():
         attention_head_dim=8, norm_num_groups=8,
     )
     train_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    scheduler = EulerDiscreteScheduler.from_config(train_sched.config)
+    scheduler = EulerDiscreteScheduler.from_config(train_sched.config, steps_offset=1, timestep_spacing="leading")
     return StableDiffusionPipeline(
         vae=_vae(4, flux=False), text_encoder=CLIPTextModel(_clip_config(False)), tokenizer=clip_tokenizer(),
         unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -97,7 +97,7 @@ def build_sdxl():
     return StableDiffusionXLPipeline(
         vae=_vae(4, flux=False), text_encoder=CLIPTextModel(_clip_config(False)),
         text_encoder_2=CLIPTextModelWithProjection(_clip_config(True)), tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(), unet=unet, scheduler=EulerDiscreteScheduler.from_config(train_sched.config),
+        tokenizer_2=clip_tokenizer(), unet=unet, scheduler=EulerDiscreteScheduler.from_config(train_sched.config, steps_offset=1, timestep_spacing="leading"),
         force_zeros_for_empty_prompt=False,
     )
 
