@@ -43,13 +43,7 @@ MODEL_IDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    """An offline machine with an empty Hugging Face cache."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+from tests.captioning_fixtures import offline_hub  # noqa: F401  (autouse: offline, empty HF cache)
 
 
 def _png(path: Path, color=(200, 40, 40)) -> Path:

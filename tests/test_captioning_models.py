@@ -34,13 +34,7 @@ def _images():
     ]
 
 
-@pytest.fixture(autouse=True)
-def offline_hub(tmp_path, monkeypatch):
-    """No hub, and an empty HF cache: only folders the test builds exist."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+from tests.captioning_fixtures import offline_hub  # noqa: F401  (autouse: offline, empty HF cache)
 
 
 @pytest.fixture(scope="module")
