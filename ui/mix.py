@@ -15,6 +15,7 @@ import logging
 import gradio as gr
 from PIL import Image
 
+from trainer.bases import base_sampling_defaults
 from trainer.errors import UserError
 from ui.studio import MixSlot, Studio, is_demo
 
@@ -55,7 +56,8 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="mix-seed", scale=1)
         steps = gr.Number(8 if is_demo(studio.default_base) else 25, label="Steps", precision=0, minimum=1,
                           maximum=100, elem_id="mix-steps", scale=1)
-        guidance = gr.Number(5.0, label="Guidance", minimum=0, elem_id="mix-guidance", scale=1)
+        guidance = gr.Number(_default_guidance(studio.default_base), label="Guidance", minimum=0,
+                             elem_id="mix-guidance", scale=1)
     with gr.Row(equal_height=True):
         render_btn = gr.Button("Render preview", variant="primary", elem_id="mix-render", scale=3)
         fuse = gr.Checkbox(False, label="Fuse for speed", elem_id="mix-fuse", scale=1,
@@ -173,3 +175,11 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
     grid_btn.click(on_grid, [run, base, prompt, seed, steps, guidance, grid_lora, grid_weights, grid_second,
                              grid_second_weights, *slot_inputs], [grid_info, grid_image, grid_dl], **_ONE)
     return {"on_show": (on_show, [run, *pickers], [base, *pickers])}
+
+
+def _default_guidance(base: str) -> float:
+    """The base's tuned guidance (studio.json of the demo bases), else the usual 5."""
+    try:
+        return base_sampling_defaults(base).get("guidance", 5.0)
+    except UserError:
+        return 5.0
