@@ -22,38 +22,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def studio_defaults(base) -> dict:
-    """Sampling defaults stored with a pretrained demo base (``studio.json``), or the app's."""
-    from trainer.models import demo_folder
+def generate(base, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 32):
+    """One image per prompt; prompt i gets generator seed ``seed * 1000 + i``.
 
-    ref = base.ref
-    folder = Path(ref.value) if ref.kind == "folder" else demo_folder(ref) if ref.kind.startswith("demo") else None
-    path = folder / "studio.json" if folder else None
-    if path is not None and path.is_file():
-        return json.loads(path.read_text())
-    return {"steps": 20, "guidance": 5.0}
-
-
-def generate(base, prompts: list[str], seed: int, steps: int, guidance: float, defaults: dict, batch: int = 32):
-    """One image per prompt; prompt i gets generator seed ``seed * 1000 + i``."""
+    ``guidance`` is the base's guidance strength (true CFG for a FLUX base without guidance embeds).
+    """
     import torch
 
-    kwargs = dict(base.handler.pipeline_kwargs(base.pipe))
-    if base.arch == "flux" and "true_cfg_scale" in defaults:
-        kwargs.update(true_cfg_scale=defaults["true_cfg_scale"], negative_prompt=defaults.get("negative_prompt", ""))
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         gens = [torch.Generator("cpu").manual_seed(seed * 1000 + start + i) for i in range(len(chunk))]
-        if base.arch == "flux":
-            kwargs_chunk = dict(kwargs)
-            if "negative_prompt" in kwargs_chunk:
-                kwargs_chunk["negative_prompt"] = [kwargs_chunk["negative_prompt"]] * len(chunk)
-        else:
-            kwargs_chunk = kwargs
         with torch.no_grad():
-            out = base.pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
-                            generator=gens, **kwargs_chunk)
+            out = base.pipe(prompt=chunk, num_inference_steps=steps, height=64, width=64, generator=gens,
+                            **base.sampling_kwargs(guidance, batch=len(chunk)))
         images += out.images
     return images
 
@@ -67,26 +49,23 @@ def evaluate(base_name: str, n_prompts: int, seeds: int, steps: int | None = Non
 
     t0 = time.time()
     base = load_base(base_name, Precision.FP32, "cpu")
-    defaults = studio_defaults(base)
+    defaults = base.sampling_defaults()  # FLUX without guidance embeds: "guidance" is its true-CFG scale
     steps = steps or int(defaults.get("steps", 20))
-    if base.arch == "flux" and "true_cfg_scale" in defaults:  # demo FLUX: --guidance is the true-CFG scale
-        if guidance is not None:
-            defaults = {**defaults, "true_cfg_scale": guidance}
-        guidance = float(defaults.get("guidance", 1.0))
-    elif guidance is None:
+    if guidance is None:
         guidance = float(defaults.get("guidance", 5.0))
     pairs = eval_prompts(n_prompts)
     judged = []
     for seed in range(seeds):
-        images = generate(base, [p for p, _ in pairs], seed, steps, guidance, defaults)
+        images = generate(base, [p for p, _ in pairs], seed, steps, guidance)
         judged += [(image, spec) for image, (_, spec) in zip(images, pairs)]
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
                 image.save(save_dir / f"{base.arch}-s{seed}-{i:02d}.png")
     result = score(judged)
-    result.update(base=base_name, steps=steps, guidance=guidance, seconds=round(time.time() - t0, 1),
-                  true_cfg_scale=defaults.get("true_cfg_scale") if base.arch == "flux" else None)
+    true_cfg = "true_cfg_scale" in base.sampling_kwargs(guidance)
+    result.update(base=base_name, steps=steps, guidance=1.0 if true_cfg else guidance, seconds=round(time.time() - t0, 1),
+                  true_cfg_scale=guidance if true_cfg else None)
     return result
 
 

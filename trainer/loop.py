@@ -149,8 +149,7 @@ def render_samples(base: LoadedBase, prompts: list[str], config: TrainConfig, si
     for i, prompt in enumerate(prompts):
         generator = torch.Generator("cpu").manual_seed(config.seed + i)
         out = base.pipe(prompt=prompt, num_inference_steps=config.sample_steps, width=size[0], height=size[1],
-                        generator=generator, **base.handler.guidance_kwargs(base.pipe, config.sample_guidance),
-                        **base.handler.pipeline_kwargs(base.pipe))
+                        generator=generator, **base.sampling_kwargs(config.sample_guidance))
         images.append(out.images[0])
     return images
 

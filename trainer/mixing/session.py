@@ -324,7 +324,6 @@ class MixSession:
         if size % 16:
             raise UserError(f"image size must be a multiple of 16, got {size}")
         generator = torch.Generator("cpu").manual_seed(int(seed))
-        handler = self.loaded.handler
         out = self.pipe(prompt=prompt, num_inference_steps=int(steps), width=size, height=size, generator=generator,
-                        **handler.guidance_kwargs(self.pipe, float(guidance)), **handler.pipeline_kwargs(self.pipe))
+                        **self.loaded.sampling_kwargs(float(guidance)))
         return out.images[0]

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from trainer.bases import SHIPPED_DEMOS, BaseRef, cache_dir, parse_base
+from trainer.bases import SHIPPED_DEMOS, BaseRef, cache_dir, parse_base, sampling_defaults
 from trainer.config import Precision
 from trainer.errors import ModelNotFoundError, UnsupportedError, UserError
 from trainer.models.flux import Flux
@@ -47,6 +47,22 @@ class LoadedBase:
     @property
     def denoiser(self) -> torch.nn.Module:
         return getattr(self.pipe, self.handler.denoiser_attr)
+
+    def sampling_defaults(self) -> dict:
+        """Steps/guidance stored with the base (studio.json of the demo bases), else {}."""
+        if self.ref.kind == "folder":
+            return sampling_defaults(self.ref)
+        if self.ref.kind in ("demo", "demo-random"):
+            return sampling_defaults(self.ref, demo_folder(self.ref))
+        return {}
+
+    def sampling_kwargs(self, guidance: float, batch: int = 1) -> dict:
+        """Pipeline arguments for guidance ``guidance`` (true CFG for FLUX without guidance embeds) plus the
+        architecture's extras; a negative prompt is repeated for a batch of ``batch`` prompts."""
+        kwargs = {**self.handler.guidance_kwargs(self.pipe, guidance), **self.handler.pipeline_kwargs(self.pipe)}
+        if "negative_prompt" in kwargs and batch > 1:
+            kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * batch
+        return kwargs
 
 
 def resolve_device(device: str) -> torch.device:

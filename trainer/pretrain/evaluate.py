@@ -64,21 +64,11 @@ def denoising_loss(base, images: list[Image.Image], captions: list[str], repeats
 @torch.no_grad()
 def generate(base, prompts: list[str], seed: int = 0, steps: int | None = None, guidance: float | None = None):
     """One 64 px image per prompt at the base's studio.json defaults; prompt i uses seed ``seed + i``."""
-    import json
-    from pathlib import Path
-
-    from trainer.models import demo_folder
-
-    ref = base.ref
-    folder = Path(ref.value) if ref.kind == "folder" else demo_folder(ref) if ref.kind.startswith("demo") else None
-    defaults = json.loads((folder / "studio.json").read_text()) if folder and (folder / "studio.json").is_file() else {}
-    kwargs = dict(base.handler.pipeline_kwargs(base.pipe))
-    if base.arch == "flux" and "true_cfg_scale" in defaults:
-        kwargs.update(true_cfg_scale=defaults["true_cfg_scale"], negative_prompt=[""] * len(prompts))
+    defaults = base.sampling_defaults()
+    guidance = guidance if guidance is not None else defaults.get("guidance", 5.0)
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
-    out = base.pipe(prompt=prompts, num_inference_steps=steps or defaults.get("steps", 20),
-                    guidance_scale=guidance if guidance is not None else defaults.get("guidance", 5.0),
-                    height=64, width=64, generator=gens, **kwargs)
+    out = base.pipe(prompt=prompts, num_inference_steps=steps or defaults.get("steps", 20), height=64, width=64,
+                    generator=gens, **base.sampling_kwargs(guidance, batch=len(prompts)))
     return out.images
 
 
