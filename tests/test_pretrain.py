@@ -103,3 +103,41 @@ def test_cli_rejects_a_bad_budget():
     cli.add_arguments(parser)
     with pytest.raises(UserError, match="--minutes"):
         cli.run(parser.parse_args(["--arch", "sd15", "--out", "x", "--minutes", "0"]))
+
+
+def test_init_from_continues_from_a_demo_base_folder(tiny_pretrain):
+    """--init-from: a fresh work folder adopts the folder's autoencoder (so its latents
+    stay valid) and starts the denoiser and text encoder from the folder's weights."""
+    import torch
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    from trainer.pretrain import models
+    from trainer.pretrain.train import _load_weights, pretrain
+
+    root, _ = tiny_pretrain
+    source = root / "sd15"
+    work = root / "warm"
+    pretrain("sd15", root / "warm-out", work, minutes=0.02, pool=64, batch=4, init_from=source, log=lambda *_: None)
+    adopted, shipped = AutoencoderKL.from_pretrained(work / "vae"), AutoencoderKL.from_pretrained(source / "vae")
+    assert adopted.config.shift_factor is not None  # FLUX-style work folders need the latent mean
+    for key, value in shipped.encoder.state_dict().items():
+        assert torch.equal(adopted.encoder.state_dict()[key], value), key
+
+    pipe = models.build_pipeline("sd15", adopted)
+    before = pipe.unet.conv_in.weight.detach().clone()
+    _load_weights("sd15", pipe, source)
+    trained = DiffusionPipeline.from_pretrained(source, dtype=torch.float32)
+    assert not torch.equal(before, pipe.unet.conv_in.weight)
+    for part in ("unet", "text_encoder"):
+        want, got = getattr(trained, part).state_dict(), getattr(pipe, part).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items()), part
+
+
+def test_init_from_a_folder_without_weights_is_one_clear_line(tmp_path):
+    from trainer.errors import UserError
+    from trainer.pretrain.train import pretrain
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no vae/ folder there"):
+        pretrain("sd15", tmp_path / "out", tmp_path / "work", minutes=0.01, init_from=tmp_path / "empty",
+                 log=lambda *_: None)

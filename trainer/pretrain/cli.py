@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pool", type=int, default=16000, help="number of rendered training scenes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", default=None,
+                        help="start from this demo base folder's weights (e.g. demo_models/sd15) in a fresh --work "
+                             "folder, to train the shipped base further")
     parser.add_argument("--decoder-minutes", type=float, default=0.0,
                         help="instead of training --arch: train only the work folder's decoder for this long "
                              "(encoder frozen, so cached latents stay valid; can run beside the denoisers)")
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
               f"re-run pretrain-demo for each arch to export it")
         return 0
     summary = pretrain(args.arch, Path(args.out), Path(args.work), args.minutes, device=args.device, seed=args.seed,
-                       batch=args.batch_size, lr=args.lr, pool=args.pool, vae_minutes=args.vae_minutes)
+                       batch=args.batch_size, lr=args.lr, pool=args.pool, vae_minutes=args.vae_minutes,
+                       init_from=Path(args.init_from) if args.init_from else None)
     print(f"wrote the {args.arch} demo base to {args.out} ({summary['train_steps']} steps, "
           f"{summary['train_minutes']} min); load it with --base {args.out}")
     return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.errors import UserError
 from trainer.pretrain import models
 from trainer.pretrain.data import augment_caption, render_pool, to_pixels
 
@@ -115,11 +116,14 @@ def _trainable(arch: str, pipe) -> torch.nn.ModuleDict:
 
 def pretrain(arch: str, out: Path, work: Path, minutes: float, device: str = "cpu", seed: int = 0,
              batch: int = 32, lr: float = 1e-3, pool: int = 16000, vae_minutes: float = 10.0, vae_pool: int = 4000,
-             log=print) -> dict:
+             init_from: Path | None = None, log=print) -> dict:
     """Train (or resume) the ``arch`` demo base in ``work`` and write the diffusers folder ``out``.
 
     ``minutes`` is the denoiser's time budget (the autoencoder's is ``vae_minutes``,
-    spent only once per work folder). Returns the run summary.
+    spent only once per work folder). ``init_from`` (a demo base folder of the same
+    arch, e.g. the shipped one) continues training from its weights in a fresh work
+    folder: its autoencoder becomes the work folder's, so its latents stay valid.
+    Returns the run summary.
     """
     from diffusers import AutoencoderKL
     from tqdm import tqdm
@@ -129,6 +133,8 @@ def pretrain(arch: str, out: Path, work: Path, minutes: float, device: str = "cp
 
     work, out = Path(work), Path(out)
     work.mkdir(parents=True, exist_ok=True)
+    if init_from is not None and not (work / "vae" / "config.json").is_file():
+        _adopt_autoencoder(arch, Path(init_from), work)
     if not (work / "vae" / "config.json").is_file():
         train_vae(work, vae_minutes, device=device, seed=seed, pool=vae_pool, batch=16, lr=3e-3, log=log)
     vae = AutoencoderKL.from_pretrained(work / "vae")
@@ -151,6 +157,9 @@ def pretrain(arch: str, out: Path, work: Path, minutes: float, device: str = "cp
         step, spent = int(state["step"]), float(state["seconds"])
         generator.set_state(state["generator"])
         log(f"{arch}: resumed at step {step} ({spent / 60:.1f} min spent)")
+    elif init_from is not None:
+        _load_weights(arch, pipe, Path(init_from))
+        log(f"{arch}: starting from the weights in {init_from}")
     rng = random.Random(seed * 1000 + step)
     noise_scheduler = handler.training_scheduler(pipe)
     budget = minutes * 60
@@ -199,6 +208,45 @@ def pretrain(arch: str, out: Path, work: Path, minutes: float, device: str = "cp
     summary = export(arch, pipe, out, work, steps=step, seconds=spent, seed=seed)
     log(f"{arch}: wrote {out} after {step} steps ({spent / 60:.1f} min)")
     return summary
+
+
+def _adopt_autoencoder(arch: str, folder: Path, work: Path) -> None:
+    """Copy ``folder``'s autoencoder into ``work``; the work folder's VAE needs FLUX's
+    ``shift_factor`` (the latent mean) whatever the arch, so an SD folder gets it measured."""
+    from diffusers import AutoencoderKL
+
+    if not (folder / "vae" / "config.json").is_file():
+        raise UserError(f"--init-from {folder}: no vae/ folder there; pass a demo base folder such as demo_models/{arch}")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    if vae.config.shift_factor is None:
+        images, _ = render_pool(512, seed=12345)
+        with torch.no_grad():
+            mean = vae.encode(to_pixels(images)).latent_dist.mode().mean().item()
+        vae.register_to_config(shift_factor=mean)
+    vae.save_pretrained(work / "vae", safe_serialization=True)
+    for name in ("vae_summary.json", "vae_decoder_summary.json"):
+        (work / name).unlink(missing_ok=True)
+    studio = folder / "studio.json"
+    if studio.is_file():
+        psnr = json.loads(studio.read_text()).get("vae_psnr_db")
+        (work / "vae_summary.json").write_text(json.dumps({"psnr_db": psnr, "adopted_from": str(folder)}) + "\n")
+
+
+def _load_weights(arch: str, pipe, folder: Path) -> None:
+    """Denoiser and text encoder weights of the demo base in ``folder`` (same architecture)."""
+    import diffusers
+
+    try:
+        trained = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--init-from {folder}: cannot load it as a {arch} demo base ({err})") from None
+    for name in _trainable(arch, pipe):
+        attr = handler_denoiser_attr(arch) if name == "denoiser" else name
+        getattr(pipe, attr).load_state_dict(getattr(trained, attr).state_dict())
+
+
+def handler_denoiser_attr(arch: str) -> str:
+    return "transformer" if arch == "flux" else "unet"
 
 
 def handler_denoiser(pipe, arch: str):
