@@ -468,6 +468,19 @@ def test_comparison_grid_is_shown_and_downloads(page, server, tmp_path):
     shot(page, "06b-mix-bake-grid")
 
 
+def test_mix_guidance_follows_the_picked_base(page, server):
+    """Each base has its own tuned guidance (studio.json); switching the base resets the field to it."""
+    from trainer.bases import base_sampling_defaults
+
+    tuned = base_sampling_defaults("demo:sd15")["guidance"]
+    assert tuned != 5.0  # else this test could not tell the two bases apart
+    guidance = page.locator("#mix-guidance input")
+    pick(page, "mix-base", "demo:sd15")
+    wait_until(page, lambda: float(guidance.input_value()) == tuned, 20, "the demo base's guidance")
+    pick(page, "mix-base", BASE)  # a base without studio.json: the usual 5
+    wait_until(page, lambda: float(guidance.input_value()) == 5.0, 20, "the default guidance")
+
+
 # ---- 5. export ------------------------------------------------------------------------------------
 def download(page, elem_id: str, folder: Path) -> Path:
     with page.expect_download(timeout=30_000) as info:

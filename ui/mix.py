@@ -165,6 +165,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
     inputs = [base, prompt, seed, steps, guidance, fuse, *slot_inputs]
     outputs = [preview, info, *lines]
     upload.upload(on_upload, [upload, *pickers], [upload, info, *pickers])
+    base.change(lambda name: _default_guidance(name or ""), [base], [guidance])  # each base's tuned value
     render_btn.click(render, inputs, outputs, **_RENDER)
     prompt.submit(render, inputs, outputs, **_RENDER)
     for widget in (*sliders, *toggles, fuse):
