@@ -61,12 +61,12 @@ def train_row(plan: Plan, spec: ArchSpec, precision: str, rank: int, loop: str, 
     row = {"kind": "train", "arch": spec.key, "resolution": spec.resolution, "precision": precision, "rank": rank,
            "alpha": 2 * rank, "targets": "style", "loop": loop, "batch": plan.batch, "warmup": plan.warmup,
            "steps": plan.steps, "variant": plan.options.variant(spec.arch) if loop == "ours" else "example"}
-    ckpt = plan.options.resolved_ckpt(precision) if loop == "ours" else False
+    ckpt = plan.options.resolved_ckpt(device) if loop == "ours" else False
     for attempt in range(2):
         parts = step = None
         try:
             vae_dtype = torch.float32 if (loop == "reference" and spec.arch == "sdxl") else None  # the SDXL example's VAE
-            encoders = loop == "reference" or not plan.options.offload_encoders
+            encoders = loop == "reference" or not plan.options.offload_frozen
             parts = build_parts(spec, precision, device, vae=encoders, text_encoders=encoders, vae_dtype=vae_dtype)
             if loop == "ours":
                 step = OursStep(parts, rank, plan.options, plan.batch, grad_ckpt=ckpt)

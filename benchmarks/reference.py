@@ -77,7 +77,7 @@ class ReferenceStep:
     def describe(self) -> dict:
         return {"cache": False, "compile": False, "channels_last": False, "attn": "default",
                 "grad_ckpt": "on (OOM without)" if self.ckpt else "off", "fused_adamw": False,
-                "autocast": self.autocast, "offload_encoders": False,
+                "autocast": self.autocast, "offload_frozen": False,
                 "vae_dtype": str(self.parts.vae.dtype).removeprefix("torch.")}
 
     @torch.no_grad()

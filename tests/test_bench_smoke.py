@@ -66,8 +66,8 @@ def test_smoke_run_produces_every_row_with_finite_numbers(smoke):
                                 "peak_rss_mb", "train_flops_per_step", "achieved_tflops"))
         assert not missing, (row["arch"], row["precision"], row["loop"], missing)
         assert row["mfu"] is None  # no device peak for a CPU: MFU is omitted, never guessed
-    ours_nf4 = [r for r in train if r["loop"] == "ours" and r["precision"] == "nf4"]
-    assert all(r["options"]["grad_ckpt"].startswith("on") for r in ours_nf4)  # auto: on for NF4
+    ours = [r for r in train if r["loop"] == "ours"]
+    assert all(r["options"]["grad_ckpt"] == "off (auto)" for r in ours)  # the engine's auto: off on CPU
     assert all(r["options"]["cache"] is False for r in train if r["loop"] == "reference")
     assert {(q["arch"], q["precision"]) for q in results["ratios"]} == {(a, p) for a, p, _, _ in expected}
     assert all(math.isfinite(q["speedup"]) for q in results["ratios"])
@@ -150,6 +150,31 @@ def test_flop_counter_agrees_with_torch_on_a_real_step():
     recompute = 2 * 2 * 4 * 100 * 80 * 64  # flash backward recomputes q·kᵀ: hardware, not model, FLOPs
     assert count.forward == fc.sdpa_flop_count(q, k, v)
     assert count.backward == fc.sdpa_backward_flop_count((2, 4, 100, 32), q, k, v) - recompute
+
+
+def test_ours_times_the_engines_train_step_with_its_knobs(monkeypatch):
+    """benchmarks/ours.py measures trainer.step.train_step itself, set up by the engine's knob code."""
+    import trainer.step
+    from benchmarks.archs import get_spec
+    from benchmarks.ours import Options, OursStep
+    from benchmarks.parts import build_parts
+
+    calls = []
+    real = trainer.step.train_step
+
+    def spy(parts, fetch, step, check, on_oom=None):
+        calls.append(step)
+        return real(parts, fetch, step, check, on_oom)
+
+    monkeypatch.setattr(trainer.step, "train_step", spy)
+    parts = build_parts(get_spec("sd15@tiny"), "fp32", torch.device("cpu"))
+    options = Options(channels_last=True, grad_ckpt="on", attn="flash")
+    step = OursStep(parts, 4, options)
+    assert all(math.isfinite(step()) for _ in range(2)) and calls == [0, 1]
+    assert step.config.attention == "flash" and step.config.channels_last and step.config.gradient_checkpointing == "on"
+    assert parts.denoiser.is_gradient_checkpointing
+    assert parts.denoiser.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert step.describe()["grad_ckpt"] == "on (on)" and options.variant("sd15") == "channels_last+ckpt-on+flash"
 
 
 def test_goals_say_met_missed_or_owed():

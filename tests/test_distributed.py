@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,10 +26,11 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(checkpoint_dirs(run_dir)[-1] / "adapter.safetensors"))
 
 
-def torchrun(args: list[str]) -> subprocess.Popen:
+def torchrun(args: list[str], env: dict[str, str] | None = None, pythonpath: tuple[Path, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", "train",
            *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (*pythonpath, REPO))), "OMP_NUM_THREADS": "1",
+           **(env or {})}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -99,3 +101,61 @@ def test_killed_two_process_run_resumes_on_one_process_exactly(base_dirs, scene_
     straight = replace(config, out=str(tmp_path / "straight"))
     run_training(straight)
     assert_same(adapter(tmp_path / "ddp"), adapter(tmp_path / "straight"))
+
+
+@pytest.mark.slow
+def test_nf4_base_on_two_processes_equals_one_process_with_doubled_batch(base_dirs, scene_dir, tmp_path):
+    """NF4 + DDP is supported: every process quantizes its own copy of the base, identically."""
+    proc = torchrun([*train_args(base_dirs["sd15"], scene_dir, tmp_path / "ddp", steps=4), "--precision", "nf4"])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    single = replace(load_config(tmp_path / "ddp" / "config.yaml"), out=str(tmp_path / "single"), batch_size=2)
+    run_training(single)
+    assert_same(adapter(tmp_path / "ddp"), adapter(tmp_path / "single"))
+
+
+# imported by every process through sitecustomize: process 2 of 2 fails at its third step, the other does not
+FAIL_ON_SECOND_PROCESS = '''
+import os
+
+if os.environ.get("RANK") == "1":
+    import trainer.loop
+    from trainer.errors import DataError
+
+    real_step = trainer.loop.train_step
+
+    def failing_step(parts, fetch, step, *args, **kwargs):
+        if step == 2:
+            raise DataError("image 3 cannot be read on this process")
+        return real_step(parts, fetch, step, *args, **kwargs)
+
+    trainer.loop.train_step = failing_step
+'''
+
+
+@pytest.mark.slow
+def test_error_on_one_process_stops_all_with_its_own_line(base_dirs, scene_dir, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAIL_ON_SECOND_PROCESS)
+    launcher = "import sys; from trainer.distributed import launch; sys.exit(launch(2, sys.argv[1:]))"
+    cmd = [sys.executable, "-c", launcher, "train", *train_args(base_dirs["sd15"], scene_dir, tmp_path / "run", steps=6)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(hook), str(REPO))), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=240)  # the healthy process must not wait for its peer forever
+    finally:
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    assert proc.returncode == 2, err[-3000:]  # the failed process's exit code: a user error
+    errors = re.findall(r"error: [^\r\n]*", err)  # the main process's progress bar may share the line
+    assert errors[0] == "error: image 3 cannot be read on this process", err[-3000:]
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
+    from trainer import events as ev
+
+    recorded = [e.message for e in ev.read_jsonl(tmp_path / "run" / "events.jsonl") if isinstance(e, ev.Error)]
+    assert recorded == ["process 2 of 2: image 3 cannot be read on this process"]

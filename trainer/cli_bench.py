@@ -44,10 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="ours: regional torch.compile of the repeated blocks")
     p.add_argument("--channels-last", action="store_true", help="ours: UNet in channels_last")
-    p.add_argument("--grad-ckpt", choices=("auto", "on", "off"), default="auto", help="ours: gradient checkpointing")
-    p.add_argument("--attn", default="sdpa", help="ours: sdpa, sdpa-flash, sdpa-cudnn, sdpa-efficient, xformers, flash")
+    p.add_argument("--grad-ckpt", choices=("auto", "on", "off"), default="auto",
+                   help="ours: gradient checkpointing (auto: the engine's rule, off until out of memory)")
+    p.add_argument("--attn", default="sdpa", help="ours: the engine's attention: sdpa, flash (PyTorch's FlashAttention "
+                                                  "kernel) or xformers")
     p.add_argument("--keep-encoders", action="store_true",
-                   help="ours: keep VAE/text encoders resident (as loop.py does today)")
+                   help="ours: keep VAE/text encoders resident (the engine's offload_frozen: false)")
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"), default="adamw",
                    help="ours: AdamW (fused on CUDA) or bitsandbytes 8-bit / paged (CUDA only)")
     p.add_argument("--vram-budget-gb", type=float, help="ours, grad-ckpt auto: turn checkpointing on above this peak (GiB, reserved)")
@@ -101,7 +103,7 @@ def _plan(args: argparse.Namespace):
     if any(loop not in ("ours", "reference") for loop in args.loops):
         raise UserError("--loops: ours, reference or both")
     options = Options(compile=args.compile, channels_last=args.channels_last, grad_ckpt=args.grad_ckpt, attn=args.attn,
-                      offload_encoders=not args.keep_encoders, optimizer=args.optimizer)
+                      offload_frozen=not args.keep_encoders, optimizer=args.optimizer)
     plan = Plan(archs=tuple(archs), precisions=() if args.no_train else tuple(precisions), ranks=ranks,
                 loops=tuple(args.loops), device=device,
                 warmup=args.warmup if args.warmup is not None else (2 if smoke else 5),

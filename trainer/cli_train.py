@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import subprocess
 import sys
 import threading
 from dataclasses import replace
@@ -19,7 +18,10 @@ from trainer.presets import resolve_config
 _FLAGS = ("base", "base_config", "data", "out", "rank", "alpha", "targets", "precision", "steps", "lr", "lr_scheduler", "warmup_steps",
           "batch_size", "grad_accum", "resolution", "caption_dropout", "trigger", "optimizer", "seed",
           "checkpoint_every", "sample_every", "sample_steps", "sample_guidance", "init_lora", "device", "title",
-          "license", "description", "adapter_dtype", "keep_checkpoints")
+          "license", "description", "adapter_dtype", "keep_checkpoints", "gradient_checkpointing", "compile",
+          "channels_last", "attention", "offload_frozen")
+# speed/memory knobs: they change how a step runs, not what it computes, so a resumed run may change them
+_KNOBS = ("gradient_checkpointing", "compile", "channels_last", "attention", "offload_frozen")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-dropout", type=float)
     p.add_argument("--trigger")
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), nargs="?", const="on",
+                   help="auto (default: off on CPU, on a GPU only after running out of memory), on, off; "
+                        "the bare flag means on")
+    p.add_argument("--compile", choices=("off", "regional"), help="regional: torch.compile each repeated block")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="UNet convolutions in NHWC memory format")
+    p.add_argument("--attention", choices=("sdpa", "xformers", "flash"), help="attention kernel (default sdpa)")
+    p.add_argument("--offload-frozen", action=argparse.BooleanOptionalAction, default=None,
+                   help="VAE and text encoders off the GPU after caching (default on)")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--keep-checkpoints", type=int)
@@ -76,7 +86,7 @@ def default_resolution(base: str) -> int:
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     """Defaults ← preset ← --config file ← flags; a resumed run reuses its saved config."""
     flags = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
-    for name in ("center_crop", "gradient_checkpointing"):
+    for name in ("center_crop",):
         if getattr(args, name):
             flags[name] = True
     if args.sample_prompts:
@@ -90,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
         config = load_config(saved)
         # batch_size may change with the number of processes: keep batch_size × processes equal for an exact resume
         allowed = {k: v for k, v in flags.items()
-                   if k in ("steps", "device", "sample_every", "checkpoint_every", "batch_size")}
+                   if k in ("steps", "device", "sample_every", "checkpoint_every", "batch_size", *_KNOBS)}
         return replace(config, out=args.out, **allowed), []
     values = load_yaml(args.config) if args.config else {}
     preset = args.preset or values.pop("preset", "style")
@@ -107,7 +117,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
 
 
 def relaunch_distributed(processes: int, argv: list[str]) -> int:
-    """Run this same command under torchrun on ``processes`` processes (argument list, never a shell string)."""
+    """Run this same command on ``processes`` local processes (``trainer.distributed.launch``), minus --num-processes."""
+    from trainer.distributed import launch
+
     rest, skip = [], False
     for arg in argv:
         if skip:
@@ -116,9 +128,7 @@ def relaunch_distributed(processes: int, argv: list[str]) -> int:
             skip = True
         elif not arg.startswith("--num-processes="):
             rest.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", "trainer", *rest]
-    return subprocess.call(cmd)
+    return launch(processes, rest)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,6 +34,9 @@ TARGET_SETS = ("style", "attention", "late")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 SCHEDULERS = ("constant", "cosine", "linear")
 ADAPTER_DTYPES = ("fp32", "bf16")
+COMPILE_MODES = ("off", "regional")
+CHECKPOINTING_MODES = ("auto", "on", "off")
+ATTENTION_KERNELS = ("sdpa", "xformers", "flash")
 
 
 def _help(text: str, **kw) -> Any:
@@ -65,7 +68,16 @@ class TrainConfig:
     optimizer: str = _help("adamw, adamw8bit or paged_adamw8bit (the last two need bitsandbytes + CUDA).", default="adamw")
     weight_decay: float = _help("AdamW weight decay.", default=1e-2)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
-    gradient_checkpointing: bool = _help("Trade compute for memory in the denoiser.", default=False)
+    gradient_checkpointing: str = _help("Recompute activations in backward to save memory: on, off, or auto "
+                                        "(off on CPU; on a GPU off until a step runs out of memory, then on).", default="auto")
+    compile: str = _help("torch.compile: off, or regional (each repeated transformer block; first steps are slow "
+                         "while it compiles). Off until GPU measurements show it wins.", default="off")
+    channels_last: bool = _help("UNet weights and activations in channels_last (NHWC) memory format; "
+                                "ignored for FLUX.", default=False)
+    attention: str = _help("Attention kernel: sdpa (PyTorch picks), flash (PyTorch's FlashAttention kernel only) "
+                           "or xformers (needs the xformers package).", default="sdpa")
+    offload_frozen: bool = _help("Move the VAE and text encoders off the GPU once latents and captions are cached; "
+                                 "they come back only to render samples (no effect on CPU).", default=True)
     seed: int = _help("Seed for init, data order, noise and samples: same seed, same run (on CPU).", default=42)
     checkpoint_every: int = _help("Write a resumable checkpoint every N steps (0 = only at the end).", default=100)
     keep_checkpoints: int = _help("How many checkpoints to keep (oldest are deleted).", default=2)
@@ -109,6 +121,12 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(isinstance(cfg.resolution, int) and cfg.resolution >= 64 and cfg.resolution % 64 == 0, "resolution", "a multiple of 64, at least 64")
     need(finite(cfg.caption_dropout) and 0 <= cfg.caption_dropout < 1, "caption_dropout", "in [0, 1)")
     need(cfg.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}")
+    need(cfg.gradient_checkpointing in CHECKPOINTING_MODES, "gradient_checkpointing",
+         f"one of {', '.join(CHECKPOINTING_MODES)} (true/false mean on/off)")
+    need(cfg.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")
+    need(cfg.attention in ATTENTION_KERNELS, "attention", f"one of {', '.join(ATTENTION_KERNELS)}")
+    need(isinstance(cfg.channels_last, bool), "channels_last", "true or false")
+    need(isinstance(cfg.offload_frozen, bool), "offload_frozen", "true or false")
     need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a number >= 0")
     need(finite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
     need(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", "an integer >= 0")
@@ -143,6 +161,10 @@ def _coerce(name: str, value: Any) -> Any:
             return (value,) if value else ()
         if isinstance(value, (list, tuple)):
             return tuple(value)
+    if name == "gradient_checkpointing" and isinstance(value, bool):
+        return "on" if value else "off"  # configs and config.yaml files written before auto/on/off
+    if name == "compile" and value is False:
+        return "off"  # YAML 1.1 reads a bare `off` as false
     if name == "alpha" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if name in ("lr", "weight_decay") and isinstance(value, str):

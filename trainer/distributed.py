@@ -1,22 +1,37 @@
-"""One run on several processes through accelerate (DDP); a no-op for a single process.
+"""One run on several processes through accelerate (DDP or FSDP2); a no-op for a single process.
 
 Launch with ``accelerate launch -m trainer train …`` or ``torchrun -m trainer train …``
-(or ``python -m trainer train --num-processes N``). Each process holds the frozen
-base and computes its share of every global batch; accelerate's DDP wrapper
-averages the LoRA gradients. Only the main process writes events, samples,
-checkpoints and exports; the others wait at barriers.
+(or ``python -m trainer train --num-processes N``). Each process computes its share of
+every global batch. With DDP each holds the whole frozen base and accelerate's wrapper
+averages the LoRA gradients; with an FSDP accelerate config (:mod:`trainer.fsdp`) each
+holds 1/N of the denoiser. Only the main process writes events, checkpoints and
+exports; the others wait at barriers (and, under FSDP, take part in gathering the
+LoRA and in rendering samples, which need every shard).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from trainer.errors import UnsupportedError
+from trainer import events as ev
+from trainer.errors import UnsupportedError, UserError
+from trainer.fsdp import FsdpPlan, full_optimizer_state, full_tensors, no_gradient_sync, plan_from_env
+from trainer.fsdp import shard as shard_model
+
+
+# how gloo reports a collective whose peer process has exited (NCCL raises DistError subclasses)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+class PeerFailed(UserError):
+    """Another process of this run failed first; this one stopped with it (the other one says why)."""
 
 
 @dataclass
@@ -24,6 +39,11 @@ class Dist:
     rank: int = 0
     world: int = 1
     accelerator: Optional[object] = None
+    fsdp: Optional[FsdpPlan] = None  # set: the denoiser is sharded, and gathering/sampling are collective
+
+    @property
+    def sharded(self) -> bool:
+        return self.fsdp is not None
 
     @property
     def is_main(self) -> bool:
@@ -37,11 +57,38 @@ class Dist:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module to call for forward/backward: DDP-wrapped when distributed."""
+    def wrap(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> torch.nn.Module:
+        """The module to call for forward/backward: DDP-wrapped, or sharded in place under FSDP.
+
+        FSDP replaces the parameters, so ``optimizer`` (with any state a resume loaded) is moved onto
+        the shards, and callers must list ``model.parameters()`` again afterwards.
+        """
         if self.accelerator is None:
             return model
+        if self.fsdp is not None:
+            return shard_model(model, optimizer, self.fsdp, self.world, torch.device(self.accelerator.device))
         return self.accelerator.prepare_model(model, device_placement=False)
+
+    def describe(self, model: torch.nn.Module) -> str:
+        """One line for the run's log saying how the processes share the work."""
+        if self.fsdp is None:
+            return f"{self.world} processes (DDP): each holds the whole frozen base"
+        from torch.distributed.fsdp import FSDPModule
+
+        units = sum(isinstance(m, FSDPModule) for m in model.modules())
+        return f"{self.world} processes (FSDP2): each holds 1/{self.world} of the denoiser, sharded in {units} units"
+
+    def full_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A state dict with full tensors; under FSDP a collective every process must call."""
+        if self.fsdp is None:
+            return state
+        return full_tensors(state)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """``optimizer.state_dict()`` in single-process layout (gathered under FSDP: every process calls it)."""
+        if self.fsdp is None:
+            return optimizer.state_dict()
+        return full_optimizer_state(optimizer)
 
     def mean(self, value: float) -> float:
         if self.accelerator is None:
@@ -60,7 +107,32 @@ class Dist:
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
         if self.accelerator is None or not skip:
             return contextlib.nullcontext()
+        if self.fsdp is not None:
+            return no_gradient_sync(model)
         return self.accelerator.no_sync(model)
+
+    def explain(self, err: Exception) -> Exception:
+        """``err``, or :class:`PeerFailed` when a collective broke because another process died."""
+        if self.world == 1 or isinstance(err, UserError):
+            return err
+        if isinstance(err, torch.distributed.DistError) or any(mark in str(err) for mark in _PEER_GONE):
+            return PeerFailed("stopped because another process of this run failed; its own error line says why")
+        return err
+
+    def error_line(self, err: Exception, message: str, events_path: Path) -> Optional[str]:
+        """The line this process adds to events.jsonl for ``err``, or None when another process records it.
+
+        The process that failed records its own error (naming itself when it is not the main one); a
+        peer's failure is recorded by the main process only if nothing was (the peer was killed).
+        """
+        if self.world == 1:
+            return message
+        last = ev.read_jsonl(events_path)[-1:] if events_path.is_file() else []
+        recorded = last[0].message if last and isinstance(last[0], ev.Error) else None
+        if isinstance(err, PeerFailed):
+            return message if self.is_main and recorded is None else None
+        line = message if self.is_main else f"process {self.rank + 1} of {self.world}: {message}"
+        return None if recorded is not None and recorded.endswith(message) else line
 
     def device(self, requested: str) -> str:
         return str(self.accelerator.device) if self.accelerator is not None else requested
@@ -77,10 +149,31 @@ def setup(requested_device: str) -> Dist:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    plan = plan_from_env(os.environ)  # before the Accelerator: a refused config fails without starting anything
     accelerator = Accelerator(cpu=requested_device == "cpu" or not torch.cuda.is_available())
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise UnsupportedError(
-            f"{accelerator.distributed_type.value} is not supported yet: use plain multi-GPU (DDP) in your accelerate "
-            f"config; every process then holds the frozen base (NF4 keeps that small)"
+            "DeepSpeed is not supported: use an FSDP config with fsdp_version: 2 (docs/multi-gpu.md) for a base that "
+            "does not fit one GPU, or plain multi-GPU (DDP), where every GPU holds the frozen base (NF4 keeps it small)"
         )
-    return Dist(rank=accelerator.process_index, world=accelerator.num_processes, accelerator=accelerator)
+    return Dist(rank=accelerator.process_index, world=accelerator.num_processes, accelerator=accelerator, fsdp=plan)
+
+
+def launch(processes: int, argv: list[str]) -> int:
+    """Run ``python -m trainer <argv>`` on ``processes`` local processes with torchrun's launcher; the exit code.
+
+    When one process fails, the launcher stops the others (no rank is left waiting in a collective).
+    The failed process has printed its own ``error:`` line; torchrun's multi-line failure report
+    would only repeat it, so it is replaced by the first failure's exit code (2 for a user error).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # its "sending SIGTERM" and "failed (exitcode …)" lines would only repeat the failed process's error
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={processes}", "-m", "trainer", *argv]))
+    except ChildFailedError as err:
+        code = err.get_first_failure()[1].exitcode
+        return code if code > 0 else 1  # negative: killed by a signal
+    return 0

@@ -23,8 +23,10 @@ from trainer.config import TrainConfig, dump_yaml
 from trainer.distributed import Dist, setup
 from trainer.data import BatchPlan, Example, dataset_hash, prepare, scan_dataset, tag_frequency
 from trainer.errors import ConfigError, TrainingDiverged, UnsupportedError, UserError
-from trainer.export import ExportInfo, LoraWeights, export_lora, from_peft_state_dict, weights_from_file
+from trainer.export import ExportInfo, export_lora, from_peft_state_dict, weights_from_file
 from trainer.models import LoadedBase, load_base
+from trainer.models.knobs import checkpointing_plan, frozen_parts, prepare_denoiser
+from trainer.step import StepParts, train_step
 from trainer.targets import resolve
 
 ADAPTER = "default"
@@ -95,13 +97,6 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def adapted_weights(base: LoadedBase, config: TrainConfig) -> LoraWeights:
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(base.denoiser, adapter_name=ADAPTER)
-    return from_peft_state_dict(state, config.rank, config.alpha)
-
-
 def flux_dims(base: LoadedBase) -> tuple[int, int] | None:
     if base.arch != "flux":
         return None
@@ -131,8 +126,6 @@ def inject_lora(base: LoadedBase, config: TrainConfig) -> list[str]:
             state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a, b * rescale
         set_peft_model_state_dict(denoiser, state, adapter_name=ADAPTER)
     cast_training_params(denoiser, dtype=torch.float32 if config.adapter_dtype == "fp32" else torch.bfloat16)
-    if config.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
     return names
 
 
@@ -195,14 +188,15 @@ def run_training(config: TrainConfig, emit: Optional[ev.Emit] = None, stop: Opti
 
     try:
         return _train(config, run_dir, emit_all, stop, resume, show_progress and dist.is_main, dist)
-    except UserError as err:
-        if dist.is_main:
-            ev.append_jsonl(events_path, ev.Error(message=str(err)))
-        raise
     except Exception as err:
-        if dist.is_main:
-            ev.append_jsonl(events_path, ev.Error(message=f"internal error: {type(err).__name__}: {err}"))
-        raise
+        failure = dist.explain(err)  # several processes: a collective broken by another one's failure is PeerFailed
+        message = str(failure) if isinstance(failure, UserError) else f"internal error: {type(err).__name__}: {err}"
+        line = dist.error_line(failure, message, events_path)
+        if line is not None:
+            ev.append_jsonl(events_path, ev.Error(message=line))
+        if failure is err:
+            raise
+        raise failure from err
 
 
 def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Event, resume: bool,
@@ -221,7 +215,11 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     if dist.is_main:
         write_text(run_dir / "config.yaml", dump_yaml(config))
     cache = shared_cache(base, examples, run_dir, dist)
+    frozen = frozen_parts(base, config.offload_frozen)
+    frozen.park()  # the cache replaces the VAE and text encoders until samples are rendered
     names = inject_lora(base, config)
+    for note in prepare_denoiser(base, config):
+        emit(ev.Log(message=note))
     denoiser = base.denoiser
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, params, base.device)
@@ -241,7 +239,10 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
         lr_scheduler.load_state_dict(state.lr_scheduler)
         generator.set_state(state.generator)
         start_step = state.step
-    forward = dist.wrap(denoiser)
+    forward = dist.wrap(denoiser, optimizer)
+    params = [p for p in denoiser.parameters() if p.requires_grad]  # FSDP swapped them for shards
+    if dist.world > 1:
+        emit(ev.Log(message=dist.describe(denoiser)))
     plan = BatchPlan(examples, config.batch_size * dist.world, config.seed, pad_to_full=dist.world > 1)
     prompts = sample_prompts(config, examples)
     sample_size = max({ex.bucket for ex in examples}, key=lambda b: sum(ex.bucket == b for ex in examples))
@@ -251,20 +252,31 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                   f"{len(examples)} images, {len(names)} adapted modules, {config.steps} steps on {base.arch} "
                   f"({base.precision.value}, {base.device.type})"))
 
+    saved_at = start_step if resume else None  # the same on every process: deciding from the disk would race
+
     def checkpoint(step: int) -> None:
+        nonlocal saved_at
+        saved_at = step
+        adapter = dist.full_state(adapted_state(denoiser))  # under FSDP every process takes part in gathering
+        optimizer_state = dist.optimizer_state(optimizer)
         if not dist.is_main:
             return
-        path = save_checkpoint(run_dir, TrainState(step=step, adapter=adapted_state(denoiser), optimizer=optimizer.state_dict(),
+        path = save_checkpoint(run_dir, TrainState(step=step, adapter=adapter, optimizer=optimizer_state,
                                                    lr_scheduler=lr_scheduler.state_dict(), generator=generator.get_state()),
                                keep=config.keep_checkpoints)
         emit(ev.Checkpoint(step=step, path=str(path)))
 
     def sample(step: int) -> None:
-        if not dist.is_main:
-            return
+        if not dist.is_main and not dist.sharded:
+            return  # under FSDP every process renders: each denoiser call gathers the shards of all
         denoiser.eval()
         paths = []
-        for i, image in enumerate(render_samples(base, prompts, config, sample_size)):
+        with frozen.resident():
+            images = render_samples(base, prompts, config, sample_size)
+        if not dist.is_main:
+            denoiser.train()
+            return
+        for i, image in enumerate(images):
             path = run_dir / "samples" / f"step-{step:06d}-{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path)
@@ -272,6 +284,31 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
         denoiser.train()
         emit(ev.Sample(step=step, paths=tuple(paths), prompts=tuple(prompts)))
 
+    def fetch(index: int):
+        return _batch(cache, plan, index, config, examples, generator, base.device, dist)
+
+    def require_finite(loss: float, grad_norm: float, at: int) -> None:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            kept = checkpoint_dirs(run_dir)
+            raise TrainingDiverged(
+                f"training diverged at step {at + 1} (loss={loss}, grad norm={grad_norm}); "
+                f"{'the last good checkpoint is ' + kept[-1].name if kept else 'no checkpoint was written yet'}. "
+                f"Lower the learning rate (now {config.lr:g}) or use fp32/bf16 instead of fp16, then --resume or restart"
+            )
+
+    retry_oom = checkpointing_plan(config.gradient_checkpointing, base.device, dist.world)[1]
+
+    def enable_checkpointing() -> None:
+        nonlocal retry_oom
+        retry_oom = False  # once: a second out-of-memory is a real one
+        denoiser.enable_gradient_checkpointing()
+        emit(ev.Log(message="out of GPU memory without gradient checkpointing: turned it on and redid the step "
+                            "(gradient_checkpointing: auto; set it to on to skip the failed try)"))
+
+    parts = StepParts(handler=base.handler, pipe=base.pipe, denoiser=denoiser, forward=forward,
+                      noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, params=params,
+                      generator=generator, dist=dist, grad_accum=config.grad_accum,
+                      max_grad_norm=config.max_grad_norm, attention=config.attention)
     progress = None
     if show_progress:
         from tqdm import tqdm
@@ -282,27 +319,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     try:
         while step < config.steps and not dist.any(stop.is_set()):
             t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for micro in range(config.grad_accum):
-                latents, cond = _batch(cache, plan, step * config.grad_accum + micro, config, examples, generator,
-                                       base.device, dist)
-                with dist.no_sync(forward, skip=micro < config.grad_accum - 1):
-                    loss = base.handler.loss(base.pipe, denoiser, noise_scheduler, latents, cond, generator,
-                                             shard=dist.shard, forward=forward) / config.grad_accum
-                    loss.backward()
-                total += float(loss.detach())
-            total = dist.mean(total)  # report the global-batch loss, as one process would see it
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
-            if not (math.isfinite(total) and math.isfinite(float(grad_norm))):
-                kept = checkpoint_dirs(run_dir)
-                raise TrainingDiverged(
-                    f"training diverged at step {step + 1} (loss={total}, grad norm={float(grad_norm)}); "
-                    f"{'the last good checkpoint is ' + kept[-1].name if kept else 'no checkpoint was written yet'}. "
-                    f"Lower the learning rate (now {config.lr:g}) or use fp32/bf16 instead of fp16, then --resume or restart"
-                )
-            optimizer.step()
-            lr_scheduler.step()
+            total, _ = train_step(parts, fetch, step, check=lambda loss, norm: require_finite(loss, norm, step),
+                                  on_oom=enable_checkpointing if retry_oom else None)
             step += 1
             emit(ev.Step(step=step, total_steps=config.steps, loss=total, lr=lr_scheduler.get_last_lr()[0],
                          seconds=time.perf_counter() - t0))
@@ -318,12 +336,13 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
             progress.close()
 
     stopped = step < config.steps
-    if not checkpoint_dirs(run_dir) or checkpoint_dirs(run_dir)[-1].name != f"step-{step:06d}":
+    if saved_at != step:
         checkpoint(step)
+    adapter = dist.full_state(adapted_state(denoiser))  # every process: under FSDP this gathers the shards
     dist.barrier()
     if not dist.is_main:
         return RunResult(step=step, stopped=stopped, exports=())
-    weights = adapted_weights(base, config)
+    weights = from_peft_state_dict(adapter, config.rank, config.alpha)
     info = ExportInfo(
         arch=base.arch, modelspec_architecture=base.handler.modelspec_architecture,
         base_model_version=base.handler.base_model_version, base=config.base, base_sha256=base_fingerprint(base),

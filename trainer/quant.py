@@ -39,27 +39,34 @@ def nf4_supported() -> tuple[bool, str]:
         return False, f"this bitsandbytes build cannot run 4-bit kernels here ({type(err).__name__}: {err})"
 
 
-def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> int:
-    """Swap every ``nn.Linear`` in ``model`` for an NF4 ``Linear4bit`` in place; returns how many.
+def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None) -> int:
+    """Swap every ``nn.Linear`` in ``model`` for an NF4 ``Linear4bit`` on ``device``, in place; returns how many.
 
-    The weights are quantized when the module is next moved to a device (``.to()``).
+    Layer by layer: each weight is copied to ``device``, quantized there, and its original module
+    dropped before the next one, so the extra memory at any moment is one layer (not an fp32 copy
+    of the model: ~48 GB of host RAM for FLUX). The rest of the model follows to ``device`` at the
+    end. ``device`` defaults to where the model's weights are.
     """
     bnb = _bnb()
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                                  device="meta")
-            q.weight = bnb.nn.Params4bit(child.weight.data.to(torch.float32).contiguous(), requires_grad=False,
-                                         compress_statistics=True, quant_type="nf4")
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
-            setattr(parent, name, q)
-            swapped += 1
+    if device is None:
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    device = torch.device(device)
+    names = [name for name, module in model.named_modules() if type(module) is nn.Linear]  # names only: no references
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, _nf4_linear(bnb, getattr(parent, child_name), compute_dtype, device))
     model.is_loaded_in_4bit = True  # peft reads this flag to wrap Linear4bit with its bnb LoRA layer
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     model.to(device)
-    return swapped
+    return len(names)
+
+
+def _nf4_linear(bnb, linear: nn.Linear, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
+    weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4")
+    q.weight = weight.to(device)  # quantizes on ``device``; the full-precision copy there is freed at once
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.to(device, compute_dtype), requires_grad=False)
+    return q

@@ -207,7 +207,8 @@ def load_base(base: str, precision: Precision = Precision.AUTO, device: str = "a
     if precision == Precision.NF4:
         from trainer.quant import quantize_nf4
 
-        quantize_nf4(loaded.denoiser, compute_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        # on the target device, layer by layer: no full-precision copy of the denoiser is made
+        quantize_nf4(loaded.denoiser, compute_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev)
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     for module in [loaded.denoiser, pipe.vae, *loaded.handler.text_encoders(pipe)]:
