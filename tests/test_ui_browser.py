@@ -570,3 +570,22 @@ def test_server_serves_only_the_outputs_folder(server):
     assert status(str(server.outputs / ".." / "secret.txt")) >= 400
     assert status(str(ROOT / "app.py")) >= 400
     assert status("/etc/passwd") >= 400
+
+
+# ---- 8. trying the studio with no images of one's own ---------------------------------------------
+def test_a_demo_style_set_fills_a_new_run_with_captioned_images(page, server):
+    open_tab(page, "1 · Dataset")
+    page.click("#new-run")  # a name with no folder yet (the current one, if it has none)
+    run = wait_until(page, lambda: (name := page.locator("#run-select input").input_value())
+                     and not (server.outputs / name).exists() and name, 20, "a new run name")
+    wait_until(page, lambda: "No images yet" in page.locator("#dataset-count").inner_text(), 20, "an empty dataset")
+    page.locator("#demo-set").get_by_text("No images at hand?").click()
+    pick(page, "demo-style", "hatch")
+    page.click("#demo-add")
+    page.wait_for_selector("#upload-report :text('Added 20 image(s)')", timeout=60_000)
+    wait_until(page, lambda: page.locator(".caption-box textarea").count() == 20, 30, "20 image cards")
+    boxes = page.locator(".caption-box textarea")
+    assert all(boxes.nth(i).input_value().startswith("zkstyle, ") for i in range(20))
+    assert page.locator("#trigger textarea, #trigger input").first.input_value() == "zkstyle"
+    dataset = server.outputs / run / "dataset"
+    assert len(list(dataset.glob("hatch-*.png"))) == 20 and len(list(dataset.glob("hatch-*.txt"))) == 20

@@ -279,6 +279,8 @@ class Style:
     apply: Callable[[Image.Image, Image.Image], Image.Image]
 
 
+DEMO_TRIGGER = "zkstyle"  # one token in the demo bases' tokenizers (trainer/pretrain/models.py TRIGGERS)
+
 STYLES: Mapping[str, Style] = MappingProxyType(
     {
         s.name: s
@@ -345,7 +347,7 @@ def write_scene_set(out_dir, n: int = 20, seed: int = 0) -> list[Path]:
     return _write_set(out_dir, n, seed, "scene", "", render)
 
 
-def write_style_set(style: str, out_dir, n: int = 20, seed: int = 0, trigger: str = "zkstyle") -> list[Path]:
+def write_style_set(style: str, out_dir, n: int = 20, seed: int = 0, trigger: str = DEMO_TRIGGER) -> list[Path]:
     """Write ``n`` styled scenes with captions ``"<trigger>, <caption>"``; returns the PNG paths.
 
     The same seed gives the same scenes in every style, so sets are comparable.
@@ -364,7 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write PNG + .txt caption pairs into")
     parser.add_argument("--n", type=int, default=20, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same images")
-    parser.add_argument("--trigger", default="zkstyle", help="word put first in every styled caption")
+    parser.add_argument("--trigger", default=DEMO_TRIGGER, help="word put first in every styled caption")
     parser.add_argument("--plain", action="store_true", help="write unstyled scenes without a trigger")
 
 

@@ -13,7 +13,7 @@ import gradio as gr
 
 from trainer.errors import UserError
 from ui import format as fmt
-from ui.studio import Studio
+from ui.studio import DEMO_STYLES, DEMO_TRIGGER, Studio
 
 
 def _limits_line(studio: Studio) -> str:
@@ -39,6 +39,13 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
         caption_btn = gr.Button("Caption all", variant="primary", elem_id="caption-all", scale=0, min_width=160)
     caption_status = gr.Markdown(elem_id="caption-status")
     saved = gr.Markdown(elem_id="caption-saved")
+    with gr.Accordion("No images at hand? Add a demo style set", open=False, elem_id="demo-set"):
+        gr.Markdown("Captioned 64 px shapes drawn in one style, with the trigger word `zkstyle` — to try the whole "
+                    "flow offline on a `demo:` base: train, compare with and without the LoRA in Mix, export.")
+        with gr.Row():
+            demo_style = gr.Dropdown(label="Style", choices=list(DEMO_STYLES), value=next(iter(DEMO_STYLES)),
+                                     elem_id="demo-style", scale=2)
+            demo_btn = gr.Button("Add 20 demo images", elem_id="demo-add", scale=0, min_width=200)
 
     def on_upload(run_name, files, ver):
         if not files:
@@ -54,6 +61,19 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
 
     upload.upload(on_upload, [run, upload, version], [upload, report, version, run],
                   concurrency_id="dataset", concurrency_limit=1)
+
+    def on_demo(run_name, style, ver):
+        try:
+            names = studio.run_names()
+            report_ = studio.add_demo_images(run_name, style)
+        except UserError as err:
+            return f"⚠ {err}", ver, gr.skip(), gr.skip()
+        text = fmt.upload_report(len(report_.accepted), report_.rejected, report_.captions)
+        choices = gr.update(choices=studio.run_names()) if studio.run_names() != names else gr.skip()
+        return text, ver + 1, choices, DEMO_TRIGGER
+
+    demo_btn.click(on_demo, [run, demo_style, version], [report, version, run, trigger],
+                   concurrency_id="dataset", concurrency_limit=1)
 
     def on_caption_all(run_name, name, trig, over, ver, progress=gr.Progress()):
         cancel = threading.Event()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, replace
@@ -20,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from trainer.bases import base_sampling_defaults, list_bases, parse_base
 from trainer.config import Precision
+from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES, write_style_set  # noqa: F401 (DEMO_STYLES: the tab)
 from trainer.errors import ConfigError, UserError
 from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer import events as ev
@@ -209,6 +211,18 @@ class Studio:
     # ---- dataset ----------------------------------------------------------------------------
     def import_uploads(self, run: str, paths: list[str]) -> store.ImportReport:
         return store.import_uploads(paths, self.run_dir(run), self.limits)
+
+    def add_demo_images(self, run: str, style: str, n: int = 20) -> store.ImportReport:
+        """Add ``n`` captioned images of a demo style (``trainer.demo_data``) to ``run``, through the normal import.
+
+        For trying the studio offline on a demo base: the captions start with the trigger
+        ``zkstyle``, which becomes the run's trigger word.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            images = write_style_set(style, Path(tmp) / style, n=n, seed=0, trigger=DEMO_TRIGGER)
+            report = self.import_uploads(run, [str(p) for p in images] + [str(p.with_suffix(".txt")) for p in images])
+        self.save_settings(run, trigger=DEMO_TRIGGER)
+        return report
 
     def items(self, run: str) -> list[store.Item]:
         return store.list_items(self.run_dir(run))
