@@ -235,6 +235,40 @@ def test_demo_bases_bring_their_own_sampling_defaults(tmp_path, scene_dir):
     assert base_sampling_defaults("demo-random:sd15") == {}
 
 
+def test_a_base_can_scale_the_presets_learning_rate(tmp_path, scene_dir):
+    """studio.json ``lora_lr_scale`` multiplies the preset's (or the default) lr; the user's own lr is kept as given."""
+    import argparse
+    import json
+    import shutil
+
+    from trainer import cli_train
+    from trainer.bases import SHIPPED_DEMOS, base_lr_scale
+    from trainer.config import TrainConfig
+
+    folder = tmp_path / "tiny-base"
+    shutil.copytree(SHIPPED_DEMOS / "sd15", folder)
+    studio = json.loads((folder / "studio.json").read_text())
+    (folder / "studio.json").write_text(json.dumps({**studio, "lora_lr_scale": 20}))
+    preset = tmp_path / "slow.yaml"
+    preset.write_text("rank: 4\nlr: 0.00005\n")
+    parser = argparse.ArgumentParser()
+    cli_train.add_arguments(parser)
+
+    def lr(*flags):
+        return cli_train.config_from_args(parser.parse_args(["--data", str(scene_dir), *flags]))[0].lr
+
+    assert base_lr_scale(str(folder)) == 20
+    assert lr("--base", str(folder)) == 20 * TrainConfig.lr
+    assert lr("--base", str(folder), "--preset", str(preset)) == 1e-3  # 20 × the preset's 5e-5
+    assert lr("--base", str(folder), "--lr", "3e-4") == 3e-4
+    assert lr("--base", "demo-random:sd15") == TrainConfig.lr  # no studio.json: unscaled
+    scale = base_lr_scale("demo:sd15")
+    assert scale > 1 and lr("--base", "demo:sd15") == pytest.approx(scale * TrainConfig.lr)  # shipped bases have one
+    for bad in ("fast", True, 0, -1, 1e9):
+        (folder / "studio.json").write_text(json.dumps({**studio, "lora_lr_scale": bad}))
+        assert base_lr_scale(str(folder)) == 1.0 and lr("--base", str(folder)) == TrainConfig.lr
+
+
 @pytest.mark.parametrize("guidance_embeds,guidance,expected", [
     (True, 3.5, {"guidance_scale": 3.5}),
     (False, 1.0, {"guidance_scale": 1.0}),

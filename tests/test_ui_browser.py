@@ -589,3 +589,22 @@ def test_a_demo_style_set_fills_a_new_run_with_captioned_images(page, server):
     assert page.locator("#trigger textarea, #trigger input").first.input_value() == "zkstyle"
     dataset = server.outputs / run / "dataset"
     assert len(list(dataset.glob("hatch-*.png"))) == 20 and len(list(dataset.glob("hatch-*.txt"))) == 20
+
+
+def test_train_learning_rate_follows_the_bases_scale(page, server):
+    """A demo base scales the presets' learning rates (studio.json); other bases show the preset's own."""
+    from trainer.bases import base_lr_scale
+    from trainer.presets import load_preset
+
+    scale = base_lr_scale("demo:sd15")
+    assert scale != 1.0
+    tone = load_preset("tone").values["lr"]  # a preset with its own lr
+    open_tab(page, "2 · Train")
+    lr = page.locator("#lr input")
+    if not lr.is_visible():  # the training test may have opened it already
+        page.locator("#advanced").get_by_text("Advanced settings").click()
+    pick(page, "preset", "tone")
+    pick(page, "base", "demo:sd15")
+    wait_until(page, lambda: float(lr.input_value()) == pytest.approx(tone * scale), 20, "the scaled learning rate")
+    pick(page, "base", BASE)
+    wait_until(page, lambda: float(lr.input_value()) == pytest.approx(tone), 20, "the preset's own learning rate")

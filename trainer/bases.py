@@ -141,6 +141,23 @@ def base_sampling_defaults(base: str) -> dict:
     return sampling_defaults(ref) if ref.kind == "folder" else {}
 
 
+def base_lr_scale(base: str) -> float:
+    """How much a base's ``studio.json`` says to scale LoRA learning rates (``lora_lr_scale``), else 1.
+
+    The shipped demo bases carry one: their layers are 32-64 wide, so the presets' rates
+    (right for SD/FLUX) barely move them in a few hundred steps (docs/demo-bases.md).
+    """
+    ref = parse_base(base)
+    folder = SHIPPED_DEMOS / ref.arch if ref.kind == "demo" else Path(ref.value) if ref.kind == "folder" else None
+    try:
+        raw = json.loads((folder / "studio.json").read_text(encoding="utf-8")) if folder else {}
+    except (OSError, ValueError):
+        return 1.0
+    scale = raw.get("lora_lr_scale")
+    ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale <= 1000
+    return float(scale) if ok else 1.0
+
+
 def native_resolution(ref: BaseRef, folder: Path | None = None) -> int:
     """The pixel size a base was trained at, read from its configs (no weights loaded).
 

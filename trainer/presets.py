@@ -1,7 +1,8 @@
 """Presets: commented YAML files in ``presets/`` that set only what differs from the defaults.
 
 Resolution order is defaults ← preset ← explicit overrides (CLI flags or UI
-edits). Unknown keys are errors, as in nanoGPT's configurator.
+edits); a base may scale the preset's learning rate (``lora_lr_scale`` in its
+studio.json). Unknown keys are errors, as in nanoGPT's configurator.
 """
 
 from __future__ import annotations
@@ -67,11 +68,13 @@ def load_preset(name_or_path: str, preset_dir: Path = PRESET_DIR) -> Preset:
 
 
 def resolve_config(preset: str, overrides: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
-    """Merge defaults ← preset ← overrides; returns the config and warnings for the user.
+    """Merge defaults ← preset (× the base's lr scale) ← overrides; returns the config and warnings for the user.
 
-    An explicit ``rank`` without ``alpha`` gets α = 2r rather than the preset's alpha.
+    The base's part: its ``studio.json`` may scale the learning rate (the demo bases do, see
+    :func:`preset_lr`). An explicit ``rank`` without ``alpha`` gets α = 2r rather than the preset's alpha.
     """
     values = dict(load_preset(preset).values)
+    values["lr"] = preset_lr(preset, overrides.get("base"))
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "rank" in overrides and "alpha" not in overrides:
         overrides["alpha"] = 2 * overrides["rank"]
@@ -80,3 +83,16 @@ def resolve_config(preset: str, overrides: dict[str, Any]) -> tuple[TrainConfig,
     cfg = make_config(values)
     warnings = [w for w in [alpha_ratio_warning(cfg.rank, cfg.alpha)] if w]
     return cfg, warnings
+
+
+def preset_lr(preset: str, base: Any) -> float:
+    """The learning rate a preset gives on ``base``: the preset's (or the default) times the base's scale."""
+    from trainer.bases import base_lr_scale
+    from trainer.errors import UserError
+
+    lr = load_preset(preset).values.get("lr", TrainConfig.lr)
+    try:
+        scale = base_lr_scale(base) if isinstance(base, str) and base else 1.0
+    except UserError:  # an unknown base is reported when it is loaded, with the fix
+        scale = 1.0
+    return float(f"{lr * scale:.6g}")  # 1e-4 × 10 shows as 0.001, not 0.0010000000000000002

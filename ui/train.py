@@ -13,6 +13,7 @@ import gradio as gr
 
 from trainer.config import TrainConfig, field_help
 from trainer.errors import UserError
+from trainer.presets import preset_lr
 from ui import format as fmt
 from ui.studio import Studio, TrainForm, is_demo
 
@@ -20,10 +21,14 @@ POLL_SECONDS = 1.0
 DEMO_RESOLUTION = 64  # the demo bases are 64 px models
 
 
-def _preset_fields(studio: Studio, preset: str) -> tuple:
+def _preset_fields(studio: Studio, preset: str, base: str) -> tuple:
+    """Steps, learning rate and batch size shown for a preset on a base (a base may scale the learning rate)."""
     values = studio.preset_values(preset)
-    return (values.get("steps", TrainConfig.steps), values.get("lr", TrainConfig.lr),
-            values.get("batch_size", TrainConfig.batch_size))
+    try:
+        lr = preset_lr(preset, base)
+    except UserError:
+        lr = TrainConfig.lr
+    return values.get("steps", TrainConfig.steps), lr, values.get("batch_size", TrainConfig.batch_size)
 
 
 def _resolution_for(base: str, current) -> int:
@@ -36,7 +41,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
     helps = field_help()
     presets = studio.presets()
     first_preset = "style" if "style" in presets else presets[0]
-    steps0, lr0, batch0 = _preset_fields(studio, first_preset)
+    steps0, lr0, batch0 = _preset_fields(studio, first_preset, studio.default_base)
     nf4_ok, nf4_why = studio.nf4_status()
     with gr.Row(equal_height=True):
         base = gr.Dropdown(label="Base model", choices=studio.bases(), value=studio.default_base,
@@ -100,9 +105,9 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
             refresh = gr.Button("Refresh", elem_id="refresh-runs")
     last = gr.State(None)  # what the page shows now, so a poll only sends what changed
 
-    base.change(lambda b, r: (studio.describe_base(b), _resolution_for(b, r)), [base, resolution],
-                [base_info, resolution])
-    preset.change(lambda p: (studio.describe_preset(p), *_preset_fields(studio, p)), preset,
+    base.change(lambda b, r, p: (studio.describe_base(b), _resolution_for(b, r), _preset_fields(studio, p, b)[1]),
+                [base, resolution, preset], [base_info, resolution, lr])
+    preset.change(lambda p, b: (studio.describe_preset(p), *_preset_fields(studio, p, b)), [preset, base],
                   [preset_info, steps, lr, batch])
 
     def on_run(run_name):
