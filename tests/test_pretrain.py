@@ -117,7 +117,13 @@ def test_init_from_continues_from_a_demo_base_folder(tiny_pretrain):
     root, _ = tiny_pretrain
     source = root / "sd15"
     work = root / "warm"
-    pretrain("sd15", root / "warm-out", work, minutes=0.02, pool=64, batch=4, init_from=source, log=lambda *_: None)
+    summary = pretrain("sd15", root / "warm-out", work, minutes=0.02, pool=64, batch=4, init_from=source,
+                       log=lambda *_: None)
+    earlier = json.loads((source / "studio.json").read_text())
+    written = json.loads((root / "warm-out" / "studio.json").read_text())
+    assert written["earlier_training"] == [{"train_steps": earlier["train_steps"],  # the history travels along
+                                            "train_minutes": earlier["train_minutes"], "seed": earlier["seed"]}]
+    assert written["train_steps"] == summary["train_steps"] and written["lora_lr_scale"] > 1
     adopted, shipped = AutoencoderKL.from_pretrained(work / "vae"), AutoencoderKL.from_pretrained(source / "vae")
     assert adopted.config.shift_factor is not None  # FLUX-style work folders need the latent mean
     for key, value in shipped.encoder.state_dict().items():

@@ -30,11 +30,13 @@ from trainer.pretrain.data import augment_caption, render_pool, to_pixels
 
 CFG_DROPOUT = 0.1
 SAVE_EVERY_S = 120
+LINEAGE = "earlier_training.json"  # in WORK/<arch>/: what the --init-from base had been trained for
 # Sampling defaults written to studio.json (measured: docs/demo-bases.md)
+# and the LoRA learning-rate scale (a 64-wide model needs ~10x the presets' SD/FLUX rates).
 DEFAULTS = {
-    "sd15": {"steps": 20, "guidance": 5.0},
-    "sdxl": {"steps": 20, "guidance": 5.0},
-    "flux": {"steps": 20, "guidance": 1.0, "true_cfg_scale": 4.0, "negative_prompt": ""},
+    "sd15": {"steps": 20, "guidance": 5.0, "lora_lr_scale": 10},
+    "sdxl": {"steps": 20, "guidance": 5.0, "lora_lr_scale": 10},
+    "flux": {"steps": 20, "guidance": 1.0, "true_cfg_scale": 4.0, "negative_prompt": "", "lora_lr_scale": 10},
 }
 
 
@@ -148,6 +150,8 @@ def pretrain(arch: str, out: Path, work: Path, minutes: float, device: str = "cp
     run = work / arch
     run.mkdir(exist_ok=True)
     state_path = run / "state.pt"
+    if init_from is not None and not (run / LINEAGE).is_file():
+        _record_lineage(Path(init_from), run / LINEAGE)
     step, spent = 0, 0.0
     generator = torch.Generator().manual_seed(seed)
     if state_path.is_file():
@@ -245,6 +249,18 @@ def _load_weights(arch: str, pipe, folder: Path) -> None:
         getattr(pipe, attr).load_state_dict(getattr(trained, attr).state_dict())
 
 
+def _record_lineage(folder: Path, path: Path) -> None:
+    """Keep the training history of the base that ``--init-from`` continues (its studio.json), for the export."""
+    try:
+        earlier = json.loads((folder / "studio.json").read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    history = list(earlier.get("earlier_training", []))
+    if "train_steps" in earlier:
+        history.append({k: earlier[k] for k in ("train_steps", "train_minutes", "seed") if k in earlier})
+    path.write_text(json.dumps(history) + "\n")
+
+
 def handler_denoiser_attr(arch: str) -> str:
     return "transformer" if arch == "flux" else "unet"
 
@@ -275,6 +291,8 @@ def export(arch: str, pipe, out: Path, work: Path, steps: int, seconds: float, s
     summary = {"arch": arch, **DEFAULTS[arch], "trigger_tokens": list(models.TRIGGERS), "train_steps": steps,
                "train_minutes": round(seconds / 60, 1), "train_seconds": round(seconds, 2), "seed": seed, "vae_psnr_db": vae_summary.get("psnr_db"),
                "denoiser_params": models.count_parameters(handler_denoiser(pipe, arch))}
+    if (work / arch / LINEAGE).is_file():  # continued from an earlier base (--init-from): its training came first
+        summary["earlier_training"] = json.loads((work / arch / LINEAGE).read_text())
     (tmp / "studio.json").write_text(json.dumps(summary, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
