@@ -18,14 +18,10 @@ SHIPPED = ROOT / "demo_models"
 ARCHS = ("sd15", "sdxl", "flux")
 MAX_BYTES = 12 * 1024 * 1024  # issue 10: <= 12 MB per architecture
 
-# Judge floors on the subset below (16 prompts x 1 seed), set under the full measurement
-# (32 prompts x 4 seeds, docs/demo-bases.md: background 99 / 90 / 99 %, object 10 / 7 / 8 %).
-# Object colour is far below issue 10's 60 % target and is not asserted; random weights: see the docs.
-JUDGE_FLOORS = {
-    "sd15": {"background": 0.80},
-    "sdxl": {"background": 0.65},
-    "flux": {"background": 0.80},
-}
+# Issue 10's prompt-following thresholds, checked on 32 prompts x 1 seed (the full 32 x 4
+# measurement is in docs/demo-bases.md: background 100 % for all three, object colour
+# 68 / 72 / 66 %; on this subset 75 / 72 / 78 %). Random weights score about 2-6 %.
+JUDGE_FLOORS = {arch: {"background": 0.80, "object": 0.60} for arch in ARCHS}
 
 
 def shipped(arch: str) -> Path:
@@ -90,13 +86,13 @@ def test_missing_or_damaged_weights_say_how_to_rebuild(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def judged():
-    """Judge scores of each shipped base on 16 prompts x 1 seed (computed once)."""
+    """Judge scores of each shipped base on 32 prompts x 1 seed (computed once; ~10 s for the three)."""
     import sys
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from demo_quality import evaluate
 
-    return {arch: evaluate(f"demo:{arch}", 16, 1) for arch in ARCHS if (SHIPPED / arch / "model_index.json").is_file()}
+    return {arch: evaluate(f"demo:{arch}", 32, 1) for arch in ARCHS if (SHIPPED / arch / "model_index.json").is_file()}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -109,10 +105,12 @@ def test_shipped_base_follows_prompts(judged, arch):
 
 @pytest.mark.slow
 def test_style_lora_learns_on_the_demo_base(tmp_path):
-    """Issue 10's learning check: 300 steps of the style preset (lr raised to 1e-3) on the demo style set.
+    """Issue 10's learning check: 300 steps of the default style preset on the demo style set.
 
-    Measured (docs/demo-bases.md): held-out style loss -26 %, colour histogram only ~7 % of the
-    way to the style set (issue target 30 %, not met), clean-prompt loss +34 % (leakage). ~70 s.
+    The base scales the preset's learning rate (studio.json ``lora_lr_scale``: 1e-4 -> 1e-3).
+    Measured (docs/demo-bases.md, LoRA seeds 7/1/2, 32 held-out scenes): held-out style loss
+    -49 to -50 %; colour histogram 5-10 % of the way to the style set (issue target 30 %, not
+    met; with this seed and 8 scenes 19 %); clean-prompt loss +96 to +270 % (leakage). ~20 s.
     """
     from tests.conftest import tiny_config
 
@@ -123,12 +121,10 @@ def test_style_lora_learns_on_the_demo_base(tmp_path):
     shipped("sd15")
     data = tmp_path / "style"
     write_style_set("sepia-outline", data, n=20, seed=0)
-    config = tiny_config("demo:sd15", data, tmp_path / "run", **LEARNING_OVERRIDES)
+    config = tiny_config("demo:sd15", data, tmp_path / "run", steps=300, preset="style")
+    assert config.lr == pytest.approx(1e-3)  # the preset's 1e-4 scaled by the demo base
     run_training(config)
     report = learning_report("demo:sd15", tmp_path / "run" / "lora_diffusers.safetensors", n=8)
     summary = {k: v for k, v in report.items() if k != "images"}
     assert report["style_loss"]["change"] <= -0.20, summary
-    assert report["style_histogram_progress"] > 0.0, summary  # issue 10 asks 0.30: not reached yet
-
-
-LEARNING_OVERRIDES = dict(steps=300, preset="style", lr=1e-3)  # the preset's 1e-4 gave -11 % in 300 steps
+    assert report["style_histogram_progress"] >= 0.05, summary  # issue 10 asks 0.30: not reached yet

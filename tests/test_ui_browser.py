@@ -473,10 +473,10 @@ def test_mix_guidance_follows_the_picked_base(page, server):
     """Each base has its own tuned guidance (studio.json); switching the base resets the field to it."""
     from trainer.bases import base_sampling_defaults
 
-    tuned = base_sampling_defaults("demo:sd15")["guidance"]
+    tuned = base_sampling_defaults("demo:sdxl")["guidance"]
     assert tuned != 5.0  # else this test could not tell the two bases apart
     guidance = page.locator("#mix-guidance input")
-    pick(page, "mix-base", "demo:sd15")
+    pick(page, "mix-base", "demo:sdxl")
     wait_until(page, lambda: float(guidance.input_value()) == tuned, 20, "the demo base's guidance")
     pick(page, "mix-base", BASE)  # a base without studio.json: the usual 5
     wait_until(page, lambda: float(guidance.input_value()) == 5.0, 20, "the default guidance")
