@@ -112,3 +112,33 @@ def test_python_m_trainer_mix_subprocess(loras, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "img.png").is_file() and "exact" in proc.stdout
     assert read_metadata(tmp_path / "mix.safetensors")["studio.mix.method"] == "concat"
+
+
+def test_demo_base_renders_with_its_own_sampling_defaults(monkeypatch, tmp_path, capsys):
+    """Without --steps/--guidance, a base's studio.json steps and guidance are used (as in the Mix tab)."""
+    import trainer.mixing
+    from trainer.bases import base_sampling_defaults
+
+    calls = []
+
+    class Recorder:  # a session that only records what it was asked to render
+        arch, loras = "sd15", []
+
+        def __init__(self, base, device=None):
+            pass
+
+        def set_weights(self, weights):
+            assert weights == {}
+
+        def render(self, prompt, seed, steps, guidance, size=None):
+            from PIL import Image
+
+            calls.append((steps, guidance))
+            return Image.new("RGB", (8, 8))
+
+    monkeypatch.setattr(trainer.mixing, "MixSession", Recorder)
+    tuned = base_sampling_defaults("demo:sd15")
+    cli_mix.run(parse("--base", "demo:sd15", "--out", str(tmp_path / "a.png")))
+    cli_mix.run(parse("--base", "demo:sd15", "--out", str(tmp_path / "b.png"), "--steps", "3", "--guidance", "7"))
+    cli_mix.run(parse("--base", "demo-random:sd15", "--out", str(tmp_path / "c.png")))
+    assert calls == [(tuned["steps"], tuned["guidance"]), (3, 7.0), (8, 5.0)]

@@ -469,17 +469,19 @@ def test_comparison_grid_is_shown_and_downloads(page, server, tmp_path):
     shot(page, "06b-mix-bake-grid")
 
 
-def test_mix_guidance_follows_the_picked_base(page, server):
-    """Each base has its own tuned guidance (studio.json); switching the base resets the field to it."""
+def test_mix_guidance_and_steps_follow_the_picked_base(page, server):
+    """Each demo base has its own tuned guidance and steps (studio.json); switching the base resets the fields."""
     from trainer.bases import base_sampling_defaults
 
-    tuned = base_sampling_defaults("demo:sdxl")["guidance"]
-    assert tuned != 5.0  # else this test could not tell the two bases apart
-    guidance = page.locator("#mix-guidance input")
+    tuned = base_sampling_defaults("demo:sdxl")
+    assert tuned["guidance"] != 5.0 and tuned["steps"] != 8  # else this test could not tell the bases apart
+    guidance, steps = page.locator("#mix-guidance input"), page.locator("#mix-steps input")
     pick(page, "mix-base", "demo:sdxl")
-    wait_until(page, lambda: float(guidance.input_value()) == tuned, 20, "the demo base's guidance")
-    pick(page, "mix-base", BASE)  # a base without studio.json: the usual 5
-    wait_until(page, lambda: float(guidance.input_value()) == 5.0, 20, "the default guidance")
+    wait_until(page, lambda: float(guidance.input_value()) == tuned["guidance"]
+               and int(float(steps.input_value())) == tuned["steps"], 20, "the demo base's guidance and steps")
+    pick(page, "mix-base", BASE)  # a base without studio.json: the usual 5, and 8 steps on a demo base
+    wait_until(page, lambda: float(guidance.input_value()) == 5.0 and int(float(steps.input_value())) == 8, 20,
+               "the default guidance and steps")
 
 
 # ---- 5. export ------------------------------------------------------------------------------------

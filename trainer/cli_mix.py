@@ -54,8 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a .safetensors LoRA and its weight (default 1); repeat for a mix")
     p.add_argument("--prompt", default="", help="text prompt (add the LoRAs' trigger words yourself)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 8 on demo bases, else 25)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 3.5 for FLUX, else 5)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the base's studio.json, else 8 on demo bases, 25 elsewhere)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the base's studio.json, else 3.5 for FLUX, 5 elsewhere)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the base's native size)")
     p.add_argument("--out", help="write the rendered mix here (.png/.jpg/.webp)")
     p.add_argument("--bake", "--merge-to", dest="bake", metavar="FILE.safetensors",
@@ -129,13 +131,18 @@ def _plan(args: argparse.Namespace) -> _Plan:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.bases import base_sampling_defaults
     from trainer.mixing import MixSession, bake, comparison_grid
 
     plan = _plan(args)
     session = MixSession(args.base, device=args.device)
     demo = args.base.strip().startswith("demo")
-    steps = args.steps or (8 if demo else 25)
-    guidance = args.guidance if args.guidance is not None else (3.5 if session.arch == "flux" else 5.0)
+    tuned = base_sampling_defaults(args.base)  # a demo base's own steps/guidance (studio.json)
+    steps = args.steps or tuned.get("steps", 8 if demo else 25)
+    if args.guidance is not None:
+        guidance = args.guidance
+    else:
+        guidance = tuned.get("guidance", 3.5 if session.arch == "flux" else 5.0)
     weights = {}
     for lora in plan.loras:
         info = session.add_lora(lora.path)
