@@ -114,16 +114,28 @@ def list_bases(models_dir: str | Path | None = None) -> list[str]:
     return found
 
 
+def _studio_folder(ref: BaseRef) -> Path | None:
+    """The folder whose ``studio.json`` describes a base: the shipped one for ``demo:<arch>``, a local folder."""
+    if ref.kind == "demo":
+        return SHIPPED_DEMOS / ref.arch
+    return Path(ref.value) if ref.kind == "folder" else None
+
+
+def _studio_json(folder: Path | None) -> dict:
+    """``folder/studio.json`` (written for the demo bases), or {} when there is none or it is unreadable."""
+    try:
+        raw = json.loads((folder / "studio.json").read_text(encoding="utf-8")) if folder else {}
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
 def sampling_defaults(ref: BaseRef, folder: Path | None = None) -> dict:
     """Sampling steps/guidance stored with a base (``studio.json``, written for the demo bases), else {}.
 
     For a FLUX base without guidance embeds the stored ``true_cfg_scale`` is its guidance.
     """
-    folder = folder or (Path(ref.value) if ref.kind == "folder" else None)
-    try:
-        raw = json.loads((folder / "studio.json").read_text(encoding="utf-8")) if folder else {}
-    except (OSError, ValueError):
-        return {}
+    raw = _studio_json(folder or (Path(ref.value) if ref.kind == "folder" else None))
     out = {}
     if isinstance(raw.get("steps"), int):
         out["steps"] = raw["steps"]
@@ -136,9 +148,8 @@ def sampling_defaults(ref: BaseRef, folder: Path | None = None) -> dict:
 def base_sampling_defaults(base: str) -> dict:
     """:func:`sampling_defaults` for a ``--base`` string (the shipped folder for ``demo:<arch>``)."""
     ref = parse_base(base)
-    if ref.kind == "demo":
-        return sampling_defaults(ref, SHIPPED_DEMOS / ref.arch)
-    return sampling_defaults(ref) if ref.kind == "folder" else {}
+    folder = _studio_folder(ref)
+    return sampling_defaults(ref, folder) if folder else {}
 
 
 def base_lr_scale(base: str) -> float:
@@ -147,13 +158,7 @@ def base_lr_scale(base: str) -> float:
     The shipped demo bases carry one: their layers are 32-64 wide, so the presets' rates
     (right for SD/FLUX) barely move them in a few hundred steps (docs/demo-bases.md).
     """
-    ref = parse_base(base)
-    folder = SHIPPED_DEMOS / ref.arch if ref.kind == "demo" else Path(ref.value) if ref.kind == "folder" else None
-    try:
-        raw = json.loads((folder / "studio.json").read_text(encoding="utf-8")) if folder else {}
-    except (OSError, ValueError):
-        return 1.0
-    scale = raw.get("lora_lr_scale")
+    scale = _studio_json(_studio_folder(parse_base(base))).get("lora_lr_scale")
     ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale <= 1000
     return float(scale) if ok else 1.0
 
