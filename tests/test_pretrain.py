@@ -139,6 +139,42 @@ def test_init_from_continues_from_a_demo_base_folder(tiny_pretrain):
         assert all(torch.equal(got[k], v) for k, v in want.items()), part
 
 
+def test_init_from_drops_the_retired_pooled_text_path_and_refuses_other_mismatches(tiny_pretrain, tmp_path):
+    """The shipped sd15 base's stages 1-2 had a pooled-text embedding (``addition_embed_type="text"``);
+    continuing from such a folder drops exactly that part. Any other mismatch is one clear line."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from trainer.errors import UserError
+    from trainer.pretrain import models
+    from trainer.pretrain.train import _load_weights
+
+    root, _ = tiny_pretrain
+    old = tmp_path / "stage2"
+    shutil.copytree(root / "sd15", old)
+    current = UNet2DConditionModel.from_pretrained(old / "unet")
+    assert current.config.addition_embed_type is None  # SD1.5's design: prompts only through cross-attention
+    config = {k: v for k, v in current.config.items() if not k.startswith("_")}
+    with_path = UNet2DConditionModel(**{**config, "addition_embed_type": "text"})
+    with_path.load_state_dict(current.state_dict(), strict=False)
+    with_path.save_pretrained(old / "unet")
+    assert any(k.startswith("add_embedding.") for k in with_path.state_dict())
+
+    pipe, lines = models.build_pipeline("sd15", models.vae()), []
+    _load_weights("sd15", pipe, old, log=lines.append)
+    assert any("retired pooled-text path" in line for line in lines), lines
+    got = pipe.unet.state_dict()
+    assert set(got) == set(current.state_dict())
+    assert all(torch.equal(got[k], v.float()) for k, v in current.state_dict().items())
+
+    wider = UNet2DConditionModel(**{**config, "block_out_channels": (32, 64, 128)})
+    wider.save_pretrained(old / "unet")
+    with pytest.raises(UserError, match="does not match the sd15 demo architecture.*without --init-from"):
+        _load_weights("sd15", pipe, old, log=lines.append)
+
+
 def test_init_from_a_folder_without_weights_is_one_clear_line(tmp_path):
     from trainer.errors import UserError
     from trainer.pretrain.train import pretrain

@@ -134,9 +134,11 @@ def sd_unet(cross_attention_dim: int, sdxl: bool = False, pooled_dim: int = 0):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8,
     )
-    if not sdxl:  # attention-pool the caption into the time embedding (SDXL's pooled text does the same):
-        kwargs.update(addition_embed_type="text")  # global colours are learned far faster through it
-    else:
+    # SD1.5 has no pooled-text path: everything a prompt says reaches the UNet through cross-attention,
+    # where a to_k/to_v style LoRA can act on it. (Stages 1-2 of the shipped sd15 base had one,
+    # addition_embed_type="text", which learned colours faster but left a style LoRA only a weak,
+    # leaky handle on them: docs/demo-bases.md.) SDXL's pooled text + size ids are the real design.
+    if sdxl:
         kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=8, use_linear_projection=True,
                       projection_class_embeddings_input_dim=6 * 8 + pooled_dim)
     return UNet2DConditionModel(**kwargs)

@@ -33,8 +33,10 @@ SAVE_EVERY_S = 120
 LINEAGE = "earlier_training.json"  # in WORK/<arch>/: what the --init-from base had been trained for
 # Sampling defaults written to studio.json (measured: docs/demo-bases.md)
 # and the LoRA learning-rate scale (a 64-wide model needs ~10x the presets' SD/FLUX rates).
+# sd15 samples without CFG: guidance amplifies a style LoRA's k/v change into wrong,
+# saturated colours on this tiny base, while guidance 1 keeps prompt following (bg 100 %).
 DEFAULTS = {
-    "sd15": {"steps": 20, "guidance": 5.0, "lora_lr_scale": 10},
+    "sd15": {"steps": 20, "guidance": 1.0, "lora_lr_scale": 30},
     "sdxl": {"steps": 20, "guidance": 5.0, "lora_lr_scale": 10},
     "flux": {"steps": 20, "guidance": 1.0, "true_cfg_scale": 4.0, "negative_prompt": "", "lora_lr_scale": 10},
 }
@@ -162,7 +164,7 @@ def pretrain(arch: str, out: Path, work: Path, minutes: float, device: str = "cp
         generator.set_state(state["generator"])
         log(f"{arch}: resumed at step {step} ({spent / 60:.1f} min spent)")
     elif init_from is not None:
-        _load_weights(arch, pipe, Path(init_from))
+        _load_weights(arch, pipe, Path(init_from), log)
         log(f"{arch}: starting from the weights in {init_from}")
     rng = random.Random(seed * 1000 + step)
     noise_scheduler = handler.training_scheduler(pipe)
@@ -236,8 +238,14 @@ def _adopt_autoencoder(arch: str, folder: Path, work: Path) -> None:
         (work / "vae_summary.json").write_text(json.dumps({"psnr_db": psnr, "adopted_from": str(folder)}) + "\n")
 
 
-def _load_weights(arch: str, pipe, folder: Path) -> None:
-    """Denoiser and text encoder weights of the demo base in ``folder`` (same architecture)."""
+# Parts of earlier demo architectures that a continued run may leave behind (the sd15 UNet's
+# pooled-text embedding, used by the shipped base's stages 1-2).
+_RETIRED_PREFIXES = ("add_embedding.",)
+
+
+def _load_weights(arch: str, pipe, folder: Path, log=print) -> None:
+    """Denoiser and text encoder weights of the demo base in ``folder`` (same architecture, or an
+    earlier one that differs only by retired parts, which are dropped)."""
     import diffusers
 
     try:
@@ -246,7 +254,17 @@ def _load_weights(arch: str, pipe, folder: Path) -> None:
         raise UserError(f"--init-from {folder}: cannot load it as a {arch} demo base ({err})") from None
     for name in _trainable(arch, pipe):
         attr = handler_denoiser_attr(arch) if name == "denoiser" else name
-        getattr(pipe, attr).load_state_dict(getattr(trained, attr).state_dict())
+        state = getattr(trained, attr).state_dict()
+        dropped = sorted(k for k in state if k.startswith(_RETIRED_PREFIXES))
+        if dropped and not any(k.startswith(_RETIRED_PREFIXES) for k in getattr(pipe, attr).state_dict()):
+            state = {k: v for k, v in state.items() if k not in dropped}
+            log(f"{arch}: {folder} has the retired pooled-text path ({len(dropped)} tensors); continuing without it")
+        try:
+            getattr(pipe, attr).load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise UserError(f"--init-from {folder}: its {attr} does not match the {arch} demo architecture "
+                            f"({first}); start from scratch without --init-from") from None
 
 
 def _record_lineage(folder: Path, path: Path) -> None:
