@@ -20,7 +20,7 @@ MAX_BYTES = 12 * 1024 * 1024  # issue 10: <= 12 MB per architecture
 
 # Issue 10's prompt-following thresholds, checked on 32 prompts x 1 seed (the full 32 x 4
 # measurement is in docs/demo-bases.md: background 100 % for all three, object colour
-# 68 / 72 / 66 %; on this subset 75 / 72 / 78 %). Random weights score about 2-6 %.
+# 74 / 72 / 66 %; on this subset 78 / 72 / 78 %). Random weights score about 2-6 %.
 JUDGE_FLOORS = {arch: {"background": 0.80, "object": 0.60} for arch in ARCHS}
 
 
@@ -107,10 +107,11 @@ def test_shipped_base_follows_prompts(judged, arch):
 def test_style_lora_learns_on_the_demo_base(tmp_path):
     """Issue 10's learning check: 300 steps of the default style preset on the demo style set.
 
-    The base scales the preset's learning rate (studio.json ``lora_lr_scale``: 1e-4 -> 1e-3).
-    Measured (docs/demo-bases.md, LoRA seeds 7/1/2, 32 held-out scenes): held-out style loss
-    -49 to -50 %; colour histogram 5-10 % of the way to the style set (issue target 30 %, not
-    met; with this seed and 8 scenes 19 %); clean-prompt loss +96 to +270 % (leakage). ~20 s.
+    The base scales the preset's learning rate (studio.json ``lora_lr_scale``: 1e-4 -> 3e-3) and
+    samples at guidance 1. Measured on 32 held-out scenes (docs/demo-bases.md, LoRA seeds 7/1/2):
+    style loss -51 to -52 %, colour histogram 36/29/31 % of the way to the style set (this test
+    is seed 7: 36 %), clean-prompt loss +275 to +346 % (k/v leakage, reported not asserted).
+    Same numbers with 1 or 2 threads. ~40 s.
     """
     from tests.conftest import tiny_config
 
@@ -122,9 +123,9 @@ def test_style_lora_learns_on_the_demo_base(tmp_path):
     data = tmp_path / "style"
     write_style_set("sepia-outline", data, n=20, seed=0)
     config = tiny_config("demo:sd15", data, tmp_path / "run", steps=300, preset="style")
-    assert config.lr == pytest.approx(1e-3)  # the preset's 1e-4 scaled by the demo base
+    assert config.lr == pytest.approx(3e-3)  # the preset's 1e-4 scaled by the demo base
     run_training(config)
-    report = learning_report("demo:sd15", tmp_path / "run" / "lora_diffusers.safetensors", n=8)
+    report = learning_report("demo:sd15", tmp_path / "run" / "lora_diffusers.safetensors", n=32)
     summary = {k: v for k, v in report.items() if k != "images"}
     assert report["style_loss"]["change"] <= -0.20, summary
-    assert report["style_histogram_progress"] >= 0.05, summary  # issue 10 asks 0.30: not reached yet
+    assert report["style_histogram_progress"] >= 0.30, summary
