@@ -587,16 +587,23 @@ def test_server_serves_only_the_outputs_folder(server):
 
 
 # ---- 8. trying the studio with no images of one's own ---------------------------------------------
-def test_a_demo_style_set_fills_a_new_run_with_captioned_images(page, server):
+def new_run_with_demo_style_set(page, server, style: str) -> str:
+    """Dataset tab: a new run (a name with no folder yet), filled with the demo style set ``style``."""
     open_tab(page, "1 · Dataset")
-    page.click("#new-run")  # a name with no folder yet (the current one, if it has none)
+    page.click("#new-run")
     run = wait_until(page, lambda: (name := page.locator("#run-select input").input_value())
                      and not (server.outputs / name).exists() and name, 20, "a new run name")
     wait_until(page, lambda: "No images yet" in page.locator("#dataset-count").inner_text(), 20, "an empty dataset")
-    page.locator("#demo-set").get_by_text("No images at hand?").click()
-    pick(page, "demo-style", "hatch")
+    if not page.locator("#demo-add").is_visible():
+        page.locator("#demo-set").get_by_text("No images at hand?").click()
+    pick(page, "demo-style", style)
     page.click("#demo-add")
     page.wait_for_selector("#upload-report :text('Added 20 image(s)')", timeout=60_000)
+    return run
+
+
+def test_a_demo_style_set_fills_a_new_run_with_captioned_images(page, server):
+    run = new_run_with_demo_style_set(page, server, "hatch")
     wait_until(page, lambda: page.locator(".caption-box textarea").count() == 20, 30, "20 image cards")
     boxes = page.locator(".caption-box textarea")
     assert all(boxes.nth(i).input_value().startswith("zkstyle, ") for i in range(20))
@@ -640,16 +647,7 @@ def test_a_style_trained_in_the_browser_visibly_changes_the_demo_base(page, serv
 
     if not (Path(__file__).resolve().parents[1] / "demo_models" / "sd15" / "model_index.json").is_file():
         pytest.skip("demo_models/sd15 is not shipped in this checkout")
-    open_tab(page, "1 · Dataset")
-    page.click("#new-run")
-    run = wait_until(page, lambda: (name := page.locator("#run-select input").input_value())
-                     and not (server.outputs / name).exists() and name, 20, "a new run name")
-    demo = page.locator("#demo-set")
-    if not page.locator("#demo-add").is_visible():
-        demo.get_by_text("No images at hand?").click()
-    pick(page, "demo-style", "sepia-outline")
-    page.click("#demo-add")
-    page.wait_for_selector("#upload-report :text('Added 20 image(s)')", timeout=60_000)
+    run = new_run_with_demo_style_set(page, server, "sepia-outline")
 
     open_tab(page, "2 · Train")
     pick(page, "preset", "style")

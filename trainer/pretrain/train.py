@@ -254,13 +254,13 @@ def _load_weights(arch: str, pipe, folder: Path, log=print) -> None:
         raise UserError(f"--init-from {folder}: cannot load it as a {arch} demo base ({err})") from None
     for name in _trainable(arch, pipe):
         attr = handler_denoiser_attr(arch) if name == "denoiser" else name
-        state = getattr(trained, attr).state_dict()
+        module, state = getattr(pipe, attr), getattr(trained, attr).state_dict()
         dropped = sorted(k for k in state if k.startswith(_RETIRED_PREFIXES))
-        if dropped and not any(k.startswith(_RETIRED_PREFIXES) for k in getattr(pipe, attr).state_dict()):
+        if dropped and not any(k.startswith(_RETIRED_PREFIXES) for k in module.state_dict()):
             state = {k: v for k, v in state.items() if k not in dropped}
             log(f"{arch}: {folder} has the retired pooled-text path ({len(dropped)} tensors); continuing without it")
         try:
-            getattr(pipe, attr).load_state_dict(state)
+            module.load_state_dict(state)
         except RuntimeError as err:
             first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
             raise UserError(f"--init-from {folder}: its {attr} does not match the {arch} demo architecture "
