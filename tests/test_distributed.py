@@ -114,6 +114,26 @@ def test_nf4_base_on_two_processes_equals_one_process_with_doubled_batch(base_di
     assert_same(adapter(tmp_path / "ddp"), adapter(tmp_path / "single"))
 
 
+def process_failure(exitcode: int, timestamp: int):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file="<none>")
+    failure.timestamp = timestamp
+    return failure
+
+
+@pytest.mark.parametrize("codes, expected", [
+    ({0: (-6, 100), 1: (2, 100)}, 2),  # one aborted while exiting (a signal), in the same second
+    ({0: (-15, 99), 1: (2, 100)}, 2),  # a peer the launcher stopped is not the cause
+    ({0: (2, 101), 1: (1, 100)}, 1),  # two own exits: the first one
+    ({0: (-9, 100), 1: (-6, 100)}, 1),  # only signals: a generic failure
+])
+def test_launcher_exits_with_the_code_of_the_process_that_failed_on_its_own(codes, expected):
+    from trainer.distributed import failure_exit_code
+
+    assert failure_exit_code({rank: process_failure(*code) for rank, code in codes.items()}) == expected
+
+
 # imported by every process through sitecustomize: process 2 of 2 fails at its third step, the other does not
 FAIL_ON_SECOND_PROCESS = '''
 import os

@@ -106,5 +106,18 @@ def run_command(command, args: argparse.Namespace) -> int:
         return 130
 
 
+def exit_now(code: int) -> None:
+    """Exit with ``code``, skipping interpreter shutdown when this is one process of a multi-process run.
+
+    There the process group's C++ threads can abort shutdown ("terminate called without an active
+    exception"), and torchrun would then report a signal instead of this process's own exit code.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -174,6 +174,15 @@ def launch(processes: int, argv: list[str]) -> int:
     try:
         run(parse_args(["--standalone", f"--nproc_per_node={processes}", "-m", "trainer", *argv]))
     except ChildFailedError as err:
-        code = err.get_first_failure()[1].exitcode
-        return code if code > 0 else 1  # negative: killed by a signal
+        return failure_exit_code(err.failures)
     return 0
+
+
+def failure_exit_code(failures: dict) -> int:
+    """The exit code of the first process that exited on its own (1 when every failed one was killed by a signal).
+
+    A process that exited by itself has printed why; the ones the launcher stopped, or that broke while
+    exiting, report signals (negative codes) and can carry the same timestamp second as the real failure.
+    """
+    own = [failure for failure in failures.values() if failure.exitcode > 0]
+    return min(own, key=lambda failure: failure.timestamp).exitcode if own else 1
