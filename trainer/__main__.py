@@ -112,7 +112,9 @@ def exit_now(code: int) -> None:
     There the process group's C++ threads can abort shutdown ("terminate called without an active
     exception"), and torchrun would then report a signal instead of this process's own exit code.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    from trainer.distributed import world_size_from_env
+
+    if world_size_from_env() <= 1:
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
