@@ -299,3 +299,21 @@ def test_nf4_quantizes_layer_by_layer_freeing_each_original(monkeypatch):
     assert all(isinstance(block[0], bnb.nn.Linear4bit) and block[0].weight.bnb_quantized for block in model)
     out = model(torch.randn(2, 64))
     assert torch.isfinite(out).all()
+
+
+def test_a_models_attention_backend_does_not_become_the_process_wide_one(base_dirs):
+    """The app trains on a server thread: a FLUX run's backend must not carry over to later previews."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from trainer.models import load_base
+    from trainer.models.knobs import set_model_attention_backend
+
+    trained = load_base(str(base_dirs["flux"]), Precision.FP32, "cpu").denoiser
+    previewed = load_base(str(base_dirs["flux"]), Precision.FP32, "cpu").denoiser
+    before = _AttentionBackendRegistry.get_active_backend()[0]
+    set_model_attention_backend(trained, "_native_math")  # xformers is not installed here; the path is the same
+    backends = {getattr(m.processor, "_attention_backend", "none") for m in trained.modules() if hasattr(m, "processor")}
+    assert backends == {"_native_math"}
+    assert _AttentionBackendRegistry.get_active_backend()[0] == before
+    assert {getattr(m.processor, "_attention_backend", "none")
+            for m in previewed.modules() if hasattr(m, "processor")} == {None}

@@ -52,12 +52,28 @@ def apply_attention(denoiser: torch.nn.Module, kernel: str, device: torch.device
         if device.type != "cuda":
             raise UnsupportedError("attention=xformers runs on CUDA GPUs only; use attention: sdpa on CPU")
         if _has_dispatch_processors(denoiser):
-            denoiser.set_attention_backend("xformers")  # diffusers' backend API (FLUX)
+            set_model_attention_backend(denoiser, "xformers")  # diffusers' backend API (FLUX)
         else:
             denoiser.enable_xformers_memory_efficient_attention()  # diffusers' processor API (UNets)
     elif kernel == "flash" and device.type == "cuda" and dtype == torch.float32:
         raise UnsupportedError("attention=flash needs fp16/bf16 weights on a GPU (FlashAttention has no fp32 kernel); "
                                "use precision bf16 or attention: sdpa")
+
+
+def set_model_attention_backend(denoiser: torch.nn.Module, backend: str) -> None:
+    """Give this model's attention processors ``backend``, and nothing else.
+
+    diffusers' ``set_attention_backend`` also makes ``backend`` the process-wide active one, so in
+    the web app (training runs on a thread of the server) every FLUX preview rendered after the job
+    would use it too. Each processor keeps its own backend, so the global one is put back at once.
+    """
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    previous = _AttentionBackendRegistry.get_active_backend()[0]
+    try:
+        denoiser.set_attention_backend(backend)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(previous)
 
 
 def attention_context(kernel: str):
