@@ -35,10 +35,11 @@ LINEAGE = "earlier_training.json"  # in WORK/<arch>/: what the --init-from base 
 # and the LoRA learning-rate scale (a 64-wide model needs ~10x the presets' SD/FLUX rates).
 # sd15/sdxl sample with little or no CFG: guidance amplifies a style LoRA's k/v change into
 # wrong, saturated colours on these tiny bases, while 1-1.5 keeps prompt following (bg 100 %).
+# FLUX (no guidance embeds) uses true CFG; 2.0 is the swept value the shipped studio.json holds.
 DEFAULTS = {
     "sd15": {"steps": 20, "guidance": 1.0, "lora_lr_scale": 30},
     "sdxl": {"steps": 20, "guidance": 1.5, "lora_lr_scale": 10},
-    "flux": {"steps": 20, "guidance": 1.0, "true_cfg_scale": 4.0, "negative_prompt": "", "lora_lr_scale": 10},
+    "flux": {"steps": 20, "guidance": 1.0, "true_cfg_scale": 2.0, "negative_prompt": "", "lora_lr_scale": 10},
 }
 
 
