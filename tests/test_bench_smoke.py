@@ -227,3 +227,37 @@ def test_slices_merge_and_fill_the_results_section(smoke, tmp_path):
     assert len(json.loads(merged.read_text())["rows"]) == len(train)
     text = page.read_text()
     assert "old table" not in text and "prose after" in text and "| flux@tiny | nf4 | 16 | ours (default) |" in text
+
+
+def test_gpu_session_runs_slices_in_order_until_its_deadline(tmp_path):
+    """One device call runs the slices most important first; what the deadline cuts or leaves out is named."""
+    import sys
+
+    from benchmarks.session import SLICES, Slice, run_session
+
+    def smoke_slice(name: str, steps: int) -> Slice:
+        return Slice(name, ("benchmarks", "--smoke", "--archs", "flux@tiny", "--precisions", "fp32", "--ranks", "4",
+                            "--loops", "ours", "--no-inference", "--warmup", "1", "--steps", str(steps)), name)
+
+    late = Slice("late", ("benchmarks", "--list"), "no time left to start")
+    summary = run_session((smoke_slice("tiny", 1), smoke_slice("hung", 10**6), late), tmp_path, seconds=40, floor_s=3,
+                          log=lambda line: None)
+
+    status = {s["name"]: s["status"] for s in summary["slices"]}
+    assert status == {"tiny": "done", "hung": "cut", "late": "owed"}
+    assert [s["rows"] for s in summary["slices"][:2]] == [1, 0]  # the cut slice was inside its only row
+    assert json.loads((tmp_path / "session.json").read_text()) == summary
+    rows = json.loads((tmp_path / "slices" / "tiny.json").read_text())["rows"]
+    assert [(r["arch"], r["loop"], r["status"]) for r in rows] == [("flux@tiny", "ours", "ok")]
+    assert summary["slices"][0]["command"][:2] == ["-m", "benchmarks"] and sys.executable not in summary["slices"][0]["command"]
+    # The planned slices ask for the GPU, write their own file, and the speed goals come first.
+    assert SLICES[0].name == "speed" and all(s.argv[:3] == ("benchmarks", "--device", "cuda") for s in SLICES)
+    assert len({s.name for s in SLICES}) == len(SLICES)
+
+
+def test_gpu_session_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys):
+    from benchmarks import session
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert session.main(["--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "session.json").exists()

@@ -1,0 +1,145 @@
+"""One call on the GPU machine: the benchmark slices in order of importance, inside a deadline.
+
+A lent GPU gives a session about 15 minutes of device time (start-up included) and 10 minutes per
+command, so the matrix is run as slices, most important first, in one call::
+
+    python3 -m pip install -q --no-deps .gpu-wheels/*.whl && python3 -m benchmarks.session --out $OUT --seconds 500
+
+Each slice is its own ``python -m benchmarks`` process (a crash or a hung kernel costs that slice,
+not the session), writes ``slices/<name>.json`` (the harness saves after every row, so a slice cut
+at the deadline keeps the rows it finished) and ``logs/<name>.log``. ``session.json`` says which
+slices ran, were cut or failed, and which are still owed; back on the CPU machine::
+
+    python -m trainer bench --render <files_at>/slices/*.json --out docs/benchmarks.json --docs docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.atomic import write_text
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A named piece of the matrix: ``argv`` follows ``python -m`` (the results path is appended)."""
+
+    name: str
+    argv: tuple[str, ...]
+    why: str
+
+
+def bench(*args: str) -> tuple[str, ...]:
+    return ("benchmarks", "--device", "cuda", *args)
+
+
+# In order of importance: the speed goals, what compile adds, the memory goals, sampling, the rest.
+SLICES = (
+    Slice("speed", bench("--archs", "sdxl@1024,flux@512", "--precisions", "bf16", "--ranks", "16", "--no-inference"),
+          "ours vs reference steps/s and MFU (goal: 2x, 35 %)"),
+    Slice("flux-nf4", bench("--archs", "flux@512", "--precisions", "nf4", "--ranks", "16", "--loops", "ours",
+                            "--vram-budget-gb", "8", "--no-inference"), "FLUX@512 NF4 peak (goal: 8 GiB)"),
+    Slice("sdxl-fp16", bench("--archs", "sdxl@1024", "--precisions", "fp16", "--ranks", "16", "--loops", "ours",
+                             "--vram-budget-gb", "10", "--no-inference"), "SDXL@1024 fp16 peak (goal: 10 GiB)"),
+    Slice("sd15-fp16", bench("--archs", "sd15@512", "--precisions", "fp16", "--ranks", "16", "--loops", "ours",
+                             "--vram-budget-gb", "4", "--no-inference"), "SD1.5@512 fp16 peak (goal: 4 GiB)"),
+    Slice("inference", bench("--no-train", "--archs", "sd15@512,sdxl@1024,flux@512", "--sample-repeats", "2"),
+          "sampling with 0/1/3 LoRAs, fused, re-weight (goals: 50 ms, 10 %), cold load"),
+    Slice("compile", bench("--archs", "sdxl@1024,flux@512", "--precisions", "bf16", "--ranks", "16", "--loops", "ours",
+                           "--compile", "--no-inference"), "regional torch.compile against the speed slice"),
+    Slice("channels-last", bench("--archs", "sd15@512,sdxl@1024", "--precisions", "bf16", "--ranks", "16",
+                                 "--loops", "ours", "--channels-last", "--no-inference"), "UNet channels_last A/B"),
+    Slice("rest", bench("--archs", "flux@1024,sd15@512", "--precisions", "bf16", "--ranks", "16", "--no-inference"),
+          "the remaining bf16 rows"),
+)
+
+
+def run_session(slices: tuple[Slice, ...], out: Path, seconds: float, floor_s: float = 60.0,
+                python: str = sys.executable, log=print) -> dict:
+    """Run ``slices`` in order until ``seconds`` have passed; a slice needs ``floor_s`` left to start.
+
+    Returns (and writes to ``out/session.json`` after every slice) what happened to each.
+    """
+    deadline = time.monotonic() + seconds
+    (out / "slices").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    summary: dict = {"seconds": seconds, "slices": []}
+    for piece in slices:
+        results, log_path = out / "slices" / f"{piece.name}.json", out / "logs" / f"{piece.name}.log"
+        command = [python, "-m", *piece.argv, "--out", str(results)]
+        entry = {"name": piece.name, "why": piece.why, "command": command[1:]}
+        left = deadline - time.monotonic()
+        if left < floor_s:
+            entry.update(status="owed", reason=f"{left:.0f} s left, under the {floor_s:.0f} s a slice needs to start")
+        else:
+            started = time.monotonic()
+            with open(log_path, "w", encoding="utf-8") as sink:
+                rc = _run_until(command, sink, left)
+            if rc is None:
+                entry.update(status="cut", reason="the session's deadline came first; finished rows are kept")
+            else:
+                entry.update(status="done" if rc == 0 else "failed", returncode=rc)
+            entry.update(seconds=round(time.monotonic() - started, 1), rows=_row_count(results))
+        summary["slices"].append(entry)
+        write_text(out / "session.json", json.dumps(summary, indent=1))
+        log(f"{piece.name}: {entry['status']}" + (f" in {entry['seconds']:.0f} s, {entry['rows']} rows"
+                                                  if "seconds" in entry else f" ({entry['reason']})"))
+    return summary
+
+
+def _run_until(command: list[str], sink, seconds: float) -> int | None:
+    """Exit code of ``command``, or None when it is still running after ``seconds`` (then its whole process
+    group is killed: inductor's compile workers must not outlive the slice)."""
+    process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return None
+
+
+def _row_count(results: Path) -> int:
+    try:
+        return len(json.loads(results.read_text(encoding="utf-8")).get("rows", []))
+    except (OSError, ValueError):
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.session", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for slices/, logs/ and session.json ($OUT on the GPU machine)")
+    parser.add_argument("--seconds", type=float, default=500, help="deadline for the whole session (a command may run 600 s)")
+    parser.add_argument("--only", help=f"comma list of slices to run, in this order; all: {','.join(s.name for s in SLICES)}")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: no CUDA GPU here: the session's slices are full-size; on CPU run python -m benchmarks --smoke",
+              file=sys.stderr)
+        return 2
+    chosen = SLICES
+    if args.only:
+        by_name = {s.name: s for s in SLICES}
+        unknown = [n for n in args.only.split(",") if n not in by_name]
+        if unknown:
+            print(f"error: no slice {unknown[0]!r}; there are {', '.join(by_name)}", file=sys.stderr)
+            return 2
+        chosen = tuple(by_name[n] for n in args.only.split(","))
+    summary = run_session(chosen, Path(args.out), args.seconds)
+    owed = [s["name"] for s in summary["slices"] if s["status"] != "done"]
+    print("all slices done" if not owed else f"not done (still owed): {', '.join(owed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
