@@ -114,10 +114,10 @@ def test_nf4_base_on_two_processes_equals_one_process_with_doubled_batch(base_di
     assert_same(adapter(tmp_path / "ddp"), adapter(tmp_path / "single"))
 
 
-def process_failure(exitcode: int, timestamp: int):
+def process_failure(exitcode: int, timestamp: int, rank: int = 0):
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    failure = ProcessFailure(local_rank=0, pid=1, exitcode=exitcode, error_file="<none>")
+    failure = ProcessFailure(local_rank=rank, pid=1, exitcode=exitcode, error_file="<none>")
     failure.timestamp = timestamp
     return failure
 
@@ -129,9 +129,21 @@ def process_failure(exitcode: int, timestamp: int):
     ({0: (-9, 100), 1: (-6, 100)}, 1),  # only signals: a generic failure
 ])
 def test_launcher_exits_with_the_code_of_the_process_that_failed_on_its_own(codes, expected):
-    from trainer.distributed import failure_exit_code
+    from trainer.distributed import failure_report
 
-    assert failure_exit_code({rank: process_failure(*code) for rank, code in codes.items()}) == expected
+    code, line = failure_report({rank: process_failure(*code, rank) for rank, code in codes.items()}, 2)
+    assert code == expected
+    assert (line is None) == any(exitcode > 0 for exitcode, _ in codes.values())  # an own exit has said why
+
+
+@pytest.mark.parametrize("killed_by, hint", [(-9, "ran out of host memory"), (-11, "")])
+def test_a_process_killed_before_it_could_say_why_gets_one_line_from_the_launcher(killed_by, hint):
+    from trainer.distributed import failure_report
+
+    code, line = failure_report({0: process_failure(-15, 101, 0), 1: process_failure(killed_by, 100, 1)}, 2)
+    name = {-9: "SIGKILL", -11: "SIGSEGV"}[killed_by]
+    assert code == 1 and line.startswith(f"process 2 of 2 was killed by {name} before it could say why")
+    assert hint in line and "\n" not in line
 
 
 # imported by every process through sitecustomize: process 2 of 2 fails at its third step, the other does not
@@ -173,7 +185,7 @@ def test_error_on_one_process_stops_all_with_its_own_line(base_dirs, scene_dir, 
         proc.wait()
     assert proc.returncode == 2, err[-3000:]  # the failed process's exit code: a user error
     errors = re.findall(r"error: [^\r\n]*", err)  # the main process's progress bar may share the line
-    assert errors[0] == "error: image 3 cannot be read on this process", err[-3000:]
+    assert errors == ["error: image 3 cannot be read on this process"], err[-3000:]  # one failure, one error line
     assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
     from trainer import events as ev
 

@@ -99,7 +99,7 @@ def run_command(command, args: argparse.Namespace) -> int:
     try:
         return command(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{err.label}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)

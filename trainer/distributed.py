@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,7 +33,12 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
 class PeerFailed(UserError):
-    """Another process of this run failed first; this one stopped with it (the other one says why)."""
+    """Another process of this run failed first; this one stopped with it (the other one says why).
+
+    A note, not an error line: one failure should read as one ``error:`` line in the terminal.
+    """
+
+    label = "note"
 
 
 @dataclass
@@ -116,7 +123,8 @@ class Dist:
         if self.world == 1 or isinstance(err, UserError):
             return err
         if isinstance(err, torch.distributed.DistError) or any(mark in str(err) for mark in _PEER_GONE):
-            return PeerFailed("stopped because another process of this run failed; its own error line says why")
+            return PeerFailed("this process stopped because another process of this run failed; "
+                              "the error line of that process says why")
         return err
 
     def error_line(self, err: Exception, message: str, events_path: Path) -> Optional[str]:
@@ -174,15 +182,25 @@ def launch(processes: int, argv: list[str]) -> int:
     try:
         run(parse_args(["--standalone", f"--nproc_per_node={processes}", "-m", "trainer", *argv]))
     except ChildFailedError as err:
-        return failure_exit_code(err.failures)
+        code, line = failure_report(err.failures, processes)
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        return code
     return 0
 
 
-def failure_exit_code(failures: dict) -> int:
-    """The exit code of the first process that exited on its own (1 when every failed one was killed by a signal).
+def failure_report(failures: dict, processes: int) -> tuple[int, Optional[str]]:
+    """(exit code, line the launcher must print) for a run in which processes failed.
 
-    A process that exited by itself has printed why; the ones the launcher stopped, or that broke while
-    exiting, report signals (negative codes) and can carry the same timestamp second as the real failure.
+    A process that exited by itself has printed its own ``error:`` line: its exit code is reported
+    (the first one's), and nothing more is said. The ones the launcher stopped, or that broke while
+    exiting, report signals (negative codes) and can carry the same timestamp second as the real
+    failure. When only signals are left, nobody has said why, so the launcher names the first one.
     """
     own = [failure for failure in failures.values() if failure.exitcode > 0]
-    return min(own, key=lambda failure: failure.timestamp).exitcode if own else 1
+    if own:
+        return min(own, key=lambda failure: failure.timestamp).exitcode, None
+    rank, first = min(failures.items(), key=lambda item: item[1].timestamp)
+    hint = (" (the system most likely ran out of host memory: try a smaller batch or resolution, or --precision nf4)"
+            if first.exitcode == -signal.SIGKILL else "")
+    return 1, f"process {rank + 1} of {processes} was killed by {first.signal_name()} before it could say why{hint}"

@@ -9,6 +9,8 @@ line. Anything that is not a :class:`UserError` is a bug and keeps its traceback
 class UserError(Exception):
     """Base class: bad input or a missing resource the user can fix."""
 
+    label = "error"  # how the CLI starts its one line
+
 
 class ConfigError(UserError):
     """One or more config values are invalid (all problems are listed at once)."""
