@@ -126,21 +126,24 @@ def process_failure(exitcode: int, timestamp: int, rank: int = 0):
     ({0: (-6, 100), 1: (2, 100)}, 2),  # one aborted while exiting (a signal), in the same second
     ({0: (-15, 99), 1: (2, 100)}, 2),  # a peer the launcher stopped is not the cause
     ({0: (2, 101), 1: (1, 100)}, 1),  # two own exits: the first one
-    ({0: (-9, 100), 1: (-6, 100)}, 1),  # only signals: a generic failure
+    ({0: (-9, 100), 1: (-6, 100)}, 1),  # only signals: the launcher says which process was killed
+    ({0: (3, 100), 1: (-9, 100)}, 1),  # a peer that stopped with it (PeerFailed) is not the cause either
 ])
 def test_launcher_exits_with_the_code_of_the_process_that_failed_on_its_own(codes, expected):
     from trainer.distributed import failure_report
 
     code, line = failure_report({rank: process_failure(*code, rank) for rank, code in codes.items()}, 2)
     assert code == expected
-    assert (line is None) == any(exitcode > 0 for exitcode, _ in codes.values())  # an own exit has said why
+    assert (line is None) == any(exitcode in (1, 2) for exitcode, _ in codes.values())  # an own exit has said why
 
 
 @pytest.mark.parametrize("killed_by, hint", [(-9, "ran out of host memory"), (-11, "")])
 def test_a_process_killed_before_it_could_say_why_gets_one_line_from_the_launcher(killed_by, hint):
     from trainer.distributed import failure_report
 
-    code, line = failure_report({0: process_failure(-15, 101, 0), 1: process_failure(killed_by, 100, 1)}, 2)
+    # rank 0 stopped because its peer died (PeerFailed), or the launcher stopped it in the same second
+    code, line = failure_report({0: process_failure(-15, 100, 0), 1: process_failure(killed_by, 100, 1)}, 2)
+    assert failure_report({0: process_failure(3, 101, 0), 1: process_failure(killed_by, 100, 1)}, 2) == (code, line)
     name = {-9: "SIGKILL", -11: "SIGSEGV"}[killed_by]
     assert code == 1 and line.startswith(f"process 2 of 2 was killed by {name} before it could say why")
     assert hint in line and "\n" not in line
@@ -158,18 +161,18 @@ if os.environ.get("RANK") == "1":
 
     def failing_step(parts, fetch, step, *args, **kwargs):
         if step == 2:
-            raise DataError("image 3 cannot be read on this process")
+            {failure}
         return real_step(parts, fetch, step, *args, **kwargs)
 
     trainer.loop.train_step = failing_step
 '''
 
 
-@pytest.mark.slow
-def test_error_on_one_process_stops_all_with_its_own_line(base_dirs, scene_dir, tmp_path):
+def run_with_second_process_failing(failure: str, base_dirs, scene_dir, tmp_path) -> tuple[int, str]:
+    """A 2-process run through our launcher in which process 2 executes ``failure`` at its third step."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FAIL_ON_SECOND_PROCESS)
+    (hook / "sitecustomize.py").write_text(FAIL_ON_SECOND_PROCESS.format(failure=failure))
     launcher = "import sys; from trainer.distributed import launch; sys.exit(launch(2, sys.argv[1:]))"
     cmd = [sys.executable, "-c", launcher, "train", *train_args(base_dirs["sd15"], scene_dir, tmp_path / "run", steps=6)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(hook), str(REPO))), "OMP_NUM_THREADS": "1"}
@@ -183,7 +186,14 @@ def test_error_on_one_process_stops_all_with_its_own_line(base_dirs, scene_dir, 
             except ProcessLookupError:
                 pass
         proc.wait()
-    assert proc.returncode == 2, err[-3000:]  # the failed process's exit code: a user error
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_error_on_one_process_stops_all_with_its_own_line(base_dirs, scene_dir, tmp_path):
+    returncode, err = run_with_second_process_failing('raise DataError("image 3 cannot be read on this process")',
+                                                      base_dirs, scene_dir, tmp_path)
+    assert returncode == 2, err[-3000:]  # the failed process's exit code: a user error
     errors = re.findall(r"error: [^\r\n]*", err)  # the main process's progress bar may share the line
     assert errors == ["error: image 3 cannot be read on this process"], err[-3000:]  # one failure, one error line
     assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
@@ -191,3 +201,13 @@ def test_error_on_one_process_stops_all_with_its_own_line(base_dirs, scene_dir, 
 
     recorded = [e.message for e in ev.read_jsonl(tmp_path / "run" / "events.jsonl") if isinstance(e, ev.Error)]
     assert recorded == ["process 2 of 2: image 3 cannot be read on this process"]
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_run_is_named_by_the_launcher_in_one_line(base_dirs, scene_dir, tmp_path):
+    """The out-of-memory killer leaves no word from the process: the launcher says what happened."""
+    returncode, err = run_with_second_process_failing("os.kill(os.getpid(), 9)", base_dirs, scene_dir, tmp_path)
+    assert returncode == 1, err[-3000:]
+    errors = re.findall(r"error: [^\r\n]*", err)
+    assert len(errors) == 1 and errors[0].startswith("error: process 2 of 2 was killed by SIGKILL"), err[-3000:]
+    assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]

@@ -100,7 +100,7 @@ def run_command(command, args: argparse.Namespace) -> int:
         return command(args)
     except UserError as err:
         print(f"{err.label}: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130

@@ -35,10 +35,12 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 class PeerFailed(UserError):
     """Another process of this run failed first; this one stopped with it (the other one says why).
 
-    A note, not an error line: one failure should read as one ``error:`` line in the terminal.
+    A note, not an error line: one failure should read as one ``error:`` line in the terminal. Its own
+    exit code tells the launcher that this process did not fail by itself (see :func:`failure_report`).
     """
 
     label = "note"
+    exit_code = 3
 
 
 @dataclass
@@ -123,8 +125,7 @@ class Dist:
         if self.world == 1 or isinstance(err, UserError):
             return err
         if isinstance(err, torch.distributed.DistError) or any(mark in str(err) for mark in _PEER_GONE):
-            return PeerFailed("this process stopped because another process of this run failed; "
-                              "the error line of that process says why")
+            return PeerFailed("this process stopped because another process of this run failed (its error line says why)")
         return err
 
     def error_line(self, err: Exception, message: str, events_path: Path) -> Optional[str]:
@@ -192,15 +193,20 @@ def launch(processes: int, argv: list[str]) -> int:
 def failure_report(failures: dict, processes: int) -> tuple[int, Optional[str]]:
     """(exit code, line the launcher must print) for a run in which processes failed.
 
-    A process that exited by itself has printed its own ``error:`` line: its exit code is reported
-    (the first one's), and nothing more is said. The ones the launcher stopped, or that broke while
-    exiting, report signals (negative codes) and can carry the same timestamp second as the real
-    failure. When only signals are left, nobody has said why, so the launcher names the first one.
+    A process that failed by itself has printed its own ``error:`` line: its exit code is reported
+    (the first one's), and nothing more is said. The ones that stopped because a peer failed exit with
+    :class:`PeerFailed`'s code; the ones the launcher stopped, or that broke while exiting, report
+    signals (negative codes) and can carry the same timestamp second as the real failure. When no
+    process failed by itself, nobody has said why, so the launcher names the first one killed.
     """
-    own = [failure for failure in failures.values() if failure.exitcode > 0]
+    own = [failure for failure in failures.values() if failure.exitcode > 0 and failure.exitcode != PeerFailed.exit_code]
     if own:
         return min(own, key=lambda failure: failure.timestamp).exitcode, None
-    rank, first = min(failures.items(), key=lambda item: item[1].timestamp)
+    killed = {rank: failure for rank, failure in failures.items() if failure.exitcode < 0}
+    if not killed:  # only peers that stopped with one another: nothing points at a cause
+        return 1, f"all {processes} processes stopped, each waiting on another; nothing else is known"
+    # timestamps are whole seconds: in a tie, the launcher's own SIGTERM to the others is not the cause
+    rank, first = min(killed.items(), key=lambda item: (item[1].timestamp, item[1].exitcode == -signal.SIGTERM))
     hint = (" (the system most likely ran out of host memory: try a smaller batch or resolution, or --precision nf4)"
             if first.exitcode == -signal.SIGKILL else "")
     return 1, f"process {rank + 1} of {processes} was killed by {first.signal_name()} before it could say why{hint}"

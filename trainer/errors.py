@@ -10,6 +10,7 @@ class UserError(Exception):
     """Base class: bad input or a missing resource the user can fix."""
 
     label = "error"  # how the CLI starts its one line
+    exit_code = 2  # what the CLI exits with
 
 
 class ConfigError(UserError):
