@@ -27,14 +27,14 @@ from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer import events as ev
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
-from trainer.presets import list_presets, load_preset, resolve_config
-from ui import store
+from trainer.presets import list_presets, resolve_config
+from ui import choices, store
+from ui.captions import caption_run
 from ui.mixdesk import MixDesk, MixResult, MixSlot, parse_weights  # noqa: F401 (re-exported for the tabs)
 
 log = logging.getLogger(__name__)
 LORA_UPLOADS = "_loras"  # outputs/_loras: LoRA files uploaded on the Mix tab (never a run: no config.yaml)
 EXPORT_FIELDS = ("title", "trigger_phrase", "license", "description")
-ARCH_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "flux": "FLUX.1"}
 
 
 def is_demo(base: str) -> bool:
@@ -241,101 +241,27 @@ class Studio:
         run_dir.mkdir(parents=True, exist_ok=True)
         store.save_settings(run_dir, **values)
 
-    @staticmethod
-    def captioners() -> list[str]:
-        try:
-            import captioning
-
-            names = list(captioning.available_captioners())
-        except (ImportError, AttributeError):
-            names = []
-        return names or ["filename"]
+    captioners = staticmethod(choices.captioners)
 
     def caption_all(self, run: str, captioner: str, trigger: str, overwrite: bool,
                     progress: Callable[[int, int], None] = lambda done, total: None,
                     cancel: Optional[threading.Event] = None) -> str:
         """Write captions for every image; returns a one-line report."""
         run_dir = self.run_dir(run)
-        data = store.dataset_dir(run_dir)
         if not store.list_items(run_dir):
             raise UserError("the dataset is empty: add images first")
         self.save_settings(run, trigger=trigger.strip())
-        try:
-            import captioning
-
-            caption_folder, options_cls = captioning.caption_folder, captioning.CaptionOptions
-        except (ImportError, AttributeError):
-            return self._caption_from_names(run_dir, trigger, overwrite, progress)
-        report = caption_folder(str(data), captioner=captioner or "auto",
-                                options=options_cls(trigger=trigger.strip(), overwrite=overwrite),
-                                progress=progress, cancel=cancel or threading.Event())
-        written, kept = len(report.written), len(report.kept)
-        parts = [f"{written} caption(s) written" + (f" with {report.backend}" if report.backend else "")]
-        if kept:
-            parts.append(f"{kept} kept (tick 'overwrite' to replace them)")
-        if report.skipped:
-            parts.append("skipped: " + "; ".join(f"{f}: {why}" for f, why in report.skipped[:5]))
-        if report.fallback_reason:
-            parts.append(f"note: {report.fallback_reason}")
-        if report.cancelled:
-            parts.append("cancelled")
-        return ", ".join(parts)
-
-    @staticmethod
-    def _caption_from_names(run_dir: Path, trigger: str, overwrite: bool, progress) -> str:
-        items = store.list_items(run_dir)
-        written = kept = 0
-        for i, item in enumerate(items, 1):
-            if item.caption and not overwrite:
-                kept += 1
-            else:
-                text = store.caption_from_name(item.name)
-                if trigger.strip() and trigger.strip() not in text.split():
-                    text = f"{trigger.strip()}, {text}" if text else trigger.strip()
-                store.write_caption(run_dir, item.name, text)
-                written += 1
-            progress(i, len(items))
-        return f"{written} caption(s) written from file names, {kept} kept"
+        return caption_run(run_dir, captioner, trigger.strip(), overwrite, progress, cancel or threading.Event())
 
     # ---- training ---------------------------------------------------------------------------
     def bases(self) -> list[str]:
         found = list_bases(self.models_dir)
         return found if self.default_base in found else [self.default_base, *found]
 
-    @staticmethod
-    def describe_base(base: str) -> str:
-        """One line: the detected architecture, or why the base cannot be used."""
-        if not str(base).strip():
-            return "Pick a base model."
-        try:
-            ref = parse_base(base)
-        except UserError as err:
-            return f"⚠ {err}"
-        arch = ARCH_NAMES.get(ref.arch or "", "architecture detected when the model is loaded")
-        kinds = {"demo": "tiny built-in demo model (64 px, works offline)",
-                 "demo-random": "tiny demo model with random weights (64 px, fastest)",
-                 "folder": "local diffusers folder", "file": "single-file checkpoint",
-                 "hub": "hub id (downloaded on first use; needs network)"}
-        return f"{arch} — {kinds.get(ref.kind, ref.kind)}"
-
-    @staticmethod
-    def presets() -> list[str]:
-        return list_presets()
-
-    @staticmethod
-    def describe_preset(name: str) -> str:
-        try:
-            p = load_preset(name)
-        except UserError as err:
-            return f"⚠ {err}"
-        return f"**rank {p.rank} · alpha {p.alpha:g} · targets {p.targets}** — {p.description}"
-
-    @staticmethod
-    def preset_values(name: str) -> dict[str, Any]:
-        try:
-            return dict(load_preset(name).values)
-        except UserError:
-            return {}
+    describe_base = staticmethod(choices.describe_base)
+    presets = staticmethod(list_presets)
+    describe_preset = staticmethod(choices.describe_preset)
+    preset_values = staticmethod(choices.preset_values)
 
     def nf4_status(self, full: bool = False) -> tuple[bool, str]:
         """Whether NF4 can be offered, and why not. Cheap by default (is bitsandbytes installed?);
