@@ -5,9 +5,10 @@ command, so the matrix is run as slices, most important first, in one call::
 
     python3 -m pip install -q --no-deps .gpu-wheels/*.whl && python3 -m benchmarks.session --out $OUT --seconds 500
 
-Each slice is its own ``python -m benchmarks`` process (a crash or a hung kernel costs that slice,
-not the session), writes ``slices/<name>.json`` (the harness saves after every row, so a slice cut
-at the deadline keeps the rows it finished) and ``logs/<name>.log``. ``session.json`` says which
+Each slice is its own ``python -m`` process (a crash or a hung kernel costs that slice, not the
+session), writes ``slices/<name>.json`` (the harness saves after every row, so a slice cut at the
+deadline keeps the rows it finished) and ``logs/<name>.log``. A ``preflight`` smoke run on CUDA comes
+first (its rows go to ``checks/``); if it fails, the rest is not started. ``session.json`` says which
 slices ran, were cut or failed, and which are still owed; back on the CPU machine::
 
     python -m trainer bench --render <files_at>/slices/*.json --out docs/benchmarks.json --docs docs/benchmarks.md
@@ -30,19 +31,32 @@ from trainer.atomic import write_text
 
 @dataclass(frozen=True)
 class Slice:
-    """A named piece of the matrix: ``argv`` follows ``python -m`` (the results path is appended)."""
+    """A named piece of the work: ``argv`` follows ``python -m``.
+
+    ``results``: the folder under the session's ``--out`` where the command writes ``<name>.json`` through
+    ``--out`` (``slices``: rows for docs/benchmarks.md; ``checks``: smoke rows, never rendered into the docs;
+    empty: the command takes no ``--out``).
+    ``gate``: when it fails, nothing after it is started (the same breakage would fail them all).
+    """
 
     name: str
     argv: tuple[str, ...]
     why: str
+    results: str = "slices"
+    gate: bool = False
 
 
 def bench(*args: str) -> tuple[str, ...]:
     return ("benchmarks", "--device", "cuda", *args)
 
 
-# In order of importance: the speed goals, what compile adds, the memory goals, sampling, the rest.
+# A quick check that this machine's libraries run the engine on CUDA at all, then in order of importance:
+# the speed goals, the memory goals, sampling, the GPU-only tests, what compile and channels_last add, the rest.
 SLICES = (
+    Slice("preflight", ("benchmarks", "--smoke", "--device", "cuda", "--precisions", "bf16,nf4", "--ranks", "16",
+                         "--inference-precisions", "bf16"),
+          "tiny models on CUDA, every loop and precision path: imports, NF4 kernels, fused AdamW, offload",
+          results="checks", gate=True),
     Slice("speed", bench("--archs", "sdxl@1024,flux@512", "--precisions", "bf16", "--ranks", "16", "--no-inference"),
           "ours vs reference steps/s and MFU (goal: 2x, 35 %)"),
     Slice("flux-nf4", bench("--archs", "flux@512", "--precisions", "nf4", "--ranks", "16", "--loops", "ours",
@@ -53,6 +67,8 @@ SLICES = (
                              "--vram-budget-gb", "4", "--no-inference"), "SD1.5@512 fp16 peak (goal: 4 GiB)"),
     Slice("inference", bench("--no-train", "--archs", "sd15@512,sdxl@1024,flux@512", "--sample-repeats", "2"),
           "sampling with 0/1/3 LoRAs, fused, re-weight (goals: 50 ms, 10 %), cold load"),
+    Slice("gpu-tests", ("pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"),
+          "the tests marked gpu (skipped on CPU machines)", results=""),
     Slice("compile", bench("--archs", "sdxl@1024,flux@512", "--precisions", "bf16", "--ranks", "16", "--loops", "ours",
                            "--compile", "--no-inference"), "regional torch.compile against the speed slice"),
     Slice("channels-last", bench("--archs", "sd15@512,sdxl@1024", "--precisions", "bf16", "--ranks", "16",
@@ -69,15 +85,18 @@ def run_session(slices: tuple[Slice, ...], out: Path, seconds: float, floor_s: f
     Returns (and writes to ``out/session.json`` after every slice) what happened to each.
     """
     deadline = time.monotonic() + seconds
-    (out / "slices").mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     summary: dict = {"seconds": seconds, "slices": []}
+    gate_failed = ""
     for piece in slices:
-        results, log_path = out / "slices" / f"{piece.name}.json", out / "logs" / f"{piece.name}.log"
-        command = [python, "-m", *piece.argv, "--out", str(results)]
+        results, log_path = out / (piece.results or "slices") / f"{piece.name}.json", out / "logs" / f"{piece.name}.log"
+        results.parent.mkdir(exist_ok=True)
+        command = [python, "-m", *piece.argv, *(("--out", str(results)) if piece.results else ())]
         entry = {"name": piece.name, "why": piece.why, "command": command[1:]}
         left = deadline - time.monotonic()
-        if left < floor_s:
+        if gate_failed:
+            entry.update(status="owed", reason=f"the {gate_failed} slice failed: see logs/{gate_failed}.log")
+        elif left < floor_s:
             entry.update(status="owed", reason=f"{left:.0f} s left, under the {floor_s:.0f} s a slice needs to start")
         else:
             started = time.monotonic()
@@ -88,6 +107,8 @@ def run_session(slices: tuple[Slice, ...], out: Path, seconds: float, floor_s: f
             else:
                 entry.update(status="done" if rc == 0 else "failed", returncode=rc)
             entry.update(seconds=round(time.monotonic() - started, 1), rows=_row_count(results))
+            if piece.gate and entry["status"] != "done":
+                gate_failed = piece.name
         summary["slices"].append(entry)
         write_text(out / "session.json", json.dumps(summary, indent=1))
         log(f"{piece.name}: {entry['status']}" + (f" in {entry['seconds']:.0f} s, {entry['rows']} rows"

@@ -250,9 +250,15 @@ def test_gpu_session_runs_slices_in_order_until_its_deadline(tmp_path):
     rows = json.loads((tmp_path / "slices" / "tiny.json").read_text())["rows"]
     assert [(r["arch"], r["loop"], r["status"]) for r in rows] == [("flux@tiny", "ours", "ok")]
     assert summary["slices"][0]["command"][:2] == ["-m", "benchmarks"] and sys.executable not in summary["slices"][0]["command"]
-    # The planned slices ask for the GPU, write their own file, and the speed goals come first.
-    assert SLICES[0].name == "speed" and all(s.argv[:3] == ("benchmarks", "--device", "cuda") for s in SLICES)
-    assert len({s.name for s in SLICES}) == len(SLICES)
+    # A gate that fails leaves the rest unstarted, and says why.
+    gate = Slice("preflight", ("benchmarks", "--smoke", "--archs", "sd3@tiny"), "fails: no such arch", gate=True)
+    summary = run_session((gate, late), tmp_path / "gated", seconds=60, floor_s=3, log=lambda line: None)
+    assert [(s["status"], s.get("returncode")) for s in summary["slices"]] == [("failed", 2), ("owed", None)]
+    assert "preflight" in summary["slices"][1]["reason"]
+    assert "sd3@tiny" in (tmp_path / "gated" / "logs" / "preflight.log").read_text()
+    # The plan: the CUDA preflight gates the rest, then the speed goals; every slice asks for the GPU.
+    assert [(s.name, s.gate) for s in SLICES[:2]] == [("preflight", True), ("speed", False)]
+    assert all("cuda" in s.argv or s.argv[0] == "pytest" for s in SLICES) and len({s.name for s in SLICES}) == len(SLICES)
 
 
 def test_gpu_session_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys):
