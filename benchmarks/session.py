@@ -67,7 +67,7 @@ SLICES = (
                              "--vram-budget-gb", "4", "--no-inference"), "SD1.5@512 fp16 peak (goal: 4 GiB)"),
     Slice("inference", bench("--no-train", "--archs", "sd15@512,sdxl@1024,flux@512", "--sample-repeats", "2"),
           "sampling with 0/1/3 LoRAs, fused, re-weight (goals: 50 ms, 10 %), cold load"),
-    Slice("gpu-tests", ("pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"),
+    Slice("gpu-tests", ("pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_captioning_models.py"),
           "the tests marked gpu (skipped on CPU machines)", results=""),
     Slice("compile", bench("--archs", "sdxl@1024,flux@512", "--precisions", "bf16", "--ranks", "16", "--loops", "ours",
                            "--compile", "--no-inference"), "regional torch.compile against the speed slice"),
