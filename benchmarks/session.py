@@ -3,15 +3,22 @@
 A lent GPU gives a session about 15 minutes of device time (start-up included) and 10 minutes per
 command, so the matrix is run as slices, most important first, in one call::
 
-    python3 -m pip install -q --no-deps .gpu-wheels/*.whl && python3 -m benchmarks.session --out $OUT --seconds 500
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .gpu-wheels/*.whl && export PYTHONPATH=/tmp/site && python3 -m benchmarks.session --out $OUT --seconds 480
 
 Each slice is its own ``python -m`` process (a crash or a hung kernel costs that slice, not the
-session), writes ``slices/<name>.json`` (the harness saves after every row, so a slice cut at the
-deadline keeps the rows it finished) and ``logs/<name>.log``. A ``preflight`` smoke run on CUDA comes
-first (its rows go to ``checks/``); if it fails, the rest is not started. ``session.json`` says which
-slices ran, were cut or failed, and which are still owed; back on the CPU machine::
+session) writing its own results file in a work folder (the harness saves after every row, so a slice
+cut at the deadline keeps the rows it finished). A ``preflight`` smoke run on CUDA comes first; if it
+fails, the rest is not started. Only three files come back from the GPU machine (it returns at most
+eight), rewritten after every slice:
 
-    python -m trainer bench --render <files_at>/slices/*.json --out docs/benchmarks.json --docs docs/benchmarks.md
+- ``results.json``: the rows of every slice merged, with each slice's command, date and environment;
+- ``checks.json``: the preflight's smoke rows (never rendered into the docs);
+- ``session.json``: what happened to each slice (done, cut, failed, owed), its time and its log's tail.
+
+Back on the CPU machine::
+
+    python -m trainer bench --render <files_at>/results.json --out docs/benchmarks.json --docs docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,24 +86,29 @@ SLICES = (
 )
 
 
+LOG_TAIL = 60  # lines of each slice's output kept in session.json
+
+
 def run_session(slices: tuple[Slice, ...], out: Path, seconds: float, floor_s: float = 60.0,
-                python: str = sys.executable, log=print) -> dict:
+                python: str = sys.executable, work: Path | None = None, log=print) -> dict:
     """Run ``slices`` in order until ``seconds`` have passed; a slice needs ``floor_s`` left to start.
 
-    Returns (and writes to ``out/session.json`` after every slice) what happened to each.
+    Slices write into ``work`` (a temporary folder by default); ``out`` gets results.json, checks.json
+    and session.json after every slice. Returns the session summary.
     """
     deadline = time.monotonic() + seconds
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    work = Path(work or tempfile.mkdtemp(prefix="bench-session-"))
+    out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"seconds": seconds, "slices": []}
     gate_failed = ""
     for piece in slices:
-        results, log_path = out / (piece.results or "slices") / f"{piece.name}.json", out / "logs" / f"{piece.name}.log"
-        results.parent.mkdir(exist_ok=True)
+        results, log_path = work / (piece.results or "other") / f"{piece.name}.json", work / f"{piece.name}.log"
+        results.parent.mkdir(parents=True, exist_ok=True)
         command = [python, "-m", *piece.argv, *(("--out", str(results)) if piece.results else ())]
         entry = {"name": piece.name, "why": piece.why, "command": command[1:]}
         left = deadline - time.monotonic()
         if gate_failed:
-            entry.update(status="owed", reason=f"the {gate_failed} slice failed: see logs/{gate_failed}.log")
+            entry.update(status="owed", reason=f"the {gate_failed} slice failed (its log_tail says why)")
         elif left < floor_s:
             entry.update(status="owed", reason=f"{left:.0f} s left, under the {floor_s:.0f} s a slice needs to start")
         else:
@@ -106,14 +119,33 @@ def run_session(slices: tuple[Slice, ...], out: Path, seconds: float, floor_s: f
                 entry.update(status="cut", reason="the session's deadline came first; finished rows are kept")
             else:
                 entry.update(status="done" if rc == 0 else "failed", returncode=rc)
-            entry.update(seconds=round(time.monotonic() - started, 1), rows=_row_count(results))
+            entry.update(seconds=round(time.monotonic() - started, 1), rows=_row_count(results),
+                         log_tail=_tail(log_path, LOG_TAIL))
             if piece.gate and entry["status"] != "done":
                 gate_failed = piece.name
         summary["slices"].append(entry)
-        write_text(out / "session.json", json.dumps(summary, indent=1))
+        _write_back(work, out, summary)
         log(f"{piece.name}: {entry['status']}" + (f" in {entry['seconds']:.0f} s, {entry['rows']} rows"
                                                   if "seconds" in entry else f" ({entry['reason']})"))
     return summary
+
+
+def _write_back(work: Path, out: Path, summary: dict) -> None:
+    """The files that come back: each results folder merged into one JSON, and the summary."""
+    from benchmarks.harness import merge_results
+
+    for folder, name in (("slices", "results.json"), ("checks", "checks.json")):
+        files = sorted((work / folder).glob("*.json"))
+        if files:
+            write_text(out / name, json.dumps(merge_results(files), indent=1, default=str))
+    write_text(out / "session.json", json.dumps(summary, indent=1))
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
 
 
 def _run_until(command: list[str], sink, seconds: float) -> int | None:
@@ -139,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.session", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for slices/, logs/ and session.json ($OUT on the GPU machine)")
-    parser.add_argument("--seconds", type=float, default=500, help="deadline for the whole session (a command may run 600 s)")
+    parser.add_argument("--seconds", type=float, default=480,
+                        help="deadline for the whole session (a device command may run 600 s, the install included)")
     parser.add_argument("--only", help=f"comma list of slices to run, in this order; all: {','.join(s.name for s in SLICES)}")
     args = parser.parse_args(argv)
     import torch

@@ -240,22 +240,27 @@ def test_gpu_session_runs_slices_in_order_until_its_deadline(tmp_path):
                             "--loops", "ours", "--no-inference", "--warmup", "1", "--steps", str(steps)), name)
 
     late = Slice("late", ("benchmarks", "--list"), "no time left to start")
-    summary = run_session((smoke_slice("tiny", 1), smoke_slice("hung", 10**6), late), tmp_path, seconds=40, floor_s=3,
-                          log=lambda line: None)
+    out = tmp_path / "out"
+    summary = run_session((smoke_slice("tiny", 1), smoke_slice("hung", 10**6), late), out, seconds=40, floor_s=3,
+                          work=tmp_path / "work", log=lambda line: None)
 
     status = {s["name"]: s["status"] for s in summary["slices"]}
     assert status == {"tiny": "done", "hung": "cut", "late": "owed"}
     assert [s["rows"] for s in summary["slices"][:2]] == [1, 0]  # the cut slice was inside its only row
-    assert json.loads((tmp_path / "session.json").read_text()) == summary
-    rows = json.loads((tmp_path / "slices" / "tiny.json").read_text())["rows"]
-    assert [(r["arch"], r["loop"], r["status"]) for r in rows] == [("flux@tiny", "ours", "ok")]
+    # The GPU machine gives back at most 8 files: the session leaves two here, whatever the number of slices.
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "session.json"]
+    assert json.loads((out / "session.json").read_text()) == summary
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["arch"], r["loop"], r["status"]) for r in results["rows"]] == [("flux@tiny", "ours", "ok")]
+    assert results["runs"][0]["command"].startswith("python -m benchmarks --smoke")
+    assert any("flux@tiny fp32 r4 ours: ok" in line for line in summary["slices"][0]["log_tail"])
     assert summary["slices"][0]["command"][:2] == ["-m", "benchmarks"] and sys.executable not in summary["slices"][0]["command"]
     # A gate that fails leaves the rest unstarted, and says why.
     gate = Slice("preflight", ("benchmarks", "--smoke", "--archs", "sd3@tiny"), "fails: no such arch", gate=True)
     summary = run_session((gate, late), tmp_path / "gated", seconds=60, floor_s=3, log=lambda line: None)
     assert [(s["status"], s.get("returncode")) for s in summary["slices"]] == [("failed", 2), ("owed", None)]
     assert "preflight" in summary["slices"][1]["reason"]
-    assert "sd3@tiny" in (tmp_path / "gated" / "logs" / "preflight.log").read_text()
+    assert any("sd3@tiny" in line for line in summary["slices"][0]["log_tail"])
     # The plan: the CUDA preflight gates the rest, then the speed goals; every slice asks for the GPU.
     assert [(s.name, s.gate) for s in SLICES[:2]] == [("preflight", True), ("speed", False)]
     assert all("cuda" in s.argv or s.argv[0] == "pytest" for s in SLICES) and len({s.name for s in SLICES}) == len(SLICES)
