@@ -184,8 +184,11 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
 
 
 def run_plan(plan: Plan, out: Path, markdown_path: Path | None = None, append: bool = False, command: str = "",
-             log=print) -> dict:
-    """Run ``plan``; write ``out`` (JSON) after every row and the markdown tables at the end."""
+             log=print, specs: dict[str, ArchSpec] | None = None) -> dict:
+    """Run ``plan``; write ``out`` (JSON) after every row and the markdown tables at the end.
+
+    ``specs``: architectures by key that are not among the named ones (benchmarks/fullwidth.py's).
+    """
     import datetime as dt
     import tempfile
 
@@ -209,7 +212,7 @@ def run_plan(plan: Plan, out: Path, markdown_path: Path | None = None, append: b
 
     folder = Path(tempfile.mkdtemp(prefix="bench-loras-"))
     for key in plan.archs:
-        spec = get_spec(key)
+        spec = (specs or {}).get(key) or get_spec(key)
         flops = {rank: step_flops(spec, rank, plan.batch) for rank in plan.ranks} if plan.precisions else {}
         for precision in plan.precisions:
             for rank in plan.ranks:

@@ -272,3 +272,21 @@ def test_gpu_session_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert session.main(["--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "session.json").exists()
+
+
+@pytest.mark.slow
+def test_full_width_flux_runs_both_loops_and_sampling_on_cpu(tmp_path):
+    """FLUX.1-dev at its real width (3072, T5 4096; one block of each kind): the dimensions the tiny models
+    do not have, e.g. diffusers' fused-layout LoRA loading in the sampling rows, before a GPU session runs them."""
+    from benchmarks import fullwidth
+
+    spec = fullwidth.fullwidth_spec("flux")
+    assert spec.denoiser.config["num_attention_heads"] * spec.denoiser.config["attention_head_dim"] == 3072
+    assert spec.text_encoders[1].config["d_model"] == 4096
+    out = tmp_path / "fullwidth.json"
+    assert fullwidth.main(["--arch", "flux", "--precisions", "bf16", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["kind"], r.get("loop"), r["status"]) for r in rows) == [
+        ("inference", None, "ok"), ("train", "ours", "ok"), ("train", "reference", "ok")]
+    inference = next(r for r in rows if r["kind"] == "inference")
+    assert not _finite(inference, ("base_s", "lora1_s", "lora3_s", "fused_s", "lora3_overhead_pct"))
