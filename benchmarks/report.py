@@ -59,6 +59,43 @@ def check_goals(results: dict) -> list[dict]:
     return out
 
 
+# A knob becomes a default where it is this much faster (or leaner) and not worse on the other axis.
+WIN = 1.05
+LEAN = 0.90
+
+
+def knob_verdicts(rows: list[dict]) -> list[dict]:
+    """Each measured ours variant against the ours default of the same arch, precision and rank.
+
+    ``verdict``: ``faster`` (≥ 5 % more steps/s, ≤ 5 % more peak memory), ``leaner`` (≥ 10 % less peak
+    memory, ≤ 5 % slower), ``no gain``, or ``worse`` (slower by more than 5 %, or more memory for nothing).
+    ``first_step_ratio`` shows what compile costs up front.
+    """
+    ok = [r for r in rows if r["kind"] == "train" and r["loop"] == "ours" and r["status"] == "ok"]
+    defaults = {(r["arch"], r["precision"], r["rank"]): r for r in ok if r.get("variant", "default") == "default"}
+    out = []
+    for r in ok:
+        base = defaults.get((r["arch"], r["precision"], r["rank"]))
+        if base is None or r is base:
+            continue
+        speed = r["steps_per_s"] / base["steps_per_s"]
+        peak_key = "peak_reserved_mb" if base.get("peak_reserved_mb") else "peak_rss_mb"
+        memory = r[peak_key] / base[peak_key] if base.get(peak_key) and r.get(peak_key) else None
+        if speed >= WIN and (memory is None or memory <= WIN):
+            verdict = "faster"
+        elif memory is not None and memory <= LEAN and speed >= 1 / WIN:
+            verdict = "leaner"
+        elif speed < 1 / WIN or (memory is not None and memory > WIN):
+            verdict = "worse"
+        else:
+            verdict = "no gain"
+        first = (r["first_step_s"] / base["first_step_s"]
+                 if r.get("first_step_s") and base.get("first_step_s") else None)
+        out.append({"arch": r["arch"], "precision": r["precision"], "rank": r["rank"], "variant": r["variant"],
+                    "speed_ratio": speed, "memory_ratio": memory, "first_step_ratio": first, "verdict": verdict})
+    return sorted(out, key=lambda v: (v["variant"], v["arch"], v["precision"], v["rank"]))
+
+
 def _f(value, digits=2, scale=1.0, suffix=""):
     if value is None:
         return "–"
@@ -100,6 +137,16 @@ def markdown(results: dict) -> str:
             lines.append(f"| {q['arch']} | {q['precision']} | {q['rank']} | {q.get('variant', '–')} | "
                          f"{_f(q['speedup'], 2, 1, '×')} | "
                          f"{_f(q.get('memory_ratio'), 2, 1, '×')} |")
+    verdicts = knob_verdicts(rows)
+    if verdicts:
+        lines += ["", "Knobs against the engine's defaults (ours rows only; a knob becomes a default where it is "
+                  f"faster by ≥ {WIN - 1:.0%} or leaner by ≥ {1 - LEAN:.0%} without losing on the other):", "",
+                  "| variant | arch | precision | rank | steps/s ÷ default | peak memory ÷ default | "
+                  "first step ÷ default | verdict |", "|" + "---|" * 8]
+        for v in verdicts:
+            lines.append(f"| {v['variant']} | {v['arch']} | {v['precision']} | {v['rank']} | "
+                         f"{_f(v['speed_ratio'], 2, 1, '×')} | {_f(v['memory_ratio'], 2, 1, '×')} | "
+                         f"{_f(v['first_step_ratio'], 1, 1, '×')} | {v['verdict']} |")
     inf = [r for r in rows if r["kind"] == "inference"]
     if inf:
         lines += ["", "| arch | precision | steps | base s/img | 1 LoRA | 3 LoRAs | fused mix | 3-LoRA overhead | "

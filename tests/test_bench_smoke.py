@@ -193,6 +193,29 @@ def test_goals_say_met_missed_or_owed():
     assert goals[("mfu", "flux@512", 16)] == "owed (not measured)"
 
 
+@pytest.mark.parametrize(("steps_per_s", "peak_gb", "verdict"), [
+    (1.20, 10.0, "faster"),    # compile: 20 % more steps/s for the same memory
+    (1.20, 11.0, "worse"),     # faster, but 10 % more memory
+    (0.98, 8.0, "leaner"),     # checkpointing-like: 20 % less memory, 2 % slower
+    (1.02, 10.0, "no gain"),
+    (0.80, 10.0, "worse"),
+])
+def test_each_knob_gets_a_verdict_against_the_default(steps_per_s, peak_gb, verdict):
+    from benchmarks.report import knob_verdicts, markdown
+
+    def row(variant, speed, peak, first):
+        return {"kind": "train", "arch": "sdxl@1024", "precision": "bf16", "rank": 16, "loop": "ours", "status": "ok",
+                "variant": variant, "steps_per_s": speed, "peak_reserved_mb": peak * 1024, "first_step_s": first}
+
+    rows = [row("default", 1.0, 10.0, 2.0), row("compile", steps_per_s, peak_gb, 60.0),
+            {**row("reference-like", 9.0, 1.0, 1.0), "loop": "reference"}]
+    (v,) = knob_verdicts(rows)
+    assert (v["variant"], v["verdict"], v["first_step_ratio"]) == ("compile", verdict, 30.0)
+    assert v["speed_ratio"] == pytest.approx(steps_per_s) and v["memory_ratio"] == pytest.approx(peak_gb / 10)
+    page = markdown({"mode": "full", "environment": {"device": "cuda"}, "rows": rows})
+    assert f"| compile | sdxl@1024 | bf16 | 16 | {steps_per_s:.2f}× |" in page and f"| {verdict} |" in page
+
+
 def test_bad_requests_are_user_errors(tmp_path):
     from trainer import cli_bench
 
