@@ -81,6 +81,10 @@ SLICES = (
                            "--compile", "--no-inference"), "regional torch.compile against the speed slice"),
     Slice("channels-last", bench("--archs", "sd15@512,sdxl@1024", "--precisions", "bf16", "--ranks", "16",
                                  "--loops", "ours", "--channels-last", "--no-inference"), "UNet channels_last A/B"),
+    Slice("flash", bench("--archs", "sdxl@1024,flux@512", "--precisions", "bf16", "--ranks", "16", "--loops", "ours",
+                         "--attn", "flash", "--no-inference"), "PyTorch's FlashAttention kernel forced, against sdpa"),
+    Slice("keep-encoders", bench("--archs", "flux@512", "--precisions", "bf16", "--ranks", "16", "--loops", "ours",
+                                 "--keep-encoders", "--no-inference"), "what offloading the frozen encoders saves"),
     Slice("rest", bench("--archs", "flux@1024,sd15@512", "--precisions", "bf16", "--ranks", "16", "--no-inference"),
           "the remaining bf16 rows"),
 )
