@@ -289,6 +289,21 @@ def test_gpu_session_runs_slices_in_order_until_its_deadline(tmp_path):
     assert all("cuda" in s.argv or s.argv[0] == "pytest" for s in SLICES) and len({s.name for s in SLICES}) == len(SLICES)
 
 
+def test_every_planned_gpu_slice_parses_and_names_known_models_and_knobs():
+    """A typo in a slice must show here, not after a GPU session's start-up minutes."""
+    from benchmarks.archs import FULL_SPECS, tiny_specs
+    from benchmarks.ours import ATTENTION
+    from benchmarks.parts import PRECISIONS
+    from benchmarks.session import SLICES
+
+    for piece in (s for s in SLICES if s.argv[0] == "benchmarks"):
+        args = bench_args(*piece.argv[1:])
+        known = tiny_specs() if args.smoke else FULL_SPECS
+        assert all(a in known for a in args.archs or ()), piece.name
+        assert all(p in PRECISIONS for p in (*(args.precisions or ()), *(args.inference_precisions or ()))), piece.name
+        assert args.attn in ATTENTION and args.device == "cuda", piece.name
+
+
 def test_gpu_session_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys):
     from benchmarks import session
 
