@@ -79,12 +79,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def time_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
-    first = None
+    first, started = None, time.perf_counter()
     for i in range(warmup):
         t0 = time.perf_counter()
         step()
         sync(device)
         first = time.perf_counter() - t0 if i == 0 else first
+    warmup_s = time.perf_counter() - started
     times, losses = [], []
     for _ in range(steps):
         sync(device)
@@ -93,7 +94,7 @@ def time_steps(step, device: torch.device, warmup: int, steps: int) -> dict:
         sync(device)
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    return {"first_step_s": first, "step_s_median": median, "step_s_p95": percentile(times, 0.95),
+    return {"first_step_s": first, "warmup_s": warmup_s, "step_s_median": median, "step_s_p95": percentile(times, 0.95),
             "steps_per_s": 1.0 / median, "steps_per_s_p95": 1.0 / percentile(times, 0.95),
             "loss_finite": all(math.isfinite(x) for x in losses)}
 

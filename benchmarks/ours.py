@@ -11,7 +11,9 @@ per step as ``loop._batch`` does. The options are the engine's ``TrainConfig`` k
   step runs out of memory, then on; the harness can also turn it on over ``--vram-budget-gb``);
 - ``attn``: ``attention`` sdpa | flash (PyTorch's FlashAttention kernel) | xformers;
 - ``offload_frozen``: ``offload_frozen`` (VAE and text encoders not resident during training);
-- ``optimizer``: the trainer's choices (AdamW fused on CUDA, or bitsandbytes 8-bit / paged 8-bit).
+- ``optimizer``: the trainer's choices (AdamW fused on CUDA, or bitsandbytes 8-bit / paged 8-bit);
+- ``buckets``: steps cycle through that many aspect-ratio buckets of about the same area, as a dataset
+  of mixed shapes does (each new shape costs a recompile with ``compile``; eager should not care).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.parts import Parts, synthetic_cache
+from benchmarks.parts import Parts, bucket_shapes, synthetic_cache
 
 ATTENTION = ("sdpa", "flash", "xformers")  # = trainer.config.ATTENTION_KERNELS
 
@@ -35,6 +37,7 @@ class Options:
     attn: str = "sdpa"
     offload_frozen: bool = True
     optimizer: str = "adamw"  # adamw (fused on CUDA) | adamw8bit | paged_adamw8bit (bitsandbytes, CUDA)
+    buckets: int = 1  # aspect-ratio buckets the steps cycle through (1: one square shape)
     compile_backend: str = "inductor"  # tests: aot_eager
 
     def resolved_ckpt(self, device: torch.device) -> bool:
@@ -50,6 +53,7 @@ class Options:
         knobs += [f"ckpt-{self.grad_ckpt}"] if self.grad_ckpt != "auto" else []
         knobs += [self.attn] if self.attn != "sdpa" else []
         knobs += [self.optimizer] if self.optimizer != "adamw" else []
+        knobs += [f"buckets{self.buckets}"] if self.buckets > 1 else []
         return "+".join(knobs) or "default"
 
     def config_values(self) -> dict:
@@ -96,7 +100,8 @@ class OursStep:
                                           num_training_steps=10**9)
         self.noise_scheduler = self.handler.training_scheduler(self.pipe)
         self.generator = torch.Generator().manual_seed(seed)
-        self.latents, self.cond = synthetic_cache(spec, batch, parts.dtype, seed)
+        self.caches = [synthetic_cache(spec, batch, parts.dtype, seed, shape)
+                       for shape in bucket_shapes(spec, options.buckets)]
         self.step_parts = StepParts(handler=self.handler, pipe=self.pipe, denoiser=denoiser, forward=denoiser,
                                     noise_scheduler=self.noise_scheduler, optimizer=self.optimizer,
                                     lr_scheduler=self.lr_scheduler, params=self.params, generator=self.generator,
@@ -113,7 +118,8 @@ class OursStep:
 
     def _fetch(self, index: int):
         device = self.parts.device  # loop._batch: the cache lives on the CPU and is copied per step
-        return self.latents.to(device), {k: v.to(device) for k, v in self.cond.items()}
+        latents, cond = self.caches[index % len(self.caches)]
+        return latents.to(device), {k: v.to(device) for k, v in cond.items()}
 
     def _enable_checkpointing(self) -> None:
         """The engine's auto rule hit an out-of-memory step (``loop.py`` does the same)."""

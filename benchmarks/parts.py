@@ -102,15 +102,35 @@ def synthetic_token_ids(spec: ArchSpec, batch: int, seed: int = 0) -> list[torch
     return ids
 
 
-def synthetic_cache(spec: ArchSpec, batch: int, dtype: torch.dtype, seed: int = 0):
-    """Cached latents (fp32, CPU) and conditioning (CPU, text in the encoders' dtype), as loop.Cache holds them."""
+def bucket_shapes(spec: ArchSpec, buckets: int) -> list[tuple[int, int]]:
+    """``buckets`` latent (height, width) pairs of about the spec's area: square first, then wider and taller
+    ones in turn, each side a multiple of what the denoiser downsamples by (FLUX packs 2×2 patches)."""
+    side = spec.latent_shape[1]
+    unit = 2 if spec.arch == "flux" else 2 ** (len(spec.denoiser.config["block_out_channels"]) - 1)
+    shapes = []
+    for i in range(buckets):
+        k = (i + 1) // 2 * unit
+        shapes.append((side - k, side + k) if i % 2 else (side + k, side - k))
+    if min(min(shape) for shape in shapes) < unit:
+        raise ValueError(f"{spec.key}: {buckets} buckets do not fit a {side}-latent side (step {unit})")
+    return shapes
+
+
+def synthetic_cache(spec: ArchSpec, batch: int, dtype: torch.dtype, seed: int = 0,
+                    shape: tuple[int, int] | None = None):
+    """Cached latents (fp32, CPU) and conditioning (CPU, text in the encoders' dtype), as loop.Cache holds them.
+
+    ``shape``: latent (height, width) of an aspect bucket; square at the spec's resolution by default.
+    """
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn((batch, *spec.latent_shape), generator=g)
+    channels, height, width = spec.latent_shape
+    height, width = shape or (height, width)
+    latents = torch.randn((batch, channels, height, width), generator=g)
     cond = {}
-    for key, shape in spec.cond_shapes().items():
+    for key, cond_shape in spec.cond_shapes().items():
         if key == "time_ids":
-            side = float(spec.resolution)
-            cond[key] = torch.tensor([[side, side, 0.0, 0.0, side, side]] * batch)
+            h, w = float(height * spec.vae_scale_factor), float(width * spec.vae_scale_factor)
+            cond[key] = torch.tensor([[h, w, 0.0, 0.0, h, w]] * batch)
         else:
-            cond[key] = torch.randn((batch, *shape), generator=g).to(dtype)
+            cond[key] = torch.randn((batch, *cond_shape), generator=g).to(dtype)
     return latents, cond

@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ours: keep VAE/text encoders resident (the engine's offload_frozen: false)")
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"), default="adamw",
                    help="ours: AdamW (fused on CUDA) or bitsandbytes 8-bit / paged (CUDA only)")
+    p.add_argument("--buckets", type=int, default=1,
+                   help="ours: cycle the steps through N aspect-ratio buckets of about the same area (mixed shapes)")
     p.add_argument("--vram-budget-gb", type=float, help="ours, grad-ckpt auto: turn checkpointing on above this peak (GiB, reserved)")
     p.add_argument("--no-train", action="store_true", help="skip the training rows")
     p.add_argument("--no-inference", action="store_true", help="skip the sampling rows")
@@ -102,8 +104,17 @@ def _plan(args: argparse.Namespace):
         raise UserError(f"--ranks {','.join(args.ranks)!r}: comma-separated integers, e.g. 16,32") from None
     if any(loop not in ("ours", "reference") for loop in args.loops):
         raise UserError("--loops: ours, reference or both")
+    if args.buckets < 1:
+        raise UserError(f"--buckets {args.buckets}: at least 1 (one square shape)")
+    from benchmarks.parts import bucket_shapes
+
+    for key in archs:
+        try:
+            bucket_shapes(get_spec(key), args.buckets)
+        except ValueError as err:
+            raise UserError(f"--buckets: {err}; use fewer buckets") from None
     options = Options(compile=args.compile, channels_last=args.channels_last, grad_ckpt=args.grad_ckpt, attn=args.attn,
-                      offload_frozen=not args.keep_encoders, optimizer=args.optimizer)
+                      offload_frozen=not args.keep_encoders, optimizer=args.optimizer, buckets=args.buckets)
     plan = Plan(archs=tuple(archs), precisions=() if args.no_train else tuple(precisions), ranks=ranks,
                 loops=tuple(args.loops), device=device,
                 warmup=args.warmup if args.warmup is not None else (2 if smoke else 5),
