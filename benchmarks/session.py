@@ -41,9 +41,9 @@ from trainer.atomic import write_text
 class Slice:
     """A named piece of the work: ``argv`` follows ``python -m``.
 
-    ``results``: the folder under the session's ``--out`` where the command writes ``<name>.json`` through
-    ``--out`` (``slices``: rows for docs/benchmarks.md; ``checks``: smoke rows, never rendered into the docs;
-    empty: the command takes no ``--out``).
+    ``results``: which merged file the command's rows go to, written through its own ``--out`` in the work
+    folder (``slices``: results.json, rows for docs/benchmarks.md; ``checks``: checks.json, smoke rows never
+    rendered into the docs; empty: the command takes no ``--out``).
     ``gate``: when it fails, nothing after it is started (the same breakage would fail them all).
     """
 
@@ -59,7 +59,7 @@ def bench(*args: str) -> tuple[str, ...]:
 
 
 # A quick check that this machine's libraries run the engine on CUDA at all, then in order of importance:
-# the speed goals, the memory goals, sampling, the GPU-only tests, what compile and channels_last add, the rest.
+# the speed goals, the memory goals, sampling, the GPU-only tests, then each knob's A/B, then the rest.
 SLICES = (
     Slice("preflight", ("benchmarks", "--smoke", "--device", "cuda", "--precisions", "bf16,nf4", "--ranks", "16",
                          "--inference-precisions", "bf16"),
@@ -179,7 +179,7 @@ def _row_count(results: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.session", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for slices/, logs/ and session.json ($OUT on the GPU machine)")
+    parser.add_argument("--out", required=True, help="folder for results.json, checks.json and session.json ($OUT on the GPU machine)")
     parser.add_argument("--seconds", type=float, default=480,
                         help="deadline for the whole session (a device command may run 600 s, the install included)")
     parser.add_argument("--only", help=f"comma list of slices to run, in this order; all: {','.join(s.name for s in SLICES)}")
