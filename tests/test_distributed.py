@@ -211,3 +211,8 @@ def test_a_process_killed_mid_run_is_named_by_the_launcher_in_one_line(base_dirs
     errors = re.findall(r"error: [^\r\n]*", err)
     assert len(errors) == 1 and errors[0].startswith("error: process 2 of 2 was killed by SIGKILL"), err[-3000:]
     assert "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
+    from trainer import events as ev
+    from trainer.distributed import SILENT_PEER
+
+    recorded = [e.message for e in ev.read_jsonl(tmp_path / "run" / "events.jsonl") if isinstance(e, ev.Error)]
+    assert recorded == [SILENT_PEER]  # the run's history says what happened, not "see its error line"

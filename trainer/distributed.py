@@ -32,6 +32,10 @@ from trainer.fsdp import shard as shard_model
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
+SILENT_PEER = ("another process of this run ended without saying why (killed, e.g. when the system ran out of "
+               "memory); this one stopped with it")
+
+
 class PeerFailed(UserError):
     """Another process of this run failed first; this one stopped with it (the other one says why).
 
@@ -138,8 +142,8 @@ class Dist:
             return message
         last = ev.read_jsonl(events_path)[-1:] if events_path.is_file() else []
         recorded = last[0].message if last and isinstance(last[0], ev.Error) else None
-        if isinstance(err, PeerFailed):
-            return message if self.is_main and recorded is None else None
+        if isinstance(err, PeerFailed):  # nothing recorded: the other process was killed before it could say why
+            return SILENT_PEER if self.is_main and recorded is None else None
         line = message if self.is_main else f"process {self.rank + 1} of {self.world}: {message}"
         return None if recorded is not None and recorded.endswith(message) else line
 
