@@ -147,8 +147,9 @@ def _write_back(work: Path, out: Path, summary: dict) -> None:
 
     for folder, name in (("slices", "results.json"), ("checks", "checks.json")):
         files = sorted((work / folder).glob("*.json"))
-        if files:
-            write_text(out / name, json.dumps(merge_results(files), indent=1, default=str))
+        if files:  # the commands name the temporary work folder; "<work>" reads better in the docs
+            text = json.dumps(merge_results(files), indent=1, default=str)
+            write_text(out / name, text.replace(json.dumps(str(work))[1:-1], "<work>"))
     write_text(out / "session.json", json.dumps(summary, indent=1))
 
 

@@ -298,6 +298,7 @@ def test_gpu_session_runs_slices_in_order_until_its_deadline(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [(r["arch"], r["loop"], r["status"]) for r in results["rows"]] == [("flux@tiny", "ours", "ok")]
     assert results["runs"][0]["command"].startswith("python -m benchmarks --smoke")
+    assert results["runs"][0]["command"].endswith("--out <work>/slices/tiny.json")
     assert any("flux@tiny fp32 r4 ours: ok" in line for line in summary["slices"][0]["log_tail"])
     assert summary["slices"][0]["command"][:2] == ["-m", "benchmarks"] and sys.executable not in summary["slices"][0]["command"]
     # A gate that fails leaves the rest unstarted, and says why.
