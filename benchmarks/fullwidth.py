@@ -40,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", choices=("sd15", "sdxl", "flux"), required=True)
     parser.add_argument("--precisions", default="bf16", help="comma list of fp32,bf16,fp16,nf4")
     parser.add_argument("--out", required=True, help="results JSON")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     spec = fullwidth_spec(args.arch)
     plan = Plan(archs=(spec.key,), precisions=tuple(args.precisions.split(",")), ranks=(16,), device="cpu",
                 warmup=1, steps=1, inference_precisions=("bf16",), sample_steps=2, sample_repeats=1, smoke=True)
-    results = run_plan(plan, Path(args.out), command="python -m benchmarks.fullwidth " + " ".join(sys.argv[1:]),
+    results = run_plan(plan, Path(args.out), command="python -m benchmarks.fullwidth " + " ".join(argv),
                        log=lambda line: print(line, file=sys.stderr, flush=True), specs={spec.key: spec})
     failed = [r for r in results["rows"] if r["status"] != "ok"]
     for row in failed:

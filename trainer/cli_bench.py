@@ -75,20 +75,26 @@ def _plan(args: argparse.Namespace):
     from benchmarks.archs import get_spec
     from benchmarks.harness import Plan
     from benchmarks.ours import ATTENTION, Options
-    from benchmarks.parts import PRECISIONS
+    from benchmarks.parts import PRECISIONS, bucket_shapes
 
     smoke = args.smoke
     device = args.device or ("cpu" if smoke else "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("no CUDA GPU here: full-size benchmarks need one; use --smoke (tiny models on CPU) or --list")
     archs = args.archs or (TINY_ARCHS if smoke else FULL_ARCHS)
+    if args.buckets < 1:
+        raise UserError(f"--buckets {args.buckets}: at least 1 (one square shape)")
     for key in archs:
         try:
-            get_spec(key)
+            spec = get_spec(key)
         except KeyError as err:
             raise UserError(str(err).strip("'\"")) from None
         if not key.endswith("@tiny") and not device.startswith("cuda"):
             raise UserError(f"{key} is full size: it needs --device cuda (on CPU use --smoke or --list)")
+        try:
+            bucket_shapes(spec, args.buckets)
+        except ValueError as err:
+            raise UserError(f"--buckets: {err}; use fewer buckets") from None
     precisions = args.precisions or (("fp32", "bf16", "nf4") if smoke else ("bf16", "fp16", "nf4"))
     inference_precisions = args.inference_precisions or (("fp32",) if smoke else ("bf16",))
     bad = [p for p in (*precisions, *inference_precisions) if p not in PRECISIONS]
@@ -104,15 +110,6 @@ def _plan(args: argparse.Namespace):
         raise UserError(f"--ranks {','.join(args.ranks)!r}: comma-separated integers, e.g. 16,32") from None
     if any(loop not in ("ours", "reference") for loop in args.loops):
         raise UserError("--loops: ours, reference or both")
-    if args.buckets < 1:
-        raise UserError(f"--buckets {args.buckets}: at least 1 (one square shape)")
-    from benchmarks.parts import bucket_shapes
-
-    for key in archs:
-        try:
-            bucket_shapes(get_spec(key), args.buckets)
-        except ValueError as err:
-            raise UserError(f"--buckets: {err}; use fewer buckets") from None
     options = Options(compile=args.compile, channels_last=args.channels_last, grad_ckpt=args.grad_ckpt, attn=args.attn,
                       offload_frozen=not args.keep_encoders, optimizer=args.optimizer, buckets=args.buckets)
     plan = Plan(archs=tuple(archs), precisions=() if args.no_train else tuple(precisions), ranks=ranks,
