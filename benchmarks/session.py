@@ -187,20 +187,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="deadline for the whole session (a device command may run 600 s, the install included)")
     parser.add_argument("--only", help=f"comma list of slices to run, in this order; all: {','.join(s.name for s in SLICES)}")
     args = parser.parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        print("error: no CUDA GPU here: the session's slices are full-size; on CPU run python -m benchmarks --smoke",
-              file=sys.stderr)
-        return 2
     chosen = SLICES
-    if args.only:
+    if args.only:  # checked before CUDA, so a typo shows on any machine, not after a GPU start-up
         by_name = {s.name: s for s in SLICES}
         unknown = [n for n in args.only.split(",") if n not in by_name]
         if unknown:
             print(f"error: no slice {unknown[0]!r}; there are {', '.join(by_name)}", file=sys.stderr)
             return 2
         chosen = tuple(by_name[n] for n in args.only.split(","))
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: no CUDA GPU here: the session's slices are full-size; on CPU run python -m benchmarks --smoke",
+              file=sys.stderr)
+        return 2
     summary = run_session(chosen, Path(args.out), args.seconds)
     owed = [s["name"] for s in summary["slices"] if s["status"] != "done"]
     print("all slices done" if not owed else f"not done (still owed): {', '.join(owed)}")

@@ -335,6 +335,14 @@ def test_gpu_session_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "session.json").exists()
 
 
+def test_gpu_session_names_a_mistyped_slice_on_any_machine(tmp_path, monkeypatch, capsys):
+    from benchmarks import session
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert session.main(["--out", str(tmp_path), "--only", "speed,flux-nf5"]) == 2
+    assert capsys.readouterr().err == "error: no slice 'flux-nf5'; there are " + ", ".join(s.name for s in session.SLICES) + "\n"
+
+
 @pytest.mark.slow
 def test_full_width_flux_runs_both_loops_and_sampling_on_cpu(tmp_path):
     """FLUX.1-dev at its real width (3072, T5 4096; one block of each kind): the dimensions the tiny models
