@@ -8,7 +8,8 @@ RSS over the same span (sampled every 5 ms; a host figure, not comparable with V
 fails records its error and the run goes on; a CUDA OOM with ``grad_ckpt auto`` (ours) or on the
 reference retries once with gradient checkpointing and says so. Results are written after every
 row, so a run cut short keeps what it measured; ``append`` merges into an existing file, so the
-matrix can be run in slices (the GPU machine allows 10 minutes per command).
+matrix can be run in slices (the GPU machine allows 10 minutes per command). ``profile_steps``
+adds a per-row summary of where a step's time goes (:mod:`benchmarks.profile`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from benchmarks.inference import run_inference
 from benchmarks.measure import MemoryProbe, environment, time_steps
 from benchmarks.ours import Options, OursStep
 from benchmarks.parts import build_parts, free_memory
+from benchmarks.profile import profile_steps
 from benchmarks.reference import ReferenceStep
 
 
@@ -48,6 +50,7 @@ class Plan:
     sample_steps: int | None = None  # None: each model's usual count
     sample_repeats: int = 3
     smoke: bool = False
+    profile_steps: int = 0  # >0: profile that many more steps after the timed ones (benchmarks/profile.py)
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -75,6 +78,8 @@ def train_row(plan: Plan, spec: ArchSpec, precision: str, rank: int, loop: str, 
             with MemoryProbe(device) as probe:
                 timing = time_steps(step, device, plan.warmup, plan.steps)
             row.update(timing, **probe.report(), options=step.describe(), status="ok")
+            if plan.profile_steps:  # after the timed steps and outside the memory probe: neither is perturbed
+                row["profile"] = profile_steps(step, device, plan.profile_steps)
             budget = plan.vram_budget_gb
             if (loop == "ours" and not ckpt and plan.options.grad_ckpt == "auto" and budget and device.type == "cuda"
                     and row["peak_reserved_mb"] > budget * 1024 and attempt == 0):

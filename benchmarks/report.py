@@ -106,6 +106,34 @@ def _g(value):
     return "–" if value is None else f"{value:.3g}"
 
 
+def _shares(parts: list[tuple[str, float]], whole: float, most: int) -> str:
+    if not whole:
+        return "–"
+    return " · ".join(f"{name} {ms / whole:.0%}" for name, ms in parts[:most])
+
+
+def profile_table(train_rows: list[dict], cuda: bool) -> list[str]:
+    """Where each profiled row's step time goes (``--profile``): the answer to "what limits it"."""
+    profiled = [r for r in train_rows if r.get("profile")]
+    if not profiled:
+        return []
+    clock = "GPU" if cuda else "CPU"
+    lines = ["", f"Where the time goes (`--profile`: {clock} time of each operator's own work, summed by kind; "
+             + ("busy = share of the step the GPU was working, the rest is host overhead: Python, launches, syncs"
+                if cuda else "busy = share of the step inside operators, the rest is Python and framework overhead")
+             + "):", "",
+             "| arch | precision | rank | loop (variant) | ms/step | busy | by kind (share of busy time) | top operators |",
+             "|" + "---|" * 8]
+    for r in profiled:
+        prof = r["profile"]
+        kinds = list(prof["categories_ms"].items())
+        top = ", ".join(f"`{name.removeprefix('aten::')}` {ms:.1f} ms" for name, ms in prof["top_ops_ms"][:3])
+        lines.append(f"| {r['arch']} | {r['precision']} | {r['rank']} | {r['loop']} ({r.get('variant', '–')}) | "
+                     f"{_f(prof.get('step_ms'), 1)} | {_f(prof.get('busy_share'), 0, 100, '%')} | "
+                     f"{_shares(kinds, prof.get('busy_ms'), 4)} | {top} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     env, rows = results.get("environment", {}), results.get("rows", [])
     smoke = results.get("mode") == "smoke"
@@ -147,6 +175,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {v['variant']} | {v['arch']} | {v['precision']} | {v['rank']} | "
                          f"{_f(v['speed_ratio'], 2, 1, '×')} | {_f(v['memory_ratio'], 2, 1, '×')} | "
                          f"{_f(v['warmup_ratio'], 1, 1, '×')} | {v['verdict']} |")
+    lines += profile_table(train, cuda)
     inf = [r for r in rows if r["kind"] == "inference"]
     if inf:
         lines += ["", "| arch | precision | steps | base s/img | 1 LoRA | 3 LoRAs | fused mix | 3-LoRA overhead | "

@@ -41,7 +41,7 @@ def smoke(tmp_path_factory):
     from trainer import cli_bench
 
     out = tmp_path_factory.mktemp("bench")
-    rc = cli_bench.run(bench_args("--smoke", "--ranks", "16", "--out", str(out / "results.json"),
+    rc = cli_bench.run(bench_args("--smoke", "--ranks", "16", "--profile", "1", "--out", str(out / "results.json"),
                                   "--markdown", str(out / "table.md")))
     return rc, json.loads((out / "results.json").read_text()), (out / "table.md").read_text()
 
@@ -83,8 +83,68 @@ def test_smoke_markdown_has_every_table(smoke):
     _, results, table = smoke
     assert "tiny models on CPU" in table and results["environment"]["device_name"] in table
     assert "speedup ours ÷ reference" in table and "re-weight ms" in table
-    assert table.count("| sdxl@tiny | nf4 | 16 |") == 3  # ours, reference, ratio
+    assert table.count("| sdxl@tiny | nf4 | 16 |") == 5  # ours, reference, ratio, and each loop's profile
+    assert "Where the time goes" in table
     assert "python -m trainer bench --smoke" in table
+
+
+def test_profile_says_where_each_steps_time_goes(smoke):
+    """``--profile``: each row's step split by kind of work; NF4's dequantizing shows only where NF4 runs."""
+    _, results, _ = smoke
+    for row in (r for r in results["rows"] if r["kind"] == "train"):
+        prof, label = row["profile"], (row["arch"], row["precision"], row["loop"])
+        kinds = prof["categories_ms"]
+        assert prof["steps"] == 1 and prof["clock"] == "cpu", label
+        assert math.isclose(sum(kinds.values()), prof["busy_ms"], rel_tol=1e-6), label
+        assert 0 < prof["busy_ms"] <= prof["step_ms"] * 1.05, label  # the operators ran inside the step
+        assert kinds.get("matmul", 0) > 0 and kinds.get("optimizer", 0) > 0, label
+        assert (kinds.get("nf4 (bitsandbytes)", 0) > 0) == (row["precision"] == "nf4"), label
+        if row["arch"] != "flux@tiny":
+            assert kinds.get("convolution", 0) > 0, label  # UNets convolve; FLUX does not
+        top = [ms for _, ms in prof["top_ops_ms"]]
+        assert top == sorted(top, reverse=True) and len(top) <= 8, label
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("aten::_scaled_dot_product_flash_attention_backward", "attention"),
+    ("aten::_efficient_attention_forward", "attention"),
+    ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bmm", "matmul"),
+    ("bitsandbytes::gemm_4bit", "nf4 (bitsandbytes)"), ("MatMul4BitBackward", "nf4 (bitsandbytes)"),
+    ("aten::cudnn_convolution", "convolution"), ("aten::convolution_backward", "convolution"),
+    ("aten::native_group_norm_backward", "norm"), ("aten::native_layer_norm", "norm"),
+    ("aten::_fused_adamw_", "optimizer"), ("aten::_foreach_mul_", "optimizer"),
+    ("aten::copy_", "copy / cast"), ("aten::_to_copy", "copy / cast"),
+    ("triton_poi_fused_add_mul_0", "compiled (triton)"),
+    ("aten::mul", "elementwise / other"), ("aten::silu_backward", "elementwise / other"),
+])
+def test_profile_sorts_operators_by_kind_of_work(name, kind):
+    from benchmarks.profile import category
+
+    assert category(name) == kind
+
+
+def test_profile_on_cuda_counts_each_kernel_once_under_the_operator_that_launched_it():
+    """On CUDA, key_averages() lists a kernel both as its own row and inside its operator's self device
+    time; the summary must count it once (the kernel rows are skipped), and the host gap must show."""
+    from types import SimpleNamespace
+
+    from benchmarks.profile import summarize
+
+    def event(key, device_us, device_type="DeviceType.CPU", cpu_us=5.0):
+        return SimpleNamespace(key=key, self_device_time_total=device_us, self_cpu_time_total=cpu_us,
+                               device_type=device_type)
+
+    averages = [event("aten::mm", 6000.0), event("sm90_xmma_gemm_bf16bf16_bf16f32", 6000.0, "DeviceType.CUDA"),
+                event("aten::_scaled_dot_product_flash_attention", 3000.0),
+                event("void pytorch_flash::flash_fwd_kernel", 3000.0, "DeviceType.CUDA"),
+                event("aten::linear", 0.0), event("ProfilerStep#1", 9000.0)]
+    summary = summarize(averages, steps=3, wall_s=0.006, cuda=True)
+    assert summary["categories_ms"] == {"matmul": 2.0, "attention": 1.0}
+    assert summary["busy_ms"] == 3.0 and summary["step_ms"] == pytest.approx(2.0)
+    assert summary["busy_share"] == 1.0  # capped: overlapping streams can sum past the wall time
+    idle = summarize(averages, steps=3, wall_s=0.012, cuda=True)
+    assert idle["busy_share"] == pytest.approx(0.75)  # a quarter of the step the GPU waited on the host
+    assert [name for name, _ in idle["top_ops_ms"]] == ["aten::mm", "aten::_scaled_dot_product_flash_attention"]
 
 
 def test_full_size_configs_construct_on_meta_with_published_sizes():

@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ours: AdamW (fused on CUDA) or bitsandbytes 8-bit / paged (CUDA only)")
     p.add_argument("--buckets", type=int, default=1,
                    help="ours: cycle the steps through N aspect-ratio buckets of about the same area (mixed shapes)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed steps, profile N more and record where a step's time goes (by kind of work)")
     p.add_argument("--vram-budget-gb", type=float, help="ours, grad-ckpt auto: turn checkpointing on above this peak (GiB, reserved)")
     p.add_argument("--no-train", action="store_true", help="skip the training rows")
     p.add_argument("--no-inference", action="store_true", help="skip the sampling rows")
@@ -82,6 +84,8 @@ def _plan(args: argparse.Namespace):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("no CUDA GPU here: full-size benchmarks need one; use --smoke (tiny models on CPU) or --list")
     archs = args.archs or (TINY_ARCHS if smoke else FULL_ARCHS)
+    if args.profile < 0:
+        raise UserError(f"--profile {args.profile}: the number of steps to profile, 0 (off) or more")
     if args.buckets < 1:
         raise UserError(f"--buckets {args.buckets}: at least 1 (one square shape)")
     for key in archs:
@@ -118,7 +122,8 @@ def _plan(args: argparse.Namespace):
                 steps=args.steps or (2 if smoke else 20), batch=args.batch, options=options,
                 vram_budget_gb=args.vram_budget_gb, inference=not args.no_inference,
                 inference_precisions=tuple(inference_precisions), sample_steps=args.sample_steps or (2 if smoke else None),
-                sample_repeats=args.sample_repeats or (1 if smoke else 3), smoke=smoke)
+                sample_repeats=args.sample_repeats or (1 if smoke else 3), smoke=smoke,
+                profile_steps=args.profile)
     return plan
 
 
