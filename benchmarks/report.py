@@ -55,8 +55,38 @@ def check_goals(results: dict) -> list[dict]:
                     met = value >= target if cmp == ">=" else (value < target if cmp == "<" else value <= target)
                     gap = abs(value - target) / target * 100
                     line["status"] = "met" if met else f"missed by {gap:.0f}%"
+                    if not met:
+                        line["limits"] = what_limits(metric, a, precision, rank, variant, rows)
                 out.append(line)
     return out
+
+
+def what_limits(metric: str, arch: str, precision: str, rank, variant, rows: list[dict]) -> str:
+    """For a missed goal, the measured reason in one phrase: where the time or the memory went."""
+    def row(loop: str, variant_: str | None):
+        return next((r for r in rows if r["kind"] == "train" and r["status"] == "ok" and r["loop"] == loop
+                     and (r["arch"], r["precision"], r["rank"]) == (arch, precision, rank)
+                     and (variant_ is None or r.get("variant", "default") == variant_)), None)
+
+    if metric == "peak_gb":
+        r = row("ours", variant)
+        if r is None or r.get("resident_mb") is None:
+            return ""
+        resident, peak = r["resident_mb"] / 1024, r["peak_reserved_mb"] / 1024
+        return (f"resident before the first step (weights, LoRA, cache) {resident:.1f} GiB; the step adds "
+                f"{peak - resident:.1f} GiB (activations, gradients, optimizer state; allocator reserve); "
+                f"gradient checkpointing {r.get('options', {}).get('grad_ckpt', '?')}")
+    if metric in ("speedup", "mfu"):
+        parts = []
+        for loop in (("ours", "reference") if metric == "speedup" else ("ours",)):
+            r = row(loop, variant if loop == "ours" else None)
+            prof = (r or {}).get("profile")
+            if prof:
+                kinds = list(prof["categories_ms"].items())
+                parts.append(f"{loop}: {prof['step_ms']:.0f} ms/step, GPU busy {_f(prof.get('busy_share'), 0, 100, '%')}"
+                             f", {_shares(kinds, prof.get('busy_ms'), 3)}")
+        return "; ".join(parts) or "not profiled: run the row with --profile 3"
+    return ""
 
 
 # A knob becomes a default where it is this much faster (or leaner) and not worse on the other axis.
@@ -188,9 +218,10 @@ def markdown(results: dict) -> str:
                          f"{_f(r.get('load_mean_s'), 3)} | "
                          f"{_f(r.get('fuse_s'), 3)} | {r['status']} |")
     if not smoke:
-        lines += ["", "| goal | arch | precision | rank | measured (best variant) | status |", "|---|---|---|---|---|---|"]
+        lines += ["", "| goal | arch | precision | rank | measured (best variant) | status | what limits it (measured) |",
+                  "|---|---|---|---|---|---|---|"]
         for g in check_goals(results):
             best = f" ({g['variant']})" if g.get("variant") else ""
             lines.append(f"| {g['goal']} | {g['arch']} | {g['precision']} | {g['rank'] or '–'} | "
-                         f"{_f(g['value'], 3)}{best} | {g['status']} |")
+                         f"{_f(g['value'], 3)}{best} | {g['status']} | {g.get('limits') or '–'} |")
     return "\n".join(lines) + "\n"

@@ -275,6 +275,35 @@ def test_goals_say_met_missed_or_owed():
     assert goals[("mfu", "flux@512", 16)] == "owed (not measured)"
 
 
+def test_a_missed_goal_says_what_limits_it():
+    """The issue: where a goal is missed, say by how much and what limits it (memory split, time profile)."""
+    from benchmarks.report import check_goals, markdown
+
+    profile = {"step_ms": 500.0, "busy_ms": 400.0, "busy_share": 0.8,
+               "categories_ms": {"matmul": 200.0, "attention": 100.0, "elementwise / other": 100.0},
+               "top_ops_ms": [["aten::mm", 200.0]]}
+    rows = [{"kind": "train", "arch": "flux@512", "precision": "nf4", "rank": 16, "loop": "ours", "status": "ok",
+             "variant": "default", "resident_mb": 6 * 1024.0, "peak_reserved_mb": 9 * 1024.0,
+             "options": {"grad_ckpt": "on (auto)"}},
+            {"kind": "train", "arch": "flux@512", "precision": "bf16", "rank": 16, "loop": "ours", "status": "ok",
+             "variant": "default", "steps_per_s": 2.0, "mfu": 0.20, "profile": profile},
+            {"kind": "train", "arch": "flux@512", "precision": "bf16", "rank": 16, "loop": "reference", "status": "ok",
+             "variant": "example", "steps_per_s": 1.6}]
+    ratios = [{"arch": "flux@512", "precision": "bf16", "rank": 16, "variant": "default", "speedup": 1.25}]
+    results = {"rows": rows, "ratios": ratios, "mode": "full", "environment": {"device": "cuda"}}
+    goals = {(g["metric"], g["arch"], g["precision"]): g for g in check_goals(results) if g["rank"] in (16, None)}
+    peak = goals[("peak_gb", "flux@512", "nf4")]
+    assert peak["status"] == "missed by 12%"
+    assert "resident before the first step (weights, LoRA, cache) 6.0 GiB; the step adds 3.0 GiB" in peak["limits"]
+    assert "gradient checkpointing on (auto)" in peak["limits"]
+    speed = goals[("speedup", "flux@512", "bf16")]
+    assert speed["status"] == "missed by 38%"
+    assert speed["limits"] == "ours: 500 ms/step, GPU busy 80%, matmul 50% · attention 25% · elementwise / other 25%"
+    assert goals[("mfu", "flux@512", "bf16")]["limits"].startswith("ours: 500 ms/step, GPU busy 80%, matmul 50%")
+    assert "limits" not in goals[("speedup", "sdxl@1024", "bf16")]  # owed, not missed: nothing to explain
+    assert "| missed by 12% | resident before the first step" in markdown(results)
+
+
 @pytest.mark.parametrize(("steps_per_s", "peak_gb", "verdict"), [
     (1.20, 10.0, "faster"),    # compile: 20 % more steps/s for the same memory
     (1.20, 11.0, "worse"),     # faster, but 10 % more memory
