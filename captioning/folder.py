@@ -22,6 +22,7 @@ from captioning.base import SOURCE_PATH_KEY, Captioner
 from captioning.errors import CaptionFileError
 from captioning.postprocess import CaptionOptions, postprocess
 from captioning.registry import available_captioners, get_captioner
+from trainer.atomic import file_mode_for
 from trainer.errors import ConfigError, DataError, ImageError
 from trainer.images import IMAGE_EXTENSIONS, is_image_name, open_image
 
@@ -102,6 +103,7 @@ def write_caption(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text.strip() + "\n")
+        os.chmod(tmp, file_mode_for(path))  # mkstemp's 0600 would hide the caption from other users' tools
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,12 +1,15 @@
 """Atomic file writes: write a temp file next to the target, fsync, then rename.
 
-A crash or a full disk midway leaves the old file (or none), never half a file.
+A crash or a full disk midway leaves the old file (or none), never half a file. The new file gets the
+permissions an ordinary ``open()`` would give it (or keeps the old file's): ``mkstemp``'s private 0600
+would hide an export from ComfyUI or A1111 running as another user or in a container.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, file_mode_for(path))
         os.replace(tmp_path, path)
     except OSError as err:
         raise WriteError(f"writing {path.name} failed ({err.strerror or err}); the disk may be full. "
@@ -36,6 +40,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def file_mode_for(path: Path) -> int:
+    """The old file's permissions, else 0666 less the process umask (what ``open(path, "w")`` gives)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The umask, read without setting it (``os.umask`` can only be read by changing it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
