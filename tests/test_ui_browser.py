@@ -427,9 +427,15 @@ def test_mix_two_loras_toggles_and_a_slider_rerender_without_reloading(page, ser
     box = slider.bounding_box()
     page.mouse.click(box["x"] + box["width"] * 0.05, box["y"] + box["height"] / 2)  # drag weight 1 → about -0.85
     second = wait_until(page, lambda: (s := preview_src(page)) != first and s, 120, "a re-rendered preview")
-    weight = float(page.locator("#mix-weight-0 input[type=number]").input_value())
-    assert weight < 0
+    assert float(page.locator("#mix-weight-0 input[type=number]").input_value()) < 0
     assert "Base loaded 1×, LoRA files read 2×" in mix_info(page)  # a slider change reloads nothing
+    number = page.locator("#mix-weight-0 input[type=number]")
+    number.fill("0.5")  # a weight typed into the box re-renders on Enter, as a drag does on release
+    number.press("Enter")
+    second = wait_until(page, lambda: (s := preview_src(page)) != first and s != second and s, 120,
+                        "the preview re-rendered for the typed weight")
+    assert "× 0.5" in mix_info(page), mix_info(page)
+    weight = 0.5
 
     toggle(page, 0)  # off again: back to exactly the base image, and the slider keeps its value
     toggle(page, 1)
@@ -479,6 +485,18 @@ def test_comparison_grid_is_shown_and_downloads(page, server, tmp_path):
     with Image.open(grid) as img:
         assert img.width > img.height >= 128  # two labelled cells side by side
     shot(page, "06b-mix-bake-grid")
+
+
+def test_a_slot_can_be_emptied_again(page, server):
+    """A LoRA picked by mistake (or a refused file) can be taken out of its slot: the "(empty)" entry."""
+    if "stopped_at" not in FLOW:
+        pytest.skip("needs the trained LoRA from the training test")
+    assert "ink_wash" in page.locator("#mix-lora-1 input").input_value()
+    pick(page, "mix-lora-1", "(empty)")
+    wait_until(page, lambda: "ink_wash" not in mix_info(page) and "rendered" in mix_info(page), 120,
+               "a preview without the emptied slot's LoRA")
+    assert page.locator("#mix-lora-1 input").input_value() == "(empty)"
+    assert FLOW["run"] in mix_info(page)
 
 
 def test_mix_guidance_and_steps_follow_the_picked_base(page, server):
@@ -610,6 +628,35 @@ def test_a_demo_style_set_fills_a_new_run_with_captioned_images(page, server):
     assert page.locator("#trigger textarea, #trigger input").first.input_value() == "zkstyle"
     dataset = server.outputs / run / "dataset"
     assert len(list(dataset.glob("hatch-*.png"))) == 20 and len(list(dataset.glob("hatch-*.txt"))) == 20
+    FLOW["hatch"] = run
+
+
+def test_quick_start_trains_without_opening_advanced_settings(page, server):
+    """The README's path: a freshly loaded page, Train tab, Start. The collapsed accordion's fields reach the
+    server as None; the run must start on the preset's values (it once failed on the empty sample prompt)."""
+    engine("trainer.loop", "run_training")
+    if "hatch" not in FLOW:
+        pytest.skip("needs the demo style set run")
+    logged = len(server.log.read_bytes())
+    fresh = page.context.new_page()
+    try:
+        fresh.goto(server.url)
+        pick(fresh, "run-select", FLOW["hatch"])
+        open_tab(fresh, "2 · Train")
+        pick(fresh, "preset", "tone")
+        assert not fresh.locator("#steps input").is_visible()  # Advanced settings stays collapsed
+        fresh.click("#start")
+        status = wait_until(fresh, lambda: (t := fresh.locator("#train-status").inner_text().strip())
+                            and any(w in t for w in ("Training", "⚠", "Error")) and t, 20, "the start message")
+        assert status.startswith(f"Training '{FLOW['hatch']}'"), status
+        wait_until(fresh, lambda: progress(fresh)["step"] >= 1, 120, "the first steps")
+        fresh.click("#stop")
+        ended = wait_until(fresh, lambda: (p := progress(fresh))["state"] in ("stopped", "done", "failed") and p, 90,
+                           "the run to stop")
+        assert ended["state"] in ("stopped", "done"), ended["text"]
+        assert b"Traceback" not in server.log.read_bytes()[logged:]
+    finally:
+        fresh.close()
 
 
 def test_train_learning_rate_follows_the_bases_scale(page, server):

@@ -162,6 +162,51 @@ def test_start_refuses_empty_dataset_and_bad_values(studio, tmp_path):
     assert studio.jobs() == []
 
 
+def test_start_with_advanced_settings_collapsed_uses_the_presets_values(studio, tmp_path):
+    """The README's quick start presses Start without opening "Advanced settings": the browser then sends
+    None for every field inside it, the text ones included."""
+    add_images(studio, "r1", tmp_path)
+    collapsed = TrainForm("demo-random:sd15", "tone", None, None, None, None, None, None, None, None, None, None, None)
+    used, message = studio.start("r1", collapsed)
+    assert used == "r1" and message.startswith("Training 'r1'")
+    cfg = job_of(studio, "r1").config
+    assert (cfg.preset, cfg.rank, cfg.trigger, cfg.precision.value) == ("tone", 1, "", "auto")
+    assert cfg.sample_prompts == ()  # no prompt given: the dataset's first captions, as the field says
+    assert studio.settings("r1")["trigger"] == ""
+    wait_ended(studio, "r1")
+
+
+def test_a_refused_start_of_a_trained_run_leaves_no_copy_behind(studio, tmp_path):
+    add_images(studio, "r1", tmp_path)
+    studio.start("r1", form())
+    wait_ended(studio, "r1")
+    for bad in (form(lr=-1), form(resolution=70), form(sample_steps=500)):
+        with pytest.raises(UserError, match="cannot start"):
+            studio.start("r1", bad)
+    assert studio.run_names() == ["r1"]  # no r1-2, r1-3 … each holding a copy of the dataset
+    used, message = studio.start("r1", form())
+    assert used == "r1-2" and "copied" in message
+    wait_ended(studio, "r1-2")
+
+
+def test_stop_acts_on_the_run_shown_not_on_whatever_trains(studio, tmp_path):
+    gate = threading.Semaphore(0)
+    studio.runner = FakeLoop(gate=gate)
+    for run in ("r1", "r2", "r3"):
+        add_images(studio, run, tmp_path)
+    studio.start("r1", form(steps=6))
+    studio.start("r2", form(steps=2))
+    wait_for(lambda: studio.active_run() == "r1")
+    assert studio.stop("r3") == ("'r3' is not training; 'r1' is. Select it in the Run box to stop it, or cancel it "
+                                 "in the Queue below.")
+    assert studio.stop("r2") == f"Took 'r2' out of the queue (job {job_of(studio, 'r2').id}); it will not run."
+    assert job_of(studio, "r2").state == "cancelled" and job_of(studio, "r1").state == "running"
+    assert studio.stop("r1").startswith("Stopping 'r1' after the current step")
+    release_after_stop(gate)
+    assert wait_ended(studio, "r1").state == "stopped"
+    assert studio.stop("r1") == "Nothing is training."
+
+
 def test_a_second_start_queues_behind_the_running_one_and_runs_after_it(studio, tmp_path):
     gate = threading.Semaphore(0)
     studio.runner = FakeLoop(gate=gate)
@@ -359,6 +404,28 @@ def test_bake_writes_the_mix_into_the_runs_export_folder(studio, tmp_path):
     (tmp_path / "loras" / "f.safetensors").write_bytes(b"flux")
     with pytest.raises(UserError, match="cannot bake: f.safetensors"):
         studio.bake_mix("r1", "demo-random:sd15", [MixSlot(str(tmp_path / "loras" / "f.safetensors"), 1)], None)
+    # switched off, a refused file is left out of the bake as it is out of the preview
+    off = [MixSlot(str(a), 0.7), MixSlot(str(tmp_path / "loras" / "f.safetensors"), 1, enabled=False)]
+    path, report = studio.bake_mix("r1", "demo-random:sd15", off, None)
+    assert "Baked a into" in report and Path(path).is_file()
+
+
+@pytest.mark.parametrize(("seed", "steps", "guidance", "refusal"), [
+    (0, 0, 5.0, "steps 0: give a whole number from 1 to 200"),
+    (0, 500, 5.0, "steps 500: give a whole number from 1 to 200"),
+    (0, 2.5, 5.0, "steps 2.5: give a whole number"),
+    (0, None, 5.0, "steps: give a whole number from 1 to 200"),
+    (-1, 4, 5.0, "seed -1: give a whole number of 0 or more"),
+    (0, 4, -2, "guidance -2: give a number of 0 or more"),
+    (0, 4, float("nan"), "guidance: give a number of 0 or more"),
+])
+def test_preview_numbers_out_of_range_are_one_clear_line(studio, tmp_path, seed, steps, guidance, refusal):
+    """The Mix tab's numbers have no gradio min/max (its refusal is a bare "Error"); MixDesk names the field."""
+    with pytest.raises(UserError, match=refusal.replace(".", r"\.")):
+        studio.render_mix("demo-random:sd15", [], "p", seed, steps, guidance)
+    with pytest.raises(UserError, match=refusal.replace(".", r"\.")):
+        studio.make_grid("r1", "demo-random:sd15", [MixSlot("", 1)], 0, "0, 1", None, "", "p", seed, steps, guidance)
+    assert FakeMix.instances == []  # refused before the base is loaded
 
 
 def test_comparison_grid_over_one_or_two_loras(studio, tmp_path):

@@ -38,6 +38,14 @@ CSS = """
 .dataset-grid img.thumb { width: 100%; height: 150px; object-fit: cover; border-radius: 6px; }
 """
 
+# A weight typed into a slider's number box re-renders on Enter too: gradio fires the slider's ``release``
+# (what the Mix tab listens to, so a drag renders once, at its end) on blur but not on Enter.
+HEAD = """<script>
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && event.target.matches(".mix-slot input[type=number]")) event.target.blur();
+}, true);
+</script>"""
+
 
 def theme() -> gr.themes.Base:
     """Default look with system fonts only (the default theme would fetch web fonts)."""
@@ -123,7 +131,7 @@ def launch(args) -> None:
     try:
         build(studio).queue(default_concurrency_limit=4).launch(
             server_name=args.host, server_port=args.port, share=bool(args.share), auth=auth,
-            allowed_paths=[str(outputs)], max_file_size=UPLOAD_HARD_CAP, theme=theme(), css=CSS,
+            allowed_paths=[str(outputs)], max_file_size=UPLOAD_HARD_CAP, theme=theme(), css=CSS, head=HEAD,
             ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False, footer_links=["settings"],
             show_error=True, favicon_path=None)
     finally:

@@ -22,6 +22,7 @@ from ui.studio import MixSlot, Studio, is_demo
 log = logging.getLogger(__name__)
 SLOTS = 4
 PREVIEW_MIN = 256
+EMPTY_SLOT = "(empty)"
 _RENDER = {"concurrency_id": "mix", "concurrency_limit": 1, "trigger_mode": "always_last"}
 _ONE = {"concurrency_id": "mix", "concurrency_limit": 1}
 
@@ -53,11 +54,13 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
                 lines.append(gr.Markdown(elem_id=f"mix-line-{i}", elem_classes=["mix-line"]))
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", value="a red circle on a blue square", elem_id="mix-prompt", scale=4)
-        seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="mix-seed", scale=1)
-        steps = gr.Number(_default_steps(studio.default_base), label="Steps", precision=0, minimum=1,
-                          maximum=100, elem_id="mix-steps", scale=1)
-        guidance = gr.Number(_default_guidance(studio.default_base), label="Guidance", minimum=0,
-                             elem_id="mix-guidance", scale=1)
+        # No minimum/maximum on the numbers: gradio would refuse out-of-range values with a bare "Error" toast;
+        # MixDesk checks them and says what each field takes.
+        seed = gr.Number(0, label="Seed", precision=0, elem_id="mix-seed", scale=1)
+        steps = gr.Number(_default_steps(studio.default_base), label="Steps", precision=0, elem_id="mix-steps",
+                          scale=1)
+        guidance = gr.Number(_default_guidance(studio.default_base), label="Guidance", elem_id="mix-guidance",
+                             scale=1)
     with gr.Row(equal_height=True):
         render_btn = gr.Button("Render preview", variant="primary", elem_id="mix-render", scale=3)
         fuse = gr.Checkbox(False, label="Fuse for speed", elem_id="mix-fuse", scale=1,
@@ -69,7 +72,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         with gr.Row(equal_height=True):
             method = gr.Radio([("Exact (rank = sum of ranks)", "exact"), ("SVD to a chosen rank", "svd")],
                               value="exact", label="Method", elem_id="mix-bake-method", scale=3)
-            rank = gr.Number(4, label="Rank (SVD)", precision=0, minimum=1, elem_id="mix-bake-rank", scale=1)
+            rank = gr.Number(4, label="Rank (SVD)", precision=0, elem_id="mix-bake-rank", scale=1)
             bake_btn = gr.Button("Bake mix", variant="primary", elem_id="mix-bake", scale=1)
             bake_dl = gr.DownloadButton("Download baked mix", elem_id="mix-bake-download", interactive=False,
                                         scale=1)
@@ -90,7 +93,8 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
                               format="png")
 
     def choices():
-        return [(label, path) for label, path in studio.lora_files()]
+        """The LoRA files, after an "(empty)" entry that clears a slot (a refused file can be taken out)."""
+        return [(EMPTY_SLOT, ""), *((label, path) for label, path in studio.lora_files())]
 
     def slots_of(values) -> list[MixSlot]:
         paths, weights, on = values[:SLOTS], values[SLOTS:2 * SLOTS], values[2 * SLOTS:3 * SLOTS]
@@ -109,8 +113,8 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
 
     def render(base_name, prompt_text, seed_value, steps_value, guidance_value, fuse_value, *slot_values):
         try:
-            result = studio.render_mix(base_name, slots_of(slot_values), prompt_text, int(seed_value or 0),
-                                       int(steps_value or 1), float(guidance_value or 0), fuse=bool(fuse_value))
+            result = studio.render_mix(base_name, slots_of(slot_values), prompt_text, seed_value, steps_value,
+                                       guidance_value, fuse=bool(fuse_value))
         except UserError as err:
             return gr.skip(), f"⚠ {err}", *[gr.skip()] * SLOTS
         except Exception as err:  # noqa: BLE001 — shown as one line, traceback in the log
@@ -153,8 +157,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         try:
             path, text = studio.make_grid(run_name, base_name, slots_of(slot_values), int(axis or 0), weights_text,
                                           None if second in (None, "", -1) else int(second), second_text,
-                                          prompt_text, int(seed_value or 0), int(steps_value or 1),
-                                          float(guidance_value or 0))
+                                          prompt_text, seed_value, steps_value, guidance_value)
         except UserError as err:
             return f"⚠ {err}", gr.skip(), gr.update(value=None, interactive=False)
         except Exception as err:  # noqa: BLE001

@@ -19,6 +19,30 @@ from typing import Any, Callable, Optional
 from trainer.errors import UserError
 
 MAX_GRID_CELLS = 25  # each cell is a full render; more would hold the preview lock for minutes
+MAX_SAMPLE_STEPS = 200  # as the trainer's sample_steps
+
+
+def sampling_values(seed: Any, steps: Any, guidance: Any) -> tuple[int, int, float]:
+    """The page's seed, steps and guidance as numbers, or a UserError naming the field and what it takes."""
+    def number(value: Any, name: str, need: str) -> float:
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{name}: give {need}") from None
+        if out != out or out in (float("inf"), float("-inf")):
+            raise UserError(f"{name}: give {need}")
+        return out
+
+    steps_ = number(steps, "steps", f"a whole number from 1 to {MAX_SAMPLE_STEPS}")
+    if not steps_.is_integer() or not 1 <= steps_ <= MAX_SAMPLE_STEPS:
+        raise UserError(f"steps {steps_:g}: give a whole number from 1 to {MAX_SAMPLE_STEPS}")
+    seed_ = number(seed, "seed", "a whole number of 0 or more")
+    if not seed_.is_integer() or seed_ < 0:
+        raise UserError(f"seed {seed_:g}: give a whole number of 0 or more")
+    guidance_ = number(guidance, "guidance", "a number of 0 or more, e.g. 5")
+    if guidance_ < 0:
+        raise UserError(f"guidance {guidance_:g}: give a number of 0 or more, e.g. 5")
+    return int(seed_), int(steps_), guidance_
 
 
 @dataclass
@@ -191,6 +215,7 @@ class MixDesk:
     def render(self, base: str, slots: list[MixSlot], prompt: str, seed: int, steps: int, guidance: float,
                fuse: bool = False) -> MixResult:
         """Render ``prompt`` with the weighted LoRAs (refused files are left out, with their reason)."""
+        seed, steps, guidance = sampling_values(seed, steps, guidance)
         with self._lock:
             t0 = time.perf_counter()
             mixer, names, lines = self._prepare(base, slots, fuse)
@@ -217,8 +242,8 @@ class MixDesk:
             raise UserError(f"bake rank must be a whole number of at least 1, got {rank:g}")
         with self._lock:
             mixer, names, lines = self._prepare(base, slots, fuse=False)
-            problems = [line for line in lines if line.startswith("⚠")]
-            if problems:
+            problems = [line for slot, line in zip(slots, lines) if slot.enabled and line.startswith("⚠")]
+            if problems:  # a refused file that is switched off is left out, as it is from the preview
                 raise UserError(f"cannot bake: {problems[0][2:]}")
             weights = {n: 0.0 for n in mixer.loaded.values()}
             for slot, name in zip(slots, names):
@@ -240,6 +265,7 @@ class MixDesk:
         Raises:
             UserError: an empty or refused slot, the same slot twice, too many cells.
         """
+        seed, steps, guidance = sampling_values(seed, steps, guidance)
         cells = len(weights) * (len(second[1]) if second else 1)
         if cells > MAX_GRID_CELLS:
             raise UserError(f"{cells} images is too many for one grid (at most {MAX_GRID_CELLS}); use fewer weights")

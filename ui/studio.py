@@ -60,6 +60,14 @@ class TrainForm:
     trigger: str = ""
 
     def overrides(self) -> dict[str, Any]:
+        """The non-empty fields as config overrides.
+
+        Fields inside the collapsed "Advanced settings" accordion arrive as None (the browser never
+        rendered them): every field, text ones included, then means "keep the preset's value".
+        """
+        def text(value) -> str:
+            return "" if value is None else str(value).strip()
+
         def num(value, kind):
             if value is None or value == "":
                 return None
@@ -72,14 +80,14 @@ class TrainForm:
             return as_float
 
         values = {
-            "base": self.base.strip(), "steps": num(self.steps, int), "lr": num(self.lr, float),
+            "base": text(self.base), "steps": num(self.steps, int), "lr": num(self.lr, float),
             "resolution": num(self.resolution, int), "batch_size": num(self.batch_size, int),
             "precision": self.precision or "auto", "seed": num(self.seed, int),
             "sample_every": num(self.sample_every, int), "sample_steps": num(self.sample_steps, int),
-            "checkpoint_every": num(self.checkpoint_every, int), "trigger": self.trigger.strip(),
+            "checkpoint_every": num(self.checkpoint_every, int), "trigger": text(self.trigger),
         }
-        if self.sample_prompt.strip():
-            values["sample_prompts"] = [self.sample_prompt.strip()]
+        if text(self.sample_prompt):
+            values["sample_prompts"] = [text(self.sample_prompt)]
         return values
 
 
@@ -298,27 +306,24 @@ class Studio:
         run_dir = self.run_dir(run)
         if not store.list_items(run_dir):
             raise UserError("the dataset is empty: add images on the Dataset tab first")
-        parse_base(form.base)  # a missing folder or unknown demo name is refused now, not after loading torch
+        overrides = form.overrides()
+        parse_base(overrides["base"])  # a missing folder or unknown demo name is refused now, not after loading torch
+        if form.precision == Precision.NF4.value:
+            ok, why = self.nf4_status(full=True)
+            if not ok:
+                raise UserError(f"{why}; pick bf16, fp16 or auto")
+        for key, value in base_sampling_defaults(overrides["base"]).items():  # the base's tuned sampling (studio.json)
+            if overrides.get(f"sample_{key}") is None:
+                overrides[f"sample_{key}"] = value
+        config, warnings = self._resolve(form.preset, overrides, run_dir)  # refused settings leave no folder behind
         note = ""
         job = self._job_for(run_dir)
         if ((run_dir / "config.yaml").is_file() or (run_dir / "events.jsonl").is_file()
                 or (run_dir / "checkpoints").is_dir() or (job is not None and job.state in ACTIVE)):
             run_dir = self._copy_run(run_dir)
             note = f"'{run}' was already trained, so its dataset was copied to a new run '{run_dir.name}'. "
-        if form.precision == Precision.NF4.value:
-            ok, why = self.nf4_status(full=True)
-            if not ok:
-                raise UserError(f"{why}; pick bf16, fp16 or auto")
-        overrides = form.overrides()
-        overrides.update(data=str(store.dataset_dir(run_dir)), out=str(run_dir))
-        for key, value in base_sampling_defaults(form.base).items():  # the base's tuned sampling (studio.json)
-            if overrides.get(f"sample_{key}") is None:
-                overrides[f"sample_{key}"] = value
-        try:
-            config, warnings = resolve_config(form.preset or "style", overrides)
-        except ConfigError as err:
-            raise UserError("cannot start: " + "; ".join(err.problems)) from None
-        self.save_settings(run_dir.name, trigger=form.trigger.strip(), preset=form.preset, base=form.base.strip())
+            config, warnings = self._resolve(form.preset, overrides, run_dir)
+        self.save_settings(run_dir.name, trigger=overrides["trigger"], preset=form.preset, base=overrides["base"])
         active = self.active_run()
         queued = self.queue.add(config)
         message = note + self._queued_message(queued, active, f"Training '{run_dir.name}': {config.steps} steps "
@@ -326,6 +331,14 @@ class Studio:
         if warnings:
             message += " Warning: " + "; ".join(warnings)
         return run_dir.name, message
+
+    @staticmethod
+    def _resolve(preset: str, overrides: dict[str, Any], run_dir: Path):
+        try:
+            return resolve_config(preset or "style", {**overrides, "data": str(store.dataset_dir(run_dir)),
+                                                      "out": str(run_dir)})
+        except ConfigError as err:
+            raise UserError("cannot start: " + "; ".join(err.problems)) from None
 
     @staticmethod
     def _queued_message(job: QueuedJob, active: Optional[str], starting: str) -> str:
@@ -347,14 +360,25 @@ class Studio:
             shutil.copy2(run_dir / "studio.json", target / "studio.json")
         return target
 
-    def stop(self) -> str:
-        """Stop the run that is training now (after its current step, with a final checkpoint and exports)."""
-        job = next((j for j in self.jobs() if j.state in ("running", "stopping")), None)
-        if job is None:
-            return "Nothing is training."
-        self.queue.cancel(job.id)
-        return (f"Stopping '{Path(job.run_dir).name}' after the current step; a final checkpoint and the exports "
-                "are saved.")
+    def stop(self, run: Optional[str] = None) -> str:
+        """Stop ``run`` (the one shown on the page): after its current step, with a final checkpoint and exports;
+        a queued run leaves the queue. Another run that is training is never stopped from here: the message
+        says which one trains and how to stop it. ``run=None``: whatever is training now.
+        """
+        jobs = self.jobs()
+        training = next((j for j in jobs if j.state in ("running", "stopping")), None)
+        job = training if run is None else self._job_for(self.run_dir(run), jobs)
+        if job is not None and job.state in ("running", "stopping"):
+            self.queue.cancel(job.id)
+            return (f"Stopping '{Path(job.run_dir).name}' after the current step; a final checkpoint and the exports "
+                    "are saved.")
+        if job is not None and job.state == "queued":
+            self.queue.cancel(job.id)
+            return f"Took '{run}' out of the queue (job {job.id}); it will not run."
+        if training is not None:
+            return (f"'{run}' is not training; '{Path(training.run_dir).name}' is. Select it in the Run box to stop it, "
+                    "or cancel it in the Queue below.")
+        return "Nothing is training."
 
     def cancel_job(self, job_id: int) -> str:
         """Cancel a queued job (it never runs) or stop the running one.

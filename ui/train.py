@@ -52,28 +52,30 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         preset = gr.Dropdown(label="Preset", choices=presets, value=first_preset, elem_id="preset", scale=1,
                              info="How much the LoRA can learn: tone < light < style < rich < complex.")
         preset_info = gr.Markdown(studio.describe_preset(first_preset), elem_id="preset-info")
+    # No minimum/maximum on the numbers: gradio would refuse out-of-range values with a bare "Error" toast and a
+    # traceback in the server log; the config check names the field and what it takes ("⚠ cannot start: …").
     with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
         with gr.Row():
-            steps = gr.Number(steps0, label="Steps", precision=0, minimum=1, elem_id="steps", info=helps["steps"])
+            steps = gr.Number(steps0, label="Steps", precision=0, elem_id="steps", info=helps["steps"])
             lr = gr.Number(lr0, label="Learning rate", elem_id="lr", info=helps["lr"])
             resolution = gr.Number(_resolution_for(studio.default_base, None), label="Resolution", precision=0,
-                                   step=64, minimum=64, elem_id="resolution", info=helps["resolution"])
-            batch = gr.Number(batch0, label="Batch size", precision=0, minimum=1, elem_id="batch",
+                                   step=64, elem_id="resolution", info=helps["resolution"])
+            batch = gr.Number(batch0, label="Batch size", precision=0, elem_id="batch",
                               info=helps["batch_size"])
         with gr.Row():
             precision = gr.Dropdown(studio.precisions(), value="auto", label="Precision", elem_id="precision",
                                     info=("fp16/bf16 halve memory on a GPU; nf4 (4-bit) quarters it."
                                           if nf4_ok else f"NF4 is disabled here: {nf4_why}"))
-            seed = gr.Number(TrainConfig.seed, label="Seed", precision=0, minimum=0, elem_id="seed", info=helps["seed"])
+            seed = gr.Number(TrainConfig.seed, label="Seed", precision=0, elem_id="seed", info=helps["seed"])
             checkpoint_every = gr.Number(TrainConfig.checkpoint_every, label="Checkpoint every N steps", precision=0,
-                                         minimum=0, elem_id="checkpoint-every", info=helps["checkpoint_every"])
+                                         elem_id="checkpoint-every", info=helps["checkpoint_every"])
         with gr.Row():
             sample_prompt = gr.Textbox(label="Sample prompt", elem_id="sample-prompt", scale=3,
                                        placeholder="empty: the first captions of the dataset")
-            sample_every = gr.Number(TrainConfig.sample_every, label="Sample every N steps", precision=0, minimum=0,
+            sample_every = gr.Number(TrainConfig.sample_every, label="Sample every N steps", precision=0,
                                      elem_id="sample-every", info=helps["sample_every"])
             sample_steps = gr.Number(TrainConfig.sample_steps, label="Sample denoising steps", precision=0,
-                                     minimum=1, maximum=200, elem_id="sample-steps")
+                                     elem_id="sample-steps")
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="start")
         stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -143,7 +145,13 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
     start.click(on_start, [run, base, preset, steps, lr, resolution, batch, precision, seed, sample_prompt,
                            sample_every, sample_steps, checkpoint_every, trigger], [run, status, last],
                 concurrency_id="train-control", concurrency_limit=1)
-    stop.click(lambda: studio.stop(), None, status, concurrency_id="train-control", concurrency_limit=1)
+    def on_stop(run_name):
+        try:
+            return studio.stop(run_name or None)
+        except UserError as err:
+            return f"⚠ {err}"
+
+    stop.click(on_stop, run, status, concurrency_id="train-control", concurrency_limit=1)
 
     def on_resume(run_name):
         try:
