@@ -77,7 +77,7 @@ class OursStep:
         from trainer.loop import inject_lora, make_optimizer
         from trainer.models import ARCH_HANDLERS, LoadedBase
         from trainer.models.knobs import checkpointing_plan, prepare_denoiser
-        from trainer.step import StepParts
+        from trainer.step import StepParts, grad_scaler
 
         spec, device = parts.spec, parts.device
         self.parts, self.options = parts, options
@@ -106,7 +106,8 @@ class OursStep:
                                     noise_scheduler=self.noise_scheduler, optimizer=self.optimizer,
                                     lr_scheduler=self.lr_scheduler, params=self.params, generator=self.generator,
                                     dist=Dist(), max_grad_norm=self.config.max_grad_norm,
-                                    attention=self.config.attention)
+                                    attention=self.config.attention,
+                                    scaler=grad_scaler(parts.precision, device))  # fp16: loss scaling, as the loop
         self.index = 0
         denoiser.train()
         self.fused = any(g.get("fused") for g in self.optimizer.param_groups)
@@ -114,6 +115,7 @@ class OursStep:
     def describe(self) -> dict:
         return {**dataclasses.asdict(self.options), "grad_ckpt": f"{'on' if self.ckpt else 'off'} ({self.ckpt_reason})",
                 "cache": True, "autocast": False, "fused_adamw": bool(self.fused),
+                "loss_scaling": self.step_parts.scaler is not None,
                 "channels_last": self.options.channels_last and self.parts.spec.arch != "flux"}
 
     def _fetch(self, index: int):

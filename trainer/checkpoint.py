@@ -31,6 +31,7 @@ class TrainState:
     optimizer: dict
     lr_scheduler: dict
     generator: torch.Tensor
+    scaler: dict | None = None  # fp16 loss scaling (trainer.step.grad_scaler); None for other precisions
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -54,7 +55,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, keep: int) -> Path:
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.adapter.items()}, str(tmp / "adapter.safetensors"))
         torch.save({"step": state.step, "optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler,
-                    "generator": state.generator}, tmp / "state.pt")
+                    "generator": state.generator, "scaler": state.scaler}, tmp / "state.pt")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -74,4 +75,5 @@ def load_checkpoint(path: Path) -> TrainState:
 
     raw = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
     return TrainState(step=int(raw["step"]), adapter=load_file(str(Path(path) / "adapter.safetensors")),
-                      optimizer=raw["optimizer"], lr_scheduler=raw["lr_scheduler"], generator=raw["generator"])
+                      optimizer=raw["optimizer"], lr_scheduler=raw["lr_scheduler"], generator=raw["generator"],
+                      scaler=raw.get("scaler"))

@@ -26,7 +26,7 @@ from trainer.errors import ConfigError, TrainingDiverged, UnsupportedError, User
 from trainer.export import ExportInfo, export_lora, from_peft_state_dict, weights_from_file
 from trainer.models import LoadedBase, load_base
 from trainer.models.knobs import checkpointing_plan, frozen_parts, prepare_denoiser
-from trainer.step import StepParts, train_step
+from trainer.step import StepParts, grad_scaler, train_step
 from trainer.targets import resolve
 
 ADAPTER = "default"
@@ -229,6 +229,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                                  optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
     noise_scheduler = base.handler.training_scheduler(base.pipe)
     generator = torch.Generator().manual_seed(config.seed)
+    scaler = grad_scaler(base.precision.value, base.device, dist.sharded)
     start_step = 0
     if resume:
         from peft.utils import set_peft_model_state_dict
@@ -238,6 +239,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
         optimizer.load_state_dict(state.optimizer)
         lr_scheduler.load_state_dict(state.lr_scheduler)
         generator.set_state(state.generator)
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)
         start_step = state.step
     forward = dist.wrap(denoiser, optimizer)
     params = [p for p in denoiser.parameters() if p.requires_grad]  # FSDP swapped them for shards
@@ -262,7 +265,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
         if not dist.is_main:
             return
         path = save_checkpoint(run_dir, TrainState(step=step, adapter=adapter, optimizer=optimizer_state,
-                                                   lr_scheduler=lr_scheduler.state_dict(), generator=generator.get_state()),
+                                                   lr_scheduler=lr_scheduler.state_dict(), generator=generator.get_state(),
+                                                   scaler=scaler.state_dict() if scaler is not None else None),
                                keep=config.keep_checkpoints)
         emit(ev.Checkpoint(step=step, path=str(path)))
 
@@ -308,7 +312,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     parts = StepParts(handler=base.handler, pipe=base.pipe, denoiser=denoiser, forward=forward,
                       noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, params=params,
                       generator=generator, dist=dist, grad_accum=config.grad_accum,
-                      max_grad_norm=config.max_grad_norm, attention=config.attention)
+                      max_grad_norm=config.max_grad_norm, attention=config.attention, scaler=scaler)
     progress = None
     if show_progress:
         from tqdm import tqdm
