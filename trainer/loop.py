@@ -7,6 +7,7 @@ checks the stop flag between steps, writes checkpoints, samples and exports.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -22,7 +23,7 @@ from trainer.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, sav
 from trainer.config import TrainConfig, dump_yaml
 from trainer.distributed import Dist, setup
 from trainer.data import BatchPlan, Example, dataset_hash, prepare, scan_dataset, tag_frequency
-from trainer.errors import ConfigError, TrainingDiverged, UnsupportedError, UserError
+from trainer.errors import ConfigError, DataError, TrainingDiverged, UnsupportedError, UserError
 from trainer.export import ExportInfo, export_lora, from_peft_state_dict, weights_from_file
 from trainer.models import LoadedBase, load_base
 from trainer.models.knobs import checkpointing_plan, frozen_parts, prepare_denoiser
@@ -48,18 +49,42 @@ class Cache:
     extra: list[dict[str, torch.Tensor]]
 
 
+@contextlib.contextmanager
+def vae_for_encoding(vae):
+    """An fp16 VAE whose config says ``force_upcast`` (SDXL's and FLUX's: they overflow in fp16) encodes in
+    fp32, as diffusers' own pipelines decode with it and its SDXL training script keeps it."""
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+
+
 def build_cache(base: LoadedBase, examples: list[Example], batch: int = 8) -> Cache:
+    """Latents of every example (by bucket, ``batch`` at a time) and the text conditioning of every caption.
+
+    Raises:
+        DataError: an image's latent is not finite (the VAE overflowed on it).
+    """
     handler, pipe = base.handler, base.pipe
     latents: list[Optional[torch.Tensor]] = [None] * len(examples)
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i, ex in enumerate(examples):
         by_bucket.setdefault(ex.bucket, []).append(i)
-    for indices in by_bucket.values():
-        for start in range(0, len(indices), batch):
-            chunk = indices[start:start + batch]
-            encoded = handler.encode_image(pipe, torch.stack([examples[i].pixels for i in chunk]).to(base.device))
-            for i, lat in zip(chunk, encoded):
-                latents[i] = lat
+    with vae_for_encoding(pipe.vae):
+        for indices in by_bucket.values():
+            for start in range(0, len(indices), batch):
+                chunk = indices[start:start + batch]
+                encoded = handler.encode_image(pipe, torch.stack([examples[i].pixels for i in chunk]).to(base.device))
+                for i, lat in zip(chunk, encoded):
+                    if not torch.isfinite(lat).all():
+                        raise DataError(f"{Path(examples[i].source).name}: the VAE gave a non-finite latent "
+                                        f"({base.precision.value}); train with precision fp32 or bf16, or leave "
+                                        "this image out")
+                    latents[i] = lat
     captions = sorted({ex.caption for ex in examples} | {""})
     text = {}
     for start in range(0, len(captions), batch):

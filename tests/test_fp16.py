@@ -1,4 +1,5 @@
-"""An fp16 base trains with loss scaling: its LoRA gradients are the fp32 base's, not a rounded-away part of them.
+"""fp16 bases: the VAE encodes in fp32 where its config asks, and training uses loss scaling, so the LoRA
+gradients are the fp32 base's, not a rounded-away part of them.
 
 Per-element gradients of a mean loss are about 1/latent-size; carried unscaled through fp16 activations the
 small ones round to zero (measured on the demo bases: 7 % wrong at SD1.5 512 px, 20 % at SDXL 1024 px, with
@@ -126,3 +127,47 @@ def test_an_fp16_run_checkpoints_its_loss_scale_and_resumes_exactly(base_dirs, s
     expected, got = final_adapter(tmp_path / "straight"), final_adapter(tmp_path / "split")
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_fp16_vae_marked_force_upcast_encodes_the_cache_in_fp32(base_dirs, scene_dir, arch):
+    """SDXL's and FLUX's VAEs overflow in fp16 (their configs say ``force_upcast``): the latent cache is encoded
+    in fp32, and the VAE goes back to fp16 afterwards."""
+    from trainer.config import Precision
+    from trainer.data import prepare, scan_dataset
+    from trainer.loop import build_cache
+
+    examples = prepare(scan_dataset(scene_dir), 64, False, "", 0)[0][:2]
+    fp32 = build_cache(load_base(str(base_dirs[arch]), Precision.FP32, "cpu"), examples)
+    base = load_base(str(base_dirs[arch]), Precision.FP16, "cpu")
+    vae = base.pipe.vae
+    vae.register_to_config(force_upcast=True)
+    seen = []
+    vae.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    cache = build_cache(base, examples)
+    assert seen == [torch.float32] and vae.dtype == torch.float16
+    for got, want in zip(cache.latents, fp32.latents):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # fp32 encoding of fp16-stored weights
+    vae.register_to_config(force_upcast=False)
+    seen.clear()
+    build_cache(base, examples)
+    assert seen == [torch.float16]  # a VAE that does not ask for it stays in fp16
+
+
+def test_a_non_finite_latent_names_the_image(base_dirs, scene_dir, monkeypatch):
+    from trainer.config import Precision
+    from trainer.data import prepare, scan_dataset
+    from trainer.errors import DataError
+    from trainer.loop import build_cache
+
+    examples = prepare(scan_dataset(scene_dir), 64, False, "", 0)[0][:3]
+    base = load_base(str(base_dirs["sd15"]), Precision.FP32, "cpu")
+    real = base.handler.encode_image
+    monkeypatch.setattr(type(base.handler), "encode_image",
+                        lambda self, pipe, pixels: real(pipe, pixels) * torch.tensor([1.0, float("inf"), 1.0])[
+                            :len(pixels)].view(-1, 1, 1, 1))
+    assert len({ex.bucket for ex in examples}) == 1  # one chunk: its second image is the bad one
+    with pytest.raises(DataError) as err:
+        build_cache(base, examples)
+    assert str(err.value) == (f"{Path(examples[1].source).name}: the VAE gave a non-finite latent (fp32); train with "
+                              "precision fp32 or bf16, or leave this image out")
