@@ -172,3 +172,12 @@ def test_exports_are_not_pickles(runs, arch):
             assert json.loads(f.read(header_len))  # a safetensors header, nothing executable
         with safe_open(path, framework="pt") as f:
             assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())
+
+
+def test_each_step_event_carries_the_learning_rate_it_trained_with(base_dirs, scene_dir, tmp_path):
+    """Warm-up over 2 steps to lr 1e-2 (diffusers' schedule: the first step runs at 0): the loss curve's lr
+    is the step's own, not the next step's."""
+    seen = []
+    run_training(tiny_config(str(base_dirs["flux"]), scene_dir, tmp_path / "run", steps=4, lr=1e-2, warmup_steps=2,
+                             lr_scheduler="constant"), emit=seen.append)
+    assert [e.lr for e in seen if isinstance(e, ev.Step)] == pytest.approx([0.0, 5e-3, 1e-2, 1e-2])

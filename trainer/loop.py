@@ -348,10 +348,11 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     try:
         while step < config.steps and not dist.any(stop.is_set()):
             t0 = time.perf_counter()
+            lr = lr_scheduler.get_last_lr()[0]  # the rate this step trains with (the step advances the schedule)
             total, _ = train_step(parts, fetch, step, check=lambda loss, norm: require_finite(loss, norm, step),
                                   on_oom=enable_checkpointing if retry_oom else None)
             step += 1
-            emit(ev.Step(step=step, total_steps=config.steps, loss=total, lr=lr_scheduler.get_last_lr()[0],
+            emit(ev.Step(step=step, total_steps=config.steps, loss=total, lr=lr,
                          seconds=time.perf_counter() - t0))
             if progress is not None:
                 progress.update(1)
