@@ -18,7 +18,10 @@ class Flux(SD15):
     modelspec_architecture = "flux-1-dev/lora"
     base_model_version = "flux1"
     peft_prefix = "transformer"
-    train_guidance = 1.0  # guidance-distilled models are trained with guidance 1, as the diffusers example does
+    # The value fed to a guidance-distilled transformer's guidance embedding while training (FLUX.1-dev; schnell and
+    # the demo base have none). A decision, not a copy: diffusers' train_dreambooth_lora_flux.py defaults to 3.5;
+    # 1.0 trains the LoRA at the embedding's low end. Not yet compared on real weights (a GPU item).
+    train_guidance = 1.0
 
     def text_encoders(self, pipe):
         return [pipe.text_encoder, pipe.text_encoder_2]
