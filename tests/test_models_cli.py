@@ -136,6 +136,22 @@ def test_init_lora_with_other_rank_names_the_fix(base_dirs, scene_dir, tmp_path)
         run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "b", steps=1, init_lora=first.exports[0]))
 
 
+def test_init_lora_from_a_flux_fused_file_of_other_targets_names_the_fix(base_dirs, scene_dir, tmp_path):
+    """The fused (BFL) file packs k/v (style) or q/k/v (attention) into one qkv LoRA: it is split by the file's
+    own blocks, and one read for other targets is refused instead of being cut into wrong pieces."""
+    from trainer.loop import run_training
+
+    first = run_training(tiny_config(str(base_dirs["flux"]), scene_dir, tmp_path / "a", steps=2, rank=4, lr=1e-2,
+                                     targets="style"))
+    fused = next(e for e in first.exports if Path(e).name == "lora.safetensors")
+    again = run_training(tiny_config(str(base_dirs["flux"]), scene_dir, tmp_path / "b", steps=1, rank=4, lr=1e-12,
+                                     targets="style", init_lora=fused))
+    assert again.step == 1
+    with pytest.raises(UserError, match=r"qkv adapts k/v, but this run's targets adapt q/k/v; train with --targets style"):
+        run_training(tiny_config(str(base_dirs["flux"]), scene_dir, tmp_path / "c", steps=1, rank=4,
+                                 targets="attention", init_lora=fused))
+
+
 BAD_CLI = [
     (["train", "--base", "demo:sd15", "--data", "{empty}"], "no images found"),
     (["train", "--base", "demo:sd15", "--data", "{missing}"], "does not exist"),

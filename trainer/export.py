@@ -271,6 +271,34 @@ def peft_deltas(weights: LoraWeights) -> dict[str, torch.Tensor]:
     return {m: scale * (b @ a) for m, (a, b) in weights.modules.items()}
 
 
+def _split_fused(file_name: str, stem: str, down: torch.Tensor, up: torch.Tensor, parts: list[tuple[int, str]],
+                 made_with: str = "") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Undo :func:`to_flux_fused` for one group: the file's own row blocks say which projections it adapts.
+
+    ``parts``: (index in the group, module) of the projections this run adapts. They must be the file's: a
+    style file (k, v) read for the attention targets (q, k, v) would otherwise be cut into wrong pieces.
+    """
+    if stem.endswith("_proj"):
+        (_, module), = parts
+        return {module: (down, up)}
+    rows = up.shape[0]
+    inner = rows // 7 if stem.endswith("linear1") else rows // 3  # linear1: q, k, v, then the 4·inner MLP rows
+    sizes = [inner] * 3 + ([rows - 3 * inner] if stem.endswith("linear1") else [])
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    in_file = [i for i in range(len(sizes)) if up[offsets[i]:offsets[i] + sizes[i]].abs().sum() > 0]
+    wanted = [index for index, _ in parts]
+    if in_file and in_file != wanted:
+        names = ("q", "k", "v", "mlp")
+        fix = f"--targets {made_with}" if made_with else "the targets the file was made with"
+        raise LoraFormatError(f"{file_name}: {stem} adapts {'/'.join(names[i] for i in in_file)}, but this run's "
+                              f"targets adapt {'/'.join(names[i] for i in wanted)}; train with {fix}")
+    if down.shape[0] % len(parts):
+        raise LoraFormatError(f"{file_name}: {stem} has rank {down.shape[0]}, not a multiple of its {len(parts)} parts")
+    r = down.shape[0] // len(parts)
+    return {module: (down[j * r:(j + 1) * r], up[offsets[index]:offsets[index] + sizes[index], j * r:(j + 1) * r])
+            for j, (index, module) in enumerate(parts)}
+
+
 def weights_from_file(path: str | Path, module_names: list[str]) -> LoraWeights:
     """Read one of our own exports (PEFT/diffusers, kohya or FLUX fused) back as :class:`LoraWeights`.
 
@@ -311,18 +339,11 @@ def weights_from_file(path: str | Path, module_names: list[str]) -> LoraWeights:
                 ranks.add(down.shape[0])
                 alphas.add(alpha)
             elif stem in fused:
-                parts = sorted(fused[stem])
-                if down.shape[0] % len(parts):
-                    raise LoraFormatError(f"{name}: {stem} has rank {down.shape[0]}, not a multiple of its {len(parts)} parts")
-                r = down.shape[0] // len(parts)
-                rows = up.shape[0]
-                for j, (index, module) in enumerate(parts):
-                    # FLUX's mlp_ratio is 4, so linear1 rows = 3·inner (q, k, v) + 4·inner (mlp)
-                    size = rows if stem.endswith("_proj") else rows // 7 if stem.endswith("linear1") else rows // 3
-                    offset = index * size
-                    modules[module] = (down[j * r:(j + 1) * r], up[offset:offset + size, j * r:(j + 1) * r])
-                ranks.add(r)
-                alphas.add(alpha / len(parts))
+                split = _split_fused(name, stem, down, up, sorted(fused[stem]), metadata.get("studio.targets", ""))
+                for module, ab in split.items():
+                    modules[module] = ab
+                    ranks.add(ab[0].shape[0])
+                alphas.add(alpha / len(fused[stem]))
             else:
                 raise LoraFormatError(f"{name}: key {key!r} does not match any adapted module of this model")
         if not modules:
