@@ -162,6 +162,7 @@ BAD_CLI = [
     (["train", "--base", "demo:sd15", "--data", "{bad_only}"], "no usable images"),
     (["train", "--out", "{empty}", "--resume"], "nothing to resume"),
     (["export", "--run", "{empty}"], "not a run folder"),
+    (["train", "--base", "demo:sd15", "--data", "{good}", "--out", "{afile}"], "is a file; pick another --out"),
 ]
 
 
@@ -170,12 +171,50 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, scene_dir, capsys, argv, 
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad_only").mkdir()
     (tmp_path / "bad_only" / "x.png").write_bytes(b"")
-    paths = {"empty": tmp_path / "empty", "missing": tmp_path / "missing", "good": scene_dir, "bad_only": tmp_path / "bad_only"}
+    (tmp_path / "afile").write_text("not a folder")
+    paths = {"empty": tmp_path / "empty", "missing": tmp_path / "missing", "good": scene_dir, "bad_only": tmp_path / "bad_only",
+             "afile": tmp_path / "afile"}
     argv = [a.format(**paths) for a in argv] + ["--out", str(tmp_path / "run")] * (argv[0] == "train" and "--out" not in argv)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert "Traceback" not in "\n".join(err)
+
+
+def test_a_trained_run_folder_is_continued_never_overwritten(base_dirs, scene_dir, tmp_path, capsys):
+    """A new run into a trained run's folder is refused (its checkpoints would be pruned and --resume would
+    mix the two). --resume keeps what defines the run and refuses flags that would change it, but takes a new
+    learning rate: the advice after a diverged run is "lower it, then --resume"."""
+    from trainer import events as ev
+
+    base, out = str(base_dirs["flux"]), tmp_path / "run"
+    first = ["train", "--base", base, "--data", str(scene_dir), "--out", str(out), "--steps", "2", "--rank", "4",
+             "--resolution", "64", "--sample-every", "0", "--checkpoint-every", "1", "--lr", "1e-2"]
+    assert main(first) == 0
+    capsys.readouterr()
+
+    def one_error(argv) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+
+    assert one_error(first) == (f"error: run folder {out} already holds a trained run (step-000002); continue it "
+                                "with --resume, or pick a new --out")
+    refused = one_error(["train", "--out", str(out), "--resume", "--steps", "3", "--rank", "8", "--base", "demo:sd15"])
+    assert f"it cannot change --base (saved: {base}), --rank (saved: 4)." in refused and "--init-lora" in refused
+    assert main([*first, "--resume", "--steps", "3"]) == 0  # the same flags again: nothing changes, it continues
+    assert main(["train", "--out", str(out), "--resume", "--steps", "4", "--lr", "5e-3"]) == 0
+    events = ev.read_jsonl(out / "events.jsonl")
+    assert any(isinstance(e, ev.Log) and "learning rate changed on resume: 0.01 -> 0.005" in e.message for e in events)
+    assert [e.lr for e in events if isinstance(e, ev.Step)][-1] == pytest.approx(5e-3)
+    assert "lr: 0.005" in (out / "config.yaml").read_text()
+    capsys.readouterr()
+
+    edited = (out / "config.yaml").read_text().replace("rank: 4", "rank: 8")
+    (out / "config.yaml").write_text(edited)
+    assert "does not fit this run's config.yaml (rank 8, targets style)" in one_error(
+        ["train", "--out", str(out), "--resume", "--steps", "5"])
 
 
 def test_cli_train_end_to_end_in_a_fresh_process(base_dirs, scene_dir, tmp_path):

@@ -103,6 +103,28 @@ def test_disk_full_midway_leaves_no_half_written_file(base_dirs, scene_dir, tmp_
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_checkpoint_that_torch_cannot_finish_writing_is_a_write_error(base_dirs, scene_dir, tmp_path, monkeypatch):
+    """torch.save reports a full disk as RuntimeError ("unexpected pos"), not OSError."""
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"\x00" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(WriteError, match=r"saving checkpoint step 2 failed \(\[enforce fail .*unexpected pos 64 vs 0\)"
+                                         r"; the disk may be full"):
+        run_training(tiny_config(str(base_dirs["flux"]), scene_dir, tmp_path / "full", steps=3, checkpoint_every=2))
+    assert checkpoint_dirs(tmp_path / "full") == [] and not list((tmp_path / "full" / "checkpoints").iterdir())
+
+
+def test_a_run_stopped_before_its_first_step_writes_nothing(base_dirs, scene_dir, tmp_path):
+    stop = threading.Event()
+    stop.set()  # e.g. Ctrl-C while the base was loading
+    result = run_training(tiny_config(str(base_dirs["flux"]), scene_dir, tmp_path / "early", steps=3), stop=stop)
+    assert result.stopped and result.step == 0 and result.exports == ()
+    assert not (tmp_path / "early" / "checkpoints").exists() and not (tmp_path / "early" / "lora.safetensors").exists()
+    assert isinstance(ev.read_jsonl(tmp_path / "early" / "events.jsonl")[-1], ev.Log)
+
+
 def test_unwritable_run_folder_is_a_clear_error(base_dirs, scene_dir, tmp_path):
     blocker = tmp_path / "file-not-folder"
     blocker.write_text("x")
@@ -133,3 +155,26 @@ def test_killed_process_resumes_to_the_same_final_step(base_dirs, scene_dir, tmp
     config = replace(load_config(run_dir / "config.yaml"), steps=killed_at + 5)
     result = run_training(config, resume=True)
     assert result.step == killed_at + 5 and (run_dir / "lora.safetensors").is_file()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_with_a_checkpoint_and_the_shells_exit_status(base_dirs, scene_dir, tmp_path, sig):
+    """Ctrl-C (or SIGTERM) stops after the step with a checkpoint and exports, and exits 128 + the signal
+    (130 for Ctrl-C), so a script can tell a stopped run from a finished one (0)."""
+    run_dir = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "trainer", "train", "--base", str(base_dirs["flux"]), "--data", str(scene_dir),
+           "--out", str(run_dir), "--steps", "100000", "--checkpoint-every", "5", "--resolution", "64",
+           "--sample-every", "0"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not checkpoint_dirs(run_dir) and proc.poll() is None:
+            time.sleep(0.2)
+        assert checkpoint_dirs(run_dir), "no checkpoint"
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, out
+    assert out.startswith("stopped at step ") and (run_dir / "lora.safetensors").is_file()

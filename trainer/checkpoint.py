@@ -59,8 +59,9 @@ def save_checkpoint(run_dir: Path, state: TrainState, keep: int) -> Path:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as err:
-        raise WriteError(f"saving checkpoint step {state.step} failed ({err.strerror or err}); the disk may be full. "
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError ("unexpected pos")
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise WriteError(f"saving checkpoint step {state.step} failed ({reason}); the disk may be full. "
                          f"Earlier checkpoints are intact; free space and resume with --resume") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

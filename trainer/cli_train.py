@@ -22,6 +22,52 @@ _FLAGS = ("base", "base_config", "data", "out", "rank", "alpha", "targets", "pre
           "channels_last", "attention", "offload_frozen")
 # speed/memory knobs: they change how a step runs, not what it computes, so a resumed run may change them
 _KNOBS = ("gradient_checkpointing", "compile", "channels_last", "attention", "offload_frozen")
+# what else a resumed run may change: its length, where it runs, what it writes, and the learning rate (the
+# advice after a diverged run is "lower it, then --resume"); batch_size may change with the number of
+# processes (keep batch_size × processes equal for an exact resume)
+_RESUMABLE = ("steps", "device", "sample_every", "checkpoint_every", "batch_size", "lr", "keep_checkpoints",
+              "sample_steps", "sample_guidance", "sample_prompts", "title", "license", "description", *_KNOBS)
+_PATHS = ("data", "base_config", "init_lora")
+
+
+def _same(name: str, given, saved) -> bool:
+    """Whether flag ``name``'s value is the saved config's (paths compared resolved, enums by value)."""
+    if name in _PATHS:
+        return Path(str(given)).expanduser().resolve() == Path(str(saved)).expanduser().resolve()
+    if name == "precision":
+        return str(given) == saved.value
+    return given == saved
+
+
+def resumed_config(args: argparse.Namespace, flags: dict) -> TrainConfig:
+    """The run's saved config with the flags a resume may change; any other flag that differs is refused."""
+    if not args.out:
+        raise UserError("--resume needs --out pointing at the run folder to continue")
+    saved_path = Path(args.out) / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"nothing to resume: {saved_path} does not exist (start the run without --resume first)")
+    config = load_config(saved_path)
+    changed = [name for name, value in flags.items()
+               if name not in _RESUMABLE and name != "out" and not _same(name, value, getattr(config, name))]
+    if args.preset or args.config or changed:
+        listed = [f"--{n.replace('_', '-')} (saved: {getattr(config, n).value if n == 'precision' else getattr(config, n)})"
+                  for n in changed] + (["--preset"] if args.preset else []) + (["--config"] if args.config else [])
+        raise UserError(f"--resume continues {args.out} as it was saved; it cannot change {', '.join(listed)}. "
+                        "Leave those out, or start a new run with another --out (--init-lora "
+                        f"{Path(args.out) / 'lora.safetensors'} starts it from this run's weights)")
+    allowed = {k: v for k, v in flags.items() if k in _RESUMABLE}
+    return replace(config, out=args.out, **allowed)
+
+
+def refuse_used_folder(out: str) -> None:
+    """A new run never writes into a folder that holds a trained run (its checkpoints would be pruned)."""
+    from trainer.checkpoint import checkpoint_dirs
+
+    run_dir = Path(out)
+    held = checkpoint_dirs(run_dir) or [p for p in (run_dir / "lora.safetensors",) if p.is_file()]
+    if held:
+        raise UserError(f"run folder {out} already holds a trained run ({held[-1].name}); continue it with --resume, "
+                        "or pick a new --out")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,16 +138,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     if args.sample_prompts:
         flags["sample_prompts"] = tuple(args.sample_prompts)
     if args.resume:
-        if not args.out:
-            raise UserError("--resume needs --out pointing at the run folder to continue")
-        saved = Path(args.out) / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"nothing to resume: {saved} does not exist (start the run without --resume first)")
-        config = load_config(saved)
-        # batch_size may change with the number of processes: keep batch_size × processes equal for an exact resume
-        allowed = {k: v for k, v in flags.items()
-                   if k in ("steps", "device", "sample_every", "checkpoint_every", "batch_size", *_KNOBS)}
-        return replace(config, out=args.out, **allowed), []
+        return resumed_config(args, flags), []
     values = load_yaml(args.config) if args.config else {}
     preset = args.preset or values.pop("preset", "style")
     values.update(flags)
@@ -109,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
         raise UserError("--data is required: a folder of images (with optional <name>.txt captions)")
     values.setdefault("base", "demo:sd15")
     values.setdefault("out", str(Path("outputs") / Path(values["data"]).resolve().name))
+    refuse_used_folder(values["out"])
     if "resolution" not in values:
         values["resolution"] = default_resolution(values["base"])
     for key, value in base_sampling_defaults(values["base"]).items():
@@ -142,10 +180,12 @@ def run(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     stop = threading.Event()
+    signalled: list[int] = []
 
     def request_stop(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
+        signalled.append(signum)
         stop.set()
         print("\nstopping after this step (checkpoint and exports will be written; press Ctrl-C again to abort)",
               file=sys.stderr)
@@ -159,7 +199,10 @@ def run(args: argparse.Namespace) -> int:
     if result.exports:  # only the main process writes (and reports) exports
         verb = "stopped" if result.stopped else "done"
         print(f"{verb} at step {result.step}: " + ", ".join(result.exports))
-    return 0
+    elif result.stopped and result.step == 0:
+        print("stopped before the first step: nothing was written")
+    # stopped by Ctrl-C/SIGTERM: 128 + the signal, as a shell reports it, so a script can tell it from a finished run
+    return 128 + signalled[0] if result.stopped and signalled else 0
 
 
 def _print_notable(event) -> None:

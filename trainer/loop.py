@@ -23,7 +23,7 @@ from trainer.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, sav
 from trainer.config import TrainConfig, dump_yaml
 from trainer.distributed import Dist, setup
 from trainer.data import BatchPlan, Example, dataset_hash, prepare, scan_dataset, tag_frequency
-from trainer.errors import ConfigError, DataError, TrainingDiverged, UnsupportedError, UserError
+from trainer.errors import ConfigError, DataError, TrainingDiverged, UnsupportedError, UserError, WriteError
 from trainer.export import ExportInfo, export_lora, from_peft_state_dict, weights_from_file
 from trainer.models import LoadedBase, load_base
 from trainer.models.knobs import checkpointing_plan, frozen_parts, prepare_denoiser
@@ -108,6 +108,19 @@ def shared_cache(base: LoadedBase, examples: list[Example], run_dir: Path, dist:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         cache = Cache(latents=raw["latents"], text=raw["text"], extra=raw["extra"])
     return cache
+
+
+def apply_new_lr(optimizer, lr_scheduler, lr: float) -> list[str]:
+    """A resumed run given another learning rate: the schedule continues, scaled to the new peak."""
+    old = lr_scheduler.base_lrs[0]
+    if old == lr:
+        return []
+    lr_scheduler.base_lrs = [lr for _ in lr_scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = group["lr"] * lr / old if old else lr
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return [f"learning rate changed on resume: {old:g} -> {lr:g} (the schedule continues at the new scale)"]
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
@@ -200,14 +213,23 @@ def run_training(config: TrainConfig, emit: Optional[ev.Emit] = None, stop: Opti
     stop = stop or threading.Event()
     dist = setup(config.device)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            what = "is a file" if run_dir.is_file() or isinstance(err, FileExistsError) else \
+                f"cannot be created ({err.strerror or err})"
+            raise WriteError(f"run folder {run_dir} {what}; pick another --out") from None
     dist.barrier()
     events_path = run_dir / "events.jsonl"
 
     def emit_all(event: ev.Event) -> None:
         if not dist.is_main:
             return  # one writer: the main process
-        ev.append_jsonl(events_path, event)
+        try:
+            ev.append_jsonl(events_path, event)
+        except OSError as err:
+            raise WriteError(f"cannot write {events_path} ({err.strerror or err}); the run folder must be writable "
+                             "and have free space") from None
         if emit is not None:
             emit(event)
 
@@ -218,7 +240,10 @@ def run_training(config: TrainConfig, emit: Optional[ev.Emit] = None, stop: Opti
         message = str(failure) if isinstance(failure, UserError) else f"internal error: {type(err).__name__}: {err}"
         line = dist.error_line(failure, message, events_path)
         if line is not None:
-            ev.append_jsonl(events_path, ev.Error(message=line))
+            try:
+                ev.append_jsonl(events_path, ev.Error(message=line))
+            except OSError:
+                pass  # a folder that cannot be written to is the error being raised; it must not be masked
         if failure is err:
             raise
         raise failure from err
@@ -260,9 +285,16 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
         from peft.utils import set_peft_model_state_dict
 
         state = load_checkpoint(checkpoints[-1])
-        set_peft_model_state_dict(denoiser, state.adapter, adapter_name=ADAPTER)
-        optimizer.load_state_dict(state.optimizer)
+        try:
+            set_peft_model_state_dict(denoiser, state.adapter, adapter_name=ADAPTER)
+            optimizer.load_state_dict(state.optimizer)
+        except (RuntimeError, ValueError, KeyError):
+            raise ConfigError([f"checkpoint {checkpoints[-1].name} does not fit this run's config.yaml (rank "
+                               f"{config.rank}, targets {config.targets}): the file was edited after the run "
+                               "started; put back the values it was trained with, or start a new run"]) from None
         lr_scheduler.load_state_dict(state.lr_scheduler)
+        for note in apply_new_lr(optimizer, lr_scheduler, config.lr):
+            emit(ev.Log(message=note))
         generator.set_state(state.generator)
         if scaler is not None and state.scaler:
             scaler.load_state_dict(state.scaler)
@@ -366,6 +398,10 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
             progress.close()
 
     stopped = step < config.steps
+    if stopped and step == 0:  # stopped before its first step: an untrained adapter is nothing to keep
+        emit(ev.Stopped(step=0))
+        emit(ev.Log(message="stopped before the first step: no checkpoint and no exports were written"))
+        return RunResult(step=0, stopped=True, exports=())
     if saved_at != step:
         checkpoint(step)
     adapter = dist.full_state(adapted_state(denoiser))  # every process: under FSDP this gathers the shards
