@@ -125,6 +125,18 @@ MISFITS = [  # (file made for, layout, loaded on, expected words in the message)
 ]
 
 
+def test_a_unet_lora_that_fits_but_says_it_is_for_the_other_unet_is_refused(clean, tmp_path):
+    """Names and shapes can coincide (the demo SD1.5 and SDXL bases share their widths); the file's own
+    architecture (studio.arch / modelspec / ss_base_model_version) then decides."""
+    path = tmp_path / "sdxl-style.safetensors"
+    _write(clean("sd15"), path, "kohya", metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    session = clean("sd15")
+    with pytest.raises(LoraFormatError, match="does not fit the SD1.5 base: its names and shapes fit, but it was made "
+                                              "for SDXL; it looks like a SDXL LoRA: load it with a SDXL base"):
+        session.add_lora(path)
+    assert session.loras == []
+
+
 @pytest.mark.parametrize("made_for,layout,loaded_on,words", MISFITS)
 def test_a_lora_for_another_architecture_is_refused_naming_the_key(clean, made_for, layout, loaded_on, words, tmp_path):
     path = tmp_path / "other.safetensors"

@@ -166,4 +166,10 @@ def resolve(tensors: dict[str, torch.Tensor], metadata: dict[str, str], index: M
             if keep.any():
                 layers[f"{component}.{module}"] = LayerLora(down[keep].contiguous(), part[:, keep].contiguous(), scale,
                                                             roles["down"])
+    if {detected, index.arch} <= {"sd15", "sdxl"} and detected != index.arch:
+        # names and shapes can coincide (the demo bases share their widths): what the file says it is decides
+        key = next((g["down"] for s, g in sorted(sc.groups.items()) if sc.located[s][0] == "denoiser"),
+                   next(iter(sorted(tensors))))
+        raise _misfit(file_name, key, "its names and shapes fit, but it was made for "
+                      f"{ARCH_LABELS.get(detected, detected)}", index, detected)
     return layers, sc, detected, ignored
