@@ -163,6 +163,10 @@ BAD_CLI = [
     (["train", "--out", "{empty}", "--resume"], "nothing to resume"),
     (["export", "--run", "{empty}"], "not a run folder"),
     (["train", "--base", "demo:sd15", "--data", "{good}", "--out", "{afile}"], "is a file; pick another --out"),
+    (["demo-model", "--arch", "sd15", "--out", "{afile}"], "is a file: a model folder needs a new or empty --out"),
+    (["demo-model", "--arch", "flux", "--out", "{bad_only}"], "is not empty: a model folder needs a new or empty --out"),
+    (["demo-data", "--out", "{taken}", "--n", "3"], "already has sepia-outline-0001.txt and 1 more: the demo set "
+                                                   "would overwrite them; pick an empty --out"),
 ]
 
 
@@ -172,13 +176,17 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, scene_dir, capsys, argv, 
     (tmp_path / "bad_only").mkdir()
     (tmp_path / "bad_only" / "x.png").write_bytes(b"")
     (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "taken").mkdir()
+    for name in ("sepia-outline-0001.txt", "sepia-outline-0002.png"):  # an artist's own files
+        (tmp_path / "taken" / name).write_text("my precious caption")
     paths = {"empty": tmp_path / "empty", "missing": tmp_path / "missing", "good": scene_dir, "bad_only": tmp_path / "bad_only",
-             "afile": tmp_path / "afile"}
+             "afile": tmp_path / "afile", "taken": tmp_path / "taken"}
     argv = [a.format(**paths) for a in argv] + ["--out", str(tmp_path / "run")] * (argv[0] == "train" and "--out" not in argv)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert "Traceback" not in "\n".join(err)
+    assert (tmp_path / "taken" / "sepia-outline-0001.txt").read_text() == "my precious caption"  # never overwritten
 
 
 def test_a_trained_run_folder_is_continued_never_overwritten(base_dirs, scene_dir, tmp_path, capsys):

@@ -10,6 +10,9 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
+
+from trainer.errors import UserError
 
 
 def _quiet_libraries() -> None:
@@ -34,7 +37,14 @@ def _quiet_libraries() -> None:
 def _demo_model(args: argparse.Namespace) -> int:
     from trainer.models import tiny
 
-    out = tiny.save(args.arch, args.out, seed=args.seed)
+    target = Path(args.out)
+    if target.is_file() or (target.is_dir() and any(target.iterdir())):
+        raise UserError(f"{target} is {'a file' if target.is_file() else 'not empty'}: a model folder needs a new or "
+                        "empty --out")
+    try:
+        out = tiny.save(args.arch, args.out, seed=args.seed)
+    except OSError as err:
+        raise UserError(f"cannot write the model to {target} ({err.strerror or err}); pick a writable --out") from None
     print(f"wrote a tiny {args.arch} base (random weights) to {out}; train on it with --base {out}")
     return 0
 
@@ -94,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(command, args: argparse.Namespace) -> int:
     """Run a subcommand: a user error is one ``error:`` line and exit code 2, Ctrl-C is 130."""
-    from trainer.errors import UserError
-
     try:
         return command(args)
     except UserError as err:

@@ -324,6 +324,11 @@ def _write_set(
     if "\n" in trigger or "," in trigger:
         raise DataError(f"trigger {trigger!r} must not contain commas or line breaks")
     out, trigger = Path(out_dir), trigger.strip()
+    taken = [p for i in range(n) for p in (out / f"{prefix}-{i:04d}.png", out / f"{prefix}-{i:04d}.txt") if p.exists()]
+    if taken:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise DataError(f"{out} already has {taken[0].name}{more}: the demo set would overwrite them; "
+                        "pick an empty --out")
     rng, paths = random.Random(seed), []  # the same draws, in the same order, as scenes(seed)
     try:
         out.mkdir(parents=True, exist_ok=True)
