@@ -342,6 +342,11 @@ def test_bad_requests_are_user_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
             cli_bench.run(bench_args("--out", str(tmp_path / "r.json")))
+    for flag, value, refusal in (("--steps", "0", "--steps 0: at least 1"), ("--steps", "-3", "--steps -3: at least 1"),
+                                 ("--warmup", "-1", "--warmup -1: at least 0"), ("--profile", "-1", "--profile -1"),
+                                 ("--sample-repeats", "0", "--sample-repeats 0: at least 1")):
+        with pytest.raises(UserError, match=refusal):
+            cli_bench.run(bench_args("--smoke", flag, value, "--out", str(tmp_path / "r.json")))
     assert not (tmp_path / "r.json").exists()
 
 

@@ -72,6 +72,7 @@ def test_bake_rank_compresses_and_reports_the_error(loras, tmp_path, capsys):
     (["--lora", "missing.safetensors", "--out", "a.png"], "file not found"),
     ([], "nothing to do"),
     (["--out", "a.gif"], "image file name"),
+    (["--out", "a.png/"], "image file name"),
     (["--out", "a.png", "--bake-rank", "4"], "--bake-rank needs --bake"),
     (["--out", "a.png", "--bake", "mix.ckpt"], "must end in .safetensors"),
     (["--out", "a.png", "--grid", "0,x"], "comma-separated numbers"),

@@ -84,6 +84,10 @@ def _plan(args: argparse.Namespace):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("no CUDA GPU here: full-size benchmarks need one; use --smoke (tiny models on CPU) or --list")
     archs = args.archs or (TINY_ARCHS if smoke else FULL_ARCHS)
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--batch", args.batch, 1),
+                               ("--sample-steps", args.sample_steps, 1), ("--sample-repeats", args.sample_repeats, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value}: at least {least}")
     if args.profile < 0:
         raise UserError(f"--profile {args.profile}: the number of steps to profile, 0 (off) or more")
     if args.buckets < 1:
@@ -119,10 +123,11 @@ def _plan(args: argparse.Namespace):
     plan = Plan(archs=tuple(archs), precisions=() if args.no_train else tuple(precisions), ranks=ranks,
                 loops=tuple(args.loops), device=device,
                 warmup=args.warmup if args.warmup is not None else (2 if smoke else 5),
-                steps=args.steps or (2 if smoke else 20), batch=args.batch, options=options,
+                steps=args.steps if args.steps is not None else (2 if smoke else 20), batch=args.batch, options=options,
                 vram_budget_gb=args.vram_budget_gb, inference=not args.no_inference,
-                inference_precisions=tuple(inference_precisions), sample_steps=args.sample_steps or (2 if smoke else None),
-                sample_repeats=args.sample_repeats or (1 if smoke else 3), smoke=smoke,
+                inference_precisions=tuple(inference_precisions),
+                sample_steps=args.sample_steps if args.sample_steps is not None else (2 if smoke else None),
+                sample_repeats=args.sample_repeats if args.sample_repeats is not None else (1 if smoke else 3), smoke=smoke,
                 profile_steps=args.profile)
     return plan
 

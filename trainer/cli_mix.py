@@ -106,7 +106,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if grid_second and not grid:
         problems.append("--grid-second needs --grid (the first LoRA's weights are the columns)")
     for flag, value in (("--out", args.out), ("--grid-out", args.grid_out)):
-        if value and Path(value).suffix.lower() not in IMAGE_SUFFIXES:
+        if value and (Path(value).suffix.lower() not in IMAGE_SUFFIXES or value.endswith(("/", "\\"))
+                      or Path(value).is_dir()):
             problems.append(f"{flag} {value}: use an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
     if args.bake and Path(args.bake).suffix.lower() != ".safetensors":
         problems.append(f"--bake {args.bake}: the baked LoRA must end in .safetensors")

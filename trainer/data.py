@@ -105,6 +105,8 @@ def scan_dataset(data_dir: str | Path) -> DatasetScan:
         DataError: the folder does not exist or contains no image files at all.
     """
     root = Path(data_dir)
+    if str(data_dir) and root.is_file():
+        raise DataError(f"data folder {str(data_dir)!r} is a file; pass --data with the folder of images it is in")
     if not str(data_dir) or not root.is_dir():
         raise DataError(f"data folder {str(data_dir)!r} does not exist; pass --data with a folder of images")
     items: list[Item] = []
