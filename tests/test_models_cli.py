@@ -261,6 +261,39 @@ def test_cli_reexport_formats(base_dirs, scene_dir, tmp_path):
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in read_lora(tmp_path / "f" / "lora_comfy.safetensors")[0])
 
 
+def test_export_after_an_interrupted_run_or_with_damaged_files(base_dirs, scene_dir, tmp_path, capsys):
+    """No export yet (interrupted run): the export gets the run's own metadata; a corrupt lora.safetensors is
+    rewritten, not in the way; a damaged checkpoint is one line naming the one before it."""
+    import shutil
+
+    from trainer.export import read_lora
+    from trainer.loop import run_training
+
+    run = tmp_path / "r"
+    run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=4, checkpoint_every=2, rank=4,
+                             trigger="zkstyle", title="Ink"))
+    shared = run / "lora.safetensors"
+    for damage in ("missing", "corrupt"):
+        if damage == "missing":
+            shared.unlink()
+        else:
+            shared.write_bytes(b"\x00" * 100)
+        assert main(["export", "--run", str(run), "--format", "kohya"]) == 0
+        _, meta = read_lora(shared)
+        assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_steps"]) == ("4", "8", "4"), damage
+        assert (meta["modelspec.title"], meta["modelspec.trigger_phrase"], meta["studio.arch"]) == ("Ink", "zkstyle",
+                                                                                                   "sd15"), damage
+    capsys.readouterr()
+    (run / "checkpoints" / "step-000004" / "adapter.safetensors").write_bytes(b"\x08\x00\x00")
+    assert main(["export", "--run", str(run), "--format", "diffusers"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: step-000004/adapter.safetensors is damaged (") and \
+        err[0].endswith("delete that folder to export the one before it (step-000002)"), err
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    assert main(["export", "--run", str(run), "--format", "diffusers"]) == 0
+    assert read_lora(run / "lora_diffusers.safetensors")[1]["ss_steps"] == "2"
+
+
 def test_hub_id_loads_from_the_local_cache_offline(base_dirs, tmp_path, monkeypatch):
     """A hub id that is in the Hugging Face cache loads with no network (the cache layout built by hand)."""
     import shutil

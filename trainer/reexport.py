@@ -16,8 +16,8 @@ from trainer.bases import parse_base
 from trainer.checkpoint import checkpoint_dirs
 from trainer.config import load_config
 from trainer.errors import UserError
-from trainer.export import (adapter_metadata, from_peft_state_dict, read_metadata, save_safetensors, to_diffusers,
-                            to_flux_fused, to_kohya)
+from trainer.export import (ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict, read_metadata,
+                            save_safetensors, to_diffusers, to_flux_fused, to_kohya)
 from trainer.models import ARCH_HANDLERS, demo_folder
 
 FILE_NAMES = {"kohya": "lora.safetensors", "diffusers": "lora_diffusers.safetensors", "comfy": "lora_comfy.safetensors"}
@@ -35,21 +35,44 @@ def _flux_dims(base: str) -> tuple[int, int]:
     return inner, 4 * inner
 
 
+def _previous_metadata(path: Path) -> dict[str, str]:
+    """The metadata of the run's earlier export; {} when there is none or it is unreadable (it gets rewritten)."""
+    if not path.is_file():
+        return {}
+    try:
+        return read_metadata(path)
+    except UserError:
+        return {}
+
+
 def reexport(run: str | Path, fmt: str) -> list[Path]:
     run = Path(run)
     config = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     checkpoints = checkpoint_dirs(run)
     if config is None or not checkpoints:
         raise UserError(f"{run} is not a run folder with a checkpoint (expected config.yaml and checkpoints/step-*)")
-    arch = parse_base(config.base).arch or read_metadata(run / "lora.safetensors").get("studio.arch", "")
+    arch = parse_base(config.base).arch or _previous_metadata(run / "lora.safetensors").get("studio.arch", "")
     if arch not in ARCH_HANDLERS:
         raise UserError(f"cannot tell the architecture of {run}'s base {config.base!r}")
-    weights = from_peft_state_dict(load_file(str(checkpoints[-1] / "adapter.safetensors")), config.rank, config.alpha)
-    previous = run / "lora.safetensors"
-    metadata = read_metadata(previous) if previous.is_file() else {}
-    metadata.pop("format", None)
-    metadata["ss_steps"] = checkpoints[-1].name.split("-")[-1].lstrip("0") or "0"
+    latest = checkpoints[-1]
+    try:
+        state = load_file(str(latest / "adapter.safetensors"))
+    except Exception as err:  # safetensors raises its own error type for a truncated or corrupt file
+        earlier = f"; delete that folder to export the one before it ({checkpoints[-2].name})" if len(checkpoints) > 1 \
+            else "; this run has no earlier checkpoint: resume or train it again"
+        raise UserError(f"{latest.name}/adapter.safetensors is damaged ({str(err).splitlines()[0]}){earlier}") from None
+    weights = from_peft_state_dict(state, config.rank, config.alpha)
     handler = ARCH_HANDLERS[arch]
+    steps = int(latest.name.split("-")[-1])
+    metadata = _previous_metadata(run / "lora.safetensors")
+    if not metadata:  # no (readable) export yet, e.g. after an interrupted run: what the run's config tells
+        metadata = build_metadata(ExportInfo(
+            arch=arch, modelspec_architecture=handler.modelspec_architecture,
+            base_model_version=handler.base_model_version, base=config.base, steps=steps,
+            resolution=config.resolution, output_name=run.name, title=config.title or run.name, trigger=config.trigger,
+            license=config.license, description=config.description, targets=config.targets), weights)
+    metadata.pop("format", None)
+    metadata["ss_steps"] = str(steps)
     if fmt == "diffusers":
         tensors = to_diffusers(weights, handler.peft_prefix)
         metadata["lora_adapter_metadata"] = adapter_metadata(weights, handler.peft_prefix)
