@@ -36,6 +36,7 @@ class StepParts:
     max_grad_norm: float = 1.0
     attention: str = "sdpa"
     scaler: Optional[torch.amp.GradScaler] = None  # fp16 bases: see :func:`grad_scaler`
+    compute_dtype: Optional[torch.dtype] = None  # adapter_dtype bf16: the step runs under autocast to it
 
 
 def grad_scaler(precision: str, device: torch.device, sharded: bool = False) -> Optional[torch.amp.GradScaler]:
@@ -85,7 +86,9 @@ def _step(parts: StepParts, fetch: Callable[[int], Batch], step: int,
     total = 0.0
     for micro in range(parts.grad_accum):
         latents, cond = fetch(step * parts.grad_accum + micro)
-        with parts.dist.no_sync(parts.forward, skip=micro < parts.grad_accum - 1), attention_context(parts.attention):
+        with parts.dist.no_sync(parts.forward, skip=micro < parts.grad_accum - 1), attention_context(parts.attention), \
+                torch.autocast(latents.device.type, dtype=parts.compute_dtype or torch.float32,
+                               enabled=parts.compute_dtype is not None):
             loss = parts.handler.loss(parts.pipe, parts.denoiser, parts.noise_scheduler, latents, cond, parts.generator,
                                       shard=parts.dist.shard, forward=parts.forward) / parts.grad_accum
             (loss if parts.scaler is None else parts.scaler.scale(loss)).backward()
