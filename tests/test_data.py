@@ -36,13 +36,21 @@ def good(path, color=(200, 40, 40), size=(64, 64)):
     return save(Image.new("RGB", size, color), path)
 
 
-def test_bomb_is_refused_before_decoding(tmp_path):
+@pytest.mark.parametrize("width, height, message", [
+    (30000, 30000, "900 megapixels is over the limit of 67 megapixels"),   # Pillow's own refusal (an error)
+    (10000, 10000, "100 megapixels is over the limit of 67 megapixels"),   # Pillow's warning, made an error
+    (9000, 8000, "9000x8000 pixels is over the limit of 67 megapixels"),   # our limit, below Pillow's
+])
+def test_bomb_is_refused_before_decoding_with_its_size(tmp_path, width, height, message):
+    """A large scan is told its size and the limit, whichever check catches it."""
+    from trainer.errors import ImageError
+
     path = tmp_path / "bomb.png"
-    path.write_bytes(png_bomb())
+    path.write_bytes(png_bomb(width, height))
     assert path.stat().st_size < 1_000_000
-    with pytest.raises(Exception) as err:
+    with pytest.raises(ImageError) as err:
         open_image(path)
-    assert "decompression bomb" in str(err.value)
+    assert str(err.value).startswith(f"bomb.png: {message} (possible decompression bomb)"), str(err.value)
 
 
 ODD_IMAGES = {

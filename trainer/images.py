@@ -9,6 +9,7 @@ the header size ourselves.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +95,12 @@ def open_image(path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS) ->
                 return to_rgb(img)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path.name}: image is too large to decode safely (decompression bomb)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # Pillow refuses very large images inside Image.open, before the size check above: its message has the count
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "the image"
+        raise ImageError(f"{path.name}: {size} is over the limit of {limits.max_pixels / 1e6:.0f} megapixels "
+                         "(possible decompression bomb); scale it down first") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path.name}: not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as err:
