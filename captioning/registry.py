@@ -81,8 +81,9 @@ def _auto(options: BackendOptions, allow_fallback: bool) -> Captioner:
             missing.append(f"{name}: {err.summary}")
     found = "no captioner model is on this machine (" + "; ".join(missing) + ")"
     how = (
-        f"to add one, run `hf download <model id>` on a connected machine and copy the cache to {hub_cache_dir()}, "
-        "or pass a model folder as --captioner-model (see docs/captioning.md)"
+        f"to add one, run `hf download <model id>` on a connected machine and copy the cache to {hub_cache_dir()} "
+        "(the web app and the command line both find it there), or, on the command line, pass a model folder as "
+        "--captioner-model (see docs/captioning.md)"
     )
     if options.model_path:  # the user named a model: falling back would hide their mistake
         raise CaptionerUnavailable(

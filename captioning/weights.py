@@ -52,9 +52,9 @@ def how_to_get(spec: ModelSpec, repo_id: str | None = None) -> str:
     return (
         f"To add it ({spec.size}): on a connected machine run `hf download {repo_id}` "
         f"(older huggingface_hub: `huggingface-cli download {repo_id}`) and copy the Hugging Face cache "
-        f"to {hub_cache_dir()}, or copy the model folder here and pass it as --captioner-model PATH "
-        f"(model_path in Python). Until then `--captioner filename` captions "
-        f"from file names and works offline (see docs/captioning.md)."
+        f"to {hub_cache_dir()} (the web app and the command line both find it there), or on the command line "
+        f"pass the model folder as --captioner-model PATH (model_path in Python). Until then the `filename` "
+        f"captioner captions from file names and works offline (see docs/captioning.md)."
     )
 
 

@@ -51,7 +51,7 @@ def test_hub_id_offline_is_one_clear_line_without_hanging(monkeypatch):
         load_base("some-org/some-model-that-is-not-cached", device="cpu")
     assert time.time() - t0 < 30
     message = str(err.value)
-    assert "huggingface-cli download some-org/some-model-that-is-not-cached" in message and "\n" not in message
+    assert "hf download some-org/some-model-that-is-not-cached" in message and "\n" not in message
 
 
 def test_single_file_checkpoint_without_its_config_says_what_to_do(tmp_path, base_dirs):

@@ -133,7 +133,8 @@ def _from_pretrained(ref: BaseRef, dtype: torch.dtype):
             if not _hub_reachable():
                 raise ModelNotFoundError(
                     f"base model {ref.value!r} is not in the Hugging Face cache and the hub cannot be reached: "
-                    f"on a connected machine run `huggingface-cli download {ref.value}` and copy the cache "
+                    f"on a connected machine run `hf download {ref.value}` (older huggingface_hub: "
+                    f"`huggingface-cli download`) and copy the cache "
                     f"(~/.cache/huggingface/hub) here, or download the folder and pass --base /path/to/folder"
                 ) from None
             logging.getLogger(__name__).info("not cached (%s); downloading %s", err, ref.value)
