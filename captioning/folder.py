@@ -25,6 +25,7 @@ from captioning.registry import available_captioners, get_captioner
 from trainer.atomic import file_mode_for
 from trainer.errors import ConfigError, DataError, ImageError
 from trainer.images import IMAGE_EXTENSIONS, is_image_name, open_image
+from trainer.paths import is_inside
 
 CAPTION_EXTENSION = ".txt"
 # kohya-style repeat folders: "10_mystyle" trains each image inside 10 times per epoch.
@@ -169,6 +170,9 @@ def _plan(images: list[Path], root: Path, overwrite: bool):
     pending, kept, skipped, sidecar_owner = [], [], [], {}
     for image in images:
         rel, sidecar = _rel(image, root), caption_path(image)
+        if not is_inside(image, root):  # as training does: a link out of the folder is not the artist's image
+            skipped.append((rel, "links outside the data folder"))
+            continue
         if sidecar in sidecar_owner:
             skipped.append((rel, f"shares the caption file {sidecar.name} with {sidecar_owner[sidecar]}; rename one"))
             continue

@@ -188,6 +188,20 @@ def test_symlink_escaping_the_folder_is_skipped(tmp_path):
     assert [i.path.name for i in scan.items] == ["ok.png"] and dict(scan.skipped)["link.png"]
 
 
+def test_captioning_skips_the_links_training_skips(tmp_path):
+    """Captioning and training agree: a link out of the data folder is neither captioned nor trained on."""
+    from captioning import caption_folder
+
+    data = tmp_path / "data"
+    data.mkdir()
+    good(data / "ok.png")
+    good(tmp_path / "secret.png")
+    (data / "link.png").symlink_to(tmp_path / "secret.png")
+    report = caption_folder(data, "filename")
+    assert list(report.written) == ["ok.png"] and dict(report.skipped) == {"link.png": "links outside the data folder"}
+    assert not (data / "link.txt").exists() and not (tmp_path / "secret.txt").exists()
+
+
 @pytest.mark.parametrize("resolution", [64, 512, 1024])
 def test_buckets_are_multiples_of_64_near_resolution_squared(resolution):
     for w, h in buckets(resolution):
