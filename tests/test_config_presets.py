@@ -78,3 +78,15 @@ def test_preset_file_with_unknown_key_is_refused(tmp_path):
     bad.write_text("# mine\nrank: 4\nwarp_speed: 9\n")
     with pytest.raises(ConfigError, match="warp_speed"):
         load_preset(str(bad))
+
+
+def test_broken_yaml_is_one_line_saying_where(tmp_path):
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+
+    path = tmp_path / "config.yaml"
+    path.write_text("rank: 8\n  lr: [\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).count("\n") == 0
+    assert f"{path} is not valid YAML at line 2, column 5: mapping values are not allowed here" in str(err.value)
