@@ -163,6 +163,7 @@ BAD_CLI = [
     (["train", "--out", "{empty}", "--resume"], "nothing to resume"),
     (["export", "--run", "{empty}"], "not a run folder"),
     (["train", "--base", "demo:sd15", "--data", "{good}", "--out", "{afile}"], "is a file; pick another --out"),
+    (["train", "--base", "demo:sd15", "--data", "{good}", "--num-processes", "0"], "--num-processes 0: at least 1"),
     (["train", "--base", "demo:sd15", "--data", "{afile}"], "is a file; pass --data with the folder of images it is in"),
     (["demo-model", "--arch", "sd15", "--out", "{afile}"], "is a file: a model folder needs a new or empty --out"),
     (["demo-model", "--arch", "flux", "--out", "{bad_only}"], "is not empty: a model folder needs a new or empty --out"),

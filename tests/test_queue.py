@@ -373,6 +373,11 @@ def test_cli_add_list_cancel_resume(tmp_path, capsys):
         cli("resume", "1", "--outputs", str(outputs))
     with pytest.raises(QueueError, match="already used by job 2"):
         cli("add", "--outputs", str(outputs), "--config", str(run_yaml), "--out", str(outputs / "second"))
+    typo = tmp_path / "outptus"
+    for action in (["list"], ["cancel", "1"], ["resume", "1"]):  # reading never creates a queue
+        with pytest.raises(QueueError, match=f"no queue in {typo} \\(it has no queue.sqlite3\\): check --outputs"):
+            cli(*action, "--outputs", str(typo))
+    assert not typo.exists()
 
 
 def test_cli_user_error_is_one_line_and_exit_2(tmp_path):

@@ -49,8 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    queue = JobQueue(args.outputs)
     action = args.queue_action
+    if action not in ("add", "run") and not (Path(args.outputs) / "queue.sqlite3").is_file():
+        # reading a queue never creates one: a mistyped --outputs would otherwise show an empty queue
+        raise QueueError(f"no queue in {args.outputs} (it has no queue.sqlite3): check --outputs; "
+                         "`python -m trainer queue add` starts one")
+    queue = JobQueue(args.outputs)
     if action == "add":
         return _add(queue, args)
     if action == "list":

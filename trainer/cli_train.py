@@ -173,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     from trainer.distributed import world_size_from_env
     from trainer.loop import run_training
 
+    if args.num_processes < 1:
+        raise UserError(f"--num-processes {args.num_processes}: at least 1 (one process per GPU)")
     if args.num_processes > 1 and world_size_from_env() == 1:
         return relaunch_distributed(args.num_processes, sys.argv[1:])
 
