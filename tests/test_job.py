@@ -240,3 +240,13 @@ def test_job_without_manager_can_be_stopped_before_first_step(tmp_path):
     job.start()
     assert job.wait(10)
     assert job.snapshot().state == "stopped"
+
+
+def test_a_resumed_run_shows_each_step_once():
+    """A run killed at step 5 with a checkpoint at 3 trains steps 4-5 again: the curve keeps the redone ones."""
+    first = [ev.Start(run_dir="r", total_steps=8, start_step=0, images=1, arch="sd15")]
+    first += [ev.Step(step=i, total_steps=8, loss=1.0, lr=1e-4, seconds=0.5) for i in range(1, 6)]
+    again = [ev.Start(run_dir="r", total_steps=8, start_step=3, images=1, arch="sd15")]
+    again += [ev.Step(step=i, total_steps=8, loss=0.5, lr=1e-4, seconds=0.5) for i in range(4, 9)]
+    snap = summarize("r", "done", first + again)
+    assert snap.losses == ((1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5), (5, 0.5), (6, 0.5), (7, 0.5), (8, 0.5))

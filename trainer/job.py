@@ -54,6 +54,9 @@ def summarize(run_dir: str, state: str, events: list[ev.Event]) -> JobSnapshot:
     for e in events:
         if isinstance(e, ev.Start):
             snap = replace(snap, total_steps=e.total_steps, step=e.start_step, error="")  # a resume starts clean
+            # steps after the checkpoint it resumes from were lost with the killed process and are trained again:
+            # the curve shows each step once, as trained by the run that kept it
+            losses[:] = [(step, loss) for step, loss in losses if step <= e.start_step]
             log.append(e.message or f"started: {e.images} images, {e.total_steps} steps ({e.arch})")
         elif isinstance(e, ev.Step):
             losses.append((e.step, e.loss))
