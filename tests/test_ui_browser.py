@@ -659,6 +659,31 @@ def test_quick_start_trains_without_opening_advanced_settings(page, server):
         fresh.close()
 
 
+def test_rank_and_alpha_follow_the_preset_and_warn_outside_the_usual_ratio(page, server):
+    """The α/r warning is reachable in the browser: a typed rank sets α = 2r; an α of 16 × r warns at Start."""
+    if "hatch" not in FLOW:
+        pytest.skip("needs the demo style set run")
+    pick(page, "run-select", FLOW["hatch"])
+    open_tab(page, "2 · Train")
+    if not page.locator("#rank input").is_visible():
+        page.locator("#advanced").get_by_text("Advanced settings").click()
+    pick(page, "preset", "tone")
+    rank, alpha = page.locator("#rank input"), page.locator("#alpha input")
+    wait_until(page, lambda: rank.input_value() == "1" and float(alpha.input_value()) == 2, 20, "the preset's r and α")
+    set_number(page, "rank", 4)
+    wait_until(page, lambda: float(alpha.input_value()) == 8, 20, "alpha following 2 × rank")
+    set_number(page, "alpha", 64)
+    page.click("#start")
+    status = wait_until(page, lambda: "Warning" in (t := page.locator("#train-status").inner_text()) and t, 20,
+                        "the start message with its warning")
+    assert "alpha/rank = 64/4 = 16.00 is outside 0.5–2" in status, status
+    page.click("#stop")
+    wait_until(page, lambda: progress(page)["state"] in ("stopped", "done", "cancelled", "failed"), 90,
+               "the run to stop")
+    pick(page, "preset", "style")  # back to the preset's own values for the tests that follow
+    wait_until(page, lambda: rank.input_value() == "8", 20, "the style preset's rank")
+
+
 def test_train_learning_rate_follows_the_bases_scale(page, server):
     """A demo base scales the presets' learning rates (studio.json); other bases show the preset's own."""
     from trainer.bases import base_lr_scale

@@ -166,13 +166,27 @@ def test_start_with_advanced_settings_collapsed_uses_the_presets_values(studio, 
     """The README's quick start presses Start without opening "Advanced settings": the browser then sends
     None for every field inside it, the text ones included."""
     add_images(studio, "r1", tmp_path)
-    collapsed = TrainForm("demo-random:sd15", "tone", None, None, None, None, None, None, None, None, None, None, None)
+    collapsed = TrainForm("demo-random:sd15", "tone", *[None] * 13)
     used, message = studio.start("r1", collapsed)
     assert used == "r1" and message.startswith("Training 'r1'")
     cfg = job_of(studio, "r1").config
     assert (cfg.preset, cfg.rank, cfg.trigger, cfg.precision.value) == ("tone", 1, "", "auto")
     assert cfg.sample_prompts == ()  # no prompt given: the dataset's first captions, as the field says
     assert studio.settings("r1")["trigger"] == ""
+    wait_ended(studio, "r1")
+
+
+@pytest.mark.parametrize(("rank", "alpha", "expected_alpha", "warns"), [
+    (4, None, 8.0, False),   # a rank alone: alpha = 2r
+    (4, 6, 6.0, False),      # alpha/rank 1.5: inside 0.5-2
+    (4, 64, 64.0, True),     # alpha/rank 16: the learning rate will not behave like the presets'
+])
+def test_rank_and_alpha_from_the_form_with_the_ratio_warning(studio, tmp_path, rank, alpha, expected_alpha, warns):
+    add_images(studio, "r1", tmp_path)
+    _, message = studio.start("r1", form(rank=rank, alpha=alpha))
+    cfg = job_of(studio, "r1").config
+    assert (cfg.rank, cfg.alpha) == (rank, expected_alpha)
+    assert ("Warning: alpha/rank = 64/4 = 16.00 is outside 0.5–2" in message) == warns, message
     wait_ended(studio, "r1")
 
 

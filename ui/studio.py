@@ -58,6 +58,8 @@ class TrainForm:
     sample_steps: Optional[int] = None
     checkpoint_every: Optional[int] = None
     trigger: str = ""
+    rank: Optional[int] = None
+    alpha: Optional[float] = None  # None with a rank: 2 × rank
 
     def overrides(self) -> dict[str, Any]:
         """The non-empty fields as config overrides.
@@ -85,6 +87,7 @@ class TrainForm:
             "precision": self.precision or "auto", "seed": num(self.seed, int),
             "sample_every": num(self.sample_every, int), "sample_steps": num(self.sample_steps, int),
             "checkpoint_every": num(self.checkpoint_every, int), "trigger": text(self.trigger),
+            "rank": num(self.rank, int), "alpha": num(self.alpha, float),
         }
         if text(self.sample_prompt):
             values["sample_prompts"] = [text(self.sample_prompt)]

@@ -22,13 +22,15 @@ DEMO_RESOLUTION = 64  # the demo bases are 64 px models
 
 
 def _preset_fields(studio: Studio, preset: str, base: str) -> tuple:
-    """Steps, learning rate and batch size shown for a preset on a base (a base may scale the learning rate)."""
+    """Steps, learning rate, batch size, rank and alpha shown for a preset on a base (a base may scale the lr)."""
     values = studio.preset_values(preset)
     try:
         lr = preset_lr(preset, base)
     except UserError:
         lr = TrainConfig.lr
-    return values.get("steps", TrainConfig.steps), lr, values.get("batch_size", TrainConfig.batch_size)
+    rank = values.get("rank", TrainConfig.rank)
+    return (values.get("steps", TrainConfig.steps), lr, values.get("batch_size", TrainConfig.batch_size), rank,
+            values.get("alpha", 2 * rank))
 
 
 def _resolution_for(base: str, current) -> int:
@@ -41,7 +43,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
     helps = field_help()
     presets = studio.presets()
     first_preset = "style" if "style" in presets else presets[0]
-    steps0, lr0, batch0 = _preset_fields(studio, first_preset, studio.default_base)
+    steps0, lr0, batch0, rank0, alpha0 = _preset_fields(studio, first_preset, studio.default_base)
     nf4_ok, nf4_why = studio.nf4_status()
     with gr.Row(equal_height=True):
         base = gr.Dropdown(label="Base model", choices=studio.bases(), value=studio.default_base,
@@ -62,6 +64,10 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
                                    step=64, elem_id="resolution", info=helps["resolution"])
             batch = gr.Number(batch0, label="Batch size", precision=0, elem_id="batch",
                               info=helps["batch_size"])
+            rank = gr.Number(rank0, label="Rank", precision=0, elem_id="rank", info=helps["rank"])
+            alpha = gr.Number(alpha0, label="Alpha", elem_id="alpha",
+                              info="Scales the update by alpha/rank; follows 2 × rank when the rank is typed. "
+                                   "Outside 0.5–2 × rank the presets' learning rates stop fitting (a warning says so).")
         with gr.Row():
             precision = gr.Dropdown(studio.precisions(), value="auto", label="Precision", elem_id="precision",
                                     info=("fp16/bf16 halve memory on a GPU; nf4 (4-bit) quarters it."
@@ -110,7 +116,8 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
     base.change(lambda b, r, p: (studio.describe_base(b), _resolution_for(b, r), _preset_fields(studio, p, b)[1]),
                 [base, resolution, preset], [base_info, resolution, lr])
     preset.change(lambda p, b: (studio.describe_preset(p), *_preset_fields(studio, p, b)), [preset, base],
-                  [preset_info, steps, lr, batch])
+                  [preset_info, steps, lr, batch, rank, alpha])
+    rank.input(lambda r: 2 * r if isinstance(r, (int, float)) and r > 0 else gr.skip(), rank, alpha)  # α = 2r
 
     def on_run(run_name):
         """Another run selected: show the base and preset it was last trained with."""
@@ -143,7 +150,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         return gr.update(choices=choices, value=used), message, None
 
     start.click(on_start, [run, base, preset, steps, lr, resolution, batch, precision, seed, sample_prompt,
-                           sample_every, sample_steps, checkpoint_every, trigger], [run, status, last],
+                           sample_every, sample_steps, checkpoint_every, trigger, rank, alpha], [run, status, last],
                 concurrency_id="train-control", concurrency_limit=1)
     def on_stop(run_name):
         try:
