@@ -277,6 +277,7 @@ def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page
     assert re.search(r"step \d+/400 · [\d.]+ (it/s|s/it) · ETA .+ · loss \d", later["text"]), later["text"]
     assert page.locator("#loss-plot svg, #loss-plot canvas").count() > 0
     wait_until(page, lambda: page.locator("#samples img").count() > 0, 90, "a sample image")
+    shot(page, "03a-training-live")  # docs/screenshots/2-train.png: progress, loss curve and samples
 
     reopened = page.context.new_page()  # a page opened later (or after closing the tab) shows the running job
     reopened.goto(server.url)
@@ -737,7 +738,10 @@ def test_a_style_trained_in_the_browser_visibly_changes_the_demo_base(page, serv
     pick(page, "mix-base", "demo:sd15")
     slot0 = page.locator("#mix-lora-0 input")
     wait_until(page, lambda: run in slot0.input_value(), 20, "the style run's LoRA in slot 1")
-    page.locator("#mix-prompt textarea, #mix-prompt input").first.fill("zkstyle, a red circle on a blue background")
+    mix_prompt = page.locator("#mix-prompt textarea, #mix-prompt input").first
+    wait_until(page, lambda: mix_prompt.input_value().startswith("zkstyle, "), 20,
+               "the prompt to start with the run's trigger word")
+    mix_prompt.fill("zkstyle, a red circle on a blue background")
     set_number(page, "mix-seed", 1)
     weight = page.locator("#mix-weight-0 input[type=number]")  # an earlier test may have dragged it
     weight.fill("1")

@@ -7,6 +7,7 @@ trainer's real step, not a copy of it.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -107,5 +108,7 @@ def _step(parts: StepParts, fetch: Callable[[int], Batch], step: int,
         check(total, grad_norm if math.isfinite(grad_norm) else 0.0)
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
-    parts.lr_scheduler.step()
+    with warnings.catch_warnings():  # a skipped fp16 step still advances the schedule, as accelerate's loop does
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        parts.lr_scheduler.step()
     return total, grad_norm

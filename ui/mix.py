@@ -11,6 +11,7 @@ The work is done by :class:`ui.mixdesk.MixDesk`; this module only draws widgets.
 from __future__ import annotations
 
 import logging
+import re
 
 import gradio as gr
 from PIL import Image
@@ -101,15 +102,27 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         return [MixSlot(path=p or "", weight=float(w if w is not None else 0), enabled=bool(o))
                 for p, w, o in zip(paths, weights, on)]
 
-    def on_show(run_name, *current):
-        """Tab opened or run changed: refresh the LoRA lists, preselect the run's LoRA and base."""
+    def on_show(run_name, prompt_text, *current):
+        """Tab opened or run changed: refresh the LoRA lists, preselect the run's LoRA and base, and start the
+        prompt with the run's trigger word (a prompt without it does not call up the style)."""
         options = choices()
         paths = {p for _, p in options}
         values = [v if v in paths else None for v in current]
         own = studio.exports(run_name).get("kohya") if run_name else None
         if own and own not in values:
             values[0] = own
-        return (studio.run_base(run_name), *[gr.update(choices=options, value=v) for v in values])
+        return (studio.run_base(run_name), with_trigger(prompt_text, run_name),
+                *[gr.update(choices=options, value=v) for v in values])
+
+    def with_trigger(prompt_text: str, run_name: str):
+        try:
+            trigger = studio.settings(run_name).get("trigger", "") if run_name else ""
+        except UserError:
+            trigger = ""
+        text = (prompt_text or "").strip()
+        if not trigger or trigger in re.split(r"[\s,]+", text):
+            return gr.skip()
+        return f"{trigger}, {text}" if text else trigger
 
     def render(base_name, prompt_text, seed_value, steps_value, guidance_value, fuse_value, *slot_values):
         try:
@@ -179,7 +192,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
     bake_btn.click(on_bake, [run, base, method, rank, *slot_inputs], [bake_report, bake_dl], **_ONE)
     grid_btn.click(on_grid, [run, base, prompt, seed, steps, guidance, grid_lora, grid_weights, grid_second,
                              grid_second_weights, *slot_inputs], [grid_info, grid_image, grid_dl], **_ONE)
-    return {"on_show": (on_show, [run, *pickers], [base, *pickers])}
+    return {"on_show": (on_show, [run, prompt, *pickers], [base, prompt, *pickers])}
 
 
 def _default_steps(base: str) -> int:
