@@ -286,6 +286,7 @@ def test_stop_then_resume_from_the_run_list(studio, tmp_path):
     studio.start("r1", form(steps=10))
     gate.release(3)
     wait_for(lambda: (s := studio.snapshot("r1")) is not None and s.step == 3)
+    assert studio.run_list() == [("r1 — running (10 steps)", "r1")]  # no step count to go stale between polls
     studio.stop()
     release_after_stop(gate)
     wait_ended(studio, "r1")

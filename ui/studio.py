@@ -215,6 +215,9 @@ class Studio:
         """(label, run name) of every trained run, newest first: ``r1 — stopped at 3/10 · resumable``."""
         out = []
         for r in self.runs():
+            if r.state in ("running", "queued"):  # a live step count would go stale here; the progress bar has it
+                out.append((f"{r.name} — {r.state}" + (f" ({r.total_steps} steps)" if r.total_steps else ""), r.name))
+                continue
             where = f"{r.step}/{r.total_steps}" if r.total_steps else "before the first step"
             out.append((f"{r.name} — {r.state} at {where}" + (" · resumable" if r.resumable else ""), r.name))
         return out
