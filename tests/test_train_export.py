@@ -181,3 +181,12 @@ def test_each_step_event_carries_the_learning_rate_it_trained_with(base_dirs, sc
     run_training(tiny_config(str(base_dirs["flux"]), scene_dir, tmp_path / "run", steps=4, lr=1e-2, warmup_steps=2,
                              lr_scheduler="constant"), emit=seen.append)
     assert [e.lr for e in seen if isinstance(e, ev.Step)] == pytest.approx([0.0, 5e-3, 1e-2, 1e-2])
+
+
+def test_a_batch_larger_than_the_dataset_says_how_large_batches_really_are(base_dirs, scene_dir, tmp_path):
+    seen = []
+    run_training(tiny_config(str(base_dirs["flux"]), scene_dir, tmp_path / "run", steps=1, batch_size=64),
+                 emit=seen.append)
+    notes = [e.message for e in seen if isinstance(e, ev.Log) and "batch_size 64" in e.message]
+    assert notes == ["batch_size 64 is more than the 8 image(s) of the largest size group: a batch holds one size "
+                     "group, so batches have at most 8 image(s)"]

@@ -309,6 +309,10 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     if dist.world > 1:
         emit(ev.Log(message=dist.describe(denoiser)))
     plan = BatchPlan(examples, config.batch_size * dist.world, config.seed, pad_to_full=dist.world > 1)
+    largest = max(len(indices) for indices in plan.by_bucket.values())
+    if dist.world == 1 and config.batch_size > largest:  # several processes pad their batches instead
+        emit(ev.Log(message=f"batch_size {config.batch_size} is more than the {largest} image(s) of the largest size "
+                            f"group: a batch holds one size group, so batches have at most {largest} image(s)"))
     prompts = sample_prompts(config, examples)
     sample_size = max({ex.bucket for ex in examples}, key=lambda b: sum(ex.bucket == b for ex in examples))
     groups = {ex.source: Path(ex.source).parent.name for ex in examples}
