@@ -27,9 +27,10 @@ CATEGORIES = (
     ("convolution", ("conv",)),
     ("norm", ("layer_norm", "group_norm", "rms_norm", "batch_norm")),
     ("optimizer", ("_foreach_", "_fused_adam", "adamw", "optim")),
-    ("copy / cast", ("copy_", "_to_copy", "contiguous", "clone", "::to", "memcpy", "cat", "stack")),
+    ("copy / cast", ("copy_", "_to_copy", "contiguous", "clone", "memcpy", "aten::to", "aten::cat", "aten::stack")),
     ("compiled (triton)", ("triton_",)),
 )
+EXACT = {"aten::to", "aten::cat", "aten::stack"}
 OTHER = "elementwise / other"
 TOP = 8  # operators kept by name
 
@@ -37,7 +38,8 @@ TOP = 8  # operators kept by name
 def category(name: str) -> str:
     lowered = name.lower()
     for label, needles in CATEGORIES:
-        if any(n in lowered for n in needles):
+        # "aten::to"/"aten::cat"/"aten::stack" name one op each (not aten::topk, aten::scatter_add_)
+        if any(lowered == n if n in EXACT else n in lowered for n in needles):
             return label
     return OTHER
 

@@ -116,6 +116,8 @@ def test_profile_says_where_each_steps_time_goes(smoke):
     ("aten::copy_", "copy / cast"), ("aten::_to_copy", "copy / cast"),
     ("triton_poi_fused_add_mul_0", "compiled (triton)"),
     ("aten::mul", "elementwise / other"), ("aten::silu_backward", "elementwise / other"),
+    ("aten::cat", "copy / cast"), ("aten::to", "copy / cast"),
+    ("aten::scatter_add_", "elementwise / other"), ("aten::topk", "elementwise / other"),
 ])
 def test_profile_sorts_operators_by_kind_of_work(name, kind):
     from benchmarks.profile import category

@@ -207,3 +207,26 @@ def test_bf16_adapters_on_an_fp16_base_are_refused(base_dirs, scene_dir, tmp_pat
     with pytest.raises(ConfigError, match="adapter_dtype bf16 with an fp16 base"):
         run_training(tiny_config(str(base_dirs["flux"]), scene_dir, tmp_path / "r", steps=1, precision="fp16",
                                  adapter_dtype="bf16"))
+
+
+def test_an_out_of_memory_after_unscaling_is_redone_with_a_fresh_scaler_stage(base_dirs, tmp_path):
+    """The engine's auto rule redoes a step that ran out of memory; in fp16 that can happen after unscale_
+    (clipping, AdamW's first step), and the redone step must not trip the scaler's "already unscaled" check."""
+    class FirstStepOOM(torch.optim.SGD):
+        failed = False
+
+        def step(self, closure=None):
+            if not FirstStepOOM.failed:
+                FirstStepOOM.failed = True
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super().step(closure)
+
+    parts, fetch = one_batch_step(str(base_dirs["sd15"]), "fp16", grad_scaler("fp16", torch.device("cpu")), tmp_path,
+                                  lr=0.1, side=8)
+    parts.optimizer = FirstStepOOM(parts.params, lr=0.1)
+    parts.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(parts.optimizer, lambda _: 1.0)
+    before = [p.detach().clone() for p in parts.params]
+    retried = []
+    loss, _ = train_step(parts, fetch, 0, check=lambda loss, norm: None, on_oom=lambda: retried.append(True))
+    assert retried == [True] and loss == loss
+    assert not all(torch.equal(a, p) for a, p in zip(before, parts.params))  # the redone step updated the LoRA

@@ -8,6 +8,7 @@ tests need neither torch nor a model.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import zipfile
@@ -430,15 +431,16 @@ def test_bake_writes_the_mix_into_the_runs_export_folder(studio, tmp_path):
     (0, 500, 5.0, "steps 500: give a whole number from 1 to 200"),
     (0, 2.5, 5.0, "steps 2.5: give a whole number"),
     (0, None, 5.0, "steps: give a whole number from 1 to 200"),
-    (-1, 4, 5.0, "seed -1: give a whole number of 0 or more"),
+    (-1, 4, 5.0, "seed -1: give a whole number from 0 to 2^63 - 1"),
+    (10 ** 20, 4, 5.0, "seed 1e+20: give a whole number from 0 to 2^63 - 1"),
     (0, 4, -2, "guidance -2: give a number of 0 or more"),
     (0, 4, float("nan"), "guidance: give a number of 0 or more"),
 ])
 def test_preview_numbers_out_of_range_are_one_clear_line(studio, tmp_path, seed, steps, guidance, refusal):
     """The Mix tab's numbers have no gradio min/max (its refusal is a bare "Error"); MixDesk names the field."""
-    with pytest.raises(UserError, match=refusal.replace(".", r"\.")):
+    with pytest.raises(UserError, match=re.escape(refusal)):
         studio.render_mix("demo-random:sd15", [], "p", seed, steps, guidance)
-    with pytest.raises(UserError, match=refusal.replace(".", r"\.")):
+    with pytest.raises(UserError, match=re.escape(refusal)):
         studio.make_grid("r1", "demo-random:sd15", [MixSlot("", 1)], 0, "0, 1", None, "", "p", seed, steps, guidance)
     assert FakeMix.instances == []  # refused before the base is loaded
 
@@ -556,3 +558,19 @@ def test_resume_a_run_trained_outside_the_queue(studio, tmp_path):
     assert "Resuming 'cli'" in studio.resume("cli")
     wait_for(lambda: (j := job_of(studio, "cli")) is not None and j.state == "done")
     assert studio.snapshot("cli").step == 3
+
+
+@pytest.mark.parametrize(("prompt", "trigger", "expected"), [
+    ("a red circle", "zkstyle", "zkstyle, a red circle"),
+    ("zkstyle, a red circle", "zkstyle", "zkstyle, a red circle"),        # already there: unchanged
+    ("a red circle", "ohwx person", "ohwx person, a red circle"),
+    ("ohwx person, a red circle", "ohwx person", "ohwx person, a red circle"),  # a phrase is found whole
+    ("a zkstyles circle", "zkstyle", "zkstyle, a zkstyles circle"),       # a longer word is not the trigger
+    ("", "zkstyle", "zkstyle"),
+    ("a red circle", "", "a red circle"),
+])
+def test_the_mix_prompt_starts_with_the_runs_trigger_once(prompt, trigger, expected):
+    from ui.mix import prompt_with_trigger
+
+    once = prompt_with_trigger(prompt, trigger)
+    assert once == expected and prompt_with_trigger(once, trigger) == once  # the tab shown again adds nothing

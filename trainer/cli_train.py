@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -10,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from trainer.bases import base_sampling_defaults, native_resolution, parse_base
-from trainer.config import Precision, TrainConfig, load_config, load_yaml
-from trainer.errors import UserError
+from trainer.config import Precision, TrainConfig, load_config, load_yaml, validate
+from trainer.errors import ConfigError, UserError
 from trainer.presets import resolve_config
 
 # CLI flag -> TrainConfig field, for flags whose names differ only by dashes
@@ -32,7 +33,7 @@ _PATHS = ("data", "base_config", "init_lora")
 
 def _same(name: str, given, saved) -> bool:
     """Whether flag ``name``'s value is the saved config's (paths compared resolved, enums by value)."""
-    if name in _PATHS:
+    if name in _PATHS or (name == "base" and Path(str(given)).expanduser().exists()):
         return Path(str(given)).expanduser().resolve() == Path(str(saved)).expanduser().resolve()
     if name == "precision":
         return str(given) == saved.value
@@ -56,7 +57,11 @@ def resumed_config(args: argparse.Namespace, flags: dict) -> TrainConfig:
                         "Leave those out, or start a new run with another --out (--init-lora "
                         f"{Path(args.out) / 'lora.safetensors'} starts it from this run's weights)")
     allowed = {k: v for k, v in flags.items() if k in _RESUMABLE}
-    return replace(config, out=args.out, **allowed)
+    resumed = replace(config, out=args.out, **allowed)
+    problems = validate(resumed)  # replace() skips the checks make_config runs
+    if problems:
+        raise ConfigError(problems)
+    return resumed
 
 
 def refuse_used_folder(out: str) -> None:
@@ -146,7 +151,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
         raise UserError("--data is required: a folder of images (with optional <name>.txt captions)")
     values.setdefault("base", "demo:sd15")
     values.setdefault("out", str(Path("outputs") / Path(values["data"]).resolve().name))
-    refuse_used_folder(values["out"])
     if "resolution" not in values:
         values["resolution"] = default_resolution(values["base"])
     for key, value in base_sampling_defaults(values["base"]).items():
@@ -179,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
         return relaunch_distributed(args.num_processes, sys.argv[1:])
 
     config, warnings = config_from_args(args)
+    if not args.resume:
+        refuse_used_folder(config.out)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     stop = threading.Event()
@@ -201,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
     if result.exports:  # only the main process writes (and reports) exports
         verb = "stopped" if result.stopped else "done"
         print(f"{verb} at step {result.step}: " + ", ".join(result.exports))
-    elif result.stopped and result.step == 0:
-        print("stopped before the first step: nothing was written")
+    elif result.stopped and result.step == 0 and os.environ.get("RANK", "0") == "0":
+        print("stopped before the first step: no checkpoint and no exports were written")
     # stopped by Ctrl-C/SIGTERM: 128 + the signal, as a shell reports it, so a script can tell it from a finished run
     return 128 + signalled[0] if result.stopped and signalled else 0
 

@@ -54,8 +54,8 @@ class TrainConfig:
     alpha: float = _help("LoRA alpha; the update is scaled by alpha/rank (2r by default).", default=16.0)
     targets: str = _help("Which layers get adapters: style (cross-attn to_k/to_v), attention (q/k/v/out), late (last blocks).", default="style")
     precision: Precision = _help("Base model dtype: auto, fp32, fp16, bf16 or nf4.", default=Precision.AUTO)
-    adapter_dtype: str = _help("Compute dtype of the LoRA path: fp32, or bf16 (autocast; the weights and the "
-                               "optimizer stay fp32, else most bf16 updates round away).", default="fp32")
+    adapter_dtype: str = _help("fp32, or bf16: the training step (base and LoRA) runs under bf16 autocast; the LoRA "
+                               "weights and optimizer stay fp32, else most bf16 updates round away.", default="fp32")
     steps: int = _help("Total optimizer steps.", default=500)
     lr: float = _help("Peak learning rate.", default=1e-4)
     lr_scheduler: str = _help("constant, cosine or linear decay after warmup.", default="constant")

@@ -74,6 +74,8 @@ def train_step(parts: StepParts, fetch: Callable[[int], Batch], step: int, check
             raise
     # outside the except block, so the failed step's activations (held by the traceback) are gone
     parts.optimizer.zero_grad(set_to_none=True)
+    if parts.scaler is not None:  # an OOM after unscale_ (clipping, the first AdamW step) left it "unscaled"
+        parts.scaler._per_optimizer_states.clear()  # a defaultdict: the redone step starts from a fresh stage
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     parts.generator.set_state(state)

@@ -119,10 +119,8 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             trigger = studio.settings(run_name).get("trigger", "") if run_name else ""
         except UserError:
             trigger = ""
-        text = (prompt_text or "").strip()
-        if not trigger or trigger in re.split(r"[\s,]+", text):
-            return gr.skip()
-        return f"{trigger}, {text}" if text else trigger
+        text = prompt_with_trigger(prompt_text, trigger)
+        return gr.skip() if text == prompt_text else text
 
     def render(base_name, prompt_text, seed_value, steps_value, guidance_value, fuse_value, *slot_values):
         try:
@@ -193,6 +191,14 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
     grid_btn.click(on_grid, [run, base, prompt, seed, steps, guidance, grid_lora, grid_weights, grid_second,
                              grid_second_weights, *slot_inputs], [grid_info, grid_image, grid_dl], **_ONE)
     return {"on_show": (on_show, [run, prompt, *pickers], [base, prompt, *pickers])}
+
+
+def prompt_with_trigger(prompt: str, trigger: str) -> str:
+    """``prompt`` starting with ``trigger`` unless it already holds it (as a whole word or phrase)."""
+    text, trigger = (prompt or "").strip(), (trigger or "").strip()
+    if not trigger or re.search(rf"(^|[\s,]){re.escape(trigger)}($|[\s,])", text):
+        return prompt
+    return f"{trigger}, {text}" if text else trigger
 
 
 def _default_steps(base: str) -> int:

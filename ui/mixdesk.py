@@ -37,8 +37,8 @@ def sampling_values(seed: Any, steps: Any, guidance: Any) -> tuple[int, int, flo
     if not steps_.is_integer() or not 1 <= steps_ <= MAX_SAMPLE_STEPS:
         raise UserError(f"steps {steps_:g}: give a whole number from 1 to {MAX_SAMPLE_STEPS}")
     seed_ = number(seed, "seed", "a whole number of 0 or more")
-    if not seed_.is_integer() or seed_ < 0:
-        raise UserError(f"seed {seed_:g}: give a whole number of 0 or more")
+    if not seed_.is_integer() or not 0 <= seed_ < 2 ** 63:
+        raise UserError(f"seed {seed_:g}: give a whole number from 0 to 2^63 - 1")
     guidance_ = number(guidance, "guidance", "a number of 0 or more, e.g. 5")
     if guidance_ < 0:
         raise UserError(f"guidance {guidance_:g}: give a number of 0 or more, e.g. 5")
