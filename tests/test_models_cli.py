@@ -238,6 +238,7 @@ def test_cli_train_end_to_end_in_a_fresh_process(base_dirs, scene_dir, tmp_path)
                            "--sample-steps", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "4/4" in done.stderr  # tqdm progress bar
+    assert "WARNING" not in done.stderr, done.stderr  # no library chatter (bitsandbytes' optional kernels)
     assert (out / "lora.safetensors").is_file() and (out / "lora_diffusers.safetensors").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002-0.png", "step-000002-1.png",
                                                                   "step-000004-0.png", "step-000004-1.png"]

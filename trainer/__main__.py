@@ -24,6 +24,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    # "Failed to load CPU gemm_4bit_forward from kernels-community" on every run: an optional faster CPU kernel
+    # package; NF4 works without it, and nothing else bitsandbytes says at WARNING is for artists
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
