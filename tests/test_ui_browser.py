@@ -656,6 +656,7 @@ def test_quick_start_trains_without_opening_advanced_settings(page, server):
                            "the run to stop")
         assert ended["state"] in ("stopped", "done"), ended["text"]
         assert b"Traceback" not in server.log.read_bytes()[logged:]
+        assert b"gemm_4bit" not in server.log.read_bytes()  # training imported bitsandbytes: no chatter from it
     finally:
         fresh.close()
 

@@ -8,6 +8,7 @@ folder servable, system fonts (the page loads with no network).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import signal
 import sys
@@ -114,6 +115,7 @@ def is_loopback(host: str) -> bool:
 
 def launch(args) -> None:
     """Serve the app for parsed ``app.py`` arguments (blocks until the server stops)."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional-kernel notice is not for artists
     auth = parse_auth(args.auth or os.environ.get(AUTH_ENV))
     if not is_loopback(args.host) and auth is None:
         print(f"WARNING: serving on {args.host} without a password: anyone who can reach this machine can use "
