@@ -6,6 +6,7 @@ import io
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,25 +179,27 @@ def test_metadata_jsonl_and_traversal(tmp_path):
     assert len(scan.warnings) == 1
 
 
-def test_symlink_escaping_the_folder_is_skipped(tmp_path):
+@pytest.fixture
+def escaping_link(tmp_path) -> Path:
+    """A data folder with ok.png and link.png, a link to an image outside the folder."""
     data = tmp_path / "data"
     data.mkdir()
     good(data / "ok.png")
     good(tmp_path / "secret.png")
     (data / "link.png").symlink_to(tmp_path / "secret.png")
-    scan = scan_dataset(data)
+    return data
+
+
+def test_symlink_escaping_the_folder_is_skipped(escaping_link):
+    scan = scan_dataset(escaping_link)
     assert [i.path.name for i in scan.items] == ["ok.png"] and dict(scan.skipped)["link.png"]
 
 
-def test_captioning_skips_the_links_training_skips(tmp_path):
+def test_captioning_skips_the_links_training_skips(escaping_link, tmp_path):
     """Captioning and training agree: a link out of the data folder is neither captioned nor trained on."""
     from captioning import caption_folder
 
-    data = tmp_path / "data"
-    data.mkdir()
-    good(data / "ok.png")
-    good(tmp_path / "secret.png")
-    (data / "link.png").symlink_to(tmp_path / "secret.png")
+    data = escaping_link
     report = caption_folder(data, "filename")
     assert list(report.written) == ["ok.png"] and dict(report.skipped) == {"link.png": "links outside the data folder"}
     assert not (data / "link.txt").exists() and not (tmp_path / "secret.txt").exists()
