@@ -222,6 +222,22 @@ def test_stop_acts_on_the_run_shown_not_on_whatever_trains(studio, tmp_path):
     assert studio.stop("r1") == "Nothing is training."
 
 
+def test_a_dataset_change_while_the_run_trains_says_when_it_applies(studio, tmp_path):
+    gate = threading.Semaphore(0)
+    studio.runner = FakeLoop(gate=gate)
+    for run in ("r1", "r2"):
+        add_images(studio, run, tmp_path)
+    assert studio.dataset_note("r1") == ""
+    studio.start("r1", form(steps=4))
+    wait_for(lambda: studio.active_run() == "r1")
+    assert studio.dataset_note("r1") == (" Note: 'r1' is training on its dataset as it was at the start (images and "
+                                         "captions are cached then); this change applies when the run is trained again.")
+    assert studio.dataset_note("r2") == ""  # a run that is not training reads its dataset when it starts
+    gate.release(100)
+    wait_ended(studio, "r1")
+    assert studio.dataset_note("r1") == ""
+
+
 def test_a_second_start_queues_behind_the_running_one_and_runs_after_it(studio, tmp_path):
     gate = threading.Semaphore(0)
     studio.runner = FakeLoop(gate=gate)

@@ -56,6 +56,7 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
         except UserError as err:
             return None, f"⚠ {err}", ver, gr.skip()
         text = fmt.upload_report(len(report_.accepted), report_.rejected, report_.captions)
+        text += studio.dataset_note(run_name) if report_.accepted else ""
         choices = gr.update(choices=studio.run_names()) if studio.run_names() != names else gr.skip()
         return None, text, ver + 1, choices
 
@@ -69,6 +70,7 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
         except UserError as err:
             return f"⚠ {err}", ver, gr.skip(), gr.skip()
         text = fmt.upload_report(len(report_.accepted), report_.rejected, report_.captions)
+        text += studio.dataset_note(run_name) if report_.accepted else ""
         choices = gr.update(choices=studio.run_names()) if studio.run_names() != names else gr.skip()
         return text, ver + 1, choices, DEMO_TRIGGER
 
@@ -124,14 +126,14 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
                             studio.set_caption(run_name, name, text)
                         except UserError as err:
                             return f"⚠ {err}"
-                        return f"Saved caption of {fmt.md_code(name)}."
+                        return f"Saved caption of {fmt.md_code(name)}." + studio.dataset_note(run_name)
 
                     def drop(v, run_name=run_name, name=item.name):
                         try:
                             studio.remove_image(run_name, name)
                         except UserError as err:
                             return f"⚠ {err}", v
-                        return f"Removed {fmt.md_code(name)}.", v + 1
+                        return f"Removed {fmt.md_code(name)}." + studio.dataset_note(run_name), v + 1
 
                     box.blur(save, box, saved)
                     remove.click(drop, version, [saved, version])

@@ -196,6 +196,14 @@ class Studio:
         job = next((j for j in self.jobs() if j.state in ("running", "stopping")), None)
         return Path(job.run_dir).name if job is not None else None
 
+    def dataset_note(self, run: str) -> str:
+        """A sentence for a dataset change made while ``run`` trains ("" otherwise): the running job works
+        from the latents and captions it cached at its start, so the change waits for its next training."""
+        if not run or self.active_run() != run:
+            return ""
+        return (f" Note: '{run}' is training on its dataset as it was at the start (images and captions are cached "
+                "then); this change applies when the run is trained again.")
+
     def initial_run(self) -> str:
         """The run a freshly opened page shows: the one training, else the newest, else a new name."""
         return self.active_run() or next(iter(self.run_names()), None) or store.new_run_name(self.outputs_dir)
