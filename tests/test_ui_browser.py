@@ -679,7 +679,13 @@ def test_rank_and_alpha_follow_the_preset_and_warn_outside_the_usual_ratio(page,
     status = wait_until(page, lambda: "Warning" in (t := page.locator("#train-status").inner_text()) and t, 20,
                         "the start message with its warning")
     assert "alpha/rank = 64/4 = 16.00 is outside 0.5–2" in status, status
-    page.click("#stop")
+
+    def stop_the_copy() -> bool:  # Stop acts on the run shown: click until the Run box shows the started copy
+        page.click("#stop")
+        page.wait_for_timeout(500)
+        return any(w in page.locator("#train-status").inner_text() for w in ("Stopping", "Took", "Nothing"))
+
+    wait_until(page, stop_the_copy, 30, "Stop to reach the started run")
     wait_until(page, lambda: progress(page)["state"] in ("stopped", "done", "cancelled", "failed"), 90,
                "the run to stop")
     pick(page, "preset", "style")  # back to the preset's own values for the tests that follow
