@@ -47,6 +47,9 @@ def test_alpha_ratio_guard(rank, alpha, warns):
     ({"steps": 0}, "steps"), ({"lr": float("nan")}, "lr"), ({"resolution": 100}, "resolution"),
     ({"targets": "everything"}, "targets"), ({"precision": "int3"}, "precision"), ({"caption_dropout": 1.0}, "caption_dropout"),
     ({"banana": 1}, "banana"), ({"rank": True}, "rank"),
+    ({"noise_offset": -0.1}, "noise_offset"), ({"noise_offset": 2}, "noise_offset"),
+    ({"noise_offset": float("inf")}, "noise_offset"), ({"snr_gamma": -5}, "snr_gamma"),
+    ({"snr_gamma": float("nan")}, "snr_gamma"), ({"snr_gamma": "five"}, "snr_gamma"),
 ])
 def test_bad_values_name_the_key(values, key):
     with pytest.raises(ConfigError) as err:

@@ -159,6 +159,9 @@ BAD_CLI = [
     (["train", "--base", "demo:sd15", "--data", "{good}", "--rank", "0"], "rank=0"),
     (["train", "--base", "demo:sd15", "--data", "{good}", "--alpha", "-2"], "alpha=-2"),
     (["train", "--base", "demo:sd15", "--data", "{good}", "--preset", "nope"], "preset 'nope' does not exist"),
+    (["train", "--base", "demo:sd15", "--data", "{good}", "--snr-gamma", "-5"], "snr_gamma=-5.0: must be a number >= 0"),
+    (["train", "--base", "demo:flux", "--data", "{good}", "--noise-offset", "0.1"],
+     "FLUX trains with flow matching, so set both to 0"),
     (["train", "--base", "demo:sd15", "--data", "{bad_only}"], "no usable images"),
     (["train", "--out", "{empty}", "--resume"], "nothing to resume"),
     (["export", "--run", "{empty}"], "not a run folder"),
@@ -287,6 +290,7 @@ def test_export_after_an_interrupted_run_or_with_damaged_files(base_dirs, scene_
         assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_steps"]) == ("4", "8", "4"), damage
         assert (meta["modelspec.title"], meta["modelspec.trigger_phrase"], meta["studio.arch"]) == ("Ink", "zkstyle",
                                                                                                    "sd15"), damage
+        assert (meta["ss_seed"], meta["ss_lr_scheduler"]) == ("7", "constant"), damage  # the run's recipe
     capsys.readouterr()
     (run / "checkpoints" / "step-000004" / "adapter.safetensors").write_bytes(b"\x08\x00\x00")
     assert main(["export", "--run", str(run), "--format", "diffusers"]) == 2

@@ -65,6 +65,11 @@ class TrainConfig:
     resolution: int = _help("Training side length; buckets keep about resolution² pixels (multiples of 64).", default=512)
     center_crop: bool = _help("Center-crop to the bucket instead of a random (seeded) crop.", default=False)
     caption_dropout: float = _help("Probability of training on the empty caption (keeps CFG working).", default=0.0)
+    noise_offset: float = _help("SD1.5/SDXL: add offset × N(0, 1) per image and channel to the training noise, so the "
+                                "LoRA can learn darker darks and brighter brights (0.05–0.1 is usual; 0 = off).",
+                                default=0.0)
+    snr_gamma: float = _help("SD1.5/SDXL: Min-SNR-γ loss weighting (Hang et al. 2023), which stops the easy, "
+                             "low-noise timesteps dominating; 5 is the paper's value, 0 = off.", default=0.0)
     trigger: str = _help("Trigger word prepended to every caption that lacks it.", default="")
     optimizer: str = _help("adamw, adamw8bit or paged_adamw8bit (the last two need bitsandbytes + CUDA).", default="adamw")
     weight_decay: float = _help("AdamW weight decay.", default=1e-2)
@@ -121,6 +126,8 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(isinstance(cfg.grad_accum, int) and cfg.grad_accum >= 1, "grad_accum", "an integer >= 1")
     need(isinstance(cfg.resolution, int) and cfg.resolution >= 64 and cfg.resolution % 64 == 0, "resolution", "a multiple of 64, at least 64")
     need(finite(cfg.caption_dropout) and 0 <= cfg.caption_dropout < 1, "caption_dropout", "in [0, 1)")
+    need(finite(cfg.noise_offset) and 0 <= cfg.noise_offset <= 1, "noise_offset", "in [0, 1] (0 = off)")
+    need(finite(cfg.snr_gamma) and cfg.snr_gamma >= 0, "snr_gamma", "a number >= 0 (0 = off)")
     need(cfg.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}")
     need(cfg.gradient_checkpointing in CHECKPOINTING_MODES, "gradient_checkpointing",
          f"one of {', '.join(CHECKPOINTING_MODES)} (true/false mean on/off)")
@@ -166,7 +173,7 @@ def _coerce(name: str, value: Any) -> Any:
         return "on" if value else "off"  # configs and config.yaml files written before auto/on/off
     if name == "compile" and value is False:
         return "off"  # YAML 1.1 reads a bare `off` as false
-    if name == "alpha" and isinstance(value, int) and not isinstance(value, bool):
+    if name in ("alpha", "noise_offset", "snr_gamma") and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if name in ("lr", "weight_decay") and isinstance(value, str):
         try:

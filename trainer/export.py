@@ -154,6 +154,31 @@ class ExportInfo:
     image_count: int = 0
     data_sha256: str = ""
     tag_frequency: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)  # kohya's ss_* record of the settings: see training_record
+
+
+def training_record(config) -> dict[str, str]:
+    """How a run trained, under the ``ss_*`` keys kohya's scripts write (a ``TrainConfig``; all strings).
+
+    The A1111/Forge metadata viewer and model sites show these, so an artist sharing a LoRA shares its
+    recipe; a mix baked from several LoRAs has no one recipe and leaves them out.
+    """
+    return {
+        "ss_learning_rate": f"{config.lr:g}",
+        "ss_unet_lr": f"{config.lr:g}",
+        "ss_text_encoder_lr": "0",  # the text encoders stay frozen
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.warmup_steps),
+        "ss_optimizer": f"{config.optimizer}(weight_decay={config.weight_decay:g})",
+        "ss_max_grad_norm": f"{config.max_grad_norm:g}",
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.grad_accum),
+        "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
+        "ss_noise_offset": f"{config.noise_offset:g}",
+        "ss_min_snr_gamma": f"{config.snr_gamma:g}",
+        "ss_seed": str(config.seed),
+        "ss_network_train_unet_only": "True",
+    }
 
 
 def build_metadata(info: ExportInfo, weights: LoraWeights) -> dict[str, str]:
@@ -188,6 +213,7 @@ def build_metadata(info: ExportInfo, weights: LoraWeights) -> dict[str, str]:
         "studio.data_sha256": info.data_sha256,
         "studio.image_count": str(info.image_count),
         "studio.tool": f"{TOOL_NAME} {TOOL_VERSION}",
+        **info.training,
     }
 
 

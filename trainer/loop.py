@@ -24,9 +24,10 @@ from trainer.config import Precision, TrainConfig, dump_yaml
 from trainer.distributed import Dist, setup
 from trainer.data import BatchPlan, Example, dataset_hash, prepare, scan_dataset, tag_frequency
 from trainer.errors import ConfigError, DataError, TrainingDiverged, UnsupportedError, UserError, WriteError
-from trainer.export import ExportInfo, export_lora, from_peft_state_dict, weights_from_file
+from trainer.export import ExportInfo, export_lora, from_peft_state_dict, training_record, weights_from_file
 from trainer.models import LoadedBase, load_base
 from trainer.models.knobs import checkpointing_plan, frozen_parts, prepare_denoiser
+from trainer.objective import Objective, check_objective
 from trainer.step import StepParts, grad_scaler, train_step
 from trainer.targets import resolve
 
@@ -261,6 +262,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     for warning in scan.warnings:
         emit(ev.Log(message=warning))
     base = load_base(config.base, config.precision, dist.device(config.device), config.base_config or None)
+    objective = Objective(noise_offset=config.noise_offset, snr_gamma=config.snr_gamma)
+    check_objective(base.arch, objective)
     examples, skipped = prepare(scan, config.resolution, config.center_crop, config.trigger, config.seed)
     for name, reason in skipped:
         emit(ev.Log(message=f"skipped {name}: {reason}"))
@@ -379,7 +382,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                       noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, params=params,
                       generator=generator, dist=dist, grad_accum=config.grad_accum,
                       max_grad_norm=config.max_grad_norm, attention=config.attention, scaler=scaler,
-                      compute_dtype=torch.bfloat16 if config.adapter_dtype == "bf16" else None)
+                      compute_dtype=torch.bfloat16 if config.adapter_dtype == "bf16" else None, objective=objective)
     progress = None
     if show_progress:
         from tqdm import tqdm
@@ -425,7 +428,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
         steps=step, resolution=config.resolution, output_name=run_dir.name, title=config.title or run_dir.name,
         trigger=config.trigger, license=config.license, description=config.description, targets=config.targets,
         started_at=started_at, image_count=len(examples), data_sha256=dataset_hash(examples),
-        tag_frequency=tag_frequency(examples, groups),
+        tag_frequency=tag_frequency(examples, groups), training=training_record(config),
     )
     exports = export_lora(run_dir, weights, info, base.handler.peft_prefix, flux_dims(base))
     paths = tuple(str(p) for p in exports)

@@ -17,7 +17,7 @@ from trainer.checkpoint import checkpoint_dirs
 from trainer.config import load_config
 from trainer.errors import UserError
 from trainer.export import (ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict, read_metadata,
-                            save_safetensors, to_diffusers, to_flux_fused, to_kohya)
+                            save_safetensors, to_diffusers, to_flux_fused, to_kohya, training_record)
 from trainer.models import ARCH_HANDLERS, demo_folder
 
 FILE_NAMES = {"kohya": "lora.safetensors", "diffusers": "lora_diffusers.safetensors", "comfy": "lora_comfy.safetensors"}
@@ -70,7 +70,8 @@ def reexport(run: str | Path, fmt: str) -> list[Path]:
             arch=arch, modelspec_architecture=handler.modelspec_architecture,
             base_model_version=handler.base_model_version, base=config.base, steps=steps,
             resolution=config.resolution, output_name=run.name, title=config.title or run.name, trigger=config.trigger,
-            license=config.license, description=config.description, targets=config.targets), weights)
+            license=config.license, description=config.description, targets=config.targets,
+            training=training_record(config)), weights)
     metadata.pop("format", None)
     metadata["ss_steps"] = str(steps)
     if fmt == "diffusers":

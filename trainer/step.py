@@ -15,6 +15,7 @@ import torch
 
 from trainer.distributed import Dist
 from trainer.models.knobs import attention_context
+from trainer.objective import Objective
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -38,6 +39,7 @@ class StepParts:
     attention: str = "sdpa"
     scaler: Optional[torch.amp.GradScaler] = None  # fp16 bases: see :func:`grad_scaler`
     compute_dtype: Optional[torch.dtype] = None  # adapter_dtype bf16: the step runs under autocast to it
+    objective: Objective = Objective()  # noise offset / Min-SNR-γ (SD1.5/SDXL)
 
 
 def grad_scaler(precision: str, device: torch.device, sharded: bool = False) -> Optional[torch.amp.GradScaler]:
@@ -93,7 +95,8 @@ def _step(parts: StepParts, fetch: Callable[[int], Batch], step: int,
                 torch.autocast(latents.device.type, dtype=parts.compute_dtype or torch.float32,
                                enabled=parts.compute_dtype is not None):
             loss = parts.handler.loss(parts.pipe, parts.denoiser, parts.noise_scheduler, latents, cond, parts.generator,
-                                      shard=parts.dist.shard, forward=parts.forward) / parts.grad_accum
+                                      shard=parts.dist.shard, forward=parts.forward,
+                                      objective=parts.objective) / parts.grad_accum
             (loss if parts.scaler is None else parts.scaler.scale(loss)).backward()
         total += float(loss.detach())
     total = parts.dist.mean(total)  # the global-batch loss, as one process would see it

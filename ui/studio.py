@@ -25,6 +25,7 @@ from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES, write_style_s
 from trainer.errors import ConfigError, UserError
 from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer import events as ev
+from trainer.objective import Objective, check_objective
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
 from trainer.presets import list_presets, resolve_config
@@ -60,6 +61,8 @@ class TrainForm:
     trigger: str = ""
     rank: Optional[int] = None
     alpha: Optional[float] = None  # None with a rank: 2 × rank
+    noise_offset: Optional[float] = None
+    snr_gamma: Optional[float] = None
 
     def overrides(self) -> dict[str, Any]:
         """The non-empty fields as config overrides.
@@ -88,6 +91,7 @@ class TrainForm:
             "sample_every": num(self.sample_every, int), "sample_steps": num(self.sample_steps, int),
             "checkpoint_every": num(self.checkpoint_every, int), "trigger": text(self.trigger),
             "rank": num(self.rank, int), "alpha": num(self.alpha, float),
+            "noise_offset": num(self.noise_offset, float), "snr_gamma": num(self.snr_gamma, float),
         }
         if text(self.sample_prompt):
             values["sample_prompts"] = [text(self.sample_prompt)]
@@ -349,8 +353,10 @@ class Studio:
     @staticmethod
     def _resolve(preset: str, overrides: dict[str, Any], run_dir: Path):
         try:
-            return resolve_config(preset or "style", {**overrides, "data": str(store.dataset_dir(run_dir)),
-                                                      "out": str(run_dir)})
+            config, warnings = resolve_config(preset or "style", {**overrides, "data": str(store.dataset_dir(run_dir)),
+                                                                  "out": str(run_dir)})
+            check_objective(parse_base(config.base).arch, Objective(config.noise_offset, config.snr_gamma))
+            return config, warnings
         except ConfigError as err:
             raise UserError("cannot start: " + "; ".join(err.problems)) from None
 

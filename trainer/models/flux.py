@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from trainer.models.sd import SD15, draw_shard
+from trainer.objective import Objective
 
 
 class Flux(SD15):
@@ -49,9 +50,14 @@ class Flux(SD15):
 
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
-    def loss(self, pipe, denoiser, noise_scheduler, latents, cond, generator, shard=(0, 1), forward=None) -> torch.Tensor:
+    def loss(self, pipe, denoiser, noise_scheduler, latents, cond, generator, shard=(0, 1), forward=None,
+             objective: Objective = Objective()) -> torch.Tensor:
         """Mean flow-matching loss of this process's share of the global batch (see ``SD15.loss``)."""
         from diffusers import FluxPipeline
+
+        if not objective.plain:  # the loop and the web app refuse these for FLUX; this guards other callers
+            raise ValueError("noise_offset and snr_gamma shape the SD noise-prediction loss; FLUX trains with "
+                             "flow matching")
 
         bsz, channels, height, width = latents.shape
         device, dtype = latents.device, denoiser.dtype

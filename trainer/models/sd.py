@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.objective import Objective
+
 
 def draw_shard(sample, local_shape: tuple, generator: torch.Generator, shard: tuple[int, int]) -> torch.Tensor:
     """Draw for the whole global batch, keep rows ``rank·local … (rank+1)·local``."""
@@ -16,6 +18,18 @@ def draw_shard(sample, local_shape: tuple, generator: torch.Generator, shard: tu
     local = local_shape[0]
     full = sample((local * world, *local_shape[1:]), generator=generator)
     return full[rank * local:(rank + 1) * local]
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ weight of each sample's mean squared error (see :class:`Objective`)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    clipped = torch.clamp(snr, max=gamma)
+    denominator = snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr
+    # a zero-terminal-SNR schedule has SNR 0 at its last step, where min(SNR, γ)/SNR tends to 1
+    return torch.where(denominator > 0, clipped / denominator.clamp(min=torch.finfo(torch.float32).tiny),
+                       torch.ones_like(snr))
 
 
 class SD15:
@@ -44,7 +58,8 @@ class SD15:
     def extra_conditioning(self, pipe, original_size, crop_top_left, target_size, dtype, device):
         return {}
 
-    def loss(self, pipe, denoiser, noise_scheduler, latents, cond, generator, shard=(0, 1), forward=None) -> torch.Tensor:
+    def loss(self, pipe, denoiser, noise_scheduler, latents, cond, generator, shard=(0, 1), forward=None,
+             objective: Objective = Objective()) -> torch.Tensor:
         """Mean noise-prediction loss of this process's share of the global batch.
 
         Noise and timesteps are drawn for the *global* batch (``world`` × local) from the
@@ -57,6 +72,9 @@ class SD15:
         timesteps = draw_shard(lambda shape, generator: torch.randint(0, noise_scheduler.config.num_train_timesteps, shape,
                                                                       generator=generator), (bsz,), generator, shard)
         timesteps = timesteps.to(latents.device)
+        if objective.noise_offset:  # drawn after the timesteps: offset 0 keeps a run's draws as they were
+            offset = draw_shard(torch.randn, (bsz, latents.shape[1], 1, 1), generator, shard)
+            noise = noise + objective.noise_offset * offset.to(latents.device, latents.dtype)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         if noise_scheduler.config.prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -65,7 +83,10 @@ class SD15:
         added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
         pred = (forward or denoiser)(noisy.to(denoiser.dtype), timesteps, cond["encoder_hidden_states"].to(denoiser.dtype),
                         added_cond_kwargs=added or None, return_dict=False)[0]
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+        if not objective.snr_gamma:
+            return F.mse_loss(pred.float(), target.float(), reduction="mean")
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+        return (per_sample * min_snr_weights(noise_scheduler, timesteps, objective.snr_gamma)).mean()
 
     def training_scheduler(self, pipe):
         from diffusers import DDPMScheduler
