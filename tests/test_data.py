@@ -232,6 +232,19 @@ def test_center_crop_off_by_default_and_crops_are_seeded(tmp_path):
     assert abs(left_edge - 64) <= 2  # the crop really starts at column 64
 
 
+@pytest.mark.parametrize("center_crop,seed", [(True, 0), (False, 1), (False, 2), (False, 3)])
+def test_a_mirrored_crop_starts_where_its_pixels_come_from(tmp_path, center_crop, seed):
+    """Flip augmentation trains on the mirrored crop: SDXL's crop corner for it is measured in the mirrored image."""
+    arr = np.zeros((64, 192, 3), dtype=np.uint8)
+    arr[:, :, 0] = np.arange(192, dtype=np.uint8)[None, :]  # column c holds value c
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    ex = prepare(scan_dataset(tmp_path), 64, center_crop, "", seed=seed)[0][0]
+    top, left = ex.mirrored_crop_top_left
+    assert ex.excess_width == 128 and top == 0 and 0 <= left <= 128
+    first_column = (ex.pixels.flip(-1)[0, 0, 0].item() + 1) * 127.5  # mirrored column `left` holds 191 - left
+    assert abs(first_column - (191 - left)) <= 2
+
+
 @pytest.mark.parametrize("caption,trigger,expected", [
     ("a red circle", "zk", "zk, a red circle"), ("zk, a red circle", "zk", "zk, a red circle"),
     ("a zkstyle thing", "zk", "zk, a zkstyle thing"), ("", "zk", "zk"), ("a red circle", "", "a red circle"),

@@ -116,16 +116,17 @@ def test_offset_noise_adds_one_draw_per_image_and_channel_scaled_by_the_offset(s
     torch.testing.assert_close(shifts[0.1], 2 * shifts[0.05], rtol=1e-3, atol=1e-5)  # one draw, scaled
 
 
-def test_sd_training_with_both_options_records_them_in_the_export(base_dirs, scene_dir, tmp_path):
+def test_sd_training_with_the_options_and_flips_records_them_in_the_export(base_dirs, scene_dir, tmp_path):
     from trainer.export import read_lora
     from trainer.loop import run_training
 
     seen = []
     result = run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "r", steps=2, noise_offset=0.1,
-                                      snr_gamma=5.0), emit=seen.append)
+                                      snr_gamma=5.0, flip=True), emit=seen.append)
     assert result.step == 2 and all(torch.isfinite(torch.tensor(e.loss)) for e in seen if e.kind == "step")
     meta = read_lora(result.exports[0])[1]
-    assert (meta["ss_noise_offset"], meta["ss_min_snr_gamma"], meta["ss_seed"]) == ("0.1", "5", "7")
+    assert (meta["ss_noise_offset"], meta["ss_min_snr_gamma"], meta["ss_flip_aug"], meta["ss_seed"]) == \
+        ("0.1", "5", "True", "7")
 
 
 @pytest.mark.parametrize("options", [{"noise_offset": 0.1}, {"snr_gamma": 5.0}])

@@ -35,7 +35,7 @@ def stop_at(step: int, stop: threading.Event):
 
 def test_stop_then_resume_matches_an_uninterrupted_run(base_dirs, scene_dir, tmp_path):
     settings = dict(steps=6, checkpoint_every=2, lr=1e-2, caption_dropout=0.2, batch_size=2, lr_scheduler="cosine",
-                    warmup_steps=2)
+                    warmup_steps=2, flip=True)  # dropout and flips draw from the checkpointed generator too
     straight = run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "straight", **settings))
     assert straight.step == 6
 

@@ -79,7 +79,7 @@ def test_metadata(runs, arch):
         assert meta["studio.image_count"] == "8"
         assert (meta["ss_learning_rate"], meta["ss_seed"], meta["ss_optimizer"]) == \
             (f"{config.lr:g}", "7", "adamw(weight_decay=0.01)")
-        assert (meta["ss_noise_offset"], meta["ss_min_snr_gamma"]) == ("0", "0")  # off unless asked for
+        assert (meta["ss_noise_offset"], meta["ss_min_snr_gamma"], meta["ss_flip_aug"]) == ("0", "0", "False")
         tags = json.loads(meta["ss_tag_frequency"])
         assert sum(tags[next(iter(tags))].values()) >= 8 and tags[next(iter(tags))]["zkstyle"] == 8
         assert all(isinstance(v, str) for v in meta.values())

@@ -167,7 +167,7 @@ def test_start_with_advanced_settings_collapsed_uses_the_presets_values(studio, 
     """The README's quick start presses Start without opening "Advanced settings": the browser then sends
     None for every field inside it, the text ones included."""
     add_images(studio, "r1", tmp_path)
-    collapsed = TrainForm("demo-random:sd15", "tone", *[None] * 15)
+    collapsed = TrainForm("demo-random:sd15", "tone", *[None] * 16)
     used, message = studio.start("r1", collapsed)
     assert used == "r1" and message.startswith("Training 'r1'")
     cfg = job_of(studio, "r1").config
@@ -191,15 +191,15 @@ def test_rank_and_alpha_from_the_form_with_the_ratio_warning(studio, tmp_path, r
     wait_ended(studio, "r1")
 
 
-def test_noise_offset_and_min_snr_from_the_form_for_sd_and_refused_for_flux(studio, tmp_path):
+def test_flip_noise_offset_and_min_snr_from_the_form_the_last_two_refused_for_flux(studio, tmp_path):
     add_images(studio, "r1", tmp_path)
     with pytest.raises(UserError, match=r"^cannot start: noise_offset=0.1, snr_gamma=0: .*FLUX trains with flow "
                                         r"matching, so set both to 0$"):
         studio.start("r1", form(base="demo-random:flux", noise_offset="0.1"))
     assert studio.jobs() == []
-    studio.start("r1", form(noise_offset="0.1", snr_gamma=5))
+    studio.start("r1", form(noise_offset="0.1", snr_gamma=5, flip=True))
     cfg = job_of(studio, "r1").config
-    assert (cfg.noise_offset, cfg.snr_gamma) == (0.1, 5.0)
+    assert (cfg.noise_offset, cfg.snr_gamma, cfg.flip) == (0.1, 5.0, True)
     wait_ended(studio, "r1")
 
 

@@ -17,7 +17,7 @@ from trainer.presets import resolve_config
 
 # CLI flag -> TrainConfig field, for flags whose names differ only by dashes
 _FLAGS = ("base", "base_config", "data", "out", "rank", "alpha", "targets", "precision", "steps", "lr", "lr_scheduler", "warmup_steps",
-          "batch_size", "grad_accum", "resolution", "caption_dropout", "noise_offset", "snr_gamma", "trigger", "optimizer", "seed",
+          "batch_size", "grad_accum", "resolution", "caption_dropout", "flip", "noise_offset", "snr_gamma", "trigger", "optimizer", "seed",
           "checkpoint_every", "sample_every", "sample_steps", "sample_guidance", "init_lora", "device", "title",
           "license", "description", "adapter_dtype", "keep_checkpoints", "gradient_checkpointing", "compile",
           "channels_last", "attention", "offload_frozen")
@@ -95,6 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--resolution", type=int, help="default: the base's native size (64 demo bases, 512 SD1.5, 1024 SDXL)")
     p.add_argument("--center-crop", action="store_true", default=None)
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror images left-right at random (default off)")
     p.add_argument("--caption-dropout", type=float)
     p.add_argument("--noise-offset", type=float, help="SD1.5/SDXL: offset noise strength (0.05-0.1 usual; 0 off)")
     p.add_argument("--snr-gamma", type=float, help="SD1.5/SDXL: Min-SNR-gamma loss weighting (5 usual; 0 off)")

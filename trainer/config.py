@@ -64,6 +64,8 @@ class TrainConfig:
     grad_accum: int = _help("Micro-batches accumulated per optimizer step.", default=1)
     resolution: int = _help("Training side length; buckets keep about resolution² pixels (multiples of 64).", default=512)
     center_crop: bool = _help("Center-crop to the bucket instead of a random (seeded) crop.", default=False)
+    flip: bool = _help("Mirror images left-right at random: each step shows each image flipped or not, half and "
+                       "half (both are cached). Leave off for lettering or one-sided motifs.", default=False)
     caption_dropout: float = _help("Probability of training on the empty caption (keeps CFG working).", default=0.0)
     noise_offset: float = _help("SD1.5/SDXL: add offset × N(0, 1) per image and channel to the training noise, so the "
                                 "LoRA can learn darker darks and brighter brights (0.05–0.1 is usual; 0 = off).",
@@ -133,6 +135,7 @@ def validate(cfg: TrainConfig) -> list[str]:
          f"one of {', '.join(CHECKPOINTING_MODES)} (true/false mean on/off)")
     need(cfg.compile in COMPILE_MODES, "compile", f"one of {', '.join(COMPILE_MODES)}")
     need(cfg.attention in ATTENTION_KERNELS, "attention", f"one of {', '.join(ATTENTION_KERNELS)}")
+    need(isinstance(cfg.flip, bool), "flip", "true or false")
     need(isinstance(cfg.channels_last, bool), "channels_last", "true or false")
     need(isinstance(cfg.offload_frozen, bool), "offload_frozen", "true or false")
     need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a number >= 0")

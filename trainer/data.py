@@ -159,17 +159,27 @@ class Example:
     crop_top_left: tuple[int, int]
     repeats: int
     source: str
+    excess_width: int = 0  # columns the crop cut from the resized image (left + right)
+
+    @property
+    def mirrored_crop_top_left(self) -> tuple[int, int]:
+        """Where the crop of the left-right mirrored image starts: as far from the left as it was from the right."""
+        top, left = self.crop_top_left
+        return top, self.excess_width - left
 
 
 def fit_to_bucket(img: Image.Image, bucket: tuple[int, int], center_crop: bool, rng: random.Random):
-    """Resize to cover the bucket, then crop the excess (centered or at a seeded random offset)."""
+    """Resize to cover the bucket, then crop the excess (centered or at a seeded random offset).
+
+    Returns the crop, its (top, left) corner in the resized image and the width cropped away.
+    """
     bw, bh = bucket
     scale = max(bw / img.width, bh / img.height)
     rw, rh = max(bw, math.ceil(img.width * scale)), max(bh, math.ceil(img.height * scale))
     img = img.resize((rw, rh), Image.Resampling.LANCZOS)
     dx, dy = rw - bw, rh - bh
     left, top = (dx // 2, dy // 2) if center_crop else (rng.randint(0, dx), rng.randint(0, dy))
-    return img.crop((left, top, left + bw, top + bh)), (top, left)
+    return img.crop((left, top, left + bw, top + bh)), (top, left), dx
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -194,10 +204,10 @@ def prepare(scan: DatasetScan, resolution: int, center_crop: bool, trigger: str,
             skipped.append((item.path.name, str(err).split(": ", 1)[-1]))
             continue
         bucket = nearest_bucket(img.width, img.height, options)
-        cropped, crop = fit_to_bucket(img, bucket, center_crop, rng)
+        cropped, crop, excess_width = fit_to_bucket(img, bucket, center_crop, rng)
         examples.append(Example(pixels=to_tensor(cropped), caption=with_trigger(item.caption, trigger), bucket=bucket,
                                 original_size=(img.height, img.width), crop_top_left=crop, repeats=item.repeats,
-                                source=str(item.path)))
+                                source=str(item.path), excess_width=excess_width))
     if not examples:
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped[:10])
         raise DataError(f"no usable images ({len(skipped)} skipped: {reasons})")

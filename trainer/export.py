@@ -174,6 +174,7 @@ def training_record(config) -> dict[str, str]:
         "ss_batch_size_per_device": str(config.batch_size),
         "ss_gradient_accumulation_steps": str(config.grad_accum),
         "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
+        "ss_flip_aug": str(config.flip),
         "ss_noise_offset": f"{config.noise_offset:g}",
         "ss_min_snr_gamma": f"{config.snr_gamma:g}",
         "ss_seed": str(config.seed),

@@ -11,7 +11,7 @@ import contextlib
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +48,8 @@ class Cache:
     latents: list[torch.Tensor]
     text: dict[str, dict[str, torch.Tensor]]  # caption -> conditioning tensors
     extra: list[dict[str, torch.Tensor]]
+    mirrored: Optional[list[torch.Tensor]] = None  # flip on: latents of the left-right mirrored images
+    mirrored_extra: Optional[list[dict[str, torch.Tensor]]] = None  # and their conditioning (SDXL's crop corner)
 
 
 @contextlib.contextmanager
@@ -64,28 +66,38 @@ def vae_for_encoding(vae):
             vae.to(torch.float16)
 
 
-def build_cache(base: LoadedBase, examples: list[Example], batch: int = 8) -> Cache:
+def build_cache(base: LoadedBase, examples: list[Example], batch: int = 8, mirrored: bool = False) -> Cache:
     """Latents of every example (by bucket, ``batch`` at a time) and the text conditioning of every caption.
+
+    ``mirrored``: also encode each image flipped left-right. A VAE's latent of a mirrored image is not exactly
+    the mirrored latent, so flip augmentation encodes both instead of flipping latents.
 
     Raises:
         DataError: an image's latent is not finite (the VAE overflowed on it).
     """
     handler, pipe = base.handler, base.pipe
-    latents: list[Optional[torch.Tensor]] = [None] * len(examples)
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i, ex in enumerate(examples):
         by_bucket.setdefault(ex.bucket, []).append(i)
-    with vae_for_encoding(pipe.vae):
+
+    def encode_all(flip: bool) -> list[torch.Tensor]:
+        latents: list[Optional[torch.Tensor]] = [None] * len(examples)
         for indices in by_bucket.values():
             for start in range(0, len(indices), batch):
                 chunk = indices[start:start + batch]
-                encoded = handler.encode_image(pipe, torch.stack([examples[i].pixels for i in chunk]).to(base.device))
+                pixels = torch.stack([examples[i].pixels for i in chunk])
+                encoded = handler.encode_image(pipe, (pixels.flip(-1) if flip else pixels).to(base.device))
                 for i, lat in zip(chunk, encoded):
                     if not torch.isfinite(lat).all():
                         raise DataError(f"{Path(examples[i].source).name}: the VAE gave a non-finite latent "
                                         f"({base.precision.value}); train with precision fp32 or bf16, or leave "
                                         "this image out")
                     latents[i] = lat
+        return latents
+
+    with vae_for_encoding(pipe.vae):
+        latents = encode_all(flip=False)
+        flipped = encode_all(flip=True) if mirrored else None
     captions = sorted({ex.caption for ex in examples} | {""})
     text = {}
     for start in range(0, len(captions), batch):
@@ -93,21 +105,23 @@ def build_cache(base: LoadedBase, examples: list[Example], batch: int = 8) -> Ca
         text.update(zip(chunk, handler.encode_text(pipe, chunk)))
     extra = [handler.extra_conditioning(pipe, ex.original_size, ex.crop_top_left, (ex.bucket[1], ex.bucket[0]),
                                         None, None) for ex in examples]
-    return Cache(latents=latents, text=text, extra=extra)
+    mirrored_extra = [handler.extra_conditioning(pipe, ex.original_size, ex.mirrored_crop_top_left,
+                                                 (ex.bucket[1], ex.bucket[0]), None, None)
+                      for ex in examples] if mirrored else None
+    return Cache(latents=latents, text=text, extra=extra, mirrored=flipped, mirrored_extra=mirrored_extra)
 
 
-def shared_cache(base: LoadedBase, examples: list[Example], run_dir: Path, dist: Dist) -> Cache:
+def shared_cache(base: LoadedBase, examples: list[Example], run_dir: Path, dist: Dist, mirrored: bool) -> Cache:
     """Compute the cache once: the main process encodes, the others wait and read its file."""
     if dist.world == 1:
-        return build_cache(base, examples)
+        return build_cache(base, examples, mirrored=mirrored)
     path = run_dir / "cache.pt"
     if dist.is_main:
-        cache = build_cache(base, examples)
-        torch.save({"latents": cache.latents, "text": cache.text, "extra": cache.extra}, path)
+        cache = build_cache(base, examples, mirrored=mirrored)
+        torch.save(asdict(cache), path)
     dist.barrier()
     if not dist.is_main:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-        cache = Cache(latents=raw["latents"], text=raw["text"], extra=raw["extra"])
+        cache = Cache(**torch.load(path, map_location="cpu", weights_only=True))
     return cache
 
 
@@ -190,17 +204,21 @@ def render_samples(base: LoadedBase, prompts: list[str], config: TrainConfig, si
 
 def _batch(cache: Cache, plan: BatchPlan, index: int, config: TrainConfig, examples: list[Example],
            generator: torch.Generator, device: torch.device, dist: Dist):
-    """This process's rows of global batch ``index``; caption dropout is drawn for the whole batch."""
+    """This process's rows of global batch ``index``; caption dropout and flips are drawn for the whole batch."""
     global_ids = plan.batch(index)
     drop = (torch.rand(len(global_ids), generator=generator) < config.caption_dropout).tolist()
+    # drawn only with flip on, so a run without it draws what it always drew
+    flip = (torch.rand(len(global_ids), generator=generator) < 0.5).tolist() if config.flip else [False] * len(drop)
     local = len(global_ids) // dist.world
     ids = global_ids[dist.rank * local:(dist.rank + 1) * local]
     drop = drop[dist.rank * local:(dist.rank + 1) * local]
-    latents = torch.stack([cache.latents[i] for i in ids]).to(device)
+    flip = flip[dist.rank * local:(dist.rank + 1) * local]
+    latents = torch.stack([cache.mirrored[i] if f else cache.latents[i] for i, f in zip(ids, flip)]).to(device)
     texts = [cache.text["" if d else examples[i].caption] for i, d in zip(ids, drop)]
     cond = {k: torch.stack([t[k] for t in texts]).to(device) for k in texts[0]}
-    for key in cache.extra[ids[0]]:
-        cond[key] = torch.stack([cache.extra[i][key] for i in ids]).to(device)
+    extras = [cache.mirrored_extra[i] if f else cache.extra[i] for i, f in zip(ids, flip)]
+    for key in extras[0]:
+        cond[key] = torch.stack([extra[key] for extra in extras]).to(device)
     return latents, cond
 
 
@@ -269,7 +287,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
         emit(ev.Log(message=f"skipped {name}: {reason}"))
     if dist.is_main:
         write_text(run_dir / "config.yaml", dump_yaml(config))
-    cache = shared_cache(base, examples, run_dir, dist)
+    cache = shared_cache(base, examples, run_dir, dist, mirrored=config.flip)
     frozen = frozen_parts(base, config.offload_frozen)
     frozen.park()  # the cache replaces the VAE and text encoders until samples are rendered
     names = inject_lora(base, config)

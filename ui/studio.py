@@ -63,6 +63,7 @@ class TrainForm:
     alpha: Optional[float] = None  # None with a rank: 2 × rank
     noise_offset: Optional[float] = None
     snr_gamma: Optional[float] = None
+    flip: Optional[bool] = None
 
     def overrides(self) -> dict[str, Any]:
         """The non-empty fields as config overrides.
@@ -92,6 +93,7 @@ class TrainForm:
             "checkpoint_every": num(self.checkpoint_every, int), "trigger": text(self.trigger),
             "rank": num(self.rank, int), "alpha": num(self.alpha, float),
             "noise_offset": num(self.noise_offset, float), "snr_gamma": num(self.snr_gamma, float),
+            "flip": self.flip,
         }
         if text(self.sample_prompt):
             values["sample_prompts"] = [text(self.sample_prompt)]

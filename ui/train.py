@@ -82,7 +82,8 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
                                      elem_id="sample-every", info=helps["sample_every"])
             sample_steps = gr.Number(TrainConfig.sample_steps, label="Sample denoising steps", precision=0,
                                      elem_id="sample-steps")
-        with gr.Row():
+        with gr.Row(equal_height=True):
+            flip = gr.Checkbox(TrainConfig.flip, label="Random flips", elem_id="flip", info=helps["flip"])
             noise_offset = gr.Number(TrainConfig.noise_offset, label="Noise offset (SD1.5/SDXL)", elem_id="noise-offset",
                                      info=helps["noise_offset"])
             snr_gamma = gr.Number(TrainConfig.snr_gamma, label="Min-SNR γ (SD1.5/SDXL)", elem_id="snr-gamma",
@@ -155,7 +156,8 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         return gr.update(choices=choices, value=used), message, None
 
     start.click(on_start, [run, base, preset, steps, lr, resolution, batch, precision, seed, sample_prompt,
-                           sample_every, sample_steps, checkpoint_every, trigger, rank, alpha, noise_offset, snr_gamma],
+                           sample_every, sample_steps, checkpoint_every, trigger, rank, alpha, noise_offset, snr_gamma,
+                           flip],
                 [run, status, last],
                 concurrency_id="train-control", concurrency_limit=1)
     def on_stop(run_name):
