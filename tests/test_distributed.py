@@ -104,6 +104,36 @@ def test_killed_two_process_run_resumes_on_one_process_exactly(base_dirs, scene_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_every_process_after_its_step_and_exits_with_the_shells_status(base_dirs, scene_dir, tmp_path,
+                                                                                     sig):
+    """Ctrl-C reaches only the launcher (torchrun starts each process in a session of its own), which passes it on
+    once: each process stops after its step and the exports are written. The launcher exits 128 + the signal, as
+    one process does, with none of torchrun's traceback or log lines."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainer", "train", *train_args(base_dirs["sd15"], scene_dir, run_dir, steps=100_000),
+           "--num-processes", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not checkpoint_dirs(run_dir) and proc.poll() is None:
+            time.sleep(0.1)
+        assert checkpoint_dirs(run_dir), proc.stderr.read()[-2000:] if proc.poll() is not None else "timeout"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    stopped_at = int(checkpoint_dirs(run_dir)[-1].name.split("-")[1])
+    assert out.strip().splitlines()[-1].startswith(f"stopped at step {stopped_at}: "), out
+    assert (run_dir / "lora.safetensors").is_file() and (run_dir / "lora_diffusers.safetensors").is_file()
+    assert err.count("stopping after this step") == 1  # said by the main process only
+    for noise in ("Traceback", "death signal", "aborted"):
+        assert noise not in err, err[-2000:]
+
+
+@pytest.mark.slow
 def test_nf4_base_on_two_processes_equals_one_process_with_doubled_batch(base_dirs, scene_dir, tmp_path):
     """NF4 + DDP is supported: every process quantizes its own copy of the base, identically."""
     proc = torchrun([*train_args(base_dirs["sd15"], scene_dir, tmp_path / "ddp", steps=4), "--precision", "nf4"])

@@ -199,8 +199,9 @@ def run(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
         signalled.append(signum)
         stop.set()
-        print("\nstopping after this step (checkpoint and exports will be written; press Ctrl-C again to abort)",
-              file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # said once, not by each process of a multi-process run
+            print("\nstopping after this step (checkpoint and exports will be written; press Ctrl-C again to abort)",
+                  file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
@@ -213,8 +214,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{verb} at step {result.step}: " + ", ".join(result.exports))
     elif result.stopped and result.step == 0 and os.environ.get("RANK", "0") == "0":
         print("stopped before the first step: no checkpoint and no exports were written")
-    # stopped by Ctrl-C/SIGTERM: 128 + the signal, as a shell reports it, so a script can tell it from a finished run
-    return 128 + signalled[0] if result.stopped and signalled else 0
+    # stopped by Ctrl-C/SIGTERM: 128 + the signal, as a shell reports it, so a script can tell it from a finished run.
+    # One process of several exits 0: on a non-zero code torchrun would stop the others, maybe mid-export; the
+    # launcher reports the signal (trainer.distributed.launch).
+    if result.stopped and signalled and world_size_from_env() == 1:
+        return 128 + signalled[0]
+    return 0
 
 
 def _print_notable(event) -> None:

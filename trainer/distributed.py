@@ -179,13 +179,22 @@ def launch(processes: int, argv: list[str]) -> int:
     The failed process has printed its own ``error:`` line; torchrun's multi-line failure report
     would only repeat it, so it is replaced by the first failure's exit code (2 for a user error).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    # its "sending SIGTERM" and "failed (exitcode …)" lines would only repeat the failed process's error
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # its "sending SIGTERM", "failed (exitcode …)" and "received death signal" lines would only repeat what the
+    # processes say; torch gives each module's logger its own level, so the parent's is not enough
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(parse_args(["--standalone", f"--nproc_per_node={processes}", "-m", "trainer", *argv]))
+    except SignalException as err:
+        # Ctrl-C (or SIGTERM) reaches only the launcher: torchrun starts each process in its own session. It
+        # passes the signal on once to each, which stops after its step and writes what it should, then
+        # raises this; the exit status is the shell's 128 + the signal, as for one process.
+        return 128 + int(err.sigval)
     except ChildFailedError as err:
         code, line = failure_report(err.failures, processes)
         if line is not None:
