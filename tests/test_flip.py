@@ -35,10 +35,26 @@ def test_the_cache_holds_the_latents_of_the_mirrored_images(cached, arch):
         torch.testing.assert_close(cache.mirrored[i], expected[i])
         # a VAE is not mirror-symmetric: flipping the latent would be a different (wrong) image
         assert not torch.allclose(cache.mirrored[i], cache.latents[i].flip(-1), atol=1e-3)
-    if arch == "sdxl":  # the crop corner in time_ids is the mirrored image's
-        for ex, extra, mirrored in zip(examples, cache.extra, cache.mirrored_extra):
-            assert extra["time_ids"][3].item() == ex.crop_top_left[1]
-            assert mirrored["time_ids"][3].item() == ex.excess_width - ex.crop_top_left[1]
+
+
+def test_sdxl_conditions_a_mirrored_crop_on_its_own_corner(base_dirs, tmp_path):
+    """Wide images, randomly cropped: the mirrored crop starts as far from the left as the crop did from the right."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.loop import build_cache
+
+    for i in range(3):
+        Image.fromarray(np.full((64, 192, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"wide{i}.png")
+    examples, _ = prepare(scan_dataset(tmp_path), 64, False, "", seed=2)
+    cache = build_cache(load_base(str(base_dirs["sdxl"]), "fp32", "cpu"), examples, mirrored=True)
+    corners = []
+    for ex, extra, mirrored in zip(examples, cache.extra, cache.mirrored_extra):
+        left = ex.crop_top_left[1]
+        assert ex.excess_width == 128 and extra["time_ids"][3].item() == left
+        assert mirrored["time_ids"][3].item() == 128 - left
+        corners.append(left)
+    assert any(left != 64 for left in corners)  # a random crop off-centre: the two corners differ
 
 
 @pytest.mark.parametrize("arch", SD_ARCHS)

@@ -87,33 +87,33 @@ def test_a_gamma_above_every_snr_is_the_plain_loss(sd_bases, arch):
     assert sd_loss(sd_bases[arch], Objective(snr_gamma=0.05))[0] < plain  # a low γ damps the low-noise samples
 
 
-def test_a_zero_terminal_snr_step_gets_weight_one_not_nan(sd_bases):
+@pytest.mark.parametrize("prediction,terminal", [("epsilon", 1.0), ("v_prediction", 0.0)])
+def test_a_zero_terminal_snr_step_gets_the_limit_of_its_weight_not_nan(prediction, terminal):
     from diffusers import DDPMScheduler
 
     from trainer.models.sd import min_snr_weights
 
-    scheduler = DDPMScheduler(rescale_betas_zero_snr=True)  # SNR is exactly 0 at the last step
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type=prediction)  # SNR 0 at the last step
     weights = min_snr_weights(scheduler, torch.tensor([0, 500, 999]), 5.0)
-    assert torch.isfinite(weights).all() and weights[-1] == 1.0
+    assert torch.isfinite(weights).all() and weights[-1] == terminal
 
 
 @pytest.mark.parametrize("arch", SD_ARCHS)
-def test_offset_noise_adds_one_draw_per_image_and_channel_scaled_by_the_offset(sd_bases, arch):
-    runs = {offset: sd_loss(sd_bases[arch], Objective(noise_offset=offset)) for offset in (0.0, 0.05, 0.1)}
-    _, latents, _, plain_t, scheduler = runs[0.0]
-    plain = recovered_noise(scheduler, latents, runs[0.0][2], plain_t)
-    shifts = {}
-    for offset in (0.05, 0.1):
-        loss, _, noisy, timesteps, _ = runs[offset]
-        assert torch.equal(timesteps, plain_t)  # the same timesteps and pixel noise: only the offset is new
-        shift = recovered_noise(scheduler, latents, noisy, timesteps) - plain
-        per_channel = shift.mean(dim=(2, 3), keepdim=True)
-        torch.testing.assert_close(shift, per_channel.expand_as(shift), rtol=0, atol=2e-4)  # constant over pixels
-        assert per_channel.abs().min() > 0
-        shifts[offset] = per_channel
-        # the offset is part of the target too: the zero prediction's error is the whole noise
-        torch.testing.assert_close(loss, (plain + shift).pow(2).mean(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(shifts[0.1], 2 * shifts[0.05], rtol=1e-3, atol=1e-5)  # one draw, scaled
+@pytest.mark.parametrize("offset", [0.05, 0.1])
+def test_offset_noise_adds_a_normal_draw_per_image_and_channel_scaled_by_the_offset(sd_bases, arch, offset):
+    _, latents, plain_noisy, plain_t, scheduler = sd_loss(sd_bases[arch], Objective(), seed=3)
+    loss, _, noisy, timesteps, _ = sd_loss(sd_bases[arch], Objective(noise_offset=offset), seed=3)
+    assert torch.equal(timesteps, plain_t)  # the same timesteps and pixel noise: only the offset is new
+    plain = recovered_noise(scheduler, latents, plain_noisy, plain_t)
+    shift = recovered_noise(scheduler, latents, noisy, timesteps) - plain
+    # the generator's draws in order: pixel noise, timesteps, then N(0, 1) of shape (batch, channels, 1, 1)
+    replay = torch.Generator().manual_seed(3)
+    torch.randn(latents.shape, generator=replay)
+    torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=replay)
+    draw = torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=replay)
+    torch.testing.assert_close(shift, (offset * draw).expand_as(shift), rtol=0, atol=2e-4)
+    # the offset is part of the target too: the zero prediction's error is the whole noise
+    torch.testing.assert_close(loss, (plain + shift).pow(2).mean(), rtol=1e-4, atol=1e-6)
 
 
 def test_sd_training_with_the_options_and_flips_records_them_in_the_export(base_dirs, scene_dir, tmp_path):

@@ -77,8 +77,9 @@ def test_metadata(runs, arch):
         assert meta["modelspec.resolution"] == "64x64"
         assert len(meta["studio.base_model_sha256"]) == 64 and len(meta["studio.data_sha256"]) == 64
         assert meta["studio.image_count"] == "8"
-        assert (meta["ss_learning_rate"], meta["ss_seed"], meta["ss_optimizer"]) == \
-            (f"{config.lr:g}", "7", "adamw(weight_decay=0.01)")
+        assert (meta["ss_learning_rate"], meta["ss_seed"], meta["ss_max_train_steps"], meta["ss_total_batch_size"]) == \
+            (f"{config.lr:g}", "7", "5", str(config.batch_size))
+        assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"  # kohya names the class
         assert (meta["ss_noise_offset"], meta["ss_min_snr_gamma"], meta["ss_flip_aug"]) == ("0", "0", "False")
         tags = json.loads(meta["ss_tag_frequency"])
         assert sum(tags[next(iter(tags))].values()) >= 8 and tags[next(iter(tags))]["zkstyle"] == 8

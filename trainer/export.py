@@ -157,19 +157,27 @@ class ExportInfo:
     training: dict = field(default_factory=dict)  # kohya's ss_* record of the settings: see training_record
 
 
-def training_record(config) -> dict[str, str]:
+# how kohya's scripts name the optimizer classes (``ss_optimizer``)
+_OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+                      "paged_adamw8bit": "bitsandbytes.optim.adamw.PagedAdamW8bit"}
+
+
+def training_record(config, processes: int | None = None) -> dict[str, str]:
     """How a run trained, under the ``ss_*`` keys kohya's scripts write (a ``TrainConfig``; all strings).
 
     The A1111/Forge metadata viewer and model sites show these, so an artist sharing a LoRA shares its
-    recipe; a mix baked from several LoRAs has no one recipe and leaves them out.
+    recipe; a mix baked from several LoRAs has no one recipe and leaves them out. ``processes``: how many
+    trained together (the total batch), when known.
     """
-    return {
+    record = {
         "ss_learning_rate": f"{config.lr:g}",
         "ss_unet_lr": f"{config.lr:g}",
         "ss_text_encoder_lr": "0",  # the text encoders stay frozen
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.warmup_steps),
-        "ss_optimizer": f"{config.optimizer}(weight_decay={config.weight_decay:g})",
+        "ss_max_train_steps": str(config.steps),
+        "ss_optimizer": f"{_OPTIMIZER_CLASSES.get(config.optimizer, config.optimizer)}"
+                        f"(weight_decay={config.weight_decay:g})",
         "ss_max_grad_norm": f"{config.max_grad_norm:g}",
         "ss_batch_size_per_device": str(config.batch_size),
         "ss_gradient_accumulation_steps": str(config.grad_accum),
@@ -178,8 +186,10 @@ def training_record(config) -> dict[str, str]:
         "ss_noise_offset": f"{config.noise_offset:g}",
         "ss_min_snr_gamma": f"{config.snr_gamma:g}",
         "ss_seed": str(config.seed),
-        "ss_network_train_unet_only": "True",
     }
+    if processes is not None:
+        record["ss_total_batch_size"] = str(config.batch_size * config.grad_accum * processes)
+    return record
 
 
 def build_metadata(info: ExportInfo, weights: LoraWeights) -> dict[str, str]:

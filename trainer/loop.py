@@ -11,7 +11,7 @@ import contextlib
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +19,7 @@ import torch
 
 from trainer import events as ev
 from trainer.atomic import write_text
+from trainer.bases import parse_base
 from trainer.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
 from trainer.config import Precision, TrainConfig, dump_yaml
 from trainer.distributed import Dist, setup
@@ -118,7 +119,7 @@ def shared_cache(base: LoadedBase, examples: list[Example], run_dir: Path, dist:
     path = run_dir / "cache.pt"
     if dist.is_main:
         cache = build_cache(base, examples, mirrored=mirrored)
-        torch.save(asdict(cache), path)
+        torch.save({f.name: getattr(cache, f.name) for f in fields(cache)}, path)  # asdict would copy every tensor
     dist.barrier()
     if not dist.is_main:
         cache = Cache(**torch.load(path, map_location="cpu", weights_only=True))
@@ -279,9 +280,10 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     scan = scan_dataset(config.data)
     for warning in scan.warnings:
         emit(ev.Log(message=warning))
-    base = load_base(config.base, config.precision, dist.device(config.device), config.base_config or None)
     objective = Objective(noise_offset=config.noise_offset, snr_gamma=config.snr_gamma)
-    check_objective(base.arch, objective)
+    check_objective(parse_base(config.base).arch, objective)  # before loading, where the base says what it is
+    base = load_base(config.base, config.precision, dist.device(config.device), config.base_config or None)
+    check_objective(base.arch, objective)  # a hub id says it only once loaded
     examples, skipped = prepare(scan, config.resolution, config.center_crop, config.trigger, config.seed)
     for name, reason in skipped:
         emit(ev.Log(message=f"skipped {name}: {reason}"))
@@ -446,7 +448,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
         steps=step, resolution=config.resolution, output_name=run_dir.name, title=config.title or run_dir.name,
         trigger=config.trigger, license=config.license, description=config.description, targets=config.targets,
         started_at=started_at, image_count=len(examples), data_sha256=dataset_hash(examples),
-        tag_frequency=tag_frequency(examples, groups), training=training_record(config),
+        tag_frequency=tag_frequency(examples, groups), training=training_record(config, dist.world),
     )
     exports = export_lora(run_dir, weights, info, base.handler.peft_prefix, flux_dims(base))
     paths = tuple(str(p) for p in exports)

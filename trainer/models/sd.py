@@ -27,7 +27,8 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     snr = compute_snr(noise_scheduler, timesteps).float()
     clipped = torch.clamp(snr, max=gamma)
     denominator = snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr
-    # a zero-terminal-SNR schedule has SNR 0 at its last step, where min(SNR, γ)/SNR tends to 1
+    # a zero-terminal-SNR schedule has SNR 0 at its last step: there ε-prediction's min(SNR, γ)/SNR tends to 1
+    # (diffusers' example divides 0 by 0 there), and v-prediction's min(SNR, γ)/(SNR + 1) is 0
     return torch.where(denominator > 0, clipped / denominator.clamp(min=torch.finfo(torch.float32).tiny),
                        torch.ones_like(snr))
 
