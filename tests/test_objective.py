@@ -1,4 +1,4 @@
-"""The SD training objective's options: offset noise and Min-SNR-γ weighting.
+"""The training objective's options: offset noise and Min-SNR-γ weighting (SD1.5/SDXL), timestep sampling (FLUX).
 
 Each loss is checked against the noise, timesteps and targets read back from what the denoiser was given
 (a stand-in denoiser that predicts zero, so each sample's error is its target's mean square), not against a
@@ -116,23 +116,65 @@ def test_offset_noise_adds_a_normal_draw_per_image_and_channel_scaled_by_the_off
     torch.testing.assert_close(loss, (plain + shift).pow(2).mean(), rtol=1e-4, atol=1e-6)
 
 
-def test_sd_training_with_the_options_and_flips_records_them_in_the_export(base_dirs, scene_dir, tmp_path):
+@pytest.mark.parametrize("arch,options,recorded", [
+    ("sd15", dict(noise_offset=0.1, snr_gamma=5.0, flip=True),
+     {"ss_noise_offset": "0.1", "ss_min_snr_gamma": "5", "ss_flip_aug": "True"}),
+    ("flux", dict(timestep_sampling="logit_normal", flip=True),
+     {"ss_timestep_sampling": "sigmoid", "ss_sigmoid_scale": "1.0", "ss_flip_aug": "True", "ss_noise_offset": "0"}),
+])
+def test_training_with_the_options_records_them_in_the_export(base_dirs, scene_dir, tmp_path, arch, options, recorded):
     from trainer.export import read_lora
     from trainer.loop import run_training
 
     seen = []
-    result = run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "r", steps=2, noise_offset=0.1,
-                                      snr_gamma=5.0, flip=True), emit=seen.append)
+    result = run_training(tiny_config(str(base_dirs[arch]), scene_dir, tmp_path / "r", steps=2, **options),
+                          emit=seen.append)
     assert result.step == 2 and all(torch.isfinite(torch.tensor(e.loss)) for e in seen if e.kind == "step")
     meta = read_lora(result.exports[0])[1]
-    assert (meta["ss_noise_offset"], meta["ss_min_snr_gamma"], meta["ss_flip_aug"], meta["ss_seed"]) == \
-        ("0.1", "5", "True", "7")
+    assert {key: meta.get(key) for key in recorded} == recorded and meta["ss_seed"] == "7"
 
 
-@pytest.mark.parametrize("options", [{"noise_offset": 0.1}, {"snr_gamma": 5.0}])
-def test_flux_refuses_the_sd_objective_options_before_writing_anything(base_dirs, scene_dir, tmp_path, options):
+@pytest.mark.parametrize("arch,options,message", [
+    ("flux", {"noise_offset": 0.1}, "FLUX trains with flow matching, so set both to 0"),
+    ("flux", {"snr_gamma": 5.0}, "FLUX trains with flow matching, so set both to 0"),
+    ("sd15", {"timestep_sampling": "logit_normal"}, "sd15 draws its timesteps uniformly"),
+    ("sdxl", {"timestep_sampling": "logit_normal"}, "sdxl draws its timesteps uniformly"),
+])
+def test_an_option_the_architectures_loss_lacks_is_refused_before_writing_anything(base_dirs, scene_dir, tmp_path,
+                                                                                   arch, options, message):
     from trainer.loop import run_training
 
-    with pytest.raises(ConfigError, match="FLUX trains with flow matching, so set both to 0"):
-        run_training(tiny_config(str(base_dirs["flux"]), scene_dir, tmp_path / "r", **options))
+    with pytest.raises(ConfigError, match=message):
+        run_training(tiny_config(str(base_dirs[arch]), scene_dir, tmp_path / "r", **options))
     assert not (tmp_path / "r" / "config.yaml").exists() and not (tmp_path / "r" / "checkpoints").exists()
+
+
+class ZeroTransformer:
+    """Called in place of the FLUX transformer: records the timestep and predicts zero."""
+
+    def __init__(self):
+        self.timesteps = []
+
+    def __call__(self, hidden_states, timestep, **kwargs):
+        self.timesteps.append(timestep.clone())
+        return (torch.zeros_like(hidden_states),)
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
+def test_flux_draws_its_timesteps_as_the_sampling_says(base_dirs, sampling):
+    base = load_base(str(base_dirs["flux"]), "fp32", "cpu")
+    scheduler = base.handler.training_scheduler(base.pipe)
+    bsz = 64
+    latents = torch.randn(bsz, base.denoiser.config.in_channels // 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = {"encoder_hidden_states": torch.zeros(bsz, 8, base.denoiser.config.joint_attention_dim),
+            "pooled_projections": torch.zeros(bsz, base.denoiser.config.pooled_projection_dim)}
+    zero = ZeroTransformer()
+    base.handler.loss(base.pipe, base.denoiser, scheduler, latents, cond, torch.Generator().manual_seed(4),
+                      forward=zero, objective=Objective(timestep_sampling=sampling))
+    replay = torch.Generator().manual_seed(4)
+    torch.randn(latents.shape, generator=replay)  # the noise comes first
+    u = torch.sigmoid(torch.randn(bsz, generator=replay)) if sampling == "logit_normal" else torch.rand(bsz, generator=replay)
+    expected = scheduler.timesteps[(u * scheduler.config.num_train_timesteps).long()] / 1000
+    torch.testing.assert_close(zero.timesteps[0], expected)
+    middle = ((expected > 0.25) & (expected < 0.75)).float().mean()
+    assert (middle > 0.6) == (sampling == "logit_normal")  # logit-normal: about 73 % in the middle half, uniform 50 %

@@ -81,6 +81,7 @@ def test_metadata(runs, arch):
             (f"{config.lr:g}", "7", "5", str(config.batch_size))
         assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"  # kohya names the class
         assert (meta["ss_noise_offset"], meta["ss_min_snr_gamma"], meta["ss_flip_aug"]) == ("0", "0", "False")
+        assert "ss_timestep_sampling" not in meta  # uniform: kohya's default, not written
         tags = json.loads(meta["ss_tag_frequency"])
         assert sum(tags[next(iter(tags))].values()) >= 8 and tags[next(iter(tags))]["zkstyle"] == 8
         assert all(isinstance(v, str) for v in meta.values())

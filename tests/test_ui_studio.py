@@ -167,11 +167,12 @@ def test_start_with_advanced_settings_collapsed_uses_the_presets_values(studio, 
     """The README's quick start presses Start without opening "Advanced settings": the browser then sends
     None for every field inside it, the text ones included."""
     add_images(studio, "r1", tmp_path)
-    collapsed = TrainForm("demo-random:sd15", "tone", *[None] * 16)
+    collapsed = TrainForm("demo-random:sd15", "tone", *[None] * 17)
     used, message = studio.start("r1", collapsed)
     assert used == "r1" and message.startswith("Training 'r1'")
     cfg = job_of(studio, "r1").config
     assert (cfg.preset, cfg.rank, cfg.trigger, cfg.precision.value) == ("tone", 1, "", "auto")
+    assert (cfg.flip, cfg.noise_offset, cfg.snr_gamma, cfg.timestep_sampling) == (False, 0.0, 0.0, "uniform")
     assert cfg.sample_prompts == ()  # no prompt given: the dataset's first captions, as the field says
     assert studio.settings("r1")["trigger"] == ""
     wait_ended(studio, "r1")
@@ -191,11 +192,13 @@ def test_rank_and_alpha_from_the_form_with_the_ratio_warning(studio, tmp_path, r
     wait_ended(studio, "r1")
 
 
-def test_flip_noise_offset_and_min_snr_from_the_form_the_last_two_refused_for_flux(studio, tmp_path):
+def test_objective_options_from_the_form_each_refused_where_the_architecture_lacks_it(studio, tmp_path):
     add_images(studio, "r1", tmp_path)
     with pytest.raises(UserError, match=r"^cannot start: noise_offset=0.1, snr_gamma=0: .*FLUX trains with flow "
                                         r"matching, so set both to 0$"):
         studio.start("r1", form(base="demo-random:flux", noise_offset="0.1"))
+    with pytest.raises(UserError, match=r"^cannot start: timestep_sampling='logit_normal' is for FLUX's flow matching"):
+        studio.start("r1", form(timestep_sampling="logit_normal"))
     assert studio.jobs() == []
     studio.start("r1", form(noise_offset="0.1", snr_gamma=5, flip=True))
     cfg = job_of(studio, "r1").config

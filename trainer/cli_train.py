@@ -17,7 +17,8 @@ from trainer.presets import resolve_config
 
 # CLI flag -> TrainConfig field, for flags whose names differ only by dashes
 _FLAGS = ("base", "base_config", "data", "out", "rank", "alpha", "targets", "precision", "steps", "lr", "lr_scheduler", "warmup_steps",
-          "batch_size", "grad_accum", "resolution", "caption_dropout", "flip", "noise_offset", "snr_gamma", "trigger", "optimizer", "seed",
+          "batch_size", "grad_accum", "resolution", "caption_dropout", "flip", "noise_offset", "snr_gamma", "timestep_sampling",
+          "trigger", "optimizer", "seed",
           "checkpoint_every", "sample_every", "sample_steps", "sample_guidance", "init_lora", "device", "title",
           "license", "description", "adapter_dtype", "keep_checkpoints", "gradient_checkpointing", "compile",
           "channels_last", "attention", "offload_frozen")
@@ -100,6 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-dropout", type=float)
     p.add_argument("--noise-offset", type=float, help="SD1.5/SDXL: offset noise strength (0.05-0.1 usual; 0 off)")
     p.add_argument("--snr-gamma", type=float, help="SD1.5/SDXL: Min-SNR-gamma loss weighting (5 usual; 0 off)")
+    p.add_argument("--timestep-sampling", choices=("uniform", "logit_normal"),
+                   help="FLUX: how training timesteps are drawn (default uniform)")
     p.add_argument("--trigger")
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
     p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), nargs="?", const="on",

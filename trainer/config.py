@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from trainer.errors import ConfigError
+from trainer.objective import TIMESTEP_SAMPLINGS
 
 
 class Precision(str, enum.Enum):
@@ -72,6 +73,8 @@ class TrainConfig:
                                 default=0.0)
     snr_gamma: float = _help("SD1.5/SDXL: Min-SNR-γ loss weighting (Hang et al. 2023), which stops the easy, "
                              "low-noise timesteps dominating; 5 is the paper's value, 0 = off.", default=0.0)
+    timestep_sampling: str = _help("FLUX: uniform, or logit_normal (the SD3 paper's sigmoid of N(0, 1): more steps at "
+                                   "mid noise levels).", default="uniform")
     trigger: str = _help("Trigger word prepended to every caption that lacks it.", default="")
     optimizer: str = _help("adamw, adamw8bit or paged_adamw8bit (the last two need bitsandbytes + CUDA).", default="adamw")
     weight_decay: float = _help("AdamW weight decay.", default=1e-2)
@@ -130,6 +133,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(finite(cfg.caption_dropout) and 0 <= cfg.caption_dropout < 1, "caption_dropout", "in [0, 1)")
     need(finite(cfg.noise_offset) and 0 <= cfg.noise_offset <= 1, "noise_offset", "in [0, 1] (0 = off)")
     need(finite(cfg.snr_gamma) and cfg.snr_gamma >= 0, "snr_gamma", "a number >= 0 (0 = off)")
+    need(cfg.timestep_sampling in TIMESTEP_SAMPLINGS, "timestep_sampling", f"one of {', '.join(TIMESTEP_SAMPLINGS)}")
     need(cfg.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}")
     need(cfg.gradient_checkpointing in CHECKPOINTING_MODES, "gradient_checkpointing",
          f"one of {', '.join(CHECKPOINTING_MODES)} (true/false mean on/off)")

@@ -187,6 +187,8 @@ def training_record(config, processes: int | None = None) -> dict[str, str]:
         "ss_min_snr_gamma": f"{config.snr_gamma:g}",
         "ss_seed": str(config.seed),
     }
+    if config.timestep_sampling == "logit_normal":  # kohya's FLUX scripts call sigmoid(N(0, scale²)) "sigmoid"
+        record.update(ss_timestep_sampling="sigmoid", ss_sigmoid_scale="1.0")
     if processes is not None:
         record["ss_total_batch_size"] = str(config.batch_size * config.grad_accum * processes)
     return record

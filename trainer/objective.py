@@ -1,4 +1,4 @@
-"""Options of the SD1.5/SDXL training objective, kept free of torch so the web app can check them cheaply."""
+"""Options of the training objective, kept free of torch so the web app can check them cheaply."""
 
 from __future__ import annotations
 
@@ -18,18 +18,30 @@ class Objective:
     ``snr_gamma``: Min-SNR-γ weighting (Hang et al. 2023), each sample's loss weighted by min(SNR, γ)/SNR
     (ε-prediction) or min(SNR, γ)/(SNR + 1) (v-prediction), so the low-noise timesteps, whose targets are
     easy, stop dominating the gradient.
+
+    ``timestep_sampling`` (FLUX): ``uniform``, or ``logit_normal``: t = sigmoid(N(0, 1)), the SD3 paper's
+    choice for rectified flow (Esser et al. 2024), which spends more steps at mid noise levels where the
+    velocity is hardest to predict and fewer at the ends.
     """
 
     noise_offset: float = 0.0
     snr_gamma: float = 0.0
+    timestep_sampling: str = "uniform"
 
     @property
-    def plain(self) -> bool:
-        return self.noise_offset == 0 and self.snr_gamma == 0
+    def shapes_noise_prediction(self) -> bool:
+        """Whether an SD1.5/SDXL-only option is on."""
+        return self.noise_offset != 0 or self.snr_gamma != 0
+
+
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
 
 def check_objective(arch: str | None, objective: Objective) -> None:
-    """Refuse the SD options for FLUX, whose flow-matching loss has neither ε-noise offsets nor an SNR weighting."""
-    if arch == "flux" and not objective.plain:
+    """Refuse options that the architecture's loss does not have (``arch`` None: not known yet, nothing refused)."""
+    if arch == "flux" and objective.shapes_noise_prediction:
         raise ConfigError([f"noise_offset={objective.noise_offset:g}, snr_gamma={objective.snr_gamma:g}: these shape "
                            "SD1.5/SDXL's noise-prediction loss; FLUX trains with flow matching, so set both to 0"])
+    if arch in ("sd15", "sdxl") and objective.timestep_sampling != "uniform":
+        raise ConfigError([f"timestep_sampling={objective.timestep_sampling!r} is for FLUX's flow matching; "
+                           f"{arch} draws its timesteps uniformly (try snr_gamma for SD1.5/SDXL), so leave it uniform"])

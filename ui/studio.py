@@ -64,6 +64,7 @@ class TrainForm:
     noise_offset: Optional[float] = None
     snr_gamma: Optional[float] = None
     flip: Optional[bool] = None
+    timestep_sampling: Optional[str] = None
 
     def overrides(self) -> dict[str, Any]:
         """The non-empty fields as config overrides.
@@ -93,7 +94,7 @@ class TrainForm:
             "checkpoint_every": num(self.checkpoint_every, int), "trigger": text(self.trigger),
             "rank": num(self.rank, int), "alpha": num(self.alpha, float),
             "noise_offset": num(self.noise_offset, float), "snr_gamma": num(self.snr_gamma, float),
-            "flip": self.flip,
+            "flip": self.flip, "timestep_sampling": text(self.timestep_sampling) or None,
         }
         if text(self.sample_prompt):
             values["sample_prompts"] = [text(self.sample_prompt)]
@@ -357,7 +358,8 @@ class Studio:
         try:
             config, warnings = resolve_config(preset or "style", {**overrides, "data": str(store.dataset_dir(run_dir)),
                                                                   "out": str(run_dir)})
-            check_objective(parse_base(config.base).arch, Objective(config.noise_offset, config.snr_gamma))
+            check_objective(parse_base(config.base).arch, Objective(config.noise_offset, config.snr_gamma,
+                                                                 config.timestep_sampling))
             return config, warnings
         except ConfigError as err:
             raise UserError("cannot start: " + "; ".join(err.problems)) from None

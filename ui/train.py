@@ -13,6 +13,7 @@ import gradio as gr
 
 from trainer.config import TrainConfig, field_help
 from trainer.errors import UserError
+from trainer.objective import TIMESTEP_SAMPLINGS
 from trainer.presets import preset_lr
 from ui import format as fmt
 from ui.studio import Studio, TrainForm, is_demo
@@ -88,6 +89,9 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
                                      info=helps["noise_offset"])
             snr_gamma = gr.Number(TrainConfig.snr_gamma, label="Min-SNR γ (SD1.5/SDXL)", elem_id="snr-gamma",
                                   info=helps["snr_gamma"])
+            timestep_sampling = gr.Dropdown(list(TIMESTEP_SAMPLINGS), value=TrainConfig.timestep_sampling,
+                                            label="Timestep sampling (FLUX)", elem_id="timestep-sampling",
+                                            info=helps["timestep_sampling"])
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="start")
         stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -157,7 +161,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
 
     start.click(on_start, [run, base, preset, steps, lr, resolution, batch, precision, seed, sample_prompt,
                            sample_every, sample_steps, checkpoint_every, trigger, rank, alpha, noise_offset, snr_gamma,
-                           flip],
+                           flip, timestep_sampling],
                 [run, status, last],
                 concurrency_id="train-control", concurrency_limit=1)
     def on_stop(run_name):

@@ -1,7 +1,7 @@
 """FLUX: a rectified-flow transformer trained on the flow-matching objective.
 
 Timestep sampling, packing and the target ``noise - latents`` follow diffusers'
-``train_dreambooth_lora_flux.py`` (weighting scheme "none": uniform timesteps).
+``train_dreambooth_lora_flux.py`` (weighting scheme "none": uniform timesteps, or "logit_normal").
 """
 
 from __future__ import annotations
@@ -55,15 +55,20 @@ class Flux(SD15):
         """Mean flow-matching loss of this process's share of the global batch (see ``SD15.loss``)."""
         from diffusers import FluxPipeline
 
-        if not objective.plain:  # the loop and the web app refuse these for FLUX; this guards other callers
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        if objective.shapes_noise_prediction:  # the loop and the web app refuse these for FLUX; this guards other callers
             raise ValueError("noise_offset and snr_gamma shape the SD noise-prediction loss; FLUX trains with "
                              "flow matching")
 
         bsz, channels, height, width = latents.shape
         device, dtype = latents.device, denoiser.dtype
         noise = draw_shard(torch.randn, tuple(latents.shape), generator, shard).to(device, latents.dtype)
-        u = draw_shard(torch.rand, (bsz,), generator, shard)
-        indices = (u * noise_scheduler.config.num_train_timesteps).long()
+        scheme = "logit_normal" if objective.timestep_sampling == "logit_normal" else "none"  # none: uniform
+        u = draw_shard(lambda shape, generator: compute_density_for_timestep_sampling(
+            scheme, shape[0], logit_mean=0.0, logit_std=1.0, generator=generator), (bsz,), generator, shard)
+        # a float32 sigmoid rounds to 1.0 beyond ~17σ: keep the index inside the table
+        indices = (u * noise_scheduler.config.num_train_timesteps).long().clamp(max=len(noise_scheduler.timesteps) - 1)
         timesteps = noise_scheduler.timesteps[indices].to(device)
         sigmas = noise_scheduler.sigmas[indices].to(device).view(bsz, 1, 1, 1)
         noisy = (1.0 - sigmas) * latents + sigmas * noise

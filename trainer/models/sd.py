@@ -68,6 +68,8 @@ class SD15:
         single process with an N-times larger batch would. ``forward`` is the (possibly
         DDP-wrapped) module to call; ``denoiser`` is the bare model for its attributes.
         """
+        if objective.timestep_sampling != "uniform":  # refused by the loop and the web app; guards other callers
+            raise ValueError("timestep_sampling other than uniform is for FLUX's flow matching")
         bsz = latents.shape[0]
         noise = draw_shard(torch.randn, (bsz, *latents.shape[1:]), generator, shard).to(latents.device, latents.dtype)
         timesteps = draw_shard(lambda shape, generator: torch.randint(0, noise_scheduler.config.num_train_timesteps, shape,
