@@ -196,7 +196,7 @@ def test_out_of_memory_step_is_redone_with_the_same_draws():
     class Handler:
         fail = 1
 
-        def loss(self, pipe, denoiser, scheduler, latents, cond, generator, shard=(0, 1), forward=None):
+        def loss(self, pipe, denoiser, scheduler, latents, cond, generator, shard=(0, 1), forward=None, objective=None):
             noise = torch.randn(latents.shape, generator=generator)
             if self.fail:
                 self.fail -= 1
