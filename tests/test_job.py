@@ -248,5 +248,8 @@ def test_a_resumed_run_shows_each_step_once():
     first += [ev.Step(step=i, total_steps=8, loss=1.0, lr=1e-4, seconds=0.5) for i in range(1, 6)]
     again = [ev.Start(run_dir="r", total_steps=8, start_step=3, images=1, arch="sd15")]
     again += [ev.Step(step=i, total_steps=8, loss=0.5, lr=1e-4, seconds=0.5) for i in range(4, 9)]
+    first += [ev.Eval(step=i, loss=0.9) for i in (0, 2, 4)]  # fixed-noise loss every 2 steps
+    again += [ev.Eval(step=i, loss=0.4) for i in (4, 6, 8)]
     snap = summarize("r", "done", first + again)
     assert snap.losses == ((1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5), (5, 0.5), (6, 0.5), (7, 0.5), (8, 0.5))
+    assert snap.eval_losses == ((0, 0.9), (2, 0.9), (4, 0.4), (6, 0.4), (8, 0.4))

@@ -19,7 +19,7 @@ from trainer.presets import resolve_config
 _FLAGS = ("base", "base_config", "data", "out", "rank", "alpha", "targets", "precision", "steps", "lr", "lr_scheduler", "warmup_steps",
           "batch_size", "grad_accum", "resolution", "caption_dropout", "flip", "noise_offset", "snr_gamma", "timestep_sampling",
           "trigger", "optimizer", "seed",
-          "checkpoint_every", "sample_every", "sample_steps", "sample_guidance", "init_lora", "device", "title",
+          "checkpoint_every", "sample_every", "eval_every", "sample_steps", "sample_guidance", "init_lora", "device", "title",
           "license", "description", "adapter_dtype", "keep_checkpoints", "gradient_checkpointing", "compile",
           "channels_last", "attention", "offload_frozen")
 # speed/memory knobs: they change how a step runs, not what it computes, so a resumed run may change them
@@ -27,7 +27,7 @@ _KNOBS = ("gradient_checkpointing", "compile", "channels_last", "attention", "of
 # what else a resumed run may change: its length, where it runs, what it writes, and the learning rate (the
 # advice after a diverged run is "lower it, then --resume"); batch_size may change with the number of
 # processes (keep batch_size × processes equal for an exact resume)
-_RESUMABLE = ("steps", "device", "sample_every", "checkpoint_every", "batch_size", "lr", "keep_checkpoints",
+_RESUMABLE = ("steps", "device", "sample_every", "eval_every", "checkpoint_every", "batch_size", "lr", "keep_checkpoints",
               "sample_steps", "sample_guidance", "sample_prompts", "title", "license", "description", *_KNOBS)
 _PATHS = ("data", "base_config", "init_lora")
 
@@ -118,6 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--keep-checkpoints", type=int)
     p.add_argument("--sample-every", type=int)
+    p.add_argument("--eval-every", type=int, help="fixed-noise loss every N steps (0 = never)")
     p.add_argument("--sample-prompt", action="append", dest="sample_prompts", help="repeatable")
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--sample-guidance", type=float)

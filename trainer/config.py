@@ -93,6 +93,8 @@ class TrainConfig:
     checkpoint_every: int = _help("Write a resumable checkpoint every N steps (0 = only at the end).", default=100)
     keep_checkpoints: int = _help("How many checkpoints to keep (oldest are deleted).", default=2)
     sample_every: int = _help("Render sample images every N steps (0 = never).", default=100)
+    eval_every: int = _help("Every N steps, the loss on fixed noise and timesteps for the first 8 images: a curve that "
+                            "moves only when the weights do, unlike the training loss (0 = never).", default=0)
     sample_prompts: tuple[str, ...] = _help("Prompts for sample images (empty: the first captions).", default=())
     sample_steps: int = _help("Denoising steps for sample images.", default=20)
     sample_guidance: float = _help("Classifier-free guidance for sample images.", default=5.0)
@@ -148,6 +150,8 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(isinstance(cfg.checkpoint_every, int) and cfg.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
     need(isinstance(cfg.keep_checkpoints, int) and cfg.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1")
     need(isinstance(cfg.sample_every, int) and cfg.sample_every >= 0, "sample_every", "an integer >= 0")
+    need(isinstance(cfg.eval_every, int) and not isinstance(cfg.eval_every, bool) and cfg.eval_every >= 0,
+         "eval_every", "an integer >= 0")
     need(isinstance(cfg.sample_steps, int) and 1 <= cfg.sample_steps <= 200, "sample_steps", "an integer from 1 to 200")
     need(finite(cfg.sample_guidance) and cfg.sample_guidance >= 0, "sample_guidance", "a number >= 0")
     need(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"), "device", "auto, cpu or cuda[:N]")

@@ -46,6 +46,15 @@ class Step(Event):
 
 
 @dataclass(frozen=True)
+class Eval(Event):
+    """The fixed-noise loss after ``step`` steps (see :mod:`trainer.eval_loss`)."""
+
+    kind = "eval"
+    step: int
+    loss: float
+
+
+@dataclass(frozen=True)
 class Checkpoint(Event):
     kind = "checkpoint"
     step: int
@@ -86,7 +95,7 @@ class Done(Event):
     exports: tuple[str, ...]
 
 
-EVENT_TYPES = {cls.kind: cls for cls in (Start, Step, Checkpoint, Sample, Log, Error, Stopped, Done)}
+EVENT_TYPES = {cls.kind: cls for cls in (Start, Step, Eval, Checkpoint, Sample, Log, Error, Stopped, Done)}
 
 Emit = Callable[[Event], None]
 

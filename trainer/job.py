@@ -38,6 +38,7 @@ class JobSnapshot:
     step: int = 0
     total_steps: int = 0
     losses: tuple[tuple[int, float], ...] = ()
+    eval_losses: tuple[tuple[int, float], ...] = ()  # the fixed-noise loss (eval_every)
     it_per_s: float = 0.0
     eta_s: float = 0.0
     samples: tuple[str, ...] = ()
@@ -50,18 +51,21 @@ class JobSnapshot:
 def summarize(run_dir: str, state: str, events: list[ev.Event]) -> JobSnapshot:
     """Fold a run's events into a snapshot (used live and for runs read back from disk)."""
     snap = JobSnapshot(run_dir=run_dir, state=state)
-    losses, log, samples, step_times = [], [], [], []
+    losses, eval_losses, log, samples, step_times = [], [], [], [], []
     for e in events:
         if isinstance(e, ev.Start):
             snap = replace(snap, total_steps=e.total_steps, step=e.start_step, error="")  # a resume starts clean
             # steps after the checkpoint it resumes from were lost with the killed process and are trained again:
             # the curve shows each step once, as trained by the run that kept it
             losses[:] = [(step, loss) for step, loss in losses if step <= e.start_step]
+            eval_losses[:] = [(step, loss) for step, loss in eval_losses if step <= e.start_step]
             log.append(e.message or f"started: {e.images} images, {e.total_steps} steps ({e.arch})")
         elif isinstance(e, ev.Step):
             losses.append((e.step, e.loss))
             step_times.append(e.seconds)
             snap = replace(snap, step=e.step, total_steps=e.total_steps)
+        elif isinstance(e, ev.Eval):
+            eval_losses.append((e.step, e.loss))
         elif isinstance(e, ev.Checkpoint):
             snap = replace(snap, checkpoint=e.path)
             log.append(f"step {e.step}: checkpoint saved")
@@ -81,7 +85,7 @@ def summarize(run_dir: str, state: str, events: list[ev.Event]) -> JobSnapshot:
     recent = step_times[-20:]
     it_per_s = len(recent) / sum(recent) if recent and sum(recent) > 0 else 0.0
     remaining = max(snap.total_steps - snap.step, 0)
-    return replace(snap, losses=tuple(losses), samples=tuple(samples), log=tuple(log[-200:]),
+    return replace(snap, losses=tuple(losses), eval_losses=tuple(eval_losses), samples=tuple(samples), log=tuple(log[-200:]),
                    it_per_s=it_per_s, eta_s=remaining / it_per_s if it_per_s else 0.0)
 
 

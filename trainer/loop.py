@@ -25,6 +25,7 @@ from trainer.config import Precision, TrainConfig, dump_yaml
 from trainer.distributed import Dist, setup
 from trainer.data import BatchPlan, Example, dataset_hash, prepare, scan_dataset, tag_frequency
 from trainer.errors import ConfigError, DataError, TrainingDiverged, UnsupportedError, UserError, WriteError
+from trainer.eval_loss import eval_batches, fixed_noise_loss
 from trainer.export import ExportInfo, export_lora, from_peft_state_dict, training_record, weights_from_file
 from trainer.models import LoadedBase, load_base
 from trainer.models.knobs import checkpointing_plan, frozen_parts, prepare_denoiser
@@ -346,6 +347,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                   f"({base.precision.value}, {base.device.type})"))
 
     saved_at = start_step if resume else None  # the same on every process: deciding from the disk would race
+    eval_set = eval_batches(cache.latents, [{**cache.text[ex.caption], **cache.extra[i]} for i, ex in enumerate(examples)],
+                            [ex.bucket for ex in examples]) if config.eval_every else []
 
     def checkpoint(step: int) -> None:
         nonlocal saved_at
@@ -359,6 +362,14 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                                                    scaler=scaler.state_dict() if scaler is not None else None),
                                keep=config.keep_checkpoints)
         emit(ev.Checkpoint(step=step, path=str(path)))
+
+    def evaluate(step: int) -> None:
+        """Every process computes it (under FSDP each denoiser call gathers the shards of all); the main one says it."""
+        loss = fixed_noise_loss(base.handler, base.pipe, denoiser, noise_scheduler, eval_set, config.seed + 1,
+                                base.device, config.attention, parts.compute_dtype)
+        if progress is not None:
+            progress.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "-", eval=f"{loss:.4f}")
+        emit(ev.Eval(step=step, loss=loss))
 
     def sample(step: int) -> None:
         if not dist.is_main and not dist.sharded:
@@ -410,8 +421,11 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
 
         progress = tqdm(total=config.steps, initial=start_step, desc=run_dir.name, unit="step", dynamic_ncols=True)
     step = start_step
+    last_loss: Optional[float] = None
     denoiser.train()
     try:
+        if config.eval_every and start_step == 0:  # where the curve starts (a resumed run has this point already)
+            evaluate(0)
         while step < config.steps and not dist.any(stop.is_set()):
             t0 = time.perf_counter()
             lr = lr_scheduler.get_last_lr()[0]  # the rate this step trains with (the step advances the schedule)
@@ -420,9 +434,12 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
             step += 1
             emit(ev.Step(step=step, total_steps=config.steps, loss=total, lr=lr,
                          seconds=time.perf_counter() - t0))
+            last_loss = total
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{total:.4f}")
+            if config.eval_every and step % config.eval_every == 0:
+                evaluate(step)
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
                 checkpoint(step)
             if config.sample_every and step % config.sample_every == 0:
