@@ -116,9 +116,11 @@ def test_progress_html_shows_step_speed_eta_and_escapes_errors():
 
 def test_duration_points_and_reports():
     assert [fmt.duration(s) for s in (7, 185, 3900)] == ["7 s", "3 min 05 s", "1 h 05 min"]
-    many = snap(losses=tuple((i, 1.0 / i) for i in range(1, 2001)))
+    many = snap(losses=tuple((i, 1.0 / i) for i in range(1, 2001)), eval_losses=((0, 2.0), (1000, 1.5), (2000, 1.2)))
     points = fmt.loss_points(many)
-    assert len(points) == fmt.MAX_PLOT_POINTS and points[-1][0] == 2000 and points[0][0] == 1
+    training = [p for p in points if p[2] == fmt.TRAINING_SERIES]
+    assert len(training) == fmt.MAX_PLOT_POINTS and training[-1][0] == 2000 and training[0][0] == 1
+    assert [p[:2] for p in points if p[2] == fmt.FIXED_NOISE_SERIES] == [(0, 2.0), (1000, 1.5), (2000, 1.2)]  # all
     report = fmt.upload_report(2, [("a`b\n.png", "not an image Pillow can read")])
     assert "`a'b .png` — not an image Pillow can read" in report and "Added **2**" in report
     assert fmt.checkpoint_line(snap(state="stopped", checkpoint="/o/r/checkpoints/step-000004")) == \

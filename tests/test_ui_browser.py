@@ -692,6 +692,77 @@ def test_rank_and_alpha_follow_the_preset_and_warn_outside_the_usual_ratio(page,
     wait_until(page, lambda: rank.input_value() == "8", 20, "the style preset's rank")
 
 
+def test_loss_options_reach_the_run_and_the_wrong_architecture_is_refused(page, server):
+    """Advanced settings' flips / noise offset / Min-SNR / timestep sampling row: on an SD base the values reach
+    the queued job and the run's config.yaml; an option of the other architecture's loss is refused at Start in
+    the one status line, with nothing queued and no run folder made."""
+    import yaml
+
+    from trainer.queue import JobQueue
+
+    if "hatch" not in FLOW:
+        pytest.skip("needs the demo style set run")
+    queue = JobQueue(server.outputs)
+
+    def run_folders() -> set:
+        return {p.name for p in server.outputs.iterdir() if p.is_dir()}
+
+    pick(page, "run-select", FLOW["hatch"])
+    open_tab(page, "2 · Train")
+    if not page.locator("#noise-offset input").is_visible():
+        page.locator("#advanced").get_by_text("Advanced settings").click()
+    pick(page, "preset", "tone")
+    status = page.locator("#train-status")
+    refused = (  # each refusal's text differs from the one before it, so a stale status line cannot pass
+        ("demo:flux", 0.1, 0, "uniform", "noise_offset=0.1, snr_gamma=0: these shape SD1.5/SDXL's noise-prediction"),
+        ("demo:flux", 0, 5, "uniform", "noise_offset=0, snr_gamma=5: these shape SD1.5/SDXL's noise-prediction"),
+        (BASE, 0, 0, "logit_normal", "timestep_sampling='logit_normal' is for FLUX's flow matching; sd15"),
+    )
+    for base, offset, gamma, sampling, why in refused:
+        jobs, folders = len(queue.list()), run_folders()
+        pick(page, "base", base)
+        set_number(page, "noise-offset", offset)
+        set_number(page, "snr-gamma", gamma)
+        pick(page, "timestep-sampling", sampling)
+        page.click("#start")
+        line = wait_until(page, lambda: why in (t := status.inner_text().strip()) and t, 20, f"the refusal on {base}")
+        assert line.startswith("⚠ cannot start: ") and "\n" not in line, line
+        assert len(queue.list()) == jobs and run_folders() == folders, f"{base} queued a run"
+
+    pick(page, "timestep-sampling", "uniform")
+    page.locator("#flip input[type=checkbox]").check()
+    for elem_id, value in (("noise-offset", 0.1), ("snr-gamma", 5), ("steps", 2), ("sample-every", 0),
+                           ("checkpoint-every", 0), ("eval-every", 1)):
+        set_number(page, elem_id, value)
+    jobs = len(queue.list())
+    page.click("#start")
+    wait_until(page, lambda: "Training" in status.inner_text(), 20, "the start message")
+    job = wait_until(page, lambda: len(queue.list()) > jobs and queue.list()[-1], 10, "the queued job")
+    wanted = {"base": BASE, "flip": True, "noise_offset": 0.1, "snr_gamma": 5.0, "timestep_sampling": "uniform",
+              "eval_every": 1}
+    assert {k: getattr(job.config, k) for k in wanted} == wanted
+    run_dir = Path(job.run_dir)
+    assert page.locator("#run-select input").input_value() == run_dir.name
+    saved = wait_until(page, lambda: (run_dir / "config.yaml").is_file()  # the trainer writes it once the base loaded
+                       and yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), 120, "config.yaml")
+    assert {k: saved[k] for k in wanted} == wanted
+    # the panel shows the new run (2 steps) a poll after Start: until then it may show the run before it
+    ended = wait_until(page, lambda: (p := progress(page))["state"] in ("done", "stopped", "failed")
+                       and "/2 " in p["text"] and p, 90, "the 2-step run to end")
+    assert ended["state"] == "done", ended["text"]
+    from trainer import events as ev
+    from ui.format import FIXED_NOISE_SERIES
+
+    evals = [e.step for e in ev.read_jsonl(run_dir / "events.jsonl") if isinstance(e, ev.Eval)]
+    assert evals == [0, 1, 2]  # the fixed-noise loss, plotted beside the training loss
+    wait_until(page, lambda: FIXED_NOISE_SERIES in page.locator("#loss-plot").inner_html(), 20,
+               "the fixed-noise curve's legend")
+
+    page.locator("#flip input[type=checkbox]").uncheck()  # back to the defaults for the tests that follow
+    for elem_id in ("noise-offset", "snr-gamma", "eval-every"):
+        set_number(page, elem_id, 0)
+
+
 def test_train_learning_rate_follows_the_bases_scale(page, server):
     """A demo base scales the presets' learning rates (studio.json); other bases show the preset's own."""
     from trainer.bases import base_lr_scale

@@ -167,12 +167,13 @@ def test_start_with_advanced_settings_collapsed_uses_the_presets_values(studio, 
     """The README's quick start presses Start without opening "Advanced settings": the browser then sends
     None for every field inside it, the text ones included."""
     add_images(studio, "r1", tmp_path)
-    collapsed = TrainForm("demo-random:sd15", "tone", *[None] * 17)
+    collapsed = TrainForm("demo-random:sd15", "tone", *[None] * 18)
     used, message = studio.start("r1", collapsed)
     assert used == "r1" and message.startswith("Training 'r1'")
     cfg = job_of(studio, "r1").config
     assert (cfg.preset, cfg.rank, cfg.trigger, cfg.precision.value) == ("tone", 1, "", "auto")
-    assert (cfg.flip, cfg.noise_offset, cfg.snr_gamma, cfg.timestep_sampling) == (False, 0.0, 0.0, "uniform")
+    assert (cfg.flip, cfg.noise_offset, cfg.snr_gamma, cfg.timestep_sampling, cfg.eval_every) == \
+        (False, 0.0, 0.0, "uniform", 0)
     assert cfg.sample_prompts == ()  # no prompt given: the dataset's first captions, as the field says
     assert studio.settings("r1")["trigger"] == ""
     wait_ended(studio, "r1")
@@ -200,9 +201,9 @@ def test_objective_options_from_the_form_each_refused_where_the_architecture_lac
     with pytest.raises(UserError, match=r"^cannot start: timestep_sampling='logit_normal' is for FLUX's flow matching"):
         studio.start("r1", form(timestep_sampling="logit_normal"))
     assert studio.jobs() == []
-    studio.start("r1", form(noise_offset="0.1", snr_gamma=5, flip=True))
+    studio.start("r1", form(noise_offset="0.1", snr_gamma=5, flip=True, eval_every=3))
     cfg = job_of(studio, "r1").config
-    assert (cfg.noise_offset, cfg.snr_gamma, cfg.flip) == (0.1, 5.0, True)
+    assert (cfg.noise_offset, cfg.snr_gamma, cfg.flip, cfg.eval_every) == (0.1, 5.0, True, 3)
     wait_ended(studio, "r1")
 
 

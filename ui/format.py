@@ -78,15 +78,20 @@ def _note(note: str) -> str:
     return f'<div class="progress-note">{html.escape(note)}</div>' if note else ""
 
 
-def loss_points(snap: Optional[JobSnapshot]) -> list[tuple[int, float]]:
-    """At most :data:`MAX_PLOT_POINTS` (step, loss) pairs, evenly thinned, always keeping the last."""
-    if snap is None or not snap.losses:
+TRAINING_SERIES, FIXED_NOISE_SERIES = "training", "eval (fixed noise)"
+
+
+def loss_points(snap: Optional[JobSnapshot]) -> list[tuple[int, float, str]]:
+    """(step, loss, series) rows: the training loss thinned evenly to at most :data:`MAX_PLOT_POINTS` (the
+    last always kept), then every fixed-noise loss (one per ``eval_every`` steps: few, and the curve to read)."""
+    if snap is None:
         return []
     points = list(snap.losses)
     if len(points) > MAX_PLOT_POINTS:
         stride = len(points) / MAX_PLOT_POINTS
         points = [points[int(i * stride)] for i in range(MAX_PLOT_POINTS - 1)] + [points[-1]]
-    return points
+    return ([(step, loss, TRAINING_SERIES) for step, loss in points]
+            + [(step, loss, FIXED_NOISE_SERIES) for step, loss in snap.eval_losses])
 
 
 def log_text(snap: Optional[JobSnapshot], lines: int = 200) -> str:

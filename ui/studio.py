@@ -65,6 +65,7 @@ class TrainForm:
     snr_gamma: Optional[float] = None
     flip: Optional[bool] = None
     timestep_sampling: Optional[str] = None
+    eval_every: Optional[int] = None
 
     def overrides(self) -> dict[str, Any]:
         """The non-empty fields as config overrides.
@@ -95,6 +96,7 @@ class TrainForm:
             "rank": num(self.rank, int), "alpha": num(self.alpha, float),
             "noise_offset": num(self.noise_offset, float), "snr_gamma": num(self.snr_gamma, float),
             "flip": self.flip, "timestep_sampling": text(self.timestep_sampling) or None,
+            "eval_every": num(self.eval_every, int),
         }
         if text(self.sample_prompt):
             values["sample_prompts"] = [text(self.sample_prompt)]

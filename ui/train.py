@@ -83,6 +83,8 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
                                      elem_id="sample-every", info=helps["sample_every"])
             sample_steps = gr.Number(TrainConfig.sample_steps, label="Sample denoising steps", precision=0,
                                      elem_id="sample-steps")
+            eval_every = gr.Number(TrainConfig.eval_every, label="Eval every N steps", precision=0, elem_id="eval-every",
+                                   info=helps["eval_every"])
         with gr.Row(equal_height=True):
             flip = gr.Checkbox(TrainConfig.flip, label="Random flips", elem_id="flip", info=helps["flip"])
             noise_offset = gr.Number(TrainConfig.noise_offset, label="Noise offset (SD1.5/SDXL)", elem_id="noise-offset",
@@ -109,8 +111,11 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
             resume_job = gr.Button("Resume job", elem_id="queue-resume", scale=0, min_width=140)
     progress = gr.HTML(fmt.progress_html(None), elem_id="train-progress")
     with gr.Row(equal_height=True):
-        plot = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Training loss",
-                           elem_id="loss-plot", height=260, scale=3)
+        # no value until there are points: a colour column first seen empty is taken for a numeric one, and the
+        # plot then never draws its lines (gradio 6)
+        plot = gr.LinePlot(None, x="step", y="loss", color="series",
+                           title="Loss (training, and on fixed noise with Eval every N steps)", elem_id="loss-plot", height=260,
+                           scale=3)
         samples = gr.Gallery(label="Latest samples", elem_id="samples", columns=2, height=260, scale=2,
                              allow_preview=True, interactive=False)
     checkpoint = gr.Markdown(elem_id="train-checkpoint")
@@ -161,7 +166,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
 
     start.click(on_start, [run, base, preset, steps, lr, resolution, batch, precision, seed, sample_prompt,
                            sample_every, sample_steps, checkpoint_every, trigger, rank, alpha, noise_offset, snr_gamma,
-                           flip, timestep_sampling],
+                           flip, timestep_sampling, eval_every],
                 [run, status, last],
                 concurrency_id="train-control", concurrency_limit=1)
     def on_stop(run_name):
@@ -207,7 +212,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
             note = (note + " " if note else "") + f"'{active}' is training now; select it in the Run box to watch it."
         view = {"run": run_name, "note": note, "state": snap.state if snap else None,
                 "step": snap.step if snap else 0, "total": snap.total_steps if snap else 0,
-                "points": len(snap.losses) if snap else 0, "log": snap.log[-1:] if snap else (),
+                "points": (len(snap.losses), len(snap.eval_losses)) if snap else (0, 0), "log": snap.log[-1:] if snap else (),
                 "samples": list(snap.samples) if snap else [], "checkpoint": snap.checkpoint if snap else "",
                 "error": snap.error if snap else "",
                 "queue": [(j.id, j.state, j.position, j.error, j.resumable) for j in jobs]}
@@ -219,7 +224,9 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         def changed(key):
             return not same_run or view[key] != shown.get(key)
 
-        plot_update = pd.DataFrame(fmt.loss_points(snap), columns=["step", "loss"]) if changed("points") else gr.skip()
+        points = fmt.loss_points(snap)
+        plot_update = (gr.skip() if not changed("points")
+                       else pd.DataFrame(points, columns=["step", "loss", "series"]) if points else None)
         samples_update = view["samples"] if changed("samples") else gr.skip()
         runs_update = gr.skip()
         if changed("state") or changed("total") or changed("queue"):
