@@ -267,7 +267,8 @@ def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page
     wait_until(page, lambda: "rank 1" in page.locator("#preset-info").inner_text(), 10, "the preset summary")
     page.locator("#advanced").get_by_text("Advanced settings").click()
     # many more steps than the test waits for: it stops the run, and a loaded machine must not finish it first
-    for elem_id, value in (("steps", 400), ("sample-every", 2), ("sample-steps", 2), ("checkpoint-every", 50)):
+    for elem_id, value in (("steps", 400), ("sample-every", 2), ("sample-steps", 2), ("checkpoint-every", 50),
+                           ("eval-every", 3)):
         set_number(page, elem_id, value)
     page.click("#start")
     wait_until(page, lambda: "Training" in page.locator("#train-status").inner_text(), 20, "the start message")
@@ -278,6 +279,7 @@ def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page
     assert page.locator("#loss-plot svg, #loss-plot canvas").count() > 0
     wait_until(page, lambda: page.locator("#samples img").count() > 0, 90, "a sample image")
     shot(page, "03a-training-live")  # docs/screenshots/2-train.png: progress, loss curve and samples
+    set_number(page, "eval-every", 0)  # the tests that follow train without the fixed-noise loss
 
     reopened = page.context.new_page()  # a page opened later (or after closing the tab) shows the running job
     reopened.goto(server.url)
