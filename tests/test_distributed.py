@@ -63,10 +63,11 @@ def assert_same(a: dict, b: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol)  # float sums in another order
 
 
-def step_losses(run_dir: Path) -> list[float]:
+def step_losses(run_dir: Path, kind: str = "step") -> list[float]:
+    """The run's training losses (kind "step") or fixed-noise losses ("eval"), in order."""
     from trainer import events as ev
 
-    return [e.loss for e in ev.read_jsonl(run_dir / "events.jsonl") if isinstance(e, ev.Step)]
+    return [e.loss for e in ev.read_jsonl(run_dir / "events.jsonl") if e.kind == kind]
 
 
 @pytest.mark.slow
@@ -75,7 +76,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(base_dirs, scene_dir
     from trainer.export import read_lora
 
     proc = torchrun([*train_args(base_dirs["sd15"], scene_dir, tmp_path / "ddp", steps=6), "--flip", "--noise-offset",
-                     "0.1", "--snr-gamma", "5"])
+                     "0.1", "--snr-gamma", "5", "--eval-every", "3"])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     assert out.count("done at step 6") == 1  # only the main process reports and writes
@@ -85,6 +86,9 @@ def test_two_processes_equal_one_process_with_doubled_batch(base_dirs, scene_dir
     run_training(single)
     # the same draws give the same losses; a draw for one process's rows alone would change them at step 1
     assert step_losses(tmp_path / "ddp") == pytest.approx(step_losses(tmp_path / "single"), rel=1e-5)
+    # the fixed-noise loss too: chunks of the global batch, the same draws on any number of processes
+    assert step_losses(tmp_path / "ddp", "eval") == pytest.approx(step_losses(tmp_path / "single", "eval"), rel=1e-5)
+    assert len(step_losses(tmp_path / "ddp", "eval")) == 3  # steps 0, 3 and 6
     # AdamW divides by √v: gradients near zero that differ in their last bits (another summation order)
     # move a weight by up to ~5 % of one step (lr 1e-3) with the offset noise's larger gradients
     assert_same(adapter(tmp_path / "ddp"), adapter(tmp_path / "single"), atol=1e-4)

@@ -219,9 +219,9 @@ def run(args: argparse.Namespace) -> int:
     elif result.stopped and result.step == 0 and os.environ.get("RANK", "0") == "0":
         print("stopped before the first step: no checkpoint and no exports were written")
     # stopped by Ctrl-C/SIGTERM: 128 + the signal, as a shell reports it, so a script can tell it from a finished run.
-    # One process of several exits 0: on a non-zero code torchrun would stop the others, maybe mid-export; the
-    # launcher reports the signal (trainer.distributed.launch).
-    if result.stopped and signalled and world_size_from_env() == 1:
+    # Of several processes only the main one says so: it ends last (after the exports), while a non-zero code
+    # from another would make torchrun stop the main one mid-export.
+    if result.stopped and signalled and os.environ.get("RANK", "0") == "0":
         return 128 + signalled[0]
     return 0
 

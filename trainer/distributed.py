@@ -188,6 +188,9 @@ def launch(processes: int, argv: list[str]) -> int:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    # after Ctrl-C torchrun waits this long for the processes to stop before it kills them (30 s by default): the
+    # main one may still be hashing the base and writing the exports (torch >= 2.13 reads it; older ones wait 30 s)
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     try:
         run(parse_args(["--standalone", f"--nproc_per_node={processes}", "-m", "trainer", *argv]))
     except SignalException as err:

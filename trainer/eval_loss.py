@@ -22,14 +22,16 @@ Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 def eval_batches(latents: list[torch.Tensor], conditioning: list[dict[str, torch.Tensor]],
-                 buckets: list[tuple[int, int]], limit: int = EVAL_IMAGES) -> list[Batch]:
-    """The first ``limit`` images as one batch per bucket size: (latents, conditioning) on the CPU."""
+                 buckets: list[tuple[int, int]], batch_size: int, limit: int = EVAL_IMAGES) -> list[Batch]:
+    """The first ``limit`` images in batches of at most ``batch_size``, one bucket size each: (latents,
+    conditioning) on the CPU."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i in range(min(limit, len(latents))):
         groups.setdefault(buckets[i], []).append(i)
+    chunks = [ids[start:start + batch_size] for ids in groups.values() for start in range(0, len(ids), batch_size)]
     return [(torch.stack([latents[i] for i in ids]),
              {key: torch.stack([conditioning[i][key] for i in ids]) for key in conditioning[ids[0]]})
-            for ids in groups.values()]
+            for ids in chunks]
 
 
 @torch.no_grad()

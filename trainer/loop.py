@@ -347,8 +347,9 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                   f"({base.precision.value}, {base.device.type})"))
 
     saved_at = start_step if resume else None  # the same on every process: deciding from the disk would race
+    # chunks of the global batch: no more memory than a training step, and the same draws on any number of processes
     eval_set = eval_batches(cache.latents, [{**cache.text[ex.caption], **cache.extra[i]} for i, ex in enumerate(examples)],
-                            [ex.bucket for ex in examples]) if config.eval_every else []
+                            [ex.bucket for ex in examples], config.batch_size * dist.world) if config.eval_every else []
 
     def checkpoint(step: int) -> None:
         nonlocal saved_at
@@ -438,11 +439,16 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{total:.4f}")
-            if config.eval_every and step % config.eval_every == 0:
+            due_eval = config.eval_every and (step % config.eval_every == 0 or step == config.steps)
+            due_sample = config.sample_every and step % config.sample_every == 0
+            # a stop asked for skips them (Ctrl-C on several processes leaves torchrun's grace time for the exports);
+            # decided together, as under FSDP every process must render and evaluate or none
+            stopping = (due_eval or due_sample) and dist.any(stop.is_set())
+            if due_eval and not stopping:
                 evaluate(step)
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
                 checkpoint(step)
-            if config.sample_every and step % config.sample_every == 0:
+            if due_sample and not stopping:
                 sample(step)
     finally:
         if progress is not None:
