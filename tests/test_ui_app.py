@@ -120,7 +120,9 @@ def test_duration_points_and_reports():
     points = fmt.loss_points(many)
     training = [p for p in points if p[2] == fmt.TRAINING_SERIES]
     assert len(training) == fmt.MAX_PLOT_POINTS and training[-1][0] == 2000 and training[0][0] == 1
-    assert [p[:2] for p in points if p[2] == fmt.FIXED_NOISE_SERIES] == [(0, 2.0), (1000, 1.5), (2000, 1.2)]  # all
+    assert [p[:2] for p in points if p[2] == fmt.FIXED_NOISE_SERIES] == [(0, 2.0), (1000, 1.5), (2000, 1.2)]
+    every_step = fmt.loss_points(snap(losses=(), eval_losses=tuple((i, 1.0) for i in range(2001))))
+    assert len(every_step) == fmt.MAX_PLOT_POINTS and every_step[-1][:2] == (2000, 1.0)  # eval_every 1: thinned too
     report = fmt.upload_report(2, [("a`b\n.png", "not an image Pillow can read")])
     assert "`a'b .png` — not an image Pillow can read" in report and "Added **2**" in report
     assert fmt.checkpoint_line(snap(state="stopped", checkpoint="/o/r/checkpoints/step-000004")) == \

@@ -82,16 +82,20 @@ TRAINING_SERIES, FIXED_NOISE_SERIES = "training", "eval (fixed noise)"
 
 
 def loss_points(snap: Optional[JobSnapshot]) -> list[tuple[int, float, str]]:
-    """(step, loss, series) rows: the training loss thinned evenly to at most :data:`MAX_PLOT_POINTS` (the
-    last always kept), then every fixed-noise loss (one per ``eval_every`` steps: few, and the curve to read)."""
+    """(step, loss, series) rows: the training loss, then the fixed-noise loss (``eval_every``), each thinned
+    evenly to at most :data:`MAX_PLOT_POINTS` with its last point kept."""
     if snap is None:
         return []
-    points = list(snap.losses)
-    if len(points) > MAX_PLOT_POINTS:
-        stride = len(points) / MAX_PLOT_POINTS
-        points = [points[int(i * stride)] for i in range(MAX_PLOT_POINTS - 1)] + [points[-1]]
-    return ([(step, loss, TRAINING_SERIES) for step, loss in points]
-            + [(step, loss, FIXED_NOISE_SERIES) for step, loss in snap.eval_losses])
+    return ([(step, loss, TRAINING_SERIES) for step, loss in _thinned(snap.losses)]
+            + [(step, loss, FIXED_NOISE_SERIES) for step, loss in _thinned(snap.eval_losses)])
+
+
+def _thinned(points) -> list:
+    points = list(points)
+    if len(points) <= MAX_PLOT_POINTS:
+        return points
+    stride = len(points) / MAX_PLOT_POINTS
+    return [points[int(i * stride)] for i in range(MAX_PLOT_POINTS - 1)] + [points[-1]]
 
 
 def log_text(snap: Optional[JobSnapshot], lines: int = 200) -> str:
