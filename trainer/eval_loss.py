@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from trainer.models.knobs import attention_context
+from trainer.models.knobs import compute_context
 
 EVAL_IMAGES = 8  # the first images, by dataset order
 EVAL_DRAWS = 4  # noise/timestep draws per image: 32 samples, a few steps' worth of compute
@@ -51,8 +51,7 @@ def fixed_noise_loss(handler, pipe, denoiser: torch.nn.Module, noise_scheduler, 
             latents = latents.to(device)
             cond = {key: value.to(device) for key, value in cond.items()}
             for _ in range(draws):
-                with attention_context(attention), torch.autocast(device.type, dtype=compute_dtype or torch.float32,
-                                                                   enabled=compute_dtype is not None):
+                with compute_context(device.type, attention, compute_dtype):
                     loss = handler.loss(pipe, denoiser, noise_scheduler, latents, cond, generator)
                 total += float(loss) * latents.shape[0]
                 count += latents.shape[0]

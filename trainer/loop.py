@@ -281,8 +281,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     scan = scan_dataset(config.data)
     for warning in scan.warnings:
         emit(ev.Log(message=warning))
-    objective = Objective(noise_offset=config.noise_offset, snr_gamma=config.snr_gamma,
-                          timestep_sampling=config.timestep_sampling)
+    objective = Objective.of(config)
     check_objective(parse_base(config.base).arch, objective)  # before loading, where the base says what it is
     base = load_base(config.base, config.precision, dist.device(config.device), config.base_config or None)
     check_objective(base.arch, objective)  # a hub id says it only once loaded

@@ -28,6 +28,12 @@ class Objective:
     snr_gamma: float = 0.0
     timestep_sampling: str = "uniform"
 
+    @classmethod
+    def of(cls, config) -> "Objective":
+        """The objective a ``TrainConfig`` asks for."""
+        return cls(noise_offset=config.noise_offset, snr_gamma=config.snr_gamma,
+                   timestep_sampling=config.timestep_sampling)
+
     @property
     def shapes_noise_prediction(self) -> bool:
         """Whether an SD1.5/SDXL-only option is on."""

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from trainer.distributed import Dist
-from trainer.models.knobs import attention_context
+from trainer.models.knobs import compute_context
 from trainer.objective import Objective
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -91,9 +91,8 @@ def _step(parts: StepParts, fetch: Callable[[int], Batch], step: int,
     total = 0.0
     for micro in range(parts.grad_accum):
         latents, cond = fetch(step * parts.grad_accum + micro)
-        with parts.dist.no_sync(parts.forward, skip=micro < parts.grad_accum - 1), attention_context(parts.attention), \
-                torch.autocast(latents.device.type, dtype=parts.compute_dtype or torch.float32,
-                               enabled=parts.compute_dtype is not None):
+        with parts.dist.no_sync(parts.forward, skip=micro < parts.grad_accum - 1), \
+                compute_context(latents.device.type, parts.attention, parts.compute_dtype):
             loss = parts.handler.loss(parts.pipe, parts.denoiser, parts.noise_scheduler, latents, cond, parts.generator,
                                       shard=parts.dist.shard, forward=parts.forward,
                                       objective=parts.objective) / parts.grad_accum

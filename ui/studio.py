@@ -360,8 +360,7 @@ class Studio:
         try:
             config, warnings = resolve_config(preset or "style", {**overrides, "data": str(store.dataset_dir(run_dir)),
                                                                   "out": str(run_dir)})
-            check_objective(parse_base(config.base).arch, Objective(config.noise_offset, config.snr_gamma,
-                                                                 config.timestep_sampling))
+            check_objective(parse_base(config.base).arch, Objective.of(config))
             return config, warnings
         except ConfigError as err:
             raise UserError("cannot start: " + "; ".join(err.problems)) from None

@@ -224,9 +224,10 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         def changed(key):
             return not same_run or view[key] != shown.get(key)
 
-        points = fmt.loss_points(snap)
-        plot_update = (gr.skip() if not changed("points")
-                       else pd.DataFrame(points, columns=["step", "loss", "series"]) if points else None)
+        plot_update = gr.skip()
+        if changed("points"):  # an empty frame would reset the plot's series type (see the LinePlot above)
+            points = fmt.loss_points(snap)
+            plot_update = pd.DataFrame(points, columns=["step", "loss", "series"]) if points else None
         samples_update = view["samples"] if changed("samples") else gr.skip()
         runs_update = gr.skip()
         if changed("state") or changed("total") or changed("queue"):

@@ -54,7 +54,6 @@ class Flux(SD15):
              objective: Objective = Objective()) -> torch.Tensor:
         """Mean flow-matching loss of this process's share of the global batch (see ``SD15.loss``)."""
         from diffusers import FluxPipeline
-
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         if objective.shapes_noise_prediction:  # the loop and the web app refuse these for FLUX; this guards other callers

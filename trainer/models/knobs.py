@@ -86,6 +86,15 @@ def attention_context(kernel: str):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
 
 
+@contextlib.contextmanager
+def compute_context(device_type: str, attention: str, compute_dtype: Optional[torch.dtype]):
+    """What a forward pass of the denoiser runs under, in a training step and in the fixed-noise loss alike: the
+    attention kernel, and autocast to ``compute_dtype`` (adapter_dtype bf16) or none."""
+    with attention_context(attention), torch.autocast(device_type, dtype=compute_dtype or torch.float32,
+                                                      enabled=compute_dtype is not None):
+        yield
+
+
 def apply_channels_last(denoiser: torch.nn.Module) -> int:
     """Conv weights in NHWC so cuDNN can skip layout transposes; returns how many convs (0 for FLUX: no convs).
 
