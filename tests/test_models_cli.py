@@ -302,6 +302,59 @@ def test_export_after_an_interrupted_run_or_with_damaged_files(base_dirs, scene_
     assert read_lora(run / "lora_diffusers.safetensors")[1]["ss_steps"] == "2"
 
 
+def test_export_of_a_chosen_step_is_that_steps_lora(base_dirs, scene_dir, tmp_path, capsys, diffusers_warnings):
+    """``export --step N`` writes step N's LoRA next to, not over, the run's own files; it is what a run of N
+    steps exports, loads in diffusers, and stays offered after its checkpoint is rotated away."""
+    import os
+    import shutil
+
+    from trainer.export import read_lora
+    from trainer.loop import run_training
+    from trainer.steps import exported_steps, step_file
+    from trainer.reexport import step_exports
+
+    run = tmp_path / "ink"
+    run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=4, checkpoint_every=1, keep_checkpoints=3,
+                             rank=4, title="Ink"))
+    short = run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "short", steps=2, rank=4))
+    own = {p.name: p.read_bytes() for p in run.glob("*.safetensors")}
+    assert exported_steps(run) == [2, 3, 4]
+    for fmt in ("kohya", "diffusers"):
+        assert main(["export", "--run", str(run), "--format", fmt, "--step", "2"]) == 0
+        assert capsys.readouterr().out.strip() == str(step_file(run, 2, fmt))
+        tensors, meta = read_lora(step_file(run, 2, fmt))
+        expected, _ = read_lora(short.exports[0 if fmt == "kohya" else 1])
+        assert tensors.keys() == expected.keys()
+        for key in tensors:
+            torch.testing.assert_close(tensors[key], expected[key], rtol=0, atol=0)
+        assert (meta["ss_steps"], meta["modelspec.title"], meta["ss_network_dim"]) == ("2", "Ink (step 2)", "4")
+        final, _ = read_lora(run / ("lora.safetensors" if fmt == "kohya" else "lora_diffusers.safetensors"))
+        assert any(not torch.equal(tensors[k], final[k]) for k in tensors)
+    assert {p.name: p.read_bytes() for p in run.glob("*.safetensors")} == own  # the run's own files are untouched
+    base = load_base(str(base_dirs["sd15"]), device="cpu")
+    base.pipe.load_lora_weights(str(step_file(run, 2, "kohya")))
+    # every trained to_k/to_v got its LoRA; diffusers only notes that the file has no text-encoder part
+    loaded = [n for n, _ in base.pipe.unet.named_modules() if n.endswith("lora_A.default_0")]
+    assert len(loaded) == len(read_lora(step_file(run, 2, "kohya"))[0]) // 3 > 0  # down, up, alpha
+    assert [m for m in diffusers_warnings.messages if "No LoRA keys associated to CLIPTextModel" not in m] == []
+
+    assert main(["export", "--run", str(run), "--step", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: ink has no checkpoint at step 1; it kept steps 2, 3, 4 (raise keep_checkpoints to keep "
+                   "more of a run's steps)"]
+    # an exported step outlives its checkpoint; a rewritten checkpoint (resumed from an earlier one) is exported anew
+    shutil.rmtree(run / "checkpoints" / "step-000002")
+    assert exported_steps(run) == [2, 3, 4]
+    assert step_exports(run, 2)["kohya"] == step_file(run, 2)
+    before = step_file(run, 3).exists()
+    first = step_exports(run, 3)["kohya"]
+    written = first.stat().st_mtime_ns
+    assert not before and step_exports(run, 3)["kohya"].stat().st_mtime_ns == written  # fresh: not rewritten
+    adapter = run / "checkpoints" / "step-000003" / "adapter.safetensors"
+    os.utime(adapter, ns=(written + 10**9, written + 10**9))
+    assert step_exports(run, 3)["kohya"].stat().st_mtime_ns > written
+
+
 def test_hub_id_loads_from_the_local_cache_offline(base_dirs, tmp_path, monkeypatch):
     """A hub id that is in the Hugging Face cache loads with no network (the cache layout built by hand)."""
     import shutil

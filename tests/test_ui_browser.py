@@ -569,6 +569,43 @@ def test_export_with_edited_metadata_downloads_valid_safetensors(page, server, t
     assert page.external_requests == [], page.external_requests
 
 
+def test_export_an_earlier_step_with_its_samples(page, server, tmp_path):
+    """The run was stopped, resumed and stopped again: its first stop is a kept checkpoint, and its LoRA downloads."""
+    if "stopped_at" not in FLOW:
+        pytest.skip("needs the stopped run from the training test")
+    from safetensors import safe_open
+
+    step = FLOW["stopped_at"]
+    open_tab(page, "4 · Export")
+    files = page.locator("#export-files")
+    for _ in range(3):  # the tab's own refresh resets the picker to the final files: pick until it stays
+        wait_until(page, lambda: "Files of" in files.inner_text(), 30, "the run's files")
+        pick(page, "export-step", f"step {step}")
+        try:
+            wait_until(page, lambda: f"at step {step}" in files.inner_text(), 20, "the step's files")
+            break
+        except AssertionError:
+            continue
+    assert f"{FLOW['run']}-step{step:06d}.safetensors" in files.inner_text()
+    title = page.locator("#export-title textarea, #export-title input").first
+    wait_until(page, lambda: title.input_value().endswith(f"(step {step})"), 20, "the step's title")
+    rendered = sorted((server.outputs / FLOW["run"] / "samples").glob("step-*.png"))
+    sampled_at = max(s for p in rendered if (s := int(p.name.split("-")[1])) <= step)
+    if sampled_at != step:  # a stop skips the samples due at its step: the ones before it are shown
+        assert f"no samples were rendered at step {step}; showing step {sampled_at}'s" in files.inner_text()
+    at_step = [p for p in rendered if p.name.startswith(f"step-{sampled_at:06d}-")]
+    wait_until(page, lambda: page.locator("#export-samples img").count() == len(at_step) > 0, 20, "the step's samples")
+    shot(page, "07b-export-step")
+    kohya = download(page, "dl-kohya", tmp_path)
+    assert kohya.name == f"{FLOW['run']}-step{step:06d}.safetensors"
+    with safe_open(str(kohya), framework="np") as f:
+        meta = f.metadata()
+        assert any(k.endswith(".lora_down.weight") for k in f.keys())
+    assert meta["ss_steps"] == str(step) and meta["modelspec.title"].endswith(f"(step {step})")
+    pick(page, "export-step", "final files")
+    wait_until(page, lambda: "lora.safetensors" in files.inner_text(), 20, "the final files again")
+
+
 # ---- 6. a job that fails ---------------------------------------------------------------------------
 def test_a_failing_job_shows_one_line_and_the_app_keeps_working(page, server):
     engine("trainer.loop", "run_training")
@@ -734,14 +771,14 @@ def test_loss_options_reach_the_run_and_the_wrong_architecture_is_refused(page, 
     pick(page, "timestep-sampling", "uniform")
     page.locator("#flip input[type=checkbox]").check()
     for elem_id, value in (("noise-offset", 0.1), ("snr-gamma", 5), ("steps", 2), ("sample-every", 0),
-                           ("checkpoint-every", 0), ("eval-every", 1)):
+                           ("checkpoint-every", 0), ("eval-every", 1), ("keep-checkpoints", 3)):
         set_number(page, elem_id, value)
     jobs = len(queue.list())
     page.click("#start")
     wait_until(page, lambda: "Training" in status.inner_text(), 20, "the start message")
     job = wait_until(page, lambda: len(queue.list()) > jobs and queue.list()[-1], 10, "the queued job")
     wanted = {"base": BASE, "flip": True, "noise_offset": 0.1, "snr_gamma": 5.0, "timestep_sampling": "uniform",
-              "eval_every": 1}
+              "eval_every": 1, "keep_checkpoints": 3}
     assert {k: getattr(job.config, k) for k in wanted} == wanted
     run_dir = Path(job.run_dir)
     assert page.locator("#run-select input").input_value() == run_dir.name

@@ -140,13 +140,13 @@ def test_run_names_are_sanitized_and_confined(studio, tmp_path):
 
 def test_start_trains_the_runs_dataset_with_the_forms_values(studio, tmp_path):
     add_images(studio, "r1", tmp_path)
-    used, message = studio.start("r1", form(trigger=" zk ", sample_prompt="a zk cat", lr="3e-4"))
+    used, message = studio.start("r1", form(trigger=" zk ", sample_prompt="a zk cat", lr="3e-4", keep_checkpoints=7))
     assert used == "r1" and "4 steps" in message and message.startswith("Training 'r1'")
     job = wait_ended(studio, "r1")
     assert job.state == "done"
     cfg = job.config
     assert (cfg.data, cfg.out) == (str(studio.outputs_dir / "r1" / "dataset"), str(studio.outputs_dir / "r1"))
-    assert (cfg.rank, cfg.alpha, cfg.steps, cfg.lr, cfg.trigger) == (1, 2.0, 4, 3e-4, "zk")
+    assert (cfg.rank, cfg.alpha, cfg.steps, cfg.lr, cfg.trigger, cfg.keep_checkpoints) == (1, 2.0, 4, 3e-4, "zk", 7)
     assert cfg.sample_prompts == ("a zk cat",)
     assert studio.settings("r1")["trigger"] == "zk"
     snap = studio.snapshot("r1")
@@ -547,6 +547,36 @@ def test_export_with_edited_metadata_leaves_the_originals(studio, tmp_path):
     assert read_metadata(run / "lora.safetensors")["modelspec.title"] == "old"
     with pytest.raises(UserError, match="no exported LoRA"):
         studio.prepare_export("nothing", {})
+
+
+def test_an_earlier_step_is_exported_with_its_samples_and_offered_to_the_mix(studio, base_dirs, scene_dir):
+    """The Export tab's step picker: each kept checkpoint, its own files and samples, edited copies named by step."""
+    from tests.conftest import tiny_config
+    from trainer.export import read_metadata
+    from trainer.loop import run_training
+
+    run = studio.outputs_dir / "r1"
+    run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=4, checkpoint_every=2, sample_every=2,
+                             keep_checkpoints=5, title="Ink"))
+    assert studio.export_steps("r1") == [2, 4]
+    assert not (run / "export").exists()  # nothing is written before a step is picked
+    files = studio.exports("r1", 2)
+    assert {k: Path(p).name for k, p in files.items()} == {"kohya": "r1-step000002.safetensors",
+                                                          "diffusers": "r1-step000002_diffusers.safetensors"}
+    assert read_metadata(files["diffusers"])["ss_steps"] == "2"
+    assert studio.export_metadata("r1", 2)["title"] == "Ink (step 2)" and studio.export_metadata("r1")["title"] == "Ink"
+    assert [Path(p).name for p in studio.samples("r1", 2)] == ["step-000002-0.png", "step-000002-1.png"]
+    assert len(studio.samples("r1")) == 4
+    assert studio.step_samples("r1", 3) == (2, studio.samples("r1", 2))  # none at 3: the ones before it
+    assert studio.step_samples("r1", 1) == (None, [])
+    prepared = studio.prepare_export("r1", {"title": "Ink", "trigger_phrase": "zk"}, step=2)
+    assert {Path(p).name for p in prepared.values()} == {"Ink_step2.safetensors", "Ink_step2_diffusers.safetensors"}
+    assert read_metadata(prepared["kohya"])["ss_steps"] == "2"
+    kept_title = studio.prepare_export("r1", {"title": "Ink (step 2)"}, step=2)
+    assert Path(kept_title["kohya"]).name == "Ink_step_2.safetensors"  # the title already names the step
+    assert [label for label, _ in studio.lora_files()] == ["run: r1", "run: r1 @ step 2"]
+    with pytest.raises(UserError, match="no checkpoint at step 3; it kept steps 2, 4"):
+        studio.exports("r1", 3)
 
 
 def test_samples_zip(studio):

@@ -55,7 +55,7 @@ def _demo_model(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from trainer.reexport import reexport
 
-    for path in reexport(args.run, args.format):
+    for path in reexport(args.run, args.format, args.step):
         print(path)
     return 0
 
@@ -88,9 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True)
     demo.add_argument("--seed", type=int, default=0)
 
-    export = sub.add_parser("export", help="re-export a run's latest checkpoint in another layout")
+    export = sub.add_parser("export", help="re-export a run's latest (or a chosen) checkpoint in another layout")
     export.add_argument("--run", required=True, help="run folder (outputs/<run>)")
     export.add_argument("--format", choices=("kohya", "diffusers", "comfy"), default="kohya")
+    export.add_argument("--step", type=int, default=None,
+                        help="export the checkpoint of this step to <run>/export/<run>-step<N>.safetensors "
+                             "(default: the latest, into the run's own files)")
     return parser
 
 

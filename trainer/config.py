@@ -91,7 +91,8 @@ class TrainConfig:
                                  "they come back only to render samples (no effect on CPU).", default=True)
     seed: int = _help("Seed for init, data order, noise and samples: same seed, same run (on CPU).", default=42)
     checkpoint_every: int = _help("Write a resumable checkpoint every N steps (0 = only at the end).", default=100)
-    keep_checkpoints: int = _help("How many checkpoints to keep (oldest are deleted).", default=2)
+    keep_checkpoints: int = _help("How many checkpoints to keep (oldest are deleted). Each is a step the run can "
+                                  "still be exported at, should an earlier one look best.", default=5)
     sample_every: int = _help("Render sample images every N steps (0 = never).", default=100)
     eval_every: int = _help("Every N steps, the loss on fixed noise and timesteps for the first 8 images: a curve that "
                             "moves only when the weights do, unlike the training loss (0 = never).", default=0)

@@ -1,6 +1,10 @@
-"""``python -m trainer export``: write a run's latest checkpoint in a chosen layout.
+"""``python -m trainer export``: write a run's checkpoint in a chosen layout.
 
-Useful after a stopped or interrupted run, or to get one more layout later.
+Useful after a stopped or interrupted run, to get one more layout later, or to
+share an earlier step whose samples looked best (a style often overfits late).
+Without ``--step`` the latest checkpoint rewrites the run's own files; a chosen
+``--step`` goes to ``<run>/export/<run>-step<N>.safetensors`` and never touches
+them (a run still training may have no files of its own yet).
 ``comfy`` is the layout ComfyUI's LoraLoader takes for every architecture: the
 kohya keys for SD1.5/SDXL and the fused BFL keys for FLUX (see DESIGN.md).
 """
@@ -19,6 +23,7 @@ from trainer.errors import UserError
 from trainer.export import (ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict, read_metadata,
                             save_safetensors, to_diffusers, to_flux_fused, to_kohya, training_record)
 from trainer.models import ARCH_HANDLERS, demo_folder
+from trainer.steps import checkpoint_step, step_file
 
 FILE_NAMES = {"kohya": "lora.safetensors", "diffusers": "lora_diffusers.safetensors", "comfy": "lora_comfy.safetensors"}
 
@@ -45,7 +50,23 @@ def _previous_metadata(path: Path) -> dict[str, str]:
         return {}
 
 
-def reexport(run: str | Path, fmt: str) -> list[Path]:
+def _pick(run: Path, checkpoints: list[Path], step: int | None) -> Path:
+    if step is None:
+        return checkpoints[-1]
+    for path in checkpoints:
+        if checkpoint_step(path) == step:
+            return path
+    kept = ", ".join(str(checkpoint_step(p)) for p in checkpoints)
+    raise UserError(f"{run.name} has no checkpoint at step {step}; it kept steps {kept} (raise keep_checkpoints "
+                    "to keep more of a run's steps)")
+
+
+def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
+    """Write the checkpoint at ``step`` (default: the latest) as a ``fmt`` LoRA file; returns its path.
+
+    The latest goes to the run's own file name; a chosen step to :func:`step_file`, titled "<title> (step N)"
+    so that ComfyUI's and A1111's lists tell the files apart.
+    """
     run = Path(run)
     config = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     checkpoints = checkpoint_dirs(run)
@@ -54,16 +75,20 @@ def reexport(run: str | Path, fmt: str) -> list[Path]:
     arch = parse_base(config.base).arch or _previous_metadata(run / "lora.safetensors").get("studio.arch", "")
     if arch not in ARCH_HANDLERS:
         raise UserError(f"cannot tell the architecture of {run}'s base {config.base!r}")
-    latest = checkpoints[-1]
+    chosen = _pick(run, checkpoints, step)
     try:
-        state = load_file(str(latest / "adapter.safetensors"))
+        state = load_file(str(chosen / "adapter.safetensors"))
+    except FileNotFoundError:  # the run is still training and its rotation deleted that checkpoint just now
+        raise UserError(f"{run.name}'s checkpoint {chosen.name} was deleted while being read (the run keeps "
+                        f"{config.keep_checkpoints}); pick a newer step") from None
     except Exception as err:  # safetensors raises its own error type for a truncated or corrupt file
-        earlier = f"; delete that folder to export the one before it ({checkpoints[-2].name})" if len(checkpoints) > 1 \
+        before = checkpoints[:checkpoints.index(chosen)]
+        earlier = f"; delete that folder to export the one before it ({before[-1].name})" if before \
             else "; this run has no earlier checkpoint: resume or train it again"
-        raise UserError(f"{latest.name}/adapter.safetensors is damaged ({str(err).splitlines()[0]}){earlier}") from None
+        raise UserError(f"{chosen.name}/adapter.safetensors is damaged ({str(err).splitlines()[0]}){earlier}") from None
     weights = from_peft_state_dict(state, config.rank, config.alpha)
     handler = ARCH_HANDLERS[arch]
-    steps = int(latest.name.split("-")[-1])
+    steps = checkpoint_step(chosen)
     metadata = _previous_metadata(run / "lora.safetensors")
     if not metadata:  # no (readable) export yet, e.g. after an interrupted run: what the run's config tells
         metadata = build_metadata(ExportInfo(
@@ -74,6 +99,8 @@ def reexport(run: str | Path, fmt: str) -> list[Path]:
             training=training_record(config)), weights)
     metadata.pop("format", None)
     metadata["ss_steps"] = str(steps)
+    if step is not None:
+        metadata["modelspec.title"] = f"{metadata.get('modelspec.title') or run.name} (step {steps})"
     if fmt == "diffusers":
         tensors = to_diffusers(weights, handler.peft_prefix)
         metadata["lora_adapter_metadata"] = adapter_metadata(weights, handler.peft_prefix)
@@ -81,4 +108,17 @@ def reexport(run: str | Path, fmt: str) -> list[Path]:
         tensors = to_flux_fused(weights, *_flux_dims(config.base))
     else:
         tensors = to_kohya(weights)
-    return [save_safetensors(run / FILE_NAMES[fmt], tensors, metadata)]
+    target = run / FILE_NAMES[fmt] if step is None else step_file(run, steps, fmt)
+    return [save_safetensors(target, tensors, metadata)]
+
+
+def step_exports(run: str | Path, step: int, formats: tuple[str, ...] = ("kohya", "diffusers")) -> dict[str, Path]:
+    """The files of ``step`` in ``formats``, written from its checkpoint unless they are already newer than it."""
+    run = Path(run)
+    adapter = run / "checkpoints" / f"step-{step:06d}" / "adapter.safetensors"
+    found = {}
+    for fmt in formats:
+        target = step_file(run, step, fmt)
+        current = target.is_file() and (not adapter.is_file() or target.stat().st_mtime >= adapter.stat().st_mtime)
+        found[fmt] = target if current else reexport(run, fmt, step)[0]
+    return found

@@ -1,7 +1,9 @@
-"""Export tab: edit the metadata, then download the kohya and diffusers files and the samples.
+"""Export tab: pick the step, edit the metadata, then download the kohya and diffusers files and the samples.
 
 The run's own ``lora.safetensors`` / ``lora_diffusers.safetensors`` are never
-modified: edited copies are written to ``outputs/<run>/export/``.
+modified: an earlier step's files and edited copies are written to
+``outputs/<run>/export/``. A style often looks best before the last step, so the
+step picker shows each kept checkpoint with the samples rendered at it.
 """
 
 from __future__ import annotations
@@ -15,12 +17,20 @@ from ui import format as fmt
 from ui.studio import EXPORT_FIELDS, Studio
 
 SHOWN_SAMPLES = 24  # the newest ones; the .zip holds all of them
+FINAL = "final"  # the step picker's value for the run's own files
 LABELS = {"title": "Title", "trigger_phrase": "Trigger phrase", "license": "License", "description": "Description"}
 HINTS = {"title": "Shown by ComfyUI / A1111 / Civitai.", "trigger_phrase": "Word(s) that call up the style.",
          "license": "e.g. CC-BY-4.0, or your own terms.", "description": "What the style is, what it was trained on."}
 
 
+def _step(value) -> int | None:
+    return None if value in (None, "", FINAL) else int(value)
+
+
 def build(studio: Studio, run: gr.Dropdown) -> dict:
+    step = gr.Dropdown([("final files", FINAL)], value=FINAL, label="LoRA of step", elem_id="export-step",
+                       info="The run's final files, or an earlier checkpoint's: pick a step to see the samples "
+                            "rendered at it. Train → Advanced settings → Keep checkpoints sets how many are kept.")
     files = gr.Markdown(elem_id="export-files")
     with gr.Row():
         with gr.Column(scale=3):
@@ -41,29 +51,47 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
 
         return one(paths.get("kohya")), one(paths.get("diffusers")), one(zip_path)
 
+    def show(run_name, step_value):
+        """The files, metadata, downloads and samples of the final files or of one step."""
+        chosen = _step(step_value)
+        try:
+            paths = studio.exports(run_name, chosen)
+            meta = studio.export_metadata(run_name, chosen)
+            sampled_at, samples = (None, studio.samples(run_name)) if chosen is None \
+                else studio.step_samples(run_name, chosen)
+        except UserError as err:
+            return (f"⚠ {err}", "", *[gr.skip()] * len(EXPORT_FIELDS), *buttons({}, None), [])
+        if not any(paths.values()):
+            text = f"`{run_name}` has no final LoRA yet: train it (or stop a run), or pick a step, and come back."
+        else:
+            text = ("Files of " + fmt.md_code(run_name) + (f" at step {chosen}" if chosen is not None else "") + ": "
+                    + ", ".join(f"{k} {fmt.md_code(Path(p).name)}" for k, p in paths.items() if p))
+        if chosen is not None and sampled_at != chosen:
+            text += f" (no samples were rendered at step {chosen}" + \
+                    (f"; showing step {sampled_at}'s)" if sampled_at is not None else ")")
+        zip_path = studio.samples_zip(run_name) if studio.samples(run_name) else None
+        shown = samples if chosen is not None else samples[-SHOWN_SAMPLES:]
+        return (text, "", *[meta.get(f, "") for f in EXPORT_FIELDS], *buttons(paths, zip_path), shown)
+
     def on_show(run_name):
         try:
-            paths = studio.exports(run_name)
-            meta = studio.export_metadata(run_name)
-            samples = studio.samples(run_name)
-        except UserError as err:
-            return (f"⚠ {err}", *[gr.skip()] * len(EXPORT_FIELDS), *buttons({}, None), [])
-        if not any(paths.values()):
-            text = f"`{run_name}` has no LoRA yet: train it (or stop a run) and come back."
-        else:
-            text = "Files of " + fmt.md_code(run_name) + ": " + ", ".join(
-                f"{k} {fmt.md_code(Path(p).name)}" for k, p in paths.items() if p)
-        zip_path = studio.samples_zip(run_name) if samples else None
-        return (text, *[meta.get(f, "") for f in EXPORT_FIELDS], *buttons(paths, zip_path), samples[-SHOWN_SAMPLES:])
+            steps = studio.export_steps(run_name)
+        except UserError:
+            steps = []
+        picker = gr.update(choices=[("final files", FINAL)] + [(f"step {s}", str(s)) for s in reversed(steps)],
+                           value=FINAL)
+        return (picker, *show(run_name, FINAL))
 
-    def on_apply(run_name, *values):
+    def on_apply(run_name, step_value, *values):
         try:
-            prepared = studio.prepare_export(run_name, dict(zip(EXPORT_FIELDS, values)))
+            prepared = studio.prepare_export(run_name, dict(zip(EXPORT_FIELDS, values)), _step(step_value))
         except UserError as err:
             return (f"⚠ {err}", gr.skip(), gr.skip())
         names = ", ".join(fmt.md_code(Path(p).name) for p in prepared.values())
         kohya_u, diffusers_u, _ = buttons(prepared, None)
         return (f"Metadata written to {names}; the buttons now download these copies.", kohya_u, diffusers_u)
 
-    apply.click(on_apply, [run, *boxes], [status, kohya, diffusers])
-    return {"on_show": (on_show, [run], [files, *boxes, kohya, diffusers, samples_zip, gallery])}
+    shown = [files, status, *boxes, kohya, diffusers, samples_zip, gallery]
+    step.input(show, [run, step], shown)
+    apply.click(on_apply, [run, step, *boxes], [status, kohya, diffusers])
+    return {"on_show": (on_show, [run], [step, *shown])}

@@ -28,6 +28,7 @@ from trainer import events as ev
 from trainer.objective import Objective, check_objective
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
+from trainer.steps import exported_step_files, exported_steps
 from trainer.presets import list_presets, resolve_config
 from ui import choices, store
 from ui.captions import caption_run
@@ -66,6 +67,7 @@ class TrainForm:
     flip: Optional[bool] = None
     timestep_sampling: Optional[str] = None
     eval_every: Optional[int] = None
+    keep_checkpoints: Optional[int] = None
 
     def overrides(self) -> dict[str, Any]:
         """The non-empty fields as config overrides.
@@ -96,7 +98,7 @@ class TrainForm:
             "rank": num(self.rank, int), "alpha": num(self.alpha, float),
             "noise_offset": num(self.noise_offset, float), "snr_gamma": num(self.snr_gamma, float),
             "flip": self.flip, "timestep_sampling": text(self.timestep_sampling) or None,
-            "eval_every": num(self.eval_every, int),
+            "eval_every": num(self.eval_every, int), "keep_checkpoints": num(self.keep_checkpoints, int),
         }
         if text(self.sample_prompt):
             values["sample_prompts"] = [text(self.sample_prompt)]
@@ -501,6 +503,8 @@ class Studio:
             path = self.outputs_dir / name / "lora.safetensors"
             if path.is_file():
                 found.append((f"run: {name}", str(path)))
+            for step, step_path in exported_step_files(self.outputs_dir / name).items():
+                found.append((f"run: {name} @ step {step}", str(step_path)))
         for folder, tag in ((self.loras_dir, "loras"), (self.outputs_dir / LORA_UPLOADS, "uploaded")):
             if folder.is_dir():
                 for path in sorted(folder.glob("*.safetensors")):
@@ -564,16 +568,25 @@ class Studio:
                              folder / f"{folder.parent.name}_grid.png")
 
     # ---- export -----------------------------------------------------------------------------
-    def exports(self, run: str) -> dict[str, Optional[str]]:
+    def export_steps(self, run: str) -> list[int]:
+        """Steps ``run`` can be exported at besides its final files: kept checkpoints and steps exported before."""
+        return exported_steps(self.run_dir(run))
+
+    def exports(self, run: str, step: Optional[int] = None) -> dict[str, Optional[str]]:
+        """The run's kohya and diffusers files; with ``step``, those of that checkpoint (written on first ask)."""
         run_dir = self.run_dir(run)
+        if step is not None:
+            from trainer.reexport import step_exports
+
+            return {key: str(path) for key, path in step_exports(run_dir, int(step)).items()}
         found = {}
         for key, name in (("kohya", "lora.safetensors"), ("diffusers", "lora_diffusers.safetensors")):
             path = run_dir / name
             found[key] = str(path) if path.is_file() else None
         return found
 
-    def export_metadata(self, run: str) -> dict[str, str]:
-        path = self.exports(run)["kohya"]
+    def export_metadata(self, run: str, step: Optional[int] = None) -> dict[str, str]:
+        path = self.exports(run, step)["kohya"]
         if path is None:
             return {}
         from trainer.export import read_metadata
@@ -581,9 +594,10 @@ class Studio:
         meta = read_metadata(path)
         return {f: meta.get(f"modelspec.{f}", "") for f in EXPORT_FIELDS}
 
-    def prepare_export(self, run: str, meta: dict[str, str]) -> dict[str, str]:
-        """Copies of both files with the edited metadata under ``outputs/<run>/export/``."""
-        files = self.exports(run)
+    def prepare_export(self, run: str, meta: dict[str, str], step: Optional[int] = None) -> dict[str, str]:
+        """Copies of both files (of ``step``'s checkpoint if given) with the edited metadata under
+        ``outputs/<run>/export/``, named after the title (a step's copies end with the step)."""
+        files = self.exports(run, step)
         if not any(files.values()):
             raise UserError(f"'{run}' has no exported LoRA yet: train it (or stop it) first")
         from trainer.export import rewrite_metadata
@@ -591,6 +605,8 @@ class Studio:
         updates = {f"modelspec.{f}": " ".join(str(meta.get(f, "")).split()) if f != "description"
                    else str(meta.get(f, "")).strip() for f in EXPORT_FIELDS}
         stem = store.safe_stem(meta.get("title") or run)
+        if step is not None and not stem.endswith(str(step)):
+            stem = store.safe_stem(f"{stem}_step{step}")
         out = self.run_dir(run) / "export"
         prepared = {}
         for key, src in files.items():
@@ -599,9 +615,19 @@ class Studio:
                 prepared[key] = str(rewrite_metadata(src, dst, updates))
         return prepared
 
-    def samples(self, run: str) -> list[str]:
+    def samples(self, run: str, step: Optional[int] = None) -> list[str]:
+        """The run's sample images, oldest first; with ``step``, only those rendered at that step."""
         folder = self.run_dir(run) / "samples"
-        return [str(p) for p in sorted(folder.glob("*.png"))] if folder.is_dir() else []
+        pattern = "*.png" if step is None else f"step-{int(step):06d}-*.png"
+        return [str(p) for p in sorted(folder.glob(pattern))] if folder.is_dir() else []
+
+    def step_samples(self, run: str, step: int) -> tuple[Optional[int], list[str]]:
+        """The samples rendered at ``step``, else at the latest step before it that has some (a stop skips the
+        samples due at its step): (that step or None, their paths)."""
+        rendered = sorted({int(Path(p).name.split("-")[1]) for p in self.samples(run)
+                           if Path(p).name.split("-")[1].isdigit()})
+        nearest = next((s for s in reversed(rendered) if s <= int(step)), None)
+        return nearest, self.samples(run, nearest) if nearest is not None else []
 
     def samples_zip(self, run: str) -> Optional[str]:
         samples = self.samples(run)

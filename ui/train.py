@@ -76,6 +76,8 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
             seed = gr.Number(TrainConfig.seed, label="Seed", precision=0, elem_id="seed", info=helps["seed"])
             checkpoint_every = gr.Number(TrainConfig.checkpoint_every, label="Checkpoint every N steps", precision=0,
                                          elem_id="checkpoint-every", info=helps["checkpoint_every"])
+            keep_checkpoints = gr.Number(TrainConfig.keep_checkpoints, label="Keep checkpoints", precision=0,
+                                         elem_id="keep-checkpoints", info=helps["keep_checkpoints"])
         with gr.Row():
             sample_prompt = gr.Textbox(label="Sample prompt", elem_id="sample-prompt", scale=3,
                                        placeholder="empty: the first captions of the dataset")
@@ -166,7 +168,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
 
     start.click(on_start, [run, base, preset, steps, lr, resolution, batch, precision, seed, sample_prompt,
                            sample_every, sample_steps, checkpoint_every, trigger, rank, alpha, noise_offset, snr_gamma,
-                           flip, timestep_sampling, eval_every],
+                           flip, timestep_sampling, eval_every, keep_checkpoints],
                 [run, status, last],
                 concurrency_id="train-control", concurrency_limit=1)
     def on_stop(run_name):

@@ -1,0 +1,42 @@
+"""A run's steps on disk: its kept checkpoints and the steps exported from them (no torch needed).
+
+``<run>/checkpoints/step-000100/`` is a resumable checkpoint; ``python -m trainer
+export --step 100`` (or picking the step on the Export tab) writes its LoRA to
+``<run>/export/<run>-step000100.safetensors``, kohya's ``<name>-<step>`` naming.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from trainer.checkpoint import checkpoint_dirs
+
+STEP_SUFFIXES = {"kohya": "", "diffusers": "_diffusers", "comfy": "_comfy"}
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``checkpoints/step-NNNNNN`` folder."""
+    return int(Path(path).name.split("-")[-1])
+
+
+def step_file(run: str | Path, step: int, fmt: str = "kohya") -> Path:
+    """Where the LoRA of ``step`` goes in layout ``fmt``."""
+    run = Path(run)
+    return run / "export" / f"{run.name}-step{step:06d}{STEP_SUFFIXES[fmt]}.safetensors"
+
+
+def exported_step_files(run: str | Path) -> dict[int, Path]:
+    """step → its kohya-layout file, for the steps exported so far (their checkpoints may be gone)."""
+    run = Path(run)
+    pattern = re.compile(rf"^{re.escape(run.name)}-step(\d+)\.safetensors$")
+    folder = run / "export"
+    if not folder.is_dir():
+        return {}
+    return dict(sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name)) and p.is_file()))
+
+
+def exported_steps(run: str | Path) -> list[int]:
+    """The steps a run can be exported at: its kept checkpoints, and steps exported before their checkpoint
+    was rotated away."""
+    return sorted({checkpoint_step(p) for p in checkpoint_dirs(run)} | set(exported_step_files(run)))
