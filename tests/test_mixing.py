@@ -18,7 +18,8 @@ from tests.mixing_fixtures import (GUIDANCE, PROMPT, SEED, STEPS, expected_delta
                                    style_weights, te_weights, write_lora)
 from trainer.errors import UserError
 from trainer.export import kohya_deltas, read_lora, read_metadata
-from trainer.mixing import MixSession, bake, comparison_grid
+from trainer.mixing import MixSession, bake, comparison_grid, side_by_side
+from trainer.mixing.grid import render_alone
 
 ARCHS = ("sd15", "sdxl", "flux")
 
@@ -294,6 +295,31 @@ def test_comparison_grid_is_one_labelled_image_of_the_renders(mixer, tmp_path):
     assert (label_band < 100).any() and (label_band == 255).mean() > 0.8  # dark text on white
     with pytest.raises(UserError, match="two different"):
         comparison_grid(session, a.name, [0, 1], PROMPT, SEED, STEPS, GUIDANCE, second=(a.name, [0]))
+
+
+@pytest.mark.parametrize("mixer", ARCHS, indirect=True)
+def test_side_by_side_renders_each_lora_alone(mixer, tmp_path):
+    """Columns: the base, then each LoRA on alone (the others off, whatever the sliders said); rows: prompts."""
+    session, base_image = mixer
+    (a, _), (b, _) = add_pair(session, tmp_path)
+    session.set_weights({a.name: 0.3, b.name: 0.7})
+    columns = [("base", None, 0.0), ("ink", a.name, 1.0), ("paper", b.name, 0.8)]
+    other = "zkink, a blue square on a red background"
+    cells = render_alone(session, columns, [PROMPT, other], SEED, STEPS, GUIDANCE)
+    assert session.weights == {a.name: 0.3, b.name: 0.7}  # restored
+    assert abs(pixels(cells[0][0]) - base_image).max() <= 1
+    for row, prompt in enumerate([PROMPT, other]):
+        for col, mix in ((1, {a.name: 1.0}), (2, {b.name: 0.8})):
+            session.set_weights(mix)
+            assert abs(pixels(cells[row][col]) - pixels(session.render(prompt, SEED, STEPS, GUIDANCE))).max() <= 1
+    assert abs(pixels(cells[0][1]) - base_image).mean() > 0.5  # the LoRA does act
+    session.set_weights({a.name: 0.3, b.name: 0.7})
+    grid = side_by_side(session, columns, [PROMPT, other], SEED, STEPS, GUIDANCE)
+    assert grid.width > 3 * 128 and grid.height > 2 * 128 and session.weights == {a.name: 0.3, b.name: 0.7}
+    with pytest.raises(UserError, match="no LoRA named 'nope'"):
+        side_by_side(session, [("x", "nope", 1.0)], [PROMPT], SEED, STEPS, GUIDANCE)
+    with pytest.raises(UserError, match="at least one LoRA and one prompt"):
+        side_by_side(session, columns, [], SEED, STEPS, GUIDANCE)
 
 
 @pytest.mark.parametrize("arch", ["sd15", "flux"])

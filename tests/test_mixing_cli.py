@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.mixing_fixtures import one_torch_thread  # noqa: F401  (autouse)
-from tests.mixing_fixtures import style_weights, write_lora
+from tests.mixing_fixtures import pixels, style_weights, write_lora
 from trainer import cli_mix
 from trainer.errors import UserError
 from trainer.export import read_metadata
@@ -56,6 +56,25 @@ def test_render_bake_and_grid_in_one_run(loras, tmp_path, capsys):
     assert meta["studio.mix.method"] == "concat" and meta["ss_network_dim"] == "6"
 
 
+def test_grid_each_puts_the_base_and_each_lora_alone_side_by_side(loras, tmp_path, capsys):
+    from trainer.mixing import MixSession
+    from trainer.mixing.grid import MIN_CELL, PAD
+
+    base, ink, paper = loras
+    args = parse("--base", base, "--lora", f"{ink}:0.7", "--lora", str(paper), "--grid-each", "--grid-prompt",
+                 "zkink a red circle", "--grid-prompt", "zkink a blue square", "--seed", "4", "--steps", "2",
+                 "--guidance", "5", "--grid-out", str(tmp_path / "each.png"), "--device", "cpu")
+    assert cli_mix.run(args) == 0
+    assert f"wrote {tmp_path / 'each.png'} (3 columns x 2 prompts)" in capsys.readouterr().out
+    grid = pixels(Image.open(tmp_path / "each.png").convert("RGB"))
+    # the bottom-right cell is paper alone at weight 1 on the second prompt, scaled up (nearest) from 64 px
+    session = MixSession(base, device="cpu")
+    session.set_weights({session.add_lora(paper).name: 1.0})
+    expected = pixels(session.render("zkink a blue square", 4, 2, 5.0))
+    cell = grid[-MIN_CELL - PAD:-PAD, -MIN_CELL - PAD:-PAD]
+    assert abs(cell[::2, ::2] - expected).max() <= 1
+
+
 def test_bake_rank_compresses_and_reports_the_error(loras, tmp_path, capsys):
     base, ink, paper = loras
     args = parse("--base", base, "--lora", str(ink), "--lora", f"{paper}:0.5", "--bake", str(tmp_path / "r2.safetensors"),
@@ -76,6 +95,9 @@ def test_bake_rank_compresses_and_reports_the_error(loras, tmp_path, capsys):
     (["--out", "a.png", "--bake-rank", "4"], "--bake-rank needs --bake"),
     (["--out", "a.png", "--bake", "mix.ckpt"], "must end in .safetensors"),
     (["--out", "a.png", "--grid", "0,x"], "comma-separated numbers"),
+    (["--grid-each", "--grid-out", "g.png"], "--grid-each needs at least one --lora"),
+    (["--out", "a.png", "--grid-prompt", "a cat"], "--grid-prompt is a row of --grid-each"),
+    (["--out", "a.png", "--grid-each", "--grid", "0,1"], "two kinds of grid"),
 ])
 def test_bad_flags_fail_before_loading_anything(monkeypatch, argv, words):
     import trainer.mixing

@@ -3,6 +3,8 @@
     python -m trainer mix --base demo:sd15 --lora A.safetensors:0.7 --lora B.safetensors:0.3 \\
         --prompt "a red circle" --seed 1 --out mix.png [--bake mix.safetensors [--bake-rank 8]] \\
         [--grid 0,0.25,0.5,0.75,1 [--grid-second 0,1] [--grid-out grid.png]]
+    python -m trainer mix --base demo:sd15 --lora run-step000200.safetensors --lora run-step000400.safetensors \
+        --grid-each --grid-prompt "zkstyle, a cat" --grid-prompt "zkstyle, a house" --grid-out steps.png
 
 Every input is checked before the base is loaded; user errors end in one line and exit code 2.
 """
@@ -66,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", metavar="W1,W2,...", help="comparison grid over these weights of the first LoRA")
     p.add_argument("--grid-second", metavar="W1,W2,...", help="rows of the grid: weights of the second LoRA")
     p.add_argument("--grid-out", help="grid image path (default: <out>_grid.png)")
+    p.add_argument("--grid-each", action="store_true",
+                   help="instead of --grid: the base, then each --lora alone at its weight, side by side (e.g. the "
+                        "steps of one run)")
+    p.add_argument("--grid-prompt", action="append", default=[], metavar="PROMPT",
+                   help="a row of the --grid-each grid; repeat for more (default: --prompt)")
     p.add_argument("--fuse", action="store_true", help="fuse the mix into the base weights before sampling (faster)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
@@ -76,6 +83,7 @@ class _Plan:
     grid: list[float] | None
     grid_second: list[float] | None
     grid_out: Path | None
+    grid_each: bool = False
 
 
 def _plan(args: argparse.Namespace) -> _Plan:
@@ -119,21 +127,27 @@ def _plan(args: argparse.Namespace) -> _Plan:
         problems.append("--bake-rank needs --bake FILE.safetensors")
     if args.steps is not None and args.steps < 1:
         problems.append(f"--steps {args.steps}: must be at least 1")
-    if grid:
+    if args.grid_each and grid:
+        problems.append("--grid-each and --grid are two kinds of grid: give one")
+    if args.grid_each and not loras:
+        problems.append("--grid-each needs at least one --lora")
+    if args.grid_prompt and not args.grid_each:
+        problems.append("--grid-prompt is a row of --grid-each: add --grid-each")
+    if grid or args.grid_each:
         grid_out = Path(args.grid_out) if args.grid_out else (
             Path(args.out).with_name(Path(args.out).stem + "_grid.png") if args.out else None)
         if grid_out is None:
-            problems.append("--grid needs --grid-out or --out (the grid goes next to it)")
-    if not (args.out or args.bake or grid):
-        problems.append("nothing to do: give --out (render), --bake (write the mix) and/or --grid")
+            problems.append(f"{'--grid' if grid else '--grid-each'} needs --grid-out or --out (the grid goes next to it)")
+    if not (args.out or args.bake or grid or args.grid_each):
+        problems.append("nothing to do: give --out (render), --bake (write the mix) and/or --grid / --grid-each")
     if problems:
         raise UserError("; ".join(problems))
-    return _Plan(loras, grid, grid_second, grid_out)
+    return _Plan(loras, grid, grid_second, grid_out, args.grid_each)
 
 
 def run(args: argparse.Namespace) -> int:
     from trainer.bases import base_sampling_defaults
-    from trainer.mixing import MixSession, bake, comparison_grid
+    from trainer.mixing import MixSession, bake, comparison_grid, side_by_side
 
     plan = _plan(args)
     session = MixSession(args.base, device=args.device)
@@ -145,9 +159,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         guidance = tuned.get("guidance", 3.5 if session.arch == "flux" else 5.0)
     weights = {}
+    columns = [("base", None, 0.0)]  # --grid-each: the base, then each file alone
     for lora in plan.loras:
         info = session.add_lora(lora.path)
         weights[info.name] = weights.get(info.name, 0.0) + lora.weight
+        columns.append((f"{info.name} x{lora.weight:g}", info.name, lora.weight))
         print(info.summary())
         if info.ignored_keys:
             print(f"warning: {info.name}: ignored keys: {', '.join(info.ignored_keys)}", file=sys.stderr)
@@ -166,6 +182,12 @@ def run(args: argparse.Namespace) -> int:
         plan.grid_out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(plan.grid_out)
         print(f"wrote {plan.grid_out} ({len(plan.grid)} x {len(plan.grid_second or [0])} renders)")
+    if plan.grid_each:
+        prompts = args.grid_prompt or [args.prompt]
+        grid = side_by_side(session, columns, prompts, args.seed, steps, guidance)
+        plan.grid_out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(plan.grid_out)
+        print(f"wrote {plan.grid_out} ({len(columns)} columns x {len(prompts)} prompts)")
     if args.bake:
         Path(args.bake).parent.mkdir(parents=True, exist_ok=True)
         report = bake(session, weights, args.bake, rank=args.bake_rank)

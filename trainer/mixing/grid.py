@@ -1,4 +1,5 @@
-"""Comparison grids: one prompt and seed rendered over a list of weights, as one labelled image."""
+"""Comparison grids, as one labelled image: one prompt and seed over a list of weights
+(:func:`comparison_grid`), or LoRAs side by side, each alone, over a few prompts (:func:`side_by_side`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from trainer.errors import UserError
 
 MIN_CELL = 128  # tiny 64 px renders are scaled up (nearest) so labels and pixels stay legible
 PAD = 6
+MAX_ROW_LABEL = 40  # characters of a prompt shown as a row label; the full prompts are in the caller's report
 
 
 def _font(size: int = 12):
@@ -94,3 +96,52 @@ def comparison_grid(session, lora_name: str, weights: list[float], prompt: str, 
     col_labels = [f"{lora_name} x{w:g}" for w in weights]  # the default font has no ×
     row_labels = [f"{second[0]} x{w:g}" for w in rows] if second is not None else None
     return label_grid(cells, col_labels, row_labels, title)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_ROW_LABEL else text[:MAX_ROW_LABEL - 3].rstrip() + "..."
+
+
+def render_alone(session, columns: list[tuple[str, str | None, float]], prompts: list[str], seed: int, steps: int,
+                 guidance: float) -> list[list[Image.Image]]:
+    """Renders, one row per prompt and one column per ``(label, adapter name or None for the base, weight)``,
+    each with its LoRA on alone and every other one off, all with the same seed.
+
+    The session's weights (and fused state) are restored afterwards, whatever happens.
+    """
+    if not columns or not prompts:
+        raise UserError("a side-by-side grid needs at least one LoRA and one prompt")
+    for _, name, _ in columns:
+        if name is not None:
+            session.info(name)
+    saved, was_fused = session.weights, session.fused
+    off = {name: 0.0 for name in saved}
+    cells = []
+    try:
+        for prompt in prompts:
+            row = []
+            for _, name, weight in columns:
+                session.set_weights({**off, name: float(weight)} if name is not None else off)
+                row.append(session.render(prompt, seed, steps, guidance))
+            cells.append(row)
+    finally:
+        session.set_weights(saved)
+        if was_fused:
+            session.fuse()
+    return cells
+
+
+def side_by_side(session, columns: list[tuple[str, str | None, float]], prompts: list[str], seed: int, steps: int,
+                 guidance: float):
+    """:func:`render_alone` as one labelled image: only the LoRA differs along a row, which is what an
+    artist needs to pick between the steps of one run or between several styles.
+
+    Raises:
+        UserError: no column or no prompt, or an adapter name that is not loaded.
+    """
+    cells = render_alone(session, columns, prompts, seed, steps, guidance)
+    title = f"seed {seed} · {steps} steps · guidance {guidance:g}"
+    col_labels = [label for label, _, _ in columns]
+    if len(prompts) == 1:  # one row: the prompt goes in the title, in full
+        return label_grid(cells, col_labels, None, f"{prompts[0]!r} · {title}")
+    return label_grid(cells, col_labels, [_short(p) for p in prompts], title)
