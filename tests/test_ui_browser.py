@@ -606,6 +606,28 @@ def test_export_an_earlier_step_with_its_samples(page, server, tmp_path):
     wait_until(page, lambda: "lora.safetensors" in files.inner_text(), 20, "the final files again")
 
 
+def test_compare_the_kept_steps_side_by_side(page, server):
+    """The box starts with the run's captions; the grid holds the base and each kept step and is saved."""
+    if "stopped_at" not in FLOW:
+        pytest.skip("needs the stopped run from the training test")
+    from PIL import Image
+
+    open_tab(page, "4 · Export")
+    page.locator("#export-compare-box").get_by_text("Compare steps").click()
+    prompts = page.locator("#export-compare-prompts textarea")
+    wait_until(page, lambda: "zkstyle" in prompts.input_value(), 20, "the run's captions as prompts")
+    prompts.fill("a red circle on a blue background")
+    page.click("#export-compare")
+    info = page.locator("#export-compare-info")
+    wait_until(page, lambda: "rendered in" in info.inner_text() or "⚠" in info.inner_text(), 180, "the step grid")
+    steps = sorted(int(p.name.split("-")[1]) for p in (server.outputs / FLOW["run"] / "checkpoints").iterdir())
+    assert f"({len(steps) + 1} columns × 1 prompt(s), seed 0)" in info.inner_text(), info.inner_text()
+    wait_until(page, lambda: page.locator("#export-compare-grid img").count() > 0, 20, "the grid image")
+    saved = server.outputs / FLOW["run"] / "export" / f"{FLOW['run']}_steps.png"
+    assert Image.open(saved).width > (len(steps) + 1) * 128
+    shot(page, "07c-export-compare")
+
+
 # ---- 6. a job that fails ---------------------------------------------------------------------------
 def test_a_failing_job_shows_one_line_and_the_app_keeps_working(page, server):
     engine("trainer.loop", "run_training")

@@ -579,6 +579,55 @@ def test_an_earlier_step_is_exported_with_its_samples_and_offered_to_the_mix(stu
         studio.exports("r1", 3)
 
 
+def test_compare_steps_renders_the_base_and_each_kept_step_alone(base_dirs, scene_dir, tmp_path):
+    """The Export tab's step grid, with the real mixing engine: columns base, step 2, step 4 (the run's own file),
+    rows the prompts with the run's trigger; the bottom-right cell is the final LoRA alone on the second prompt."""
+    import numpy as np
+
+    from tests.conftest import tiny_config
+    from trainer.loop import run_training
+    from trainer.mixing import MixSession
+    from trainer.mixing.grid import MIN_CELL, PAD
+    from ui.mixdesk import default_guidance, default_steps
+
+    real = Studio(tmp_path / "outputs", default_base="demo-random:sd15", models_dir=tmp_path / "models",
+                  runner=FakeLoop(step_seconds=0.01))
+    run = real.outputs_dir / "r1"
+    base = str(base_dirs["sd15"])
+    run_training(tiny_config(base, scene_dir, run, steps=4, checkpoint_every=2, sample_prompts=["a red circle"]))
+    real.save_settings("r1", trigger="zk")
+    assert real.compare_prompts("r1") == "a red circle"
+    with pytest.raises(UserError, match="at least one prompt"):
+        real.compare_steps("r1", " \n ", 0)
+    with pytest.raises(UserError, match="weight 'strong': give a number from -1 to 2"):
+        real.compare_steps("r1", "a cat", 0, "strong")
+    path, info = real.compare_steps("r1", "a red circle\nzk, a blue square", 3, 1.0)
+    assert Path(path) == run / "export" / "r1_steps.png" and info.startswith("6 image(s) (3 columns × 2 prompt(s)")
+    assert sorted(p.name for p in (run / "export").glob("*.safetensors")) == ["r1-step000002.safetensors",
+                                                                             "r1-step000002_diffusers.safetensors"]
+    session = MixSession(base, device="cpu")
+    session.set_weights({session.add_lora(run / "lora.safetensors").name: 1.0})
+    steps, guidance = default_steps(base), default_guidance(base)
+    expected = np.asarray(session.render("zk, a blue square", 3, steps, guidance), dtype=np.int16)
+    grid = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    cell = grid[-MIN_CELL - PAD:-PAD, -MIN_CELL - PAD:-PAD]
+    assert np.abs(cell[::2, ::2] - expected).max() <= 1
+    with pytest.raises(UserError, match="has no checkpoint yet"):
+        real.compare_steps("r2", "a cat", 0)
+
+
+@pytest.mark.parametrize("values,k,expected", [
+    ([1, 2, 3], 5, [1, 2, 3]),
+    ([1, 2, 3], 1, [3]),
+    (list(range(1, 11)), 4, [1, 4, 7, 10]),
+    (list(range(20)), 6, [0, 4, 8, 11, 15, 19]),
+])
+def test_spread_keeps_the_last_and_spaces_the_rest(values, k, expected):
+    from ui.mixdesk import spread
+
+    assert spread(values, k) == expected
+
+
 def test_samples_zip(studio):
     samples = studio.outputs_dir / "r1" / "samples"
     samples.mkdir(parents=True)
@@ -632,7 +681,7 @@ def test_resume_a_run_trained_outside_the_queue(studio, tmp_path):
     ("a red circle", "", "a red circle"),
 ])
 def test_the_mix_prompt_starts_with_the_runs_trigger_once(prompt, trigger, expected):
-    from ui.mix import prompt_with_trigger
+    from ui.mixdesk import prompt_with_trigger
 
     once = prompt_with_trigger(prompt, trigger)
     assert once == expected and prompt_with_trigger(once, trigger) == once  # the tab shown again adds nothing

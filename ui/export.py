@@ -44,6 +44,20 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
                                           interactive=False)
             samples_zip = gr.DownloadButton("Download sample images (.zip)", elem_id="dl-samples", interactive=False)
     gallery = gr.Gallery(label="Sample images", elem_id="export-samples", columns=4, height=260, interactive=False)
+    with gr.Accordion("Compare steps: the base, then each kept step's LoRA alone, on your prompts", open=False,
+                      elem_id="export-compare-box"):
+        with gr.Row():
+            compare_prompts = gr.Textbox(label="Prompts (one per line; the run's trigger is added)", lines=3,
+                                         elem_id="export-compare-prompts", scale=3)
+            with gr.Column(scale=1):
+                compare_weight = gr.Number(1.0, label="LoRA weight", elem_id="export-compare-weight",
+                                           minimum=-1, maximum=2)
+                compare_seed = gr.Number(0, label="Seed", precision=0, elem_id="export-compare-seed")
+        compare = gr.Button("Render the step grid", elem_id="export-compare")
+        compare_info = gr.Markdown(elem_id="export-compare-info")
+        compare_image = gr.Image(label="Steps side by side (same seed in every cell)", type="filepath",
+                                 elem_id="export-compare-grid", interactive=False)
+    prompts_of = gr.State("")  # the run whose prompts the box was filled with: a new run refills it
 
     def buttons(paths: dict, zip_path):
         def one(path):
@@ -73,14 +87,24 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         shown = samples if chosen is not None else samples[-SHOWN_SAMPLES:]
         return (text, "", *[meta.get(f, "") for f in EXPORT_FIELDS], *buttons(paths, zip_path), shown)
 
-    def on_show(run_name):
+    def on_show(run_name, prompts_text, filled_for):
         try:
             steps = studio.export_steps(run_name)
         except UserError:
             steps = []
         picker = gr.update(choices=[("final files", FINAL)] + [(f"step {s}", str(s)) for s in reversed(steps)],
                            value=FINAL)
-        return (picker, *show(run_name, FINAL))
+        prompts = gr.skip()
+        if run_name != filled_for or not (prompts_text or "").strip():
+            prompts = studio.compare_prompts(run_name) if run_name else ""
+        return (picker, *show(run_name, FINAL), prompts, run_name)
+
+    def on_compare(run_name, prompts_text, weight, seed):
+        try:
+            path, info = studio.compare_steps(run_name, prompts_text, seed, weight)
+        except UserError as err:
+            return f"⚠ {err}", gr.skip()
+        return info, path
 
     def on_apply(run_name, step_value, *values):
         try:
@@ -94,4 +118,6 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
     shown = [files, status, *boxes, kohya, diffusers, samples_zip, gallery]
     step.input(show, [run, step], shown)
     apply.click(on_apply, [run, step, *boxes], [status, kohya, diffusers])
-    return {"on_show": (on_show, [run], [step, *shown])}
+    compare.click(on_compare, [run, compare_prompts, compare_weight, compare_seed], [compare_info, compare_image],
+                  concurrency_id="mix", concurrency_limit=1)
+    return {"on_show": (on_show, [run, compare_prompts, prompts_of], [step, *shown, compare_prompts, prompts_of])}

@@ -11,14 +11,13 @@ The work is done by :class:`ui.mixdesk.MixDesk`; this module only draws widgets.
 from __future__ import annotations
 
 import logging
-import re
 
 import gradio as gr
 from PIL import Image
 
-from trainer.bases import base_sampling_defaults
 from trainer.errors import UserError
-from ui.studio import MixSlot, Studio, is_demo
+from ui.mixdesk import default_guidance, default_steps, prompt_with_trigger
+from ui.studio import MixSlot, Studio
 
 log = logging.getLogger(__name__)
 SLOTS = 4
@@ -58,9 +57,9 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         # No minimum/maximum on the numbers: gradio would refuse out-of-range values with a bare "Error" toast;
         # MixDesk checks them and says what each field takes.
         seed = gr.Number(0, label="Seed", precision=0, elem_id="mix-seed", scale=1)
-        steps = gr.Number(_default_steps(studio.default_base), label="Steps", precision=0, elem_id="mix-steps",
+        steps = gr.Number(default_steps(studio.default_base), label="Steps", precision=0, elem_id="mix-steps",
                           scale=1)
-        guidance = gr.Number(_default_guidance(studio.default_base), label="Guidance", elem_id="mix-guidance",
+        guidance = gr.Number(default_guidance(studio.default_base), label="Guidance", elem_id="mix-guidance",
                              scale=1)
     with gr.Row(equal_height=True):
         render_btn = gr.Button("Render preview", variant="primary", elem_id="mix-render", scale=3)
@@ -179,7 +178,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
     inputs = [base, prompt, seed, steps, guidance, fuse, *slot_inputs]
     outputs = [preview, info, *lines]
     upload.upload(on_upload, [upload, *pickers], [upload, info, *pickers])
-    base.change(lambda name: (_default_steps(name or ""), _default_guidance(name or "")), [base],
+    base.change(lambda name: (default_steps(name or ""), default_guidance(name or "")), [base],
                 [steps, guidance])  # each base's tuned values
     render_btn.click(render, inputs, outputs, **_RENDER)
     prompt.submit(render, inputs, outputs, **_RENDER)
@@ -191,27 +190,3 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
     grid_btn.click(on_grid, [run, base, prompt, seed, steps, guidance, grid_lora, grid_weights, grid_second,
                              grid_second_weights, *slot_inputs], [grid_info, grid_image, grid_dl], **_ONE)
     return {"on_show": (on_show, [run, prompt, *pickers], [base, prompt, *pickers])}
-
-
-def prompt_with_trigger(prompt: str, trigger: str) -> str:
-    """``prompt`` starting with ``trigger`` unless it already holds it (as a whole word or phrase)."""
-    text, trigger = (prompt or "").strip(), (trigger or "").strip()
-    if not trigger or re.search(rf"(^|[\s,]){re.escape(trigger)}($|[\s,])", text):
-        return prompt
-    return f"{trigger}, {text}" if text else trigger
-
-
-def _default_steps(base: str) -> int:
-    """The base's tuned sampling steps (studio.json of the demo bases), else 8 on demo bases, 25 elsewhere."""
-    try:
-        return int(base_sampling_defaults(base).get("steps", 8 if is_demo(base) else 25))
-    except UserError:
-        return 8 if is_demo(base) else 25
-
-
-def _default_guidance(base: str) -> float:
-    """The base's tuned guidance (studio.json of the demo bases), else the usual 5."""
-    try:
-        return base_sampling_defaults(base).get("guidance", 5.0)
-    except UserError:
-        return 5.0

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from trainer.bases import base_sampling_defaults
 from trainer.errors import UserError
 
 MAX_GRID_CELLS = 25  # each cell is a full render; more would hold the preview lock for minutes
@@ -43,6 +44,34 @@ def sampling_values(seed: Any, steps: Any, guidance: Any) -> tuple[int, int, flo
     if guidance_ < 0:
         raise UserError(f"guidance {guidance_:g}: give a number of 0 or more, e.g. 5")
     return int(seed_), int(steps_), guidance_
+
+
+def is_demo(base: str) -> bool:
+    return str(base).strip().startswith(("demo:", "demo-random:"))
+
+
+def prompt_with_trigger(prompt: str, trigger: str) -> str:
+    """``prompt`` starting with ``trigger`` unless it already holds it (as a whole word or phrase)."""
+    text, trigger = (prompt or "").strip(), (trigger or "").strip()
+    if not trigger or re.search(rf"(^|[\s,]){re.escape(trigger)}($|[\s,])", text):
+        return prompt
+    return f"{trigger}, {text}" if text else trigger
+
+
+def default_steps(base: str) -> int:
+    """The base's tuned sampling steps (studio.json of the demo bases), else 8 on demo bases, 25 elsewhere."""
+    try:
+        return int(base_sampling_defaults(base).get("steps", 8 if is_demo(base) else 25))
+    except UserError:
+        return 8 if is_demo(base) else 25
+
+
+def default_guidance(base: str) -> float:
+    """The base's tuned guidance (studio.json of the demo bases), else the usual 5."""
+    try:
+        return base_sampling_defaults(base).get("guidance", 5.0)
+    except UserError:
+        return 5.0
 
 
 @dataclass
@@ -90,6 +119,16 @@ def slot_label(path: str) -> str:
     return p.parent.name if p.name == "lora.safetensors" else p.stem
 
 
+def spread(values: list[int], k: int) -> list[int]:
+    """At most ``k`` of ``values``, evenly spread, the last always kept (``k`` >= 1)."""
+    if len(values) <= k:
+        return list(values)
+    if k == 1:
+        return [values[-1]]
+    picks = {round(i * (len(values) - 1) / (k - 1)) for i in range(k)}
+    return [values[i] for i in sorted(picks)]
+
+
 def parse_weights(text: str, what: str = "weights") -> list[float]:
     """``"0, 0.5, 1"`` (commas and/or spaces) -> ``[0.0, 0.5, 1.0]``.
 
@@ -116,7 +155,7 @@ class MixDesk:
 
     Args:
         default_base: base used when the tab sends none.
-        engine: an object with ``MixSession``, ``bake`` and ``comparison_grid`` (tests inject fakes;
+        engine: an object with ``MixSession``, ``bake``, ``comparison_grid`` and ``side_by_side`` (tests inject fakes;
             default :mod:`trainer.mixing`, imported on first use).
         session_kwargs: ``base -> kwargs`` for ``MixSession`` (device choice).
     """
@@ -293,3 +332,32 @@ class MixDesk:
         tmp.replace(out_path)
         return str(out_path), f"{cells} image(s) of `{first}`" + (f" × `{other[0]}`" if other else "") + \
             f" rendered in {took:.1f} s; saved as `{out_path.name}`."
+
+    def side_by_side(self, base: str, columns: list[tuple[str, Optional[str], float]], prompts: list[str], seed: int,
+                     steps: int, guidance: float, out_path: Path) -> tuple[str, str]:
+        """A grid of ``(label, LoRA file or None for the base alone, weight)`` columns, each LoRA on alone, over
+        ``prompts`` (rows); saved as PNG to ``out_path``. Returns (path, one line on what was rendered).
+
+        Raises:
+            UserError: no prompt, too many cells, a file that cannot be used (its reason).
+        """
+        seed, steps, guidance = sampling_values(seed, steps, guidance)
+        prompts = [p for p in (str(p).strip() for p in prompts) if p]
+        if not prompts:
+            raise UserError("write at least one prompt (one per line)")
+        cells = len(columns) * len(prompts)
+        if cells > MAX_GRID_CELLS:
+            raise UserError(f"{cells} images is too many for one grid (at most {MAX_GRID_CELLS}); use fewer prompts")
+        with self._lock:
+            mixer = self._session((base or self.default_base).strip())
+            named = [(label, self._adapter(mixer, path) if path else None, float(weight))
+                     for label, path, weight in columns]
+            t0 = time.perf_counter()
+            image = self.engine.side_by_side(mixer.session, named, prompts, seed, steps, guidance)
+            took = time.perf_counter() - t0
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(f".{out_path.name}.tmp")
+        image.save(tmp, format="PNG")
+        tmp.replace(out_path)
+        return str(out_path), (f"{cells} image(s) ({len(columns)} columns × {len(prompts)} prompt(s), seed {seed}) "
+                               f"rendered in {took:.1f} s; saved as `{out_path.name}`.")

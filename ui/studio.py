@@ -32,15 +32,12 @@ from trainer.steps import exported_step_files, exported_steps
 from trainer.presets import list_presets, resolve_config
 from ui import choices, store
 from ui.captions import caption_run
-from ui.mixdesk import MixDesk, MixResult, MixSlot, parse_weights  # noqa: F401 (re-exported for the tabs)
+from ui.mixdesk import (MAX_GRID_CELLS, MixDesk, MixResult, MixSlot, default_guidance, default_steps,  # noqa: F401
+                         is_demo, parse_weights, prompt_with_trigger, spread)  # (MixResult, is_demo: for the tabs)
 
 log = logging.getLogger(__name__)
 LORA_UPLOADS = "_loras"  # outputs/_loras: LoRA files uploaded on the Mix tab (never a run: no config.yaml)
 EXPORT_FIELDS = ("title", "trigger_phrase", "license", "description")
-
-
-def is_demo(base: str) -> bool:
-    return str(base).strip().startswith(("demo:", "demo-random:"))
 
 
 @dataclass
@@ -566,6 +563,69 @@ class Studio:
             other = (second, parse_weights(second_weights, f"weights of LoRA {second + 1}"))
         return self.mix.grid(base, slots, axis, first, other, prompt, seed, steps, guidance,
                              folder / f"{folder.parent.name}_grid.png")
+
+    def compare_steps(self, run: str, prompts: str, seed: Any, weight: Any = 1.0) -> tuple[str, str]:
+        """The base, then the LoRA of each step ``run`` can be exported at, alone, over ``prompts`` (one per line,
+        each starting with the run's trigger), saved as ``outputs/<run>/export/<run>_steps.png``.
+
+        With more steps than fit one grid, evenly spread ones are shown, the last always among them.
+        Returns (path, one line on what was rendered).
+        """
+        run_dir = self._export_dir(run).parent
+        steps = self.export_steps(run)
+        if not steps:
+            raise UserError(f"'{run}' has no checkpoint yet: train it (a checkpoint is written every "
+                            "'Checkpoint every N steps' and at the end) and come back")
+        try:
+            w = float(weight)
+        except (TypeError, ValueError):
+            w = float("nan")
+        if not (-1.0 <= w <= 2.0):  # NaN fails too
+            raise UserError(f"weight {weight!r}: give a number from -1 to 2, e.g. 1")
+        trigger = self.settings(run).get("trigger", "")
+        lines = [prompt_with_trigger(line.strip(), trigger) for line in str(prompts or "").splitlines() if line.strip()]
+        if not lines:
+            raise UserError("write at least one prompt (one per line)")
+        shown = spread(steps, max(1, MAX_GRID_CELLS // len(lines) - 1))
+        final = self.exports(run)["kohya"]
+        final_step = self._final_step(final)
+        columns: list[tuple[str, Optional[str], float]] = [("base", None, 0.0)]
+        for step in shown:
+            path = final if step == final_step else str(self.exports(run, step)["kohya"])
+            columns.append((f"step {step}", path, w))
+        base = self.run_base(run)
+        path, info = self.mix.side_by_side(base, columns, lines, seed, default_steps(base), default_guidance(base),
+                                           run_dir / "export" / f"{run_dir.name}_steps.png")
+        if len(shown) < len(steps):
+            info += f" {len(shown)} of the {len(steps)} kept steps are shown (one grid holds {MAX_GRID_CELLS} images)."
+        return path, info
+
+    @staticmethod
+    def _final_step(path: Optional[str]) -> Optional[int]:
+        """The step of a run's own ``lora.safetensors`` (its ``ss_steps``), None without a readable one."""
+        if path is None:
+            return None
+        from trainer.export import read_metadata
+
+        try:
+            return int(read_metadata(path).get("ss_steps", ""))
+        except (UserError, ValueError):
+            return None
+
+    def compare_prompts(self, run: str) -> str:
+        """Prompts to start the step comparison with: the run's sample prompts, else its first two captions."""
+        try:
+            from trainer.config import load_config
+
+            prompts = list(load_config(self.run_dir(run) / "config.yaml").sample_prompts)
+        except UserError:
+            prompts = []
+        if not prompts:
+            try:
+                prompts = [item.caption for item in self.items(run) if item.caption.strip()][:2]
+            except UserError:
+                prompts = []
+        return "\n".join(" ".join(p.split()) for p in prompts)
 
     # ---- export -----------------------------------------------------------------------------
     def export_steps(self, run: str) -> list[int]:
