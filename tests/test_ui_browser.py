@@ -823,6 +823,19 @@ def test_loss_options_reach_the_run_and_the_wrong_architecture_is_refused(page, 
     for elem_id in ("noise-offset", "snr-gamma", "eval-every"):
         set_number(page, elem_id, 0)
 
+    # the finished run trains on: "Train on to step" past its end, then Resume
+    set_number(page, "continue-to", 2)
+    page.click("#resume")
+    wait_until(page, lambda: "give more than the 2 steps" in status.inner_text(), 20, "the refusal of 2 more steps")
+    set_number(page, "continue-to", 3)
+    page.click("#resume")
+    wait_until(page, lambda: "on to step 3." in status.inner_text(), 20, "the resume message")
+    ended = wait_until(page, lambda: (p := progress(page))["state"] == "done" and "3/3" in p["text"] and p, 90,
+                       "the run to train on to step 3")
+    starts = [e for e in ev.read_jsonl(run_dir / "events.jsonl") if isinstance(e, ev.Start)]
+    assert [(s.start_step, s.total_steps) for s in starts] == [(0, 2), (2, 3)], ended["text"]
+    page.locator("#continue-to input").fill("")
+
 
 def test_train_learning_rate_follows_the_bases_scale(page, server):
     """A demo base scales the presets' learning rates (studio.json); other bases show the preset's own."""

@@ -325,11 +325,19 @@ def test_stop_then_resume_from_the_run_list(studio, tmp_path):
     wait_ended(studio, "r1")
     assert studio.run_list() == [("r1 — stopped at 3/10 · resumable", "r1")]
     studio.runner = FakeLoop()
-    assert "Resuming 'r1'" in studio.resume("r1")
+    assert "Resuming 'r1' from its last checkpoint, on to step 12." in studio.resume("r1", 12)  # its queue job
     wait_for(lambda: job_of(studio, "r1").state == "done")
-    assert studio.run_list() == [("r1 — done at 10/10", "r1")]
-    with pytest.raises(UserError, match="already finished"):
+    assert studio.run_list() == [("r1 — done at 12/12", "r1")]
+    with pytest.raises(UserError, match="already finished: give more steps to train on"):
         studio.resume("r1")
+    for bad, why in ((12, "give more than the 12 steps the run has trained"), ("many", "give a whole number"),
+                     (12.5, "give a whole number"), ("nan", "give a whole number")):
+        with pytest.raises(UserError, match=why):
+            studio.resume("r1", bad)
+    assert "Resuming 'r1' from its last checkpoint, on to step 14." in studio.resume("r1", 14)  # a finished run
+    wait_for(lambda: job_of(studio, "r1").state == "done" and studio.snapshot("r1").step == 14)
+    assert studio.run_list() == [("r1 — done at 14/14", "r1")]
+    assert studio.runner.calls[-1] == (str(studio.outputs_dir / "r1"), True)  # resumed, not started over
     add_images(studio, "fresh", tmp_path)
     with pytest.raises(UserError, match="not been trained"):
         studio.resume("fresh")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import shutil
 import tempfile
 import threading
@@ -428,11 +429,15 @@ class Studio:
         where = f"checkpoint {job.last_checkpoint}" if job.last_checkpoint else "step 0 (it had no checkpoint yet)"
         return self._queued_message(job, active, f"Resuming '{Path(job.run_dir).name}' from {where}.")
 
-    def resume(self, run: str) -> str:
+    def resume(self, run: str, steps: Any = None) -> str:
         """Resume ``run`` from its last checkpoint through the queue (its queue job if it has one).
 
+        ``steps`` (a new total, more than the run has trained) also continues a finished run: the style
+        was too faint, so train on from where it ended instead of starting again.
+
         Raises:
-            UserError: never trained, already finished, no checkpoint, or already queued/training.
+            UserError: never trained, already finished (without more steps), no checkpoint, or already
+                queued/training.
         """
         run_dir = self.run_dir(run)
         if not (run_dir / "config.yaml").is_file():
@@ -441,17 +446,44 @@ class Studio:
         if job is not None and job.state in ("queued", "running", "stopping"):
             raise UserError(f"'{run_dir.name}' is already {job.state} (job {job.id})")
         info = next((r for r in self.runs() if r.name == run_dir.name), None)
-        if info is not None and not info.resumable:
-            why = "it already finished" if info.state == "done" else "it has no checkpoint yet"
+        total = self._continue_to(steps, info)
+        finished = info is not None and info.state == "done"
+        if info is not None and not info.resumable and not (finished and total is not None):
+            why = ("it already finished: give more steps to train on" if finished else "it has no checkpoint yet")
             raise UserError(f"'{run}' cannot be resumed: {why}")
-        if job is not None and job.resumable:
-            return self.resume_job(job.id)
-        from trainer.config import load_config  # a run trained before the queue existed (or by `train`)
+        if job is not None and job.resumable and not finished:
+            if total is None:
+                return self.resume_job(job.id)
+            return self._queued_message(self.queue.resume(job.id, steps=total), self.active_run(),
+                                        self._resuming(run_dir.name, total))
+        from trainer.config import load_config  # a finished run, or one trained before the queue existed
 
         active = self.active_run()
         config = replace(load_config(run_dir / "config.yaml"), out=str(run_dir))
+        if total is not None:
+            config = replace(config, steps=total)
         queued = self.queue.add(config, resume=True)
-        return self._queued_message(queued, active, f"Resuming '{run_dir.name}' from its last checkpoint.")
+        return self._queued_message(queued, active, self._resuming(run_dir.name, total))
+
+    @staticmethod
+    def _continue_to(steps: Any, info: Optional[RunInfo]) -> Optional[int]:
+        """The form's "Train on to step" as a total step count beyond what the run trained (None: keep its own)."""
+        if steps is None or str(steps).strip() == "":
+            return None
+        try:
+            total = float(steps)
+        except (TypeError, ValueError):
+            total = float("nan")
+        done = info.step if info is not None else 0
+        if not (math.isfinite(total) and total.is_integer()):
+            raise UserError(f"train on to step {steps!r}: give a whole number of steps")
+        if total <= done:
+            raise UserError(f"train on to step {int(total)}: give more than the {done} steps the run has trained")
+        return int(total)
+
+    @staticmethod
+    def _resuming(name: str, total: Optional[int]) -> str:
+        return f"Resuming '{name}' from its last checkpoint" + (f", on to step {total}." if total else ".")
 
     def snapshot(self, run: str) -> Optional[JobSnapshot]:
         """The run's progress from its events.jsonl (the worker's runs append to it live) and its state from

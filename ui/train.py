@@ -126,6 +126,9 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         runs = gr.Radio(choices=studio.run_list(), value=None, label="Trained runs (pick one to show it)",
                         elem_id="run-list")
         with gr.Row():
+            continue_to = gr.Number(None, label="Train on to step", precision=0, elem_id="continue-to", scale=1,
+                                    info="Empty: the run's own total. More steps also continue a finished run "
+                                         "(a cosine or linear schedule stretches to the new total).")
             resume = gr.Button("Resume selected run", elem_id="resume")
             refresh = gr.Button("Refresh", elem_id="refresh-runs")
     last = gr.State(None)  # what the page shows now, so a poll only sends what changed
@@ -179,13 +182,13 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
 
     stop.click(on_stop, run, status, concurrency_id="train-control", concurrency_limit=1)
 
-    def on_resume(run_name):
+    def on_resume(run_name, steps):
         try:
-            return studio.resume(run_name), None
+            return studio.resume(run_name, steps), None
         except UserError as err:
             return f"⚠ {err}", gr.skip()
 
-    resume.click(on_resume, run, [status, last], concurrency_id="train-control", concurrency_limit=1)
+    resume.click(on_resume, [run, continue_to], [status, last], concurrency_id="train-control", concurrency_limit=1)
 
     def on_job(action, job_id):
         if job_id is None or job_id == "":
