@@ -7,6 +7,8 @@ as far as the job can see (events on ``emit`` *and* in ``events.jsonl``,
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 import time
 from dataclasses import replace
@@ -17,7 +19,7 @@ import pytest
 from trainer import events as ev
 from trainer.config import dump_yaml, make_config
 from trainer.errors import DataError, JobBusyError, UserError
-from trainer.job import Job, JobManager, disk_state, summarize
+from trainer.job import Job, JobManager, disk_state, eta_seconds, summarize
 
 
 class FakeLoop:
@@ -253,3 +255,106 @@ def test_a_resumed_run_shows_each_step_once():
     snap = summarize("r", "done", first + again)
     assert snap.losses == ((1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5), (5, 0.5), (6, 0.5), (7, 0.5), (8, 0.5))
     assert snap.eval_losses == ((0, 0.9), (2, 0.9), (4, 0.4), (6, 0.4), (8, 0.4))
+
+
+def schedule_events(done: int, total: int, step_seconds: float, sample_every: int = 0, sample_seconds: float = 0.0,
+                    eval_every: int = 0, eval_seconds: float = 0.0) -> list[ev.Event]:
+    """The events a run emits up to step ``done``: steps, then the evaluations and samples due at each."""
+    events = [ev.Start(run_dir="r", total_steps=total, start_step=0, images=1, arch="sd15",
+                       sample_every=sample_every, eval_every=eval_every)]
+    if eval_every:
+        events.append(ev.Eval(step=0, loss=1.0, seconds=eval_seconds))
+    for step in range(1, done + 1):
+        events.append(ev.Step(step=step, total_steps=total, loss=1.0, lr=1e-4, seconds=step_seconds))
+        if eval_every and (step % eval_every == 0 or step == total):
+            events.append(ev.Eval(step=step, loss=1.0, seconds=eval_seconds))
+        if sample_every and step % sample_every == 0:
+            events.append(ev.Sample(step=step, paths=("a.png",), prompts=("a",), seconds=sample_seconds))
+    return events
+
+
+@pytest.mark.parametrize("step, total, it_per_s, schedule, eta", [
+    # 90 steps at 1 s, samples at 25 50 75 100 (5 s each), evaluations at 50 100 (2 s each)
+    (10, 100, 1.0, dict(sample_every=25, sample_seconds=5.0, eval_every=50, eval_seconds=2.0), 114.0),
+    (10, 100, 1.0, dict(eval_every=30, eval_seconds=2.0), 98.0),  # at 30 60 90, and at the last step
+    (10, 100, 1.0, dict(eval_every=50, eval_seconds=2.0), 94.0),  # 50 divides 100: the last step counts once
+    (25, 100, 2.0, dict(sample_every=25, sample_seconds=5.0), 52.5),  # the render at the current step is past
+    (10, 100, 1.0, dict(sample_every=25, eval_every=50), 90.0),  # no duration measured yet
+    (100, 100, 1.0, dict(sample_every=25, sample_seconds=5.0, eval_every=7, eval_seconds=2.0), 0.0),
+    (10, 100, 0.0, dict(sample_every=25, sample_seconds=5.0), 0.0),  # no speed yet: no ETA
+])
+def test_eta_seconds(step, total, it_per_s, schedule, eta):
+    assert eta_seconds(step, total, it_per_s, **schedule) == eta
+
+
+@pytest.mark.parametrize("done, total, settings, eta", [
+    # 70 steps at 1 s, samples at 50 75 100 (5 s each), evaluations at 50 100 (2 s each)
+    (30, 100, dict(step_seconds=1.0, sample_every=25, sample_seconds=5.0, eval_every=50, eval_seconds=2.0), 89.0),
+    # evaluations at 30 60 90 and once more at the last step, 100
+    (10, 100, dict(step_seconds=1.0, eval_every=30, eval_seconds=2.0), 98.0),
+    # the ones at the current step are not counted: samples at 75 100, one evaluation at 100
+    (50, 100, dict(step_seconds=0.5, sample_every=25, sample_seconds=5.0, eval_every=50, eval_seconds=2.0), 37.0),
+    # 99 is a multiple of 3, and the last step is evaluated once
+    (99, 100, dict(step_seconds=0.5, eval_every=3, eval_seconds=2.0), 2.5),
+    # eval_every 10 divides 100: the last step's evaluation is not counted twice
+    (95, 100, dict(step_seconds=1.0, eval_every=10, eval_seconds=0.25), 5.25),
+    (10, 100, dict(step_seconds=1.0), 90.0),  # neither samples nor evaluations
+    (24, 100, dict(step_seconds=1.0, sample_every=25, sample_seconds=5.0), 76.0),  # no render timed yet: 0 each
+    (100, 100, dict(step_seconds=1.0, sample_every=25, sample_seconds=5.0, eval_every=50, eval_seconds=2.0), 0.0),
+    (0, 100, dict(step_seconds=1.0, eval_every=50, eval_seconds=2.0), 0.0),  # no speed yet: no ETA
+])
+def test_eta_counts_the_samples_and_evaluations_still_due(done, total, settings, eta):
+    assert summarize("r", "running", schedule_events(done, total, **settings)).eta_s == eta
+
+
+def test_eta_of_a_run_from_before_the_schedule_was_recorded_counts_steps_only():
+    events = schedule_events(30, 100, 1.0, sample_every=25, sample_seconds=5.0, eval_every=50, eval_seconds=2.0)
+    events[0] = ev.Start(run_dir="r", total_steps=100, start_step=0, images=1, arch="sd15")  # no sample/eval_every
+    assert summarize("r", "running", events).eta_s == 70.0
+
+
+def test_eta_follows_the_schedule_of_the_last_start():
+    """A run resumed with another sample_every renders on the new schedule."""
+    events = schedule_events(30, 100, 1.0, sample_every=25, sample_seconds=5.0)
+    events.append(ev.Start(run_dir="r", total_steps=100, start_step=25, images=1, arch="sd15", sample_every=50))
+    events += [ev.Step(step=i, total_steps=100, loss=1.0, lr=1e-4, seconds=1.0) for i in range(26, 31)]
+    assert summarize("r", "running", events).eta_s == 70.0 + 2 * 5.0  # renders at 50 and 100
+
+
+def test_an_old_events_file_without_seconds_or_schedule_still_reads(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text(
+        '{"event": "start", "time": 1.0, "run_dir": "r", "total_steps": 4, "start_step": 0, "images": 1, '
+        '"arch": "sd15", "message": ""}\n'
+        '{"event": "eval", "time": 2.0, "step": 0, "loss": NaN}\n'  # what older versions wrote for a NaN loss
+        '{"event": "sample", "time": 3.0, "step": 2, "paths": ["a.png"], "prompts": ["a"]}\n', encoding="utf-8")
+    start, evaluation, sample = ev.read_jsonl(path)
+    assert (start.sample_every, start.eval_every) == (0, 0)
+    assert evaluation.seconds == 0.0 and math.isnan(evaluation.loss)
+    assert sample.seconds == 0.0 and sample.paths == ("a.png",)
+
+
+@pytest.mark.parametrize("loss", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_loss_is_written_as_valid_json_and_read_back_as_nan(tmp_path, loss):
+    path = tmp_path / "events.jsonl"
+    ev.append_jsonl(path, ev.Eval(step=3, loss=loss, seconds=0.5))
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    line = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)  # a strict reader takes the line
+    assert line["loss"] is None and line["seconds"] == 0.5
+    [back] = ev.read_jsonl(path)
+    assert math.isnan(back.loss) and (back.step, back.seconds) == (3, 0.5)
+
+
+def test_a_real_run_times_its_evaluations_and_samples(base_dirs, scene_dir, tmp_path):
+    from tests.conftest import tiny_config
+    from trainer.loop import run_training
+
+    run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "r", steps=1, eval_every=1, sample_every=1))
+    history = ev.read_jsonl(tmp_path / "r" / "events.jsonl")
+    [start] = [e for e in history if isinstance(e, ev.Start)]
+    assert (start.sample_every, start.eval_every) == (1, 1)
+    timed = [(e.kind, e.step) for e in history if isinstance(e, (ev.Eval, ev.Sample)) and e.seconds > 0]
+    assert timed == [("eval", 0), ("eval", 1), ("sample", 1)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ class Start(Event):
     images: int
     arch: str
     message: str = ""
+    sample_every: int = 0  # with eval_every: which renders and evaluations are still due (the ETA); 0 in older runs
+    eval_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Eval(Event):
     kind = "eval"
     step: int
     loss: float
+    seconds: float = 0.0  # not in any step's seconds; 0 in older runs
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class Sample(Event):
     step: int
     paths: tuple[str, ...]
     prompts: tuple[str, ...]
+    seconds: float = 0.0  # rendering and saving; not in any step's seconds; 0 in older runs
 
 
 @dataclass(frozen=True)
@@ -101,16 +106,31 @@ Emit = Callable[[Event], None]
 
 
 def from_dict(data: dict[str, Any]) -> Event:
+    """The event a JSON object describes; a null float field is NaN (see :func:`json_safe`)."""
     data = dict(data)
     cls = EVENT_TYPES[data.pop("event")]
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {k: (tuple(v) if isinstance(v, list) else math.nan if v is None and types[k] in ("float", float) else v)
+              for k, v in data.items() if k in types}
     return cls(**values)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity as ``None``: JSON has no such numbers, and other readers refuse
+    Python's ``NaN`` (a diverged fixed-noise loss). Written as null like JavaScript's JSON.stringify; read back
+    as NaN, so an infinity comes back as NaN too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def append_jsonl(path: Path, event: Event) -> None:
     """Append one event; a line is written with one write() so readers never see half of it."""
-    line = json.dumps(event.to_dict(), ensure_ascii=False) + "\n"
+    line = json.dumps(json_safe(event.to_dict()), ensure_ascii=False, allow_nan=False) + "\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()

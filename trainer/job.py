@@ -48,12 +48,43 @@ class JobSnapshot:
     checkpoint: str = ""
 
 
+def due_after(step: int, total_steps: int, every: int) -> int:
+    """How many multiples of ``every`` lie in (step, total_steps]: the renders the loop still does."""
+    if every <= 0 or total_steps <= step:
+        return 0
+    return total_steps // every - step // every
+
+
+def evals_due_after(step: int, total_steps: int, every: int) -> int:
+    """The fixed-noise losses still to come: every ``every`` steps, and once at the last step."""
+    if every <= 0 or total_steps <= step:
+        return 0
+    return due_after(step, total_steps, every) + (total_steps % every != 0)
+
+
+def eta_seconds(step: int, total_steps: int, it_per_s: float, sample_every: int = 0, sample_seconds: float = 0.0,
+                eval_every: int = 0, eval_seconds: float = 0.0) -> float:
+    """The steps left at ``it_per_s``, plus the sample renders and evaluations still due at their last measured
+    durations: neither is in a step's seconds, and on CPU rendering can take longer than the steps.
+
+    0 while the speed is unknown (the page shows no ETA then); an unknown duration counts 0.
+    """
+    if not it_per_s:
+        return 0.0
+    remaining = max(total_steps - step, 0)
+    return (remaining / it_per_s + due_after(step, total_steps, sample_every) * sample_seconds
+            + evals_due_after(step, total_steps, eval_every) * eval_seconds)
+
+
 def summarize(run_dir: str, state: str, events: list[ev.Event]) -> JobSnapshot:
     """Fold a run's events into a snapshot (used live and for runs read back from disk)."""
     snap = JobSnapshot(run_dir=run_dir, state=state)
     losses, eval_losses, log, samples, step_times = [], [], [], [], []
+    sample_every = eval_every = 0  # the schedule, from the last start
+    sample_seconds = eval_seconds = 0.0  # the last render's and evaluation's durations
     for e in events:
         if isinstance(e, ev.Start):
+            sample_every, eval_every = e.sample_every, e.eval_every
             snap = replace(snap, total_steps=e.total_steps, step=e.start_step, error="")  # a resume starts clean
             # steps after the checkpoint it resumes from were lost with the killed process and are trained again:
             # the curve shows each step once, as trained by the run that kept it
@@ -66,11 +97,13 @@ def summarize(run_dir: str, state: str, events: list[ev.Event]) -> JobSnapshot:
             snap = replace(snap, step=e.step, total_steps=e.total_steps)
         elif isinstance(e, ev.Eval):
             eval_losses.append((e.step, e.loss))
+            eval_seconds = e.seconds
         elif isinstance(e, ev.Checkpoint):
             snap = replace(snap, checkpoint=e.path)
             log.append(f"step {e.step}: checkpoint saved")
         elif isinstance(e, ev.Sample):
             samples = list(e.paths)
+            sample_seconds = e.seconds
             log.append(f"step {e.step}: {len(e.paths)} sample image(s)")
         elif isinstance(e, ev.Log):
             log.append(e.message)
@@ -84,9 +117,9 @@ def summarize(run_dir: str, state: str, events: list[ev.Event]) -> JobSnapshot:
             log.append(f"done at step {e.step}")
     recent = step_times[-20:]
     it_per_s = len(recent) / sum(recent) if recent and sum(recent) > 0 else 0.0
-    remaining = max(snap.total_steps - snap.step, 0)
+    eta = eta_seconds(snap.step, snap.total_steps, it_per_s, sample_every, sample_seconds, eval_every, eval_seconds)
     return replace(snap, losses=tuple(losses), eval_losses=tuple(eval_losses), samples=tuple(samples), log=tuple(log[-200:]),
-                   it_per_s=it_per_s, eta_s=remaining / it_per_s if it_per_s else 0.0)
+                   it_per_s=it_per_s, eta_s=eta)
 
 
 class Job:

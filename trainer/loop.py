@@ -341,7 +341,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     sample_size = max({ex.bucket for ex in examples}, key=lambda b: sum(ex.bucket == b for ex in examples))
     groups = {ex.source: Path(ex.source).parent.name for ex in examples}
     emit(ev.Start(run_dir=str(run_dir), total_steps=config.steps, start_step=start_step, images=len(examples),
-                  arch=base.arch, message=f"{'resumed at step ' + str(start_step) if resume else 'started'}: "
+                  arch=base.arch, sample_every=config.sample_every, eval_every=config.eval_every,
+                  message=f"{'resumed at step ' + str(start_step) if resume else 'started'}: "
                   f"{len(examples)} images, {len(names)} adapted modules, {config.steps} steps on {base.arch} "
                   f"({base.precision.value}, {base.device.type})"))
 
@@ -365,15 +366,17 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
 
     def evaluate(step: int) -> None:
         """Every process computes it (under FSDP each denoiser call gathers the shards of all); the main one says it."""
+        t0 = time.perf_counter()
         loss = fixed_noise_loss(base.handler, base.pipe, denoiser, noise_scheduler, eval_set, config.seed + 1,
                                 base.device, config.attention, parts.compute_dtype)
         if progress is not None:
             progress.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "-", eval=f"{loss:.4f}")
-        emit(ev.Eval(step=step, loss=loss))
+        emit(ev.Eval(step=step, loss=loss, seconds=time.perf_counter() - t0))
 
     def sample(step: int) -> None:
         if not dist.is_main and not dist.sharded:
             return  # under FSDP every process renders: each denoiser call gathers the shards of all
+        t0 = time.perf_counter()
         denoiser.eval()
         paths = []
         with frozen.resident():
@@ -387,7 +390,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
             image.save(path)
             paths.append(str(path))
         denoiser.train()
-        emit(ev.Sample(step=step, paths=tuple(paths), prompts=tuple(prompts)))
+        emit(ev.Sample(step=step, paths=tuple(paths), prompts=tuple(prompts), seconds=time.perf_counter() - t0))
 
     def fetch(index: int):
         return _batch(cache, plan, index, config, examples, generator, base.device, dist)
