@@ -55,6 +55,27 @@ def test_stop_then_resume_matches_an_uninterrupted_run(base_dirs, scene_dir, tmp
     assert [s.start_step for s in starts] == [0, 3]
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_a_finished_run_trained_on_follows_the_longer_schedule(base_dirs, scene_dir, tmp_path, schedule):
+    """Continuing a finished 4-step run to 8 steps: steps 5-8 train at the rates of an 8-step schedule (not at
+    the finished schedule's 0 for the first of them), and the log says the rate was recomputed."""
+    def rates(run: Path) -> dict[int, float]:
+        return {e.step: e.lr for e in ev.read_jsonl(run / "events.jsonl") if isinstance(e, ev.Step)}
+
+    settings = dict(lr=1e-2, lr_scheduler=schedule, warmup_steps=1, checkpoint_every=2)
+    straight = tmp_path / "straight"
+    run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, straight, steps=8, **settings))
+    run = tmp_path / "run"
+    run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=4, **settings))
+    assert rates(run)[4] != rates(straight)[4]  # the shorter schedule is further along at step 4
+    run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=8, **settings), resume=True)
+    expected, got = rates(straight), rates(run)
+    assert [got[s] for s in range(5, 9)] == pytest.approx([expected[s] for s in range(5, 9)], rel=1e-12, abs=0)
+    assert got[5] > 0
+    notes = [e.message for e in ev.read_jsonl(run / "events.jsonl") if isinstance(e, ev.Log)]
+    assert any(n.startswith("the schedule now ends at the new total: the learning rate continues at") for n in notes)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(base_dirs, scene_dir, tmp_path):
     from trainer.errors import UserError
 

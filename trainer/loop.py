@@ -127,17 +127,28 @@ def shared_cache(base: LoadedBase, examples: list[Example], run_dir: Path, dist:
     return cache
 
 
-def apply_new_lr(optimizer, lr_scheduler, lr: float) -> list[str]:
-    """A resumed run given another learning rate: the schedule continues, scaled to the new peak."""
+def continue_schedule(optimizer, lr_scheduler, lr: float) -> list[str]:
+    """A resumed run's learning rate at its step, from the schedule as configured now; returns notes to log.
+
+    The checkpoint holds the rate its last step set. A resume may change the peak (``--lr``, the advice after a
+    diverged run) or the total (``--steps``: a cosine or linear schedule stretches to the new end), so the rate
+    is recomputed from the schedule instead of taken over: a finished cosine run would otherwise train its next
+    step at 0. With neither changed it is the saved rate, to the bit (the same formula).
+    """
+    notes = []
     old = lr_scheduler.base_lrs[0]
-    if old == lr:
-        return []
-    lr_scheduler.base_lrs = [lr for _ in lr_scheduler.base_lrs]
-    for group in optimizer.param_groups:
-        group["initial_lr"] = lr
-        group["lr"] = group["lr"] * lr / old if old else lr
+    if old != lr:
+        lr_scheduler.base_lrs = [lr for _ in lr_scheduler.base_lrs]
+        notes.append(f"learning rate changed on resume: {old:g} -> {lr:g} (the schedule continues at the new scale)")
+    saved = [group["lr"] for group in optimizer.param_groups]
+    for group, peak, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+        group["initial_lr"] = peak
+        group["lr"] = peak * factor(lr_scheduler.last_epoch)
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    return [f"learning rate changed on resume: {old:g} -> {lr:g} (the schedule continues at the new scale)"]
+    if old == lr and lr_scheduler._last_lr != saved:
+        notes.append(f"the schedule now ends at the new total: the learning rate continues at "
+                     f"{lr_scheduler._last_lr[0]:g} (the checkpoint's schedule was at {saved[0]:g})")
+    return notes
 
 
 def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
@@ -322,7 +333,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                                f"{config.rank}, targets {config.targets}): the file was edited after the run "
                                "started; put back the values it was trained with, or start a new run"]) from None
         lr_scheduler.load_state_dict(state.lr_scheduler)
-        for note in apply_new_lr(optimizer, lr_scheduler, config.lr):
+        for note in continue_schedule(optimizer, lr_scheduler, config.lr):
             emit(ev.Log(message=note))
         generator.set_state(state.generator)
         if scaler is not None and state.scaler:
