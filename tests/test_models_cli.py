@@ -315,8 +315,9 @@ def test_export_of_a_chosen_step_is_that_steps_lora(base_dirs, scene_dir, tmp_pa
 
     run = tmp_path / "ink"
     run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=4, checkpoint_every=1, keep_checkpoints=3,
-                             rank=4, title="Ink"))
-    short = run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "short", steps=2, rank=4))
+                             rank=4, title="Ink", trigger="zkink"))
+    short = run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, tmp_path / "short", steps=2, rank=4,
+                                     trigger="zkink"))
     own = {p.name: p.read_bytes() for p in run.glob("*.safetensors")}
     assert exported_steps(run) == [2, 3, 4]
     for fmt in ("kohya", "diffusers"):
@@ -332,6 +333,7 @@ def test_export_of_a_chosen_step_is_that_steps_lora(base_dirs, scene_dir, tmp_pa
         assert any(not torch.equal(tensors[k], final[k]) for k in tensors)
     assert {p.name: p.read_bytes() for p in run.glob("*.safetensors")} == own  # the run's own files are untouched
     base = load_base(str(base_dirs["sd15"]), device="cpu")
+    diffusers_warnings.messages.clear()  # what training said (the tiny tokenizer truncates long captions)
     base.pipe.load_lora_weights(str(step_file(run, 2, "kohya")))
     # every trained to_k/to_v got its LoRA; diffusers only notes that the file has no text-encoder part
     loaded = [n for n, _ in base.pipe.unet.named_modules() if n.endswith("lora_A.default_0")]
@@ -342,14 +344,36 @@ def test_export_of_a_chosen_step_is_that_steps_lora(base_dirs, scene_dir, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: ink has no checkpoint at step 1; it kept steps 2, 3, 4 (raise keep_checkpoints to keep "
                    "more of a run's steps)"]
+    # a run still training has no files of its own: a step's metadata comes from what the run recorded at its start
+    final_meta = read_lora(run / "lora.safetensors")[1]
+    for own_file in run.glob("lora*.safetensors"):
+        own_file.unlink()
+    assert main(["export", "--run", str(run), "--step", "3"]) == 0
+    meta = read_lora(step_file(run, 3))[1]
+    for key in ("studio.data_sha256", "studio.base_model_sha256", "ss_tag_frequency", "ss_num_train_images",
+                "ss_training_started_at", "ss_seed", "modelspec.trigger_phrase"):
+        assert meta[key] == final_meta[key] and meta[key] not in ("", "0", "{}"), key
+    assert (meta["ss_steps"], meta["modelspec.title"]) == ("3", "Ink (step 3)")
+    # a damaged step names the others to pick
+    damaged = run / "checkpoints" / "step-000004" / "adapter.safetensors"
+    damaged.write_bytes(b"\x08\x00\x00")
+    assert main(["export", "--run", str(run), "--step", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: step-000004/adapter.safetensors is damaged (") and \
+        err[0].endswith("; pick another step (kept: 2, 3)"), err
     # an exported step outlives its checkpoint; a rewritten checkpoint (resumed from an earlier one) is exported anew
     shutil.rmtree(run / "checkpoints" / "step-000002")
     assert exported_steps(run) == [2, 3, 4]
     assert step_exports(run, 2)["kohya"] == step_file(run, 2)
-    before = step_file(run, 3).exists()
+    step_file(run, 2, "diffusers").unlink()  # a layout never exported before the rotation: None, not an error
+    assert step_exports(run, 2) == {"kohya": step_file(run, 2), "diffusers": None}
+    step_file(run, 2).unlink()
+    with pytest.raises(UserError, match="no checkpoint at step 2; it kept steps 3, 4"):
+        step_exports(run, 2)
+    step_file(run, 3).unlink()
     first = step_exports(run, 3)["kohya"]
     written = first.stat().st_mtime_ns
-    assert not before and step_exports(run, 3)["kohya"].stat().st_mtime_ns == written  # fresh: not rewritten
+    assert step_exports(run, 3)["kohya"].stat().st_mtime_ns == written  # fresh: not rewritten
     adapter = run / "checkpoints" / "step-000003" / "adapter.safetensors"
     os.utime(adapter, ns=(written + 10**9, written + 10**9))
     assert step_exports(run, 3)["kohya"].stat().st_mtime_ns > written

@@ -30,7 +30,7 @@ def runs(base_dirs, scene_dir, tmp_path_factory):
     for arch in ARCHS:
         run_dir = tmp_path_factory.mktemp(f"run-{arch}")
         config = tiny_config(str(base_dirs[arch]), scene_dir, run_dir, steps=5, lr=2e-2, sample_every=5,
-                             checkpoint_every=2, sample_prompts=("a red circle on a blue background",),
+                             checkpoint_every=2, keep_checkpoints=2, sample_prompts=("a red circle on a blue background",),
                              trigger="zkstyle", title="Test style", license="CC-BY-4.0")
         seen = []
         result = run_training(config, emit=seen.append)
@@ -46,8 +46,9 @@ def test_run_writes_every_artifact(runs, arch):
 
     run_dir = Path(run_dir)
     assert result.step == 5 and not result.stopped
-    for name in ("lora.safetensors", "lora_diffusers.safetensors", "config.yaml", "events.jsonl"):
+    for name in ("lora.safetensors", "lora_diffusers.safetensors", "config.yaml", "events.jsonl", "export_info.json"):
         assert (run_dir / name).is_file(), name
+    # checkpoints at 2, 4 and the last step; keep_checkpoints 2 deletes the oldest
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
     assert (run_dir / "samples" / "step-000005-0.png").is_file()
     on_disk = ev.read_jsonl(run_dir / "events.jsonl")

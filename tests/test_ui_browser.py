@@ -602,8 +602,13 @@ def test_export_an_earlier_step_with_its_samples(page, server, tmp_path):
         meta = f.metadata()
         assert any(k.endswith(".lora_down.weight") for k in f.keys())
     assert meta["ss_steps"] == str(step) and meta["modelspec.title"].endswith(f"(step {step})")
-    pick(page, "export-step", "final files")
+    with safe_open(str(server.outputs / FLOW["run"] / "lora.safetensors"), framework="np") as f:
+        final = int(f.metadata()["ss_steps"])
+    pick(page, "export-step", f"final files (step {final})")  # the step the final files hold is not listed again
     wait_until(page, lambda: "lora.safetensors" in files.inner_text(), 20, "the final files again")
+    page.locator("#export-step input").click()
+    assert page.get_by_role("option", name=f"step {final}", exact=True).count() == 0
+    page.keyboard.press("Escape")
 
 
 def test_compare_the_kept_steps_side_by_side(page, server):
@@ -834,7 +839,7 @@ def test_loss_options_reach_the_run_and_the_wrong_architecture_is_refused(page, 
                        "the run to train on to step 3")
     starts = [e for e in ev.read_jsonl(run_dir / "events.jsonl") if isinstance(e, ev.Start)]
     assert [(s.start_step, s.total_steps) for s in starts] == [(0, 2), (2, 3)], ended["text"]
-    page.locator("#continue-to input").fill("")
+    set_number(page, "continue-to", 0)  # the run's own total again
 
 
 def test_train_learning_rate_follows_the_bases_scale(page, server):

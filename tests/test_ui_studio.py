@@ -334,6 +334,8 @@ def test_stop_then_resume_from_the_run_list(studio, tmp_path):
                      (12.5, "give a whole number"), ("nan", "give a whole number")):
         with pytest.raises(UserError, match=why):
             studio.resume("r1", bad)
+    with pytest.raises(UserError, match="already finished"):
+        studio.resume("r1", 0)  # what the page's empty box sends: the run's own total
     assert "Resuming 'r1' from its last checkpoint, on to step 14." in studio.resume("r1", 14)  # a finished run
     wait_for(lambda: job_of(studio, "r1").state == "done" and studio.snapshot("r1").step == 14)
     assert studio.run_list() == [("r1 — done at 14/14", "r1")]
@@ -566,7 +568,7 @@ def test_an_earlier_step_is_exported_with_its_samples_and_offered_to_the_mix(stu
     run = studio.outputs_dir / "r1"
     run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=4, checkpoint_every=2, sample_every=2,
                              keep_checkpoints=5, title="Ink"))
-    assert studio.export_steps("r1") == [2, 4]
+    assert studio.export_steps("r1") == [2] and studio.final_step("r1") == 4  # step 4 is the final files
     assert not (run / "export").exists()  # nothing is written before a step is picked
     files = studio.exports("r1", 2)
     assert {k: Path(p).name for k, p in files.items()} == {"kohya": "r1-step000002.safetensors",
@@ -588,38 +590,49 @@ def test_an_earlier_step_is_exported_with_its_samples_and_offered_to_the_mix(stu
 
 
 def test_compare_steps_renders_the_base_and_each_kept_step_alone(base_dirs, scene_dir, tmp_path):
-    """The Export tab's step grid, with the real mixing engine: columns base, step 2, step 4 (the run's own file),
-    rows the prompts with the run's trigger; the bottom-right cell is the final LoRA alone on the second prompt."""
+    """The Export tab's step grid, with the real mixing engine: columns base, steps 2 and 4 (their step files) and
+    6 (the run's own file), each cell the render of that file alone at the run's sample settings, the prompt
+    with the run's trigger; a step whose checkpoint is gone is left out and named."""
     import numpy as np
 
     from tests.conftest import tiny_config
     from trainer.loop import run_training
     from trainer.mixing import MixSession
     from trainer.mixing.grid import MIN_CELL, PAD
-    from ui.mixdesk import default_guidance, default_steps
 
     real = Studio(tmp_path / "outputs", default_base="demo-random:sd15", models_dir=tmp_path / "models",
                   runner=FakeLoop(step_seconds=0.01))
     run = real.outputs_dir / "r1"
     base = str(base_dirs["sd15"])
-    run_training(tiny_config(base, scene_dir, run, steps=4, checkpoint_every=2, sample_prompts=["a red circle"]))
-    real.save_settings("r1", trigger="zk")
+    config = tiny_config(base, scene_dir, run, steps=6, checkpoint_every=2, sample_prompts=["a red circle"],
+                         trigger="zk", sample_steps=3, sample_guidance=4.0)
+    run_training(config)
     assert real.compare_prompts("r1") == "a red circle"
     with pytest.raises(UserError, match="at least one prompt"):
         real.compare_steps("r1", " \n ", 0)
     with pytest.raises(UserError, match="weight 'strong': give a number from -1 to 2"):
         real.compare_steps("r1", "a cat", 0, "strong")
-    path, info = real.compare_steps("r1", "a red circle\nzk, a blue square", 3, 1.0)
-    assert Path(path) == run / "export" / "r1_steps.png" and info.startswith("6 image(s) (3 columns × 2 prompt(s)")
+    path, info = real.compare_steps("r1", "a blue square", 3, 0.8)
+    assert Path(path) == run / "export" / "r1_steps.png" and info.startswith("4 image(s) (4 columns × 1 prompt(s)")
+    # only the kohya files of the earlier steps are written; the last step is the run's own file
     assert sorted(p.name for p in (run / "export").glob("*.safetensors")) == ["r1-step000002.safetensors",
-                                                                             "r1-step000002_diffusers.safetensors"]
-    session = MixSession(base, device="cpu")
-    session.set_weights({session.add_lora(run / "lora.safetensors").name: 1.0})
-    steps, guidance = default_steps(base), default_guidance(base)
-    expected = np.asarray(session.render("zk, a blue square", 3, steps, guidance), dtype=np.int16)
+                                                                             "r1-step000004.safetensors"]
     grid = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
-    cell = grid[-MIN_CELL - PAD:-PAD, -MIN_CELL - PAD:-PAD]
-    assert np.abs(cell[::2, ::2] - expected).max() <= 1
+    session = MixSession(base, device="cpu")
+    files = [None, run / "export" / "r1-step000002.safetensors", run / "export" / "r1-step000004.safetensors",
+             run / "lora.safetensors"]
+    names = [session.add_lora(f).name if f else None for f in files]
+    top = grid.shape[0] - MIN_CELL - PAD
+    for col, name in enumerate(names):
+        session.set_weights({n: (0.8 if n == name else 0.0) for n in names if n})
+        expected = np.asarray(session.render("zk, a blue square", 3, 3, 4.0), dtype=np.int16)
+        x = PAD + col * (MIN_CELL + PAD)
+        cell = grid[top:top + MIN_CELL, x:x + MIN_CELL]
+        assert np.abs(cell[::2, ::2] - expected).max() <= 1, f"column {col}"
+    (run / "export" / "r1-step000004.safetensors").unlink()
+    (run / "checkpoints" / "step-000004" / "adapter.safetensors").write_bytes(b"\x08\x00\x00")  # damaged
+    _, info = real.compare_steps("r1", "a blue square", 3, 0.8)
+    assert "(3 columns × 1 prompt(s)" in info and info.endswith("Left out: step 4 (its checkpoint is gone or damaged).")
     with pytest.raises(UserError, match="has no checkpoint yet"):
         real.compare_steps("r2", "a cat", 0)
 

@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     for lora in plan.loras:
         info = session.add_lora(lora.path)
         weights[info.name] = weights.get(info.name, 0.0) + lora.weight
-        columns.append((f"{info.name} x{lora.weight:g}", info.name, lora.weight))
+        label = lora.path.parent.name if lora.path.name == "lora.safetensors" else lora.path.stem  # a run's own file
+        columns.append((f"{label} x{lora.weight:g}", info.name, lora.weight))
         print(info.summary())
         if info.ignored_keys:
             print(f"warning: {info.name}: ignored keys: {', '.join(info.ignored_keys)}", file=sys.stderr)

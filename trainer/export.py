@@ -15,6 +15,7 @@ All writes are atomic. Only ``.safetensors`` is ever read: pickles can run code.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import re
@@ -155,6 +156,28 @@ class ExportInfo:
     data_sha256: str = ""
     tag_frequency: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)  # kohya's ss_* record of the settings: see training_record
+
+
+EXPORT_INFO = "export_info.json"  # a run's ExportInfo, written at its start: a step exported mid-run records it too
+
+
+def save_export_info(run_dir: str | Path, info: ExportInfo) -> Path:
+    """Keep what a run's exports record (data hash, tags, base fingerprint …) next to its checkpoints, so that
+    ``python -m trainer export --step N`` writes full metadata before the run has files of its own."""
+    from trainer.atomic import write_text
+
+    path = Path(run_dir) / EXPORT_INFO
+    write_text(path, json.dumps(dataclasses.asdict(info), ensure_ascii=False, indent=1))
+    return path
+
+
+def load_export_info(run_dir: str | Path) -> ExportInfo | None:
+    """The run's saved :class:`ExportInfo`; None when there is none or it is unreadable."""
+    try:
+        data = json.loads((Path(run_dir) / EXPORT_INFO).read_text(encoding="utf-8"))
+        return ExportInfo(**{f.name: data[f.name] for f in dataclasses.fields(ExportInfo) if f.name in data})
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 # how kohya's scripts name the optimizer classes (``ss_optimizer``)

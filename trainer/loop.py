@@ -11,7 +11,7 @@ import contextlib
 import math
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +26,8 @@ from trainer.distributed import Dist, setup
 from trainer.data import BatchPlan, Example, dataset_hash, prepare, scan_dataset, tag_frequency
 from trainer.errors import ConfigError, DataError, TrainingDiverged, UnsupportedError, UserError, WriteError
 from trainer.eval_loss import eval_batches, fixed_noise_loss
-from trainer.export import ExportInfo, export_lora, from_peft_state_dict, training_record, weights_from_file
+from trainer.export import (ExportInfo, export_lora, from_peft_state_dict, save_export_info, training_record,
+                            weights_from_file)
 from trainer.models import LoadedBase, load_base
 from trainer.models.knobs import checkpointing_plan, frozen_parts, prepare_denoiser
 from trainer.objective import Objective, check_objective
@@ -357,6 +358,16 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                   f"{len(examples)} images, {len(names)} adapted modules, {config.steps} steps on {base.arch} "
                   f"({base.precision.value}, {base.device.type})"))
 
+    info = ExportInfo(
+        arch=base.arch, modelspec_architecture=base.handler.modelspec_architecture,
+        base_model_version=base.handler.base_model_version, base=config.base, base_sha256=base_fingerprint(base),
+        resolution=config.resolution, output_name=run_dir.name, title=config.title or run_dir.name,
+        trigger=config.trigger, license=config.license, description=config.description, targets=config.targets,
+        started_at=started_at, image_count=len(examples), data_sha256=dataset_hash(examples),
+        tag_frequency=tag_frequency(examples, groups), training=training_record(config, dist.world),
+    )
+    if dist.is_main:
+        save_export_info(run_dir, info)
     saved_at = start_step if resume else None  # the same on every process: deciding from the disk would race
     # chunks of the global batch: no more memory than a training step, and the same draws on any number of processes
     eval_set = eval_batches(cache.latents, [{**cache.text[ex.caption], **cache.extra[i]} for i, ex in enumerate(examples)],
@@ -479,15 +490,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     if not dist.is_main:
         return RunResult(step=step, stopped=stopped, exports=())
     weights = from_peft_state_dict(adapter, config.rank, config.alpha)
-    info = ExportInfo(
-        arch=base.arch, modelspec_architecture=base.handler.modelspec_architecture,
-        base_model_version=base.handler.base_model_version, base=config.base, base_sha256=base_fingerprint(base),
-        steps=step, resolution=config.resolution, output_name=run_dir.name, title=config.title or run_dir.name,
-        trigger=config.trigger, license=config.license, description=config.description, targets=config.targets,
-        started_at=started_at, image_count=len(examples), data_sha256=dataset_hash(examples),
-        tag_frequency=tag_frequency(examples, groups), training=training_record(config, dist.world),
-    )
-    exports = export_lora(run_dir, weights, info, base.handler.peft_prefix, flux_dims(base))
+    exports = export_lora(run_dir, weights, replace(info, steps=step), base.handler.peft_prefix, flux_dims(base))
     paths = tuple(str(p) for p in exports)
     emit(ev.Stopped(step=step) if stopped else ev.Done(step=step, exports=paths))
     if stopped:

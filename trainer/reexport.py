@@ -12,6 +12,7 @@ kohya keys for SD1.5/SDXL and the fused BFL keys for FLUX (see DESIGN.md).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -20,10 +21,10 @@ from trainer.bases import parse_base
 from trainer.checkpoint import checkpoint_dirs
 from trainer.config import load_config
 from trainer.errors import UserError
-from trainer.export import (ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict, read_metadata,
-                            save_safetensors, to_diffusers, to_flux_fused, to_kohya, training_record)
+from trainer.export import (ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict, load_export_info,
+                            read_metadata, save_safetensors, to_diffusers, to_flux_fused, to_kohya, training_record)
 from trainer.models import ARCH_HANDLERS, demo_folder
-from trainer.steps import checkpoint_step, step_file
+from trainer.steps import checkpoint_mtime, checkpoint_step, step_file
 
 FILE_NAMES = {"kohya": "lora.safetensors", "diffusers": "lora_diffusers.safetensors", "comfy": "lora_comfy.safetensors"}
 
@@ -82,21 +83,26 @@ def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
         raise UserError(f"{run.name}'s checkpoint {chosen.name} was deleted while being read (the run keeps "
                         f"{config.keep_checkpoints}); pick a newer step") from None
     except Exception as err:  # safetensors raises its own error type for a truncated or corrupt file
-        before = checkpoints[:checkpoints.index(chosen)]
-        earlier = f"; delete that folder to export the one before it ({before[-1].name})" if before \
-            else "; this run has no earlier checkpoint: resume or train it again"
-        raise UserError(f"{chosen.name}/adapter.safetensors is damaged ({str(err).splitlines()[0]}){earlier}") from None
+        others = [str(checkpoint_step(p)) for p in checkpoints if p != chosen]
+        if step is not None:
+            advice = f"; pick another step (kept: {', '.join(others)})" if others else "; the run kept no other step"
+        elif others:
+            advice = f"; delete that folder to export the one before it ({checkpoints[-2].name})"
+        else:
+            advice = "; this run has no earlier checkpoint: resume or train it again"
+        raise UserError(f"{chosen.name}/adapter.safetensors is damaged ({str(err).splitlines()[0]}){advice}") from None
     weights = from_peft_state_dict(state, config.rank, config.alpha)
     handler = ARCH_HANDLERS[arch]
     steps = checkpoint_step(chosen)
     metadata = _previous_metadata(run / "lora.safetensors")
-    if not metadata:  # no (readable) export yet, e.g. after an interrupted run: what the run's config tells
-        metadata = build_metadata(ExportInfo(
+    if not metadata:  # no (readable) export yet: a run still training or interrupted
+        info = load_export_info(run) or ExportInfo(  # what the run recorded at its start, else its config
             arch=arch, modelspec_architecture=handler.modelspec_architecture,
-            base_model_version=handler.base_model_version, base=config.base, steps=steps,
+            base_model_version=handler.base_model_version, base=config.base,
             resolution=config.resolution, output_name=run.name, title=config.title or run.name, trigger=config.trigger,
             license=config.license, description=config.description, targets=config.targets,
-            training=training_record(config)), weights)
+            training=training_record(config))
+        metadata = build_metadata(replace(info, steps=steps), weights)
     metadata.pop("format", None)
     metadata["ss_steps"] = str(steps)
     if step is not None:
@@ -112,13 +118,27 @@ def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
     return [save_safetensors(target, tensors, metadata)]
 
 
-def step_exports(run: str | Path, step: int, formats: tuple[str, ...] = ("kohya", "diffusers")) -> dict[str, Path]:
-    """The files of ``step`` in ``formats``, written from its checkpoint unless they are already newer than it."""
+def step_exports(run: str | Path, step: int, formats: tuple[str, ...] = ("kohya", "diffusers")) -> dict[str, Path | None]:
+    """The files of ``step`` in ``formats``, written from its checkpoint unless they are already newer than it.
+
+    Once the checkpoint is gone (rotated away), the files exported before are what there is: a format never
+    exported is None. Raises UserError when there is neither a checkpoint nor a file of the step.
+    """
     run = Path(run)
-    adapter = run / "checkpoints" / f"step-{step:06d}" / "adapter.safetensors"
-    found = {}
+    checkpoint = checkpoint_mtime(run, step)
+    found: dict[str, Path | None] = {}
     for fmt in formats:
         target = step_file(run, step, fmt)
-        current = target.is_file() and (not adapter.is_file() or target.stat().st_mtime >= adapter.stat().st_mtime)
-        found[fmt] = target if current else reexport(run, fmt, step)[0]
+        try:
+            written = target.stat().st_mtime
+        except OSError:
+            written = None
+        if written is not None and (checkpoint is None or written >= checkpoint):
+            found[fmt] = target
+        elif checkpoint is not None:
+            found[fmt] = reexport(run, fmt, step)[0]
+        else:
+            found[fmt] = None
+    if not any(found.values()):
+        reexport(run, formats[0], step)  # raises: no checkpoint at that step, naming the kept ones
     return found

@@ -40,3 +40,11 @@ def exported_steps(run: str | Path) -> list[int]:
     """The steps a run can be exported at: its kept checkpoints, and steps exported before their checkpoint
     was rotated away."""
     return sorted({checkpoint_step(p) for p in checkpoint_dirs(run)} | set(exported_step_files(run)))
+
+
+def checkpoint_mtime(run: str | Path, step: int) -> float | None:
+    """When the checkpoint of ``step`` was written; None without one (or when rotation deletes it right now)."""
+    try:
+        return (Path(run) / "checkpoints" / f"step-{step:06d}" / "adapter.safetensors").stat().st_mtime
+    except OSError:
+        return None

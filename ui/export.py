@@ -50,8 +50,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             compare_prompts = gr.Textbox(label="Prompts (one per line; the run's trigger is added)", lines=3,
                                          elem_id="export-compare-prompts", scale=3)
             with gr.Column(scale=1):
-                compare_weight = gr.Number(1.0, label="LoRA weight", elem_id="export-compare-weight",
-                                           minimum=-1, maximum=2)
+                compare_weight = gr.Number(1.0, label="LoRA weight (-1…2)", elem_id="export-compare-weight")
                 compare_seed = gr.Number(0, label="Seed", precision=0, elem_id="export-compare-seed")
         compare = gr.Button("Render the step grid", elem_id="export-compare")
         compare_info = gr.Markdown(elem_id="export-compare-info")
@@ -89,15 +88,17 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
 
     def on_show(run_name, prompts_text, filled_for):
         try:
-            steps = studio.export_steps(run_name)
+            steps, final = studio.export_steps(run_name), studio.final_step(run_name)
         except UserError:
-            steps = []
-        picker = gr.update(choices=[("final files", FINAL)] + [(f"step {s}", str(s)) for s in reversed(steps)],
+            steps, final = [], None
+        final_label = "final files" + (f" (step {final})" if final is not None else "")
+        picker = gr.update(choices=[(final_label, FINAL)] + [(f"step {s}", str(s)) for s in reversed(steps)],
                            value=FINAL)
-        prompts = gr.skip()
-        if run_name != filled_for or not (prompts_text or "").strip():
-            prompts = studio.compare_prompts(run_name) if run_name else ""
-        return (picker, *show(run_name, FINAL), prompts, run_name)
+        if run_name == filled_for:  # the tab shown again: keep the prompts and the grid made for this run
+            prompts = gr.skip() if (prompts_text or "").strip() else studio.compare_prompts(run_name)
+            return (picker, *show(run_name, FINAL), prompts, run_name, gr.skip(), gr.skip())
+        prompts = studio.compare_prompts(run_name) if run_name else ""
+        return (picker, *show(run_name, FINAL), prompts, run_name, "", None)
 
     def on_compare(run_name, prompts_text, weight, seed):
         try:
@@ -120,4 +121,5 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
     apply.click(on_apply, [run, step, *boxes], [status, kohya, diffusers])
     compare.click(on_compare, [run, compare_prompts, compare_weight, compare_seed], [compare_info, compare_image],
                   concurrency_id="mix", concurrency_limit=1)
-    return {"on_show": (on_show, [run, compare_prompts, prompts_of], [step, *shown, compare_prompts, prompts_of])}
+    return {"on_show": (on_show, [run, compare_prompts, prompts_of],
+                        [step, *shown, compare_prompts, prompts_of, compare_info, compare_image])}

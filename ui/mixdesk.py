@@ -119,6 +119,17 @@ def slot_label(path: str) -> str:
     return p.parent.name if p.name == "lora.safetensors" else p.stem
 
 
+def lora_weight(value: Any) -> float:
+    """A LoRA weight from the page, -1…2 like the Mix tab's sliders; a UserError naming the value otherwise."""
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = float("nan")
+    if not -1.0 <= weight <= 2.0:  # NaN fails too
+        raise UserError(f"weight {value!r}: give a number from -1 to 2, e.g. 1")
+    return weight
+
+
 def spread(values: list[int], k: int) -> list[int]:
     """At most ``k`` of ``values``, evenly spread, the last always kept (``k`` >= 1)."""
     if len(values) <= k:

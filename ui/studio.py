@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import re
 import shutil
 import tempfile
 import threading
@@ -34,7 +35,7 @@ from trainer.presets import list_presets, resolve_config
 from ui import choices, store
 from ui.captions import caption_run
 from ui.mixdesk import (MAX_GRID_CELLS, MixDesk, MixResult, MixSlot, default_guidance, default_steps,  # noqa: F401
-                         is_demo, parse_weights, prompt_with_trigger, spread)  # (MixResult, is_demo: for the tabs)
+                         is_demo, lora_weight, parse_weights, prompt_with_trigger, spread)  # (MixResult, is_demo: tabs)
 
 log = logging.getLogger(__name__)
 LORA_UPLOADS = "_loras"  # outputs/_loras: LoRA files uploaded on the Mix tab (never a run: no config.yaml)
@@ -467,8 +468,9 @@ class Studio:
 
     @staticmethod
     def _continue_to(steps: Any, info: Optional[RunInfo]) -> Optional[int]:
-        """The form's "Train on to step" as a total step count beyond what the run trained (None: keep its own)."""
-        if steps is None or str(steps).strip() == "":
+        """The form's "Train on to step" as a total step count beyond what the run trained (None: keep its own;
+        so does 0, what the page's empty number box sends)."""
+        if steps is None or str(steps).strip() in ("", "0", "0.0"):
             return None
         try:
             total = float(steps)
@@ -598,60 +600,81 @@ class Studio:
 
     def compare_steps(self, run: str, prompts: str, seed: Any, weight: Any = 1.0) -> tuple[str, str]:
         """The base, then the LoRA of each step ``run`` can be exported at, alone, over ``prompts`` (one per line,
-        each starting with the run's trigger), saved as ``outputs/<run>/export/<run>_steps.png``.
+        each starting with the run's trigger), at the run's sample settings; saved as
+        ``outputs/<run>/export/<run>_steps.png``. Returns (path, one line on what was rendered).
 
-        With more steps than fit one grid, evenly spread ones are shown, the last always among them.
-        Returns (path, one line on what was rendered).
+        With more steps than fit one grid, evenly spread ones are shown, the last always among them; a step
+        whose file cannot be had (rotated away while training, damaged) is left out and named.
+
+        Raises:
+            UserError: no checkpoint yet, no prompt, a weight outside -1…2.
         """
         run_dir = self._export_dir(run).parent
-        steps = self.export_steps(run)
+        w = lora_weight(weight)
+        final = self.final_step(run)
+        steps = sorted(set(self.export_steps(run)) | ({final} if final is not None else set()))
         if not steps:
             raise UserError(f"'{run}' has no checkpoint yet: train it (a checkpoint is written every "
                             "'Checkpoint every N steps' and at the end) and come back")
-        try:
-            w = float(weight)
-        except (TypeError, ValueError):
-            w = float("nan")
-        if not (-1.0 <= w <= 2.0):  # NaN fails too
-            raise UserError(f"weight {weight!r}: give a number from -1 to 2, e.g. 1")
-        trigger = self.settings(run).get("trigger", "")
+        config = self._run_config(run)
+        trigger = self.settings(run).get("trigger", "") or (config.trigger if config else "")
         lines = [prompt_with_trigger(line.strip(), trigger) for line in str(prompts or "").splitlines() if line.strip()]
         if not lines:
             raise UserError("write at least one prompt (one per line)")
         shown = spread(steps, max(1, MAX_GRID_CELLS // len(lines) - 1))
-        final = self.exports(run)["kohya"]
-        final_step = self._final_step(final)
         columns: list[tuple[str, Optional[str], float]] = [("base", None, 0.0)]
+        missing = []
         for step in shown:
-            path = final if step == final_step else str(self.exports(run, step)["kohya"])
-            columns.append((f"step {step}", path, w))
+            try:
+                path = self.exports(run, None if step == final else step, formats=("kohya",))["kohya"]
+            except UserError:
+                path = None
+            if path is None:
+                missing.append(str(step))
+            else:
+                columns.append((f"step {step} x{w:g}", path, w))
         base = self.run_base(run)
-        path, info = self.mix.side_by_side(base, columns, lines, seed, default_steps(base), default_guidance(base),
+        sample_steps = config.sample_steps if config else default_steps(base)
+        guidance = config.sample_guidance if config else default_guidance(base)
+        path, info = self.mix.side_by_side(base, columns, lines, seed, sample_steps, guidance,
                                            run_dir / "export" / f"{run_dir.name}_steps.png")
         if len(shown) < len(steps):
             info += f" {len(shown)} of the {len(steps)} kept steps are shown (one grid holds {MAX_GRID_CELLS} images)."
+        if missing:
+            info += f" Left out: step {', '.join(missing)} (its checkpoint is gone or damaged)."
         return path, info
 
-    @staticmethod
-    def _final_step(path: Optional[str]) -> Optional[int]:
-        """The step of a run's own ``lora.safetensors`` (its ``ss_steps``), None without a readable one."""
-        if path is None:
+    def final_step(self, run: str) -> Optional[int]:
+        """The step of the run's own files (their ``ss_steps``) while they hold that step's checkpoint; None
+        without them, or while a resumed run trains past a step it retrains (its checkpoint is newer)."""
+        from trainer.steps import checkpoint_mtime
+
+        path = self.run_dir(run) / "lora.safetensors"
+        if not path.is_file():
             return None
         from trainer.export import read_metadata
 
         try:
-            return int(read_metadata(path).get("ss_steps", ""))
-        except (UserError, ValueError):
+            step = int(read_metadata(path).get("ss_steps", ""))
+            written = path.stat().st_mtime
+        except (UserError, ValueError, OSError):
+            return None
+        checkpoint = checkpoint_mtime(self.run_dir(run), step)
+        return step if checkpoint is None or written >= checkpoint else None
+
+    def _run_config(self, run: str):
+        """The run's TrainConfig, None when it has none (never trained) or it is unreadable."""
+        from trainer.config import load_config
+
+        try:
+            return load_config(self.run_dir(run) / "config.yaml")
+        except UserError:
             return None
 
     def compare_prompts(self, run: str) -> str:
         """Prompts to start the step comparison with: the run's sample prompts, else its first two captions."""
-        try:
-            from trainer.config import load_config
-
-            prompts = list(load_config(self.run_dir(run) / "config.yaml").sample_prompts)
-        except UserError:
-            prompts = []
+        config = self._run_config(run)
+        prompts = list(config.sample_prompts) if config else []
         if not prompts:
             try:
                 prompts = [item.caption for item in self.items(run) if item.caption.strip()][:2]
@@ -661,16 +684,20 @@ class Studio:
 
     # ---- export -----------------------------------------------------------------------------
     def export_steps(self, run: str) -> list[int]:
-        """Steps ``run`` can be exported at besides its final files: kept checkpoints and steps exported before."""
-        return exported_steps(self.run_dir(run))
+        """Steps ``run`` can be exported at besides its final files (kept checkpoints and steps exported before),
+        less the step the final files hold."""
+        final = self.final_step(run)
+        return [step for step in exported_steps(self.run_dir(run)) if step != final]
 
-    def exports(self, run: str, step: Optional[int] = None) -> dict[str, Optional[str]]:
-        """The run's kohya and diffusers files; with ``step``, those of that checkpoint (written on first ask)."""
+    def exports(self, run: str, step: Optional[int] = None,
+                formats: tuple[str, ...] = ("kohya", "diffusers")) -> dict[str, Optional[str]]:
+        """The run's kohya and diffusers files; with ``step``, those of that checkpoint (written on first ask;
+        a format never exported before its checkpoint was rotated away is None)."""
         run_dir = self.run_dir(run)
         if step is not None:
             from trainer.reexport import step_exports
 
-            return {key: str(path) for key, path in step_exports(run_dir, int(step)).items()}
+            return {key: str(path) if path else None for key, path in step_exports(run_dir, int(step), formats).items()}
         found = {}
         for key, name in (("kohya", "lora.safetensors"), ("diffusers", "lora_diffusers.safetensors")):
             path = run_dir / name
@@ -678,7 +705,8 @@ class Studio:
         return found
 
     def export_metadata(self, run: str, step: Optional[int] = None) -> dict[str, str]:
-        path = self.exports(run, step)["kohya"]
+        files = self.exports(run, step)
+        path = files["kohya"] or files["diffusers"]
         if path is None:
             return {}
         from trainer.export import read_metadata
@@ -697,7 +725,7 @@ class Studio:
         updates = {f"modelspec.{f}": " ".join(str(meta.get(f, "")).split()) if f != "description"
                    else str(meta.get(f, "")).strip() for f in EXPORT_FIELDS}
         stem = store.safe_stem(meta.get("title") or run)
-        if step is not None and not stem.endswith(str(step)):
+        if step is not None and not re.search(rf"step_?0*{int(step)}$", stem):  # "Ink (step 300)" keeps its name
             stem = store.safe_stem(f"{stem}_step{step}")
         out = self.run_dir(run) / "export"
         prepared = {}

@@ -126,8 +126,8 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         runs = gr.Radio(choices=studio.run_list(), value=None, label="Trained runs (pick one to show it)",
                         elem_id="run-list")
         with gr.Row():
-            continue_to = gr.Number(None, label="Train on to step", precision=0, elem_id="continue-to", scale=1,
-                                    info="Empty: the run's own total. More steps also continue a finished run "
+            continue_to = gr.Number(0, label="Train on to step", precision=0, elem_id="continue-to", scale=1,
+                                    info="0: the run's own total. More steps also continue a finished run "
                                          "(a cosine or linear schedule stretches to the new total).")
             resume = gr.Button("Resume selected run", elem_id="resume")
             refresh = gr.Button("Refresh", elem_id="refresh-runs")

@@ -78,22 +78,27 @@ class _DropMessage(logging.Filter):
 def _expected_noise_muted():
     """Mute what loading a LoRA always says and we check ourselves right after.
 
-    diffusers: "No LoRA keys associated to CLIPTextModel" for every UNet-only LoRA; peft: a
-    warning that the model gets a second adapter; transformers: a "LOAD REPORT" listing the
-    text encoder's own weights as missing from the adapter's state dict. Whether every layer
-    really loaded is verified by :meth:`MixSession.add_lora` against the injected modules.
+    diffusers: "No LoRA keys associated to CLIPTextModel" for every UNet-only LoRA, and "led to
+    missing keys" naming the keys of every loaded adapter whose name holds the new one's (it
+    matches names by substring: adding ``r1`` after ``r1-step000002``); peft: a warning that the
+    model gets a second adapter; transformers: a "LOAD REPORT" listing the text encoder's own
+    weights as missing from the adapter's state dict. Whether every layer really loaded is
+    verified by :meth:`MixSession.add_lora` against the injected modules.
     """
-    diffusers_log = logging.getLogger("diffusers.loaders.lora_base")
+    muted = [(logging.getLogger("diffusers.loaders.lora_base"), _DropMessage("No LoRA keys associated to")),
+             (logging.getLogger("diffusers.utils.peft_utils"), _DropMessage("led to missing keys in the model"))]
     transformers_log = logging.getLogger("transformers")
-    drop, level = _DropMessage("No LoRA keys associated to"), transformers_log.level
-    diffusers_log.addFilter(drop)
+    level = transformers_log.level
+    for log, drop in muted:
+        log.addFilter(drop)
     transformers_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
             yield
     finally:
-        diffusers_log.removeFilter(drop)
+        for log, drop in muted:
+            log.removeFilter(drop)
         transformers_log.setLevel(level)
 
 
