@@ -18,7 +18,7 @@ from tests.mixing_fixtures import (GUIDANCE, PROMPT, SEED, STEPS, expected_delta
                                    style_weights, te_weights, write_lora)
 from trainer.errors import UserError
 from trainer.export import kohya_deltas, read_lora, read_metadata
-from trainer.mixing import MixSession, bake, comparison_grid, side_by_side
+from trainer.mixing import Column, MixSession, bake, comparison_grid, side_by_side
 from trainer.mixing.grid import render_alone
 
 ARCHS = ("sd15", "sdxl", "flux")
@@ -303,7 +303,7 @@ def test_side_by_side_renders_each_lora_alone(mixer, tmp_path):
     session, base_image = mixer
     (a, _), (b, _) = add_pair(session, tmp_path)
     session.set_weights({a.name: 0.3, b.name: 0.7})
-    columns = [("base", None, 0.0), ("ink", a.name, 1.0), ("paper", b.name, 0.8)]
+    columns = [Column("base", None, 0.0), Column("ink", a.name, 1.0), Column("paper", b.name, 0.8)]
     other = "zkink, a blue square on a red background"
     cells = render_alone(session, columns, [PROMPT, other], SEED, STEPS, GUIDANCE)
     assert session.weights == {a.name: 0.3, b.name: 0.7}  # restored
@@ -317,7 +317,7 @@ def test_side_by_side_renders_each_lora_alone(mixer, tmp_path):
     grid = side_by_side(session, columns, [PROMPT, other], SEED, STEPS, GUIDANCE)
     assert grid.width > 3 * 128 and grid.height > 2 * 128 and session.weights == {a.name: 0.3, b.name: 0.7}
     with pytest.raises(UserError, match="no LoRA named 'nope'"):
-        side_by_side(session, [("x", "nope", 1.0)], [PROMPT], SEED, STEPS, GUIDANCE)
+        side_by_side(session, [Column("x", "nope", 1.0)], [PROMPT], SEED, STEPS, GUIDANCE)
     with pytest.raises(UserError, match="at least one LoRA and one prompt"):
         side_by_side(session, columns, [], SEED, STEPS, GUIDANCE)
 

@@ -147,7 +147,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
 
 def run(args: argparse.Namespace) -> int:
     from trainer.bases import base_sampling_defaults
-    from trainer.mixing import MixSession, bake, comparison_grid, side_by_side
+    from trainer.mixing import Column, MixSession, bake, comparison_grid, side_by_side
 
     plan = _plan(args)
     session = MixSession(args.base, device=args.device)
@@ -159,12 +159,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         guidance = tuned.get("guidance", 3.5 if session.arch == "flux" else 5.0)
     weights = {}
-    columns = [("base", None, 0.0)]  # --grid-each: the base, then each file alone
+    columns = [Column("base", None, 0.0)]  # --grid-each: the base, then each file alone
     for lora in plan.loras:
         info = session.add_lora(lora.path)
         weights[info.name] = weights.get(info.name, 0.0) + lora.weight
         label = lora.path.parent.name if lora.path.name == "lora.safetensors" else lora.path.stem  # a run's own file
-        columns.append((f"{label} x{lora.weight:g}", info.name, lora.weight))
+        columns.append(Column(f"{label} x{lora.weight:g}", info.name, lora.weight))
         print(info.summary())
         if info.ignored_keys:
             print(f"warning: {info.name}: ignored keys: {', '.join(info.ignored_keys)}", file=sys.stderr)

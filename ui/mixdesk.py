@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from trainer.bases import base_sampling_defaults
 from trainer.errors import UserError
@@ -86,6 +86,14 @@ class MixSlot:
     @property
     def effective(self) -> float:
         return float(self.weight) if self.enabled else 0.0
+
+
+class FileColumn(NamedTuple):
+    """One column of a side-by-side grid: the LoRA file ``path`` alone at ``weight``; None: the base alone."""
+
+    label: str
+    path: Optional[str]
+    weight: float
 
 
 @dataclass
@@ -166,8 +174,8 @@ class MixDesk:
 
     Args:
         default_base: base used when the tab sends none.
-        engine: an object with ``MixSession``, ``bake``, ``comparison_grid`` and ``side_by_side`` (tests inject fakes;
-            default :mod:`trainer.mixing`, imported on first use).
+        engine: an object with ``MixSession``, ``bake``, ``comparison_grid``, ``side_by_side`` and ``Column``
+            (tests inject fakes; default :mod:`trainer.mixing`, imported on first use).
         session_kwargs: ``base -> kwargs`` for ``MixSession`` (device choice).
     """
 
@@ -344,10 +352,10 @@ class MixDesk:
         return str(out_path), f"{cells} image(s) of `{first}`" + (f" × `{other[0]}`" if other else "") + \
             f" rendered in {took:.1f} s; saved as `{out_path.name}`."
 
-    def side_by_side(self, base: str, columns: list[tuple[str, Optional[str], float]], prompts: list[str], seed: int,
+    def side_by_side(self, base: str, columns: list[FileColumn], prompts: list[str], seed: int,
                      steps: int, guidance: float, out_path: Path) -> tuple[str, str]:
-        """A grid of ``(label, LoRA file or None for the base alone, weight)`` columns, each LoRA on alone, over
-        ``prompts`` (rows); saved as PNG to ``out_path``. Returns (path, one line on what was rendered).
+        """A grid of ``columns``, each LoRA on alone, over ``prompts`` (rows); saved as PNG to ``out_path``.
+        Returns (path, one line on what was rendered).
 
         Raises:
             UserError: no prompt, too many cells, a file that cannot be used (its reason).
@@ -361,8 +369,8 @@ class MixDesk:
             raise UserError(f"{cells} images is too many for one grid (at most {MAX_GRID_CELLS}); use fewer prompts")
         with self._lock:
             mixer = self._session((base or self.default_base).strip())
-            named = [(label, self._adapter(mixer, path) if path else None, float(weight))
-                     for label, path, weight in columns]
+            named = [self.engine.Column(c.label, self._adapter(mixer, c.path) if c.path else None, float(c.weight))
+                     for c in columns]
             t0 = time.perf_counter()
             image = self.engine.side_by_side(mixer.session, named, prompts, seed, steps, guidance)
             took = time.perf_counter() - t0

@@ -34,8 +34,9 @@ from trainer.steps import exported_step_files, exported_steps
 from trainer.presets import list_presets, resolve_config
 from ui import choices, store
 from ui.captions import caption_run
-from ui.mixdesk import (MAX_GRID_CELLS, MixDesk, MixResult, MixSlot, default_guidance, default_steps,  # noqa: F401
-                         is_demo, lora_weight, parse_weights, prompt_with_trigger, spread)  # (MixResult, is_demo: tabs)
+from ui.mixdesk import (MAX_GRID_CELLS, FileColumn, MixDesk, MixResult, MixSlot, default_guidance,  # noqa: F401
+                         default_steps, is_demo, lora_weight, parse_weights, prompt_with_trigger,
+                         spread)  # (MixResult, is_demo: for the tabs)
 
 log = logging.getLogger(__name__)
 LORA_UPLOADS = "_loras"  # outputs/_loras: LoRA files uploaded on the Mix tab (never a run: no config.yaml)
@@ -622,7 +623,7 @@ class Studio:
         if not lines:
             raise UserError("write at least one prompt (one per line)")
         shown = spread(steps, max(1, MAX_GRID_CELLS // len(lines) - 1))
-        columns: list[tuple[str, Optional[str], float]] = [("base", None, 0.0)]
+        columns = [FileColumn("base", None, 0.0)]
         missing = []
         for step in shown:
             try:
@@ -632,7 +633,7 @@ class Studio:
             if path is None:
                 missing.append(str(step))
             else:
-                columns.append((f"step {step} x{w:g}", path, w))
+                columns.append(FileColumn(f"step {step} x{w:g}", path, w))
         base = self.run_base(run)
         sample_steps = config.sample_steps if config else default_steps(base)
         guidance = config.sample_guidance if config else default_guidance(base)

@@ -11,8 +11,8 @@ No UI code here; ``ui/mix.py`` and ``trainer/cli_mix.py`` call these.
 """
 
 from trainer.mixing.bake import BakeReport, bake
-from trainer.mixing.grid import comparison_grid, side_by_side
+from trainer.mixing.grid import Column, comparison_grid, side_by_side
 from trainer.mixing.layouts import LoraInfo, inspect_lora
 from trainer.mixing.session import MixSession
 
-__all__ = ["BakeReport", "LoraInfo", "MixSession", "bake", "comparison_grid", "inspect_lora", "side_by_side"]
+__all__ = ["BakeReport", "Column", "LoraInfo", "MixSession", "bake", "comparison_grid", "inspect_lora", "side_by_side"]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from PIL import Image, ImageDraw, ImageFont
 
 from trainer.errors import UserError
@@ -10,6 +12,14 @@ from trainer.errors import UserError
 MIN_CELL = 128  # tiny 64 px renders are scaled up (nearest) so labels and pixels stay legible
 PAD = 6
 MAX_ROW_LABEL = 40  # characters of a prompt shown as a row label; the full prompts are in the caller's report
+
+
+class Column(NamedTuple):
+    """One column of :func:`side_by_side`: ``adapter`` (a loaded LoRA's name) alone at ``weight``; None: the base."""
+
+    label: str
+    adapter: str | None
+    weight: float
 
 
 def _font(size: int = 12):
@@ -102,26 +112,27 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_ROW_LABEL else text[:MAX_ROW_LABEL - 3].rstrip() + "..."
 
 
-def render_alone(session, columns: list[tuple[str, str | None, float]], prompts: list[str], seed: int, steps: int,
+def render_alone(session, columns: list[Column], prompts: list[str], seed: int, steps: int,
                  guidance: float) -> list[list[Image.Image]]:
-    """Renders, one row per prompt and one column per ``(label, adapter name or None for the base, weight)``,
-    each with its LoRA on alone and every other one off, all with the same seed.
+    """Renders, one row per prompt and one per column, each with its LoRA on alone and every other one off,
+    all with the same seed.
 
     The session's weights (and fused state) are restored afterwards, whatever happens.
     """
     if not columns or not prompts:
         raise UserError("a side-by-side grid needs at least one LoRA and one prompt")
-    for _, name, _ in columns:
-        if name is not None:
-            session.info(name)
+    for column in columns:
+        if column.adapter is not None:
+            session.info(column.adapter)
     saved, was_fused = session.weights, session.fused
     off = {name: 0.0 for name in saved}
     cells = []
     try:
         for prompt in prompts:
             row = []
-            for _, name, weight in columns:
-                session.set_weights({**off, name: float(weight)} if name is not None else off)
+            for column in columns:
+                alone = {**off, column.adapter: float(column.weight)} if column.adapter is not None else off
+                session.set_weights(alone)
                 row.append(session.render(prompt, seed, steps, guidance))
             cells.append(row)
     finally:
@@ -131,8 +142,7 @@ def render_alone(session, columns: list[tuple[str, str | None, float]], prompts:
     return cells
 
 
-def side_by_side(session, columns: list[tuple[str, str | None, float]], prompts: list[str], seed: int, steps: int,
-                 guidance: float):
+def side_by_side(session, columns: list[Column], prompts: list[str], seed: int, steps: int, guidance: float):
     """:func:`render_alone` as one labelled image: only the LoRA differs along a row, which is what an
     artist needs to pick between the steps of one run or between several styles.
 
@@ -141,7 +151,7 @@ def side_by_side(session, columns: list[tuple[str, str | None, float]], prompts:
     """
     cells = render_alone(session, columns, prompts, seed, steps, guidance)
     title = f"seed {seed} · {steps} steps · guidance {guidance:g}"
-    col_labels = [label for label, _, _ in columns]
+    col_labels = [column.label for column in columns]
     if len(prompts) == 1:  # one row: the prompt goes in the title, in full
         return label_grid(cells, col_labels, None, f"{prompts[0]!r} · {title}")
     return label_grid(cells, col_labels, [_short(p) for p in prompts], title)
