@@ -259,6 +259,32 @@ def test_caption_all_then_edit_one_caption_in_place(page, server):
                "the trigger word after reload")
 
 
+def test_caption_tools_replace_in_all_captions_then_undo(page, server):
+    """Find & replace across the captions redraws the cards and the tag counts; Undo takes it back."""
+    page.locator("#caption-tools").get_by_text("Caption tools").click()
+    tags = page.locator("#caption-tags")
+    wait_until(page, lambda: "zkstyle ×4" in tags.inner_text(), 20, "the tag counts")
+    caption = server.outputs / FLOW["run"] / "dataset" / "red_circle.txt"
+    before = caption.read_text(encoding="utf-8")
+    page.locator("#caption-find textarea, #caption-find input").first.fill("thick ink")
+    page.locator("#caption-replace textarea, #caption-replace input").first.fill("thin pencil")
+    page.click("#caption-replace-all")
+    status = page.locator("#caption-tools-status")
+    wait_until(page, lambda: "in 1 of 4 captions" in status.inner_text(), 20, "the replace report")
+    card = page.locator(".caption-box", has_text="red_circle.png").locator("textarea")
+    wait_until(page, lambda: card.input_value() == "zkstyle, a red circle drawn with thin pencil outlines", 20,
+               "the card's new caption")
+    assert "thin pencil" in caption.read_text(encoding="utf-8")
+    shot(page, "02b-caption-tools")
+    page.click("#caption-undo")
+    wait_until(page, lambda: "1 caption(s) are back" in status.inner_text(), 20, "the undo report")
+    assert caption.read_text(encoding="utf-8") == before
+    wait_until(page, lambda: "thick ink" in page.locator(".caption-box", has_text="red_circle.png")
+               .locator("textarea").input_value(), 20, "the card's caption after undo")
+    page.click("#caption-undo")
+    wait_until(page, lambda: status.inner_text().startswith("⚠ nothing to undo"), 20, "the second undo's refusal")
+
+
 # ---- 3. train, watch, queue a second start, stop ----------------------------------------------
 def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page, server):
     engine("trainer.loop", "run_training")

@@ -649,6 +649,24 @@ def test_spread_keeps_the_last_and_spaces_the_rest(values, k, expected):
     assert spread(values, k) == expected
 
 
+def test_caption_tools_report_in_one_line_and_keep_the_trigger(studio, tmp_path):
+    names = add_images(studio, "r1", tmp_path)
+    for name in names:
+        studio.set_caption("r1", name, "a photo of a red thing")
+    assert studio.replace_in_captions("r1", "watercolor", "ink") == "'watercolor' is in none of the 3 captions: " \
+        "nothing changed."
+    assert studio.replace_in_captions("r1", "a photo of", "") == "Replaced 'a photo of' with '' in 3 of 3 captions " \
+        "(Undo takes it back)."
+    assert studio.add_trigger_to_captions("r1", "zk ink") == "Added 'zk ink' to 3 of 3 captions (Undo takes it back)."
+    assert studio.settings("r1")["trigger"] == "zk ink"  # the tab's trigger box shows it from now on
+    assert studio.add_trigger_to_captions("r1", "zk ink") == "All 3 captions already hold 'zk ink'."
+    assert studio.tag_counts("r1") == ([("a red thing", 3), ("zk ink", 3)], 3)
+    assert studio.undo_captions("r1") == "Undone: 3 caption(s) are back as they were."
+    assert {item.caption for item in studio.items("r1")} == {"a red thing"}
+    with pytest.raises(UserError, match="nothing to undo"):
+        studio.undo_captions("r1")
+
+
 def test_samples_zip(studio):
     samples = studio.outputs_dir / "r1" / "samples"
     samples.mkdir(parents=True)

@@ -39,6 +39,20 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
         caption_btn = gr.Button("Caption all", variant="primary", elem_id="caption-all", scale=0, min_width=160)
     caption_status = gr.Markdown(elem_id="caption-status")
     saved = gr.Markdown(elem_id="caption-saved")
+    with gr.Accordion("Caption tools: find & replace, add the trigger word, common tags", open=False,
+                      elem_id="caption-tools"):
+        with gr.Row(equal_height=True):
+            find = gr.Textbox(label="Find", elem_id="caption-find", scale=2, placeholder="e.g. a painting of")
+            replace = gr.Textbox(label="Replace with", elem_id="caption-replace", scale=2,
+                                 placeholder="empty: delete it")
+            whole_words = gr.Checkbox(True, label="Whole words", elem_id="caption-whole-words", scale=1)
+            match_case = gr.Checkbox(False, label="Match case", elem_id="caption-match-case", scale=1)
+            replace_btn = gr.Button("Replace in all captions", elem_id="caption-replace-all", scale=0, min_width=200)
+        with gr.Row():
+            add_trigger = gr.Button("Add the trigger word to every caption that lacks it", elem_id="caption-add-trigger")
+            undo = gr.Button("Undo the last change to all captions", elem_id="caption-undo")
+        tools_status = gr.Markdown(elem_id="caption-tools-status")
+        tags = gr.Markdown(elem_id="caption-tags")
     with gr.Accordion("No images at hand? Add a demo style set", open=False, elem_id="demo-set"):
         gr.Markdown("Captioned 64 px shapes drawn in one style, with the trigger word `zkstyle` — to try the whole "
                     "flow offline on a `demo:` base: train, compare with and without the LoRA in Mix, export.")
@@ -91,6 +105,31 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
 
     caption_btn.click(on_caption_all, [run, captioner, trigger, overwrite, version], [caption_status, version],
                       concurrency_id="dataset", concurrency_limit=1)
+
+    def bulk(action):
+        """Run a whole-dataset caption edit; the grid redraws from disk when it succeeded."""
+        def handler(run_name, ver, *values):
+            try:
+                return action(run_name, *values), ver + 1
+            except UserError as err:
+                return f"⚠ {err}", ver
+        return handler
+
+    dataset_lock = {"concurrency_id": "dataset", "concurrency_limit": 1}
+    replace_btn.click(bulk(studio.replace_in_captions), [run, version, find, replace, whole_words, match_case],
+                      [tools_status, version], **dataset_lock)
+    add_trigger.click(bulk(studio.add_trigger_to_captions), [run, version, trigger], [tools_status, version],
+                      **dataset_lock)
+    undo.click(bulk(studio.undo_captions), [run, version], [tools_status, version], **dataset_lock)
+
+    def tags_of(run_name):
+        try:
+            return fmt.tag_list(*studio.tag_counts(run_name))
+        except UserError:
+            return ""
+
+    version.change(tags_of, run, tags)
+    run.change(tags_of, run, tags)
 
     def on_trigger(run_name, trig):
         try:

@@ -116,6 +116,14 @@ def md_code(text: str) -> str:
     return "`" + " ".join(str(text).replace("`", "'").split()) + "`"
 
 
+def tag_list(counts: list[tuple[str, int]], images: int) -> str:
+    """The captions' most common tags as one Markdown line: ``zkstyle`` ×20 · ``red circle`` ×3 …"""
+    if not counts:
+        return "No captions yet."
+    shown = " · ".join(f"{md_code(tag[:60])} ×{n}" for tag, n in counts)
+    return f"Most common tags (of {images} captions): {shown}"
+
+
 def upload_report(accepted: int, rejected: list[tuple[str, str]], captions: int = 0) -> str:
     head = f"Added **{accepted}** image(s)" + (f" and {captions} caption file(s)" if captions else "") + "."
     if not rejected:

@@ -32,7 +32,7 @@ from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_stat
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
 from trainer.steps import exported_step_files, exported_steps
 from trainer.presets import list_presets, resolve_config
-from ui import choices, store
+from ui import caption_tools, choices, store
 from ui.captions import caption_run
 from ui.mixdesk import (MAX_GRID_CELLS, FileColumn, MixDesk, MixResult, MixSlot, default_guidance,  # noqa: F401
                          default_steps, is_demo, lora_weight, parse_weights, prompt_with_trigger,
@@ -273,6 +273,32 @@ class Studio:
         run_dir = self.run_dir(run)
         run_dir.mkdir(parents=True, exist_ok=True)
         store.save_settings(run_dir, **values)
+
+    # ---- captions of the whole dataset at once (ui.caption_tools) -----------------------------
+    def replace_in_captions(self, run: str, find: str, replace: str, whole_words: bool = True,
+                            match_case: bool = False) -> str:
+        changed, total = caption_tools.replace_in_captions(self.run_dir(run), find, replace, whole_words, match_case)
+        if not changed:
+            return f"{find.strip()!r} is in none of the {total} captions: nothing changed."
+        return (f"Replaced {find.strip()!r} with {replace.strip()!r} in {changed} of {total} captions "
+                "(Undo takes it back)." + self.dataset_note(run))
+
+    def add_trigger_to_captions(self, run: str, trigger: str) -> str:
+        changed, total = caption_tools.add_trigger(self.run_dir(run), trigger)
+        if trigger.strip():
+            self.save_settings(run, trigger=" ".join(trigger.split()))
+        if not changed:
+            return f"All {total} captions already hold {trigger.strip()!r}."
+        return (f"Added {trigger.strip()!r} to {changed} of {total} captions (Undo takes it back)."
+                + self.dataset_note(run))
+
+    def undo_captions(self, run: str) -> str:
+        restored = caption_tools.undo(self.run_dir(run))
+        return f"Undone: {restored} caption(s) are back as they were." + (self.dataset_note(run) if restored else "")
+
+    def tag_counts(self, run: str, top: int = 30) -> tuple[list[tuple[str, int]], int]:
+        """The captions' ``top`` most common tags, and how many captions there are."""
+        return caption_tools.tag_counts(self.run_dir(run), top)
 
     captioners = staticmethod(choices.captioners)
 

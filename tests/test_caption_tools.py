@@ -1,0 +1,126 @@
+"""Edits across all captions at once: find & replace, add the trigger, undo, tag counts (ui.caption_tools)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from trainer.errors import UserError
+from ui import caption_tools, store
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A run folder with three captioned images and one image without a caption."""
+    run_dir = tmp_path / "r1"
+    data = store.dataset_dir(run_dir)
+    data.mkdir(parents=True)
+    captions = {"a.png": "a painting of a red circle, zkstyle", "b.png": "A Painting of a blue square",
+                "c.png": "paintings of, a tree", "d.png": None}
+    for name, text in captions.items():
+        Image.new("RGB", (8, 8)).save(data / name)
+        if text is not None:
+            (data / name).with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+    (data / "notes.txt").write_text("not a caption\n")  # a .txt without an image is left alone
+    return run_dir
+
+
+def captions(run_dir) -> dict[str, str]:
+    return {n: store.read_caption(run_dir, n) for n in ("a.png", "b.png", "c.png", "d.png")}
+
+
+@pytest.mark.parametrize("find,replace,whole,case,expected,changed", [
+    ("a painting of", "", True, False,
+     {"a.png": "a red circle, zkstyle", "b.png": "a blue square", "c.png": "paintings of, a tree", "d.png": ""}, 2),
+    ("a painting of", "", True, True,
+     {"a.png": "a red circle, zkstyle", "b.png": "A Painting of a blue square", "c.png": "paintings of, a tree",
+      "d.png": ""}, 1),
+    ("painting", "drawing", True, False,  # whole words: "paintings" is another word
+     {"a.png": "a drawing of a red circle, zkstyle", "b.png": "A drawing of a blue square",
+      "c.png": "paintings of, a tree", "d.png": ""}, 2),
+    ("painting", "drawing", False, False,
+     {"a.png": "a drawing of a red circle, zkstyle", "b.png": "A drawing of a blue square",
+      "c.png": "drawings of, a tree", "d.png": ""}, 3),
+    ("paintings of", "", True, False,  # a deleted tag leaves no stray comma behind
+     {"a.png": "a painting of a red circle, zkstyle", "b.png": "A Painting of a blue square", "c.png": "a tree",
+      "d.png": ""}, 1),
+    ("zkstyle", "zk\\1 style", True, False,  # the replacement is plain text, never a regex template
+     {"a.png": "a painting of a red circle, zk\\1 style", "b.png": "A Painting of a blue square",
+      "c.png": "paintings of, a tree", "d.png": ""}, 1),
+])
+def test_replace_in_all_captions(run, find, replace, whole, case, expected, changed):
+    assert caption_tools.replace_in_captions(run, find, replace, whole, case) == (changed, 4)
+    assert captions(run) == expected
+    assert (store.dataset_dir(run) / "notes.txt").read_text() == "not a caption\n"
+
+
+def test_undo_puts_back_the_last_bulk_change_once(run):
+    before = captions(run)
+    caption_tools.replace_in_captions(run, "a painting of", "")
+    caption_tools.add_trigger(run, "zkstyle")
+    after_replace = {**before, "a.png": "a red circle, zkstyle", "b.png": "a blue square"}
+    assert caption_tools.undo(run) == 3  # b, c and d had no trigger
+    assert captions(run) == after_replace
+    with pytest.raises(UserError, match="nothing to undo"):
+        caption_tools.undo(run)  # one level
+
+
+def test_a_change_that_matches_nothing_keeps_the_undo_record(run):
+    caption_tools.replace_in_captions(run, "a painting of", "")
+    assert caption_tools.replace_in_captions(run, "watercolor", "ink") == (0, 4)
+    assert caption_tools.can_undo(run)
+    assert caption_tools.undo(run) == 2 and captions(run)["b.png"] == "A Painting of a blue square"
+
+
+def test_add_trigger_only_where_it_is_missing(run):
+    assert caption_tools.add_trigger(run, " zkstyle ") == (3, 4)
+    assert captions(run) == {"a.png": "a painting of a red circle, zkstyle",
+                             "b.png": "zkstyle, A Painting of a blue square",
+                             "c.png": "zkstyle, paintings of, a tree", "d.png": "zkstyle"}
+    assert caption_tools.add_trigger(run, "ZKSTYLE") == (0, 4)  # found whatever the case
+
+
+def test_undo_leaves_a_removed_image_removed_and_a_damaged_record_is_one_line(run):
+    caption_tools.replace_in_captions(run, "a painting of", "")
+    store.remove_item(run, "b.png")
+    assert caption_tools.undo(run) == 1 and not (store.dataset_dir(run) / "b.txt").exists()
+    (store.dataset_dir(run) / caption_tools.UNDO_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="unreadable; edit the captions by hand"):
+        caption_tools.undo(run)
+    (store.dataset_dir(run) / caption_tools.UNDO_FILE).write_text(json.dumps(["a list"]))
+    with pytest.raises(UserError, match="unreadable"):
+        caption_tools.undo(run)
+
+
+@pytest.mark.parametrize("call,why", [
+    (lambda r: caption_tools.replace_in_captions(r, "  ", "x"), "type the text to find"),
+    (lambda r: caption_tools.add_trigger(r, ""), "type the trigger word first"),
+    (lambda r: caption_tools.replace_in_captions(r.parent / "empty", "a", "b"), "the dataset is empty"),
+    (lambda r: caption_tools.add_trigger(r.parent / "empty", "zk"), "the dataset is empty"),
+])
+def test_bad_requests_are_one_clear_line_and_change_nothing(run, call, why):
+    before = captions(run)
+    with pytest.raises(UserError, match=why):
+        call(run)
+    assert captions(run) == before and not caption_tools.can_undo(run)
+
+
+def test_tag_counts_count_each_tag_once_per_caption(run):
+    (store.dataset_dir(run) / "d.txt").write_text("zkstyle, a tree, zkstyle\n")
+    counts, total = caption_tools.tag_counts(run)
+    assert total == 4
+    assert counts[:2] == [("a tree", 2), ("zkstyle", 2)]  # by count, then alphabetically
+    assert dict(counts)["a painting of a red circle"] == 1
+    assert caption_tools.tag_counts(run, top=1) == ([("a tree", 2)], 4)
+
+
+def test_the_trainer_ignores_the_undo_record(run):
+    """The record lives in the dataset folder: the trainer must read only images and their captions."""
+    from trainer.data import scan_dataset
+
+    caption_tools.add_trigger(run, "zkstyle")
+    scan = scan_dataset(store.dataset_dir(run))
+    assert sorted(item.path.name for item in scan.items) == ["a.png", "b.png", "c.png", "d.png"]
+    assert all("zkstyle" in item.caption for item in scan.items)

@@ -1,0 +1,128 @@
+"""Edits across all captions of a run at once, without gradio: find & replace, add the trigger, undo, tag counts.
+
+An auto-captioner says "a painting of" in every caption, or misses the trigger word;
+fixing 80 captions one box at a time is what artists complain about. Every edit first
+keeps the captions as they were in ``dataset/.captions-undo.json`` (one level), so the
+last bulk change can be taken back; each caption is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from trainer.atomic import write_text
+from trainer.errors import UserError
+from trainer.images import is_image_name
+from ui import store
+
+UNDO_FILE = ".captions-undo.json"  # hidden: the trainer reads only images and their .txt sidecars
+
+
+def _captions(run_dir: Path) -> dict[str, str]:
+    """image name → caption, for the dataset's images (no thumbnails built: only the text is needed)."""
+    data = store.dataset_dir(run_dir)
+    if not data.is_dir():
+        return {}
+    names = sorted((p.name for p in data.iterdir() if p.is_file() and not p.name.startswith(".")
+                    and is_image_name(p.name)), key=str.lower)
+    return {name: store.read_caption(run_dir, name) for name in names}
+
+
+def tidy(caption: str) -> str:
+    """One line without the stray commas and spaces a deletion leaves: ``a , , cat ,`` → ``a, cat``."""
+    parts = [" ".join(part.split()) for part in caption.split(",")]
+    return ", ".join(part for part in parts if part)
+
+
+def _apply(run_dir: Path, new: dict[str, str]) -> int:
+    """Write the captions that change, after keeping all of them for :func:`undo`; returns how many changed."""
+    old = _captions(run_dir)
+    changed = {name: text for name, text in new.items() if text != old.get(name)}
+    if changed:
+        write_text(store.dataset_dir(run_dir) / UNDO_FILE, json.dumps(old, ensure_ascii=False, indent=1))
+        for name, text in changed.items():
+            store.write_caption(run_dir, name, text)
+    return len(changed)
+
+
+def _pattern(find: str, whole_words: bool, match_case: bool) -> re.Pattern:
+    text = re.escape(find)
+    if whole_words:  # \b fails next to punctuation: "words" are what no letter or digit continues
+        text = rf"(?<!\w){text}(?!\w)"
+    return re.compile(text, 0 if match_case else re.IGNORECASE)
+
+
+def replace_in_captions(run_dir: Path, find: str, replace: str, whole_words: bool = True,
+                        match_case: bool = False) -> tuple[int, int]:
+    """Replace ``find`` with ``replace`` in every caption; returns (captions changed, captions in all).
+
+    Raises:
+        UserError: nothing to find, or no images.
+    """
+    if not (find or "").strip():
+        raise UserError("type the text to find (the replacement may be empty, which deletes it)")
+    captions = _captions(run_dir)
+    if not captions:
+        raise UserError("the dataset is empty: add images first")
+    pattern = _pattern(find.strip(), whole_words, match_case)
+    new = {name: tidy(pattern.sub(lambda _: replace.strip(), text)) for name, text in captions.items()}
+    return _apply(run_dir, {n: t for n, t in new.items() if pattern.search(captions[n])}), len(captions)
+
+
+def add_trigger(run_dir: Path, trigger: str) -> tuple[int, int]:
+    """Start every caption that lacks ``trigger`` (as a whole word or phrase) with it; returns (changed, all).
+
+    Raises:
+        UserError: no trigger word, or no images.
+    """
+    trigger = " ".join((trigger or "").split())
+    if not trigger:
+        raise UserError("type the trigger word first (e.g. zkstyle)")
+    captions = _captions(run_dir)
+    if not captions:
+        raise UserError("the dataset is empty: add images first")
+    has = _pattern(trigger, whole_words=True, match_case=False)
+    new = {name: tidy(f"{trigger}, {text}") for name, text in captions.items() if not has.search(text)}
+    return _apply(run_dir, new), len(captions)
+
+
+def undo(run_dir: Path) -> int:
+    """Put back the captions from before the last bulk edit; returns how many changed back.
+
+    Raises:
+        UserError: there is nothing to undo (or its record is unreadable).
+    """
+    path = store.dataset_dir(run_dir) / UNDO_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError("nothing to undo: no bulk caption change was made since the last undo") from None
+    except (OSError, ValueError):
+        raise UserError(f"the undo record {UNDO_FILE} is unreadable; edit the captions by hand") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"the undo record {UNDO_FILE} is unreadable; edit the captions by hand")
+    current = _captions(run_dir)
+    restored = 0
+    for name, text in saved.items():
+        if name in current and current[name] != text:  # an image removed since then stays removed
+            store.write_caption(run_dir, name, str(text))
+            restored += 1
+    path.unlink()
+    return restored
+
+
+def can_undo(run_dir: Path) -> bool:
+    return (store.dataset_dir(run_dir) / UNDO_FILE).is_file()
+
+
+def tag_counts(run_dir: Path, top: int = 30) -> tuple[list[tuple[str, int]], int]:
+    """The ``top`` most common comma-separated tags (or whole sentences) in the captions, each counted once per
+    caption (the same split as the exports' ``ss_tag_frequency``), and the number of captions."""
+    counts: Counter[str] = Counter()
+    captions = _captions(run_dir)
+    for text in captions.values():
+        counts.update({tag.strip().lower() for tag in text.split(",") if tag.strip()})
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top], len(captions)
