@@ -61,7 +61,7 @@ def test_undo_puts_back_the_last_bulk_change_once(run):
     caption_tools.replace_in_captions(run, "a painting of", "")
     caption_tools.add_trigger(run, "zkstyle")
     after_replace = {**before, "a.png": "a red circle, zkstyle", "b.png": "a blue square"}
-    assert caption_tools.undo(run) == 3  # b, c and d had no trigger
+    assert caption_tools.undo(run) == (3, 0)  # b, c and d had no trigger
     assert captions(run) == after_replace
     with pytest.raises(UserError, match="nothing to undo"):
         caption_tools.undo(run)  # one level
@@ -71,7 +71,7 @@ def test_a_change_that_matches_nothing_keeps_the_undo_record(run):
     caption_tools.replace_in_captions(run, "a painting of", "")
     assert caption_tools.replace_in_captions(run, "watercolor", "ink") == (0, 4)
     assert caption_tools.can_undo(run)
-    assert caption_tools.undo(run) == 2 and captions(run)["b.png"] == "A Painting of a blue square"
+    assert caption_tools.undo(run) == (2, 0) and captions(run)["b.png"] == "A Painting of a blue square"
 
 
 def test_add_trigger_only_where_it_is_missing(run):
@@ -82,14 +82,18 @@ def test_add_trigger_only_where_it_is_missing(run):
     assert caption_tools.add_trigger(run, "ZKSTYLE") == (0, 4)  # found whatever the case
 
 
-def test_undo_leaves_a_removed_image_removed_and_a_damaged_record_is_one_line(run):
-    caption_tools.replace_in_captions(run, "a painting of", "")
+def test_undo_keeps_hand_edits_and_removed_images_and_a_damaged_record_is_one_line(run):
+    caption_tools.replace_in_captions(run, "painting", "drawing", whole_words=False)
     store.remove_item(run, "b.png")
-    assert caption_tools.undo(run) == 1 and not (store.dataset_dir(run) / "b.txt").exists()
+    store.write_caption(run, "c.png", "an oak tree")  # edited by hand after the bulk change
+    assert caption_tools.undo(run) == (1, 2)
+    assert [store.read_caption(run, n) for n in ("a.png", "c.png", "d.png")] == \
+        ["a painting of a red circle, zkstyle", "an oak tree", ""]
+    assert not (store.dataset_dir(run) / "b.png").exists() and not (store.dataset_dir(run) / "b.txt").exists()
     (store.dataset_dir(run) / caption_tools.UNDO_FILE).write_text("{not json")
     with pytest.raises(UserError, match="unreadable; edit the captions by hand"):
         caption_tools.undo(run)
-    (store.dataset_dir(run) / caption_tools.UNDO_FILE).write_text(json.dumps(["a list"]))
+    (store.dataset_dir(run) / caption_tools.UNDO_FILE).write_text(json.dumps({"before": ["a list"]}))
     with pytest.raises(UserError, match="unreadable"):
         caption_tools.undo(run)
 

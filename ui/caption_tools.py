@@ -2,8 +2,9 @@
 
 An auto-captioner says "a painting of" in every caption, or misses the trigger word;
 fixing 80 captions one box at a time is what artists complain about. Every edit first
-keeps the captions as they were in ``dataset/.captions-undo.json`` (one level), so the
-last bulk change can be taken back; each caption is written atomically.
+records the captions it changes, before and after, in ``dataset/.captions-undo.json`` (one
+level), so the last bulk change can be taken back without undoing a caption edited by hand
+since; each caption is written atomically.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ def tidy(caption: str) -> str:
 
 
 def _apply(run_dir: Path, new: dict[str, str]) -> int:
-    """Write the captions that change, after keeping all of them for :func:`undo`; returns how many changed."""
+    """Write the captions that change, after recording them before and after for :func:`undo`; returns how
+    many changed."""
     old = _captions(run_dir)
     changed = {name: text for name, text in new.items() if text != old.get(name)}
     if changed:
-        write_text(store.dataset_dir(run_dir) / UNDO_FILE, json.dumps(old, ensure_ascii=False, indent=1))
+        record = {"before": {name: old[name] for name in changed}, "after": changed}
+        write_text(store.dataset_dir(run_dir) / UNDO_FILE, json.dumps(record, ensure_ascii=False, indent=1))
         for name, text in changed.items():
             store.write_caption(run_dir, name, text)
     return len(changed)
@@ -89,29 +92,31 @@ def add_trigger(run_dir: Path, trigger: str) -> tuple[int, int]:
     return _apply(run_dir, new), len(captions)
 
 
-def undo(run_dir: Path) -> int:
-    """Put back the captions from before the last bulk edit; returns how many changed back.
+def undo(run_dir: Path) -> tuple[int, int]:
+    """Put back the captions from before the last bulk edit; returns (captions put back, captions left alone
+    because they were edited by hand since, or their image was removed). A hand edit is never lost.
 
     Raises:
         UserError: there is nothing to undo (or its record is unreadable).
     """
     path = store.dataset_dir(run_dir) / UNDO_FILE
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
+        before, after = dict(record["before"]), dict(record["after"])
     except FileNotFoundError:
         raise UserError("nothing to undo: no bulk caption change was made since the last undo") from None
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"the undo record {UNDO_FILE} is unreadable; edit the captions by hand") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"the undo record {UNDO_FILE} is unreadable; edit the captions by hand")
     current = _captions(run_dir)
-    restored = 0
-    for name, text in saved.items():
-        if name in current and current[name] != text:  # an image removed since then stays removed
-            store.write_caption(run_dir, name, str(text))
+    restored = kept = 0
+    for name, text in after.items():
+        if name in current and current[name] == text and name in before:
+            store.write_caption(run_dir, name, str(before[name]))
             restored += 1
+        else:
+            kept += 1
     path.unlink()
-    return restored
+    return restored, kept
 
 
 def can_undo(run_dir: Path) -> bool:

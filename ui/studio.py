@@ -293,8 +293,11 @@ class Studio:
                 + self.dataset_note(run))
 
     def undo_captions(self, run: str) -> str:
-        restored = caption_tools.undo(self.run_dir(run))
-        return f"Undone: {restored} caption(s) are back as they were." + (self.dataset_note(run) if restored else "")
+        restored, kept = caption_tools.undo(self.run_dir(run))
+        text = f"Undone: {restored} caption(s) are back as they were."
+        if kept:
+            text += f" {kept} edited (or removed) since were left as they are."
+        return text + (self.dataset_note(run) if restored else "")
 
     def tag_counts(self, run: str, top: int = 30) -> tuple[list[tuple[str, int]], int]:
         """The captions' ``top`` most common tags, and how many captions there are."""
