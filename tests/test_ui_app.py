@@ -150,3 +150,21 @@ def test_queue_table_shows_active_jobs_first_and_escapes_notes():
     assert "queue is empty" in fmt.queue_html([])
     # only jobs one can act on are offered, with labels that do not change with the state
     assert fmt.queue_choices(jobs) == [("job 4 — next", 4), ("job 3 — now", 3), ("job 2 — st", 2)]
+
+
+@pytest.mark.parametrize("path,caption", [
+    ("outputs/r/samples/step-000020-1.png", "step 20 · prompt 2"),
+    ("step-000000-0.png", "step 0 · prompt 1"),
+    ("outputs/r/samples/odd-name.png", "odd-name.png"),
+    ("step-x-1.png", "step-x-1.png"),
+])
+def test_sample_captions_name_the_step_and_prompt(path, caption):
+    assert fmt.sample_caption(path) == caption
+
+
+@pytest.mark.parametrize("counts,images,line", [
+    ([], 0, "No captions yet."),
+    ([("zkstyle", 4), ("a `red` circle", 1)], 4, "Most common tags (of 4 captions): `zkstyle` ×4 · `a 'red' circle` ×1"),
+])
+def test_tag_list_is_one_safe_markdown_line(counts, images, line):
+    assert fmt.tag_list(counts, images) == line

@@ -631,7 +631,10 @@ def test_export_an_earlier_step_with_its_samples(page, server, tmp_path):
     with safe_open(str(server.outputs / FLOW["run"] / "lora.safetensors"), framework="np") as f:
         final = int(f.metadata()["ss_steps"])
     pick(page, "export-step", f"final files (step {final})")  # the step the final files hold is not listed again
-    wait_until(page, lambda: "lora.safetensors" in files.inner_text(), 20, "the final files again")
+    # back on the final files, the metadata applied to them in the test before is still what the page offers
+    wait_until(page, lambda: "with your metadata" in files.inner_text()
+               and "Ink_Outline_Test.safetensors" in files.inner_text(), 20, "the final files' applied copies")
+    assert title.input_value() == "Ink Outline Test"
     page.locator("#export-step input").click()
     assert page.get_by_role("option", name=f"step {final}", exact=True).count() == 0
     page.keyboard.press("Escape")

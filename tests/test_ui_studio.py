@@ -336,7 +336,16 @@ def test_stop_then_resume_from_the_run_list(studio, tmp_path):
             studio.resume("r1", bad)
     with pytest.raises(UserError, match="already finished"):
         studio.resume("r1", 0)  # what the page's empty box sends: the run's own total
-    assert "Resuming 'r1' from its last checkpoint, on to step 14." in studio.resume("r1", 14)  # a finished run
+    with pytest.raises(UserError, match="train on to step 100000000: at most 10000 here"):
+        studio.resume("r1", 100_000_000)  # a typo must not train for months
+    assert Studio._continue_to(20_000, SimpleNamespace(step=2_000)) == 20_000  # or 10 × what a long run trained
+    with pytest.raises(UserError, match="at most 20000 here"):
+        Studio._continue_to(20_001, SimpleNamespace(step=2_000))
+    # checkpoints 2, 3 (the stop), 4 … 12 are on disk (the stand-in loop keeps them all); the run keeps 5
+    message = studio.resume("r1", 14)  # a finished run
+    assert "Resuming 'r1' from its last checkpoint, on to step 14." in message
+    assert message.endswith("On the way it deletes the checkpoints of step 2, 3, 4 (it keeps 5): pick them on the "
+                            "Export tab first to keep their LoRA files.")
     wait_for(lambda: job_of(studio, "r1").state == "done" and studio.snapshot("r1").step == 14)
     assert studio.run_list() == [("r1 — done at 14/14", "r1")]
     assert studio.runner.calls[-1] == (str(studio.outputs_dir / "r1"), True)  # resumed, not started over
@@ -584,6 +593,14 @@ def test_an_earlier_step_is_exported_with_its_samples_and_offered_to_the_mix(stu
     assert read_metadata(prepared["kohya"])["ss_steps"] == "2"
     kept_title = studio.prepare_export("r1", {"title": "Ink (step 2)"}, step=2)
     assert Path(kept_title["kohya"]).name == "Ink_step_2.safetensors"  # the title already names the step
+    # the page shows what was applied last (per step), until the file it was made from is rewritten
+    applied = studio.applied_export("r1", 2)
+    assert applied["files"] == kept_title and applied["meta"]["title"] == "Ink (step 2)"
+    assert studio.applied_export("r1") is None  # nothing applied to the final files yet
+    final_copy = studio.prepare_export("r1", {"title": "Ink final"})
+    assert studio.applied_export("r1")["files"] == final_copy
+    os.utime(run / "lora.safetensors", (time.time() + 5, time.time() + 5))  # trained on: newer final files
+    assert studio.applied_export("r1") is None and studio.applied_export("r1", 2) is not None
     assert [label for label, _ in studio.lora_files()] == ["run: r1", "run: r1 @ step 2"]
     with pytest.raises(UserError, match="no checkpoint at step 3; it kept steps 2, 4"):
         studio.exports("r1", 3)
@@ -629,6 +646,11 @@ def test_compare_steps_renders_the_base_and_each_kept_step_alone(base_dirs, scen
         x = PAD + col * (MIN_CELL + PAD)
         cell = grid[top:top + MIN_CELL, x:x + MIN_CELL]
         assert np.abs(cell[::2, ::2] - expected).max() <= 1, f"column {col}"
+    _, info = real.compare_steps("r1", "\n".join(f"shape {i}" for i in range(8)), 3, 0.8)
+    assert info.startswith("24 image(s) (4 columns × 6 prompt(s)") and info.endswith(
+        "Only the first 6 prompt(s) fit beside 3 steps in one grid of 25 images; 2 left out.")  # steps stay
+    with pytest.raises(UserError, match="^weight: give a number from -1 to 2"):
+        real.compare_steps("r1", "a cat", 0, None)  # the page's emptied number box
     (run / "export" / "r1-step000004.safetensors").unlink()
     (run / "checkpoints" / "step-000004" / "adapter.safetensors").write_bytes(b"\x08\x00\x00")  # damaged
     _, info = real.compare_steps("r1", "a blue square", 3, 0.8)
@@ -675,6 +697,26 @@ def test_samples_zip(studio):
         Image.new("RGB", (4, 4)).save(samples / f"step-{i}.png")
     with zipfile.ZipFile(studio.samples_zip("r1")) as zf:
         assert sorted(zf.namelist()) == ["step-0.png", "step-1.png"]
+    built = Path(studio.samples_zip("r1")).stat().st_mtime_ns
+    assert Path(studio.samples_zip("r1")).stat().st_mtime_ns == built  # unchanged samples: the same file
+    Image.new("RGB", (4, 4)).save(samples / "step-2.png")
+    errors = []
+
+    def build():  # the page asks twice at once (a run picked, then a step): neither may fail
+        try:
+            for _ in range(5):
+                with zipfile.ZipFile(studio.samples_zip("r1")) as zf:
+                    assert len(zf.namelist()) == 3
+        except Exception as err:  # noqa: BLE001 - collected and reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [p.name for p in (studio.outputs_dir / "r1" / "export").iterdir()] == ["r1_samples.zip"]  # no temp left
 
 
 def test_nf4_is_hidden_and_explained_without_bitsandbytes(studio, monkeypatch):

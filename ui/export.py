@@ -42,7 +42,8 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             kohya = gr.DownloadButton("Download LoRA (kohya / A1111 / ComfyUI)", elem_id="dl-kohya", interactive=False)
             diffusers = gr.DownloadButton("Download LoRA (diffusers / PEFT)", elem_id="dl-diffusers",
                                           interactive=False)
-            samples_zip = gr.DownloadButton("Download sample images (.zip)", elem_id="dl-samples", interactive=False)
+            samples_zip = gr.DownloadButton("Download all sample images, every step (.zip)", elem_id="dl-samples",
+                                            interactive=False)
     gallery = gr.Gallery(label="Sample images", elem_id="export-samples", columns=4, height=260, interactive=False)
     with gr.Accordion("Compare steps: the base, then each kept step's LoRA alone, on your prompts", open=False,
                       elem_id="export-compare-box"):
@@ -54,8 +55,9 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
                 compare_seed = gr.Number(0, label="Seed", precision=0, elem_id="export-compare-seed")
         compare = gr.Button("Render the step grid", elem_id="export-compare")
         compare_info = gr.Markdown(elem_id="export-compare-info")
-        compare_image = gr.Image(label="Steps side by side (same seed in every cell)", type="filepath",
-                                 elem_id="export-compare-grid", interactive=False)
+        # no label badge: it would cover the grid's own title line (seed, steps, guidance)
+        compare_image = gr.Image(label="Steps side by side (same seed in every cell)", show_label=False,
+                                 type="filepath", elem_id="export-compare-grid", interactive=False)
     prompts_of = gr.State("")  # the run whose prompts the box was filled with: a new run refills it
 
     def buttons(paths: dict, zip_path):
@@ -74,17 +76,22 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
                 else studio.step_samples(run_name, chosen)
         except UserError as err:
             return (f"⚠ {err}", "", *[gr.skip()] * len(EXPORT_FIELDS), *buttons({}, None), [])
+        applied = studio.applied_export(run_name, chosen)
+        if applied is not None:  # what was applied last, and the copies it wrote
+            paths, meta = {**paths, **applied["files"]}, applied["meta"]
         if not any(paths.values()):
             text = f"`{run_name}` has no final LoRA yet: train it (or stop a run), or pick a step, and come back."
         else:
-            text = ("Files of " + fmt.md_code(run_name) + (f" at step {chosen}" if chosen is not None else "") + ": "
+            text = ("Files of " + fmt.md_code(run_name) + (f" at step {chosen}" if chosen is not None else "")
+                    + (" with your metadata" if applied is not None else "") + ": "
                     + ", ".join(f"{k} {fmt.md_code(Path(p).name)}" for k, p in paths.items() if p))
         if chosen is not None and sampled_at != chosen:
             text += f" (no samples were rendered at step {chosen}" + \
                     (f"; showing step {sampled_at}'s)" if sampled_at is not None else ")")
         zip_path = studio.samples_zip(run_name) if studio.samples(run_name) else None
         shown = samples if chosen is not None else samples[-SHOWN_SAMPLES:]
-        return (text, "", *[meta.get(f, "") for f in EXPORT_FIELDS], *buttons(paths, zip_path), shown)
+        return (text, "", *[meta.get(f, "") for f in EXPORT_FIELDS], *buttons(paths, zip_path),
+                [(p, fmt.sample_caption(p)) for p in shown])
 
     def on_show(run_name, prompts_text, filled_for):
         try:

@@ -116,6 +116,14 @@ def md_code(text: str) -> str:
     return "`" + " ".join(str(text).replace("`", "'").split()) + "`"
 
 
+def sample_caption(path: str) -> str:
+    """``step-000020-1.png`` → ``step 20 · prompt 2``: which step and prompt a sample image shows."""
+    parts = Path(path).stem.split("-")
+    if len(parts) == 3 and parts[0] == "step" and parts[1].isdigit() and parts[2].isdigit():
+        return f"step {int(parts[1])} · prompt {int(parts[2]) + 1}"
+    return Path(path).name
+
+
 def tag_list(counts: list[tuple[str, int]], images: int) -> str:
     """The captions' most common tags as one Markdown line: ``zkstyle`` ×20 · ``red circle`` ×3 …"""
     if not counts:

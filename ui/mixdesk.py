@@ -129,6 +129,8 @@ def slot_label(path: str) -> str:
 
 def lora_weight(value: Any) -> float:
     """A LoRA weight from the page, -1…2 like the Mix tab's sliders; a UserError naming the value otherwise."""
+    if value is None or str(value).strip() == "":
+        raise UserError("weight: give a number from -1 to 2, e.g. 1")
     try:
         weight = float(value)
     except (TypeError, ValueError):

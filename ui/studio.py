@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from trainer.errors import ConfigError, UserError
 from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer import events as ev
 from trainer.objective import Objective, check_objective
+from trainer.paths import is_inside
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
 from trainer.steps import exported_step_files, exported_steps
@@ -41,6 +43,7 @@ from ui.mixdesk import (MAX_GRID_CELLS, FileColumn, MixDesk, MixResult, MixSlot,
 log = logging.getLogger(__name__)
 LORA_UPLOADS = "_loras"  # outputs/_loras: LoRA files uploaded on the Mix tab (never a run: no config.yaml)
 EXPORT_FIELDS = ("title", "trigger_phrase", "license", "description")
+MAX_TRAIN_ON = 10_000  # "Train on to step" accepts up to this or 10 × the steps trained, whichever is more
 
 
 @dataclass
@@ -486,7 +489,7 @@ class Studio:
             if total is None:
                 return self.resume_job(job.id)
             return self._queued_message(self.queue.resume(job.id, steps=total), self.active_run(),
-                                        self._resuming(run_dir.name, total))
+                                        self._resuming(run_dir.name, total) + self._rotation_note(run, total))
         from trainer.config import load_config  # a finished run, or one trained before the queue existed
 
         active = self.active_run()
@@ -494,7 +497,29 @@ class Studio:
         if total is not None:
             config = replace(config, steps=total)
         queued = self.queue.add(config, resume=True)
-        return self._queued_message(queued, active, self._resuming(run_dir.name, total))
+        note = self._rotation_note(run, total) if total is not None else ""
+        return self._queued_message(queued, active, self._resuming(run_dir.name, total) + note)
+
+    def _rotation_note(self, run: str, total: int) -> str:
+        """Which kept checkpoints training on to ``total`` will delete (Keep checkpoints), so the artist can
+        export them first; "" when none."""
+        from trainer.checkpoint import checkpoint_dirs
+        from trainer.steps import checkpoint_step, exported_step_files
+
+        config = self._run_config(run)
+        run_dir = self.run_dir(run)
+        kept = [checkpoint_step(p) for p in checkpoint_dirs(run_dir)]
+        if config is None or not kept:
+            return ""
+        every = config.checkpoint_every
+        coming = [s for s in range(kept[-1] + 1, total + 1) if every and s % every == 0] + [total]
+        survivors = sorted(set(kept) | set(coming))[-config.keep_checkpoints:]
+        exported = exported_step_files(run_dir)
+        lost = [s for s in kept if s not in survivors and s not in exported]
+        if not lost:
+            return ""
+        return (f" On the way it deletes the checkpoints of step {', '.join(map(str, lost))} (it keeps "
+                f"{config.keep_checkpoints}): pick them on the Export tab first to keep their LoRA files.")
 
     @staticmethod
     def _continue_to(steps: Any, info: Optional[RunInfo]) -> Optional[int]:
@@ -511,6 +536,10 @@ class Studio:
             raise UserError(f"train on to step {steps!r}: give a whole number of steps")
         if total <= done:
             raise UserError(f"train on to step {int(total)}: give more than the {done} steps the run has trained")
+        most = max(10 * done, MAX_TRAIN_ON)  # a typo with three zeros too many would train for months
+        if total > most:
+            raise UserError(f"train on to step {int(total)}: at most {most} here (10 × the {done} trained, or "
+                            f"{MAX_TRAIN_ON}); train on in smaller stretches")
         return int(total)
 
     @staticmethod
@@ -651,7 +680,10 @@ class Studio:
         lines = [prompt_with_trigger(line.strip(), trigger) for line in str(prompts or "").splitlines() if line.strip()]
         if not lines:
             raise UserError("write at least one prompt (one per line)")
-        shown = spread(steps, max(1, MAX_GRID_CELLS // len(lines) - 1))
+        shown = spread(steps, MAX_GRID_CELLS - 1)  # the steps are the point: prompts give way first
+        fit = max(1, MAX_GRID_CELLS // (len(shown) + 1))
+        dropped = lines[fit:]
+        lines = lines[:fit]
         columns = [FileColumn("base", None, 0.0)]
         missing = []
         for step in shown:
@@ -670,6 +702,9 @@ class Studio:
                                            run_dir / "export" / f"{run_dir.name}_steps.png")
         if len(shown) < len(steps):
             info += f" {len(shown)} of the {len(steps)} kept steps are shown (one grid holds {MAX_GRID_CELLS} images)."
+        if dropped:
+            info += (f" Only the first {len(lines)} prompt(s) fit beside {len(shown)} steps in one grid of "
+                     f"{MAX_GRID_CELLS} images; {len(dropped)} left out.")
         if missing:
             info += f" Left out: step {', '.join(missing)} (its checkpoint is gone or damaged)."
         return path, info
@@ -763,7 +798,33 @@ class Studio:
             if src:
                 dst = out / (f"{stem}.safetensors" if key == "kohya" else f"{stem}_diffusers.safetensors")
                 prepared[key] = str(rewrite_metadata(src, dst, updates))
+        applied = dict(self.settings(run).get("applied_exports") or {})
+        applied[self._applied_key(step)] = {"meta": {f: str(meta.get(f, "")) for f in EXPORT_FIELDS},
+                                            "files": prepared, "sources": files}
+        self.save_settings(run, applied_exports=applied)
         return prepared
+
+    @staticmethod
+    def _applied_key(step: Optional[int]) -> str:
+        return "final" if step is None else str(int(step))
+
+    def applied_export(self, run: str, step: Optional[int] = None) -> Optional[dict]:
+        """The metadata last applied to the final files (or a step's) and the copies it wrote, while those
+        copies exist and are newer than the files they were made from (training on rewrites the final ones);
+        None otherwise. The Export tab shows these instead of the untouched files."""
+        entry = (self.settings(run).get("applied_exports") or {}).get(self._applied_key(step))
+        if not isinstance(entry, dict) or not isinstance(entry.get("files"), dict):
+            return None
+        try:
+            for key, copy in entry["files"].items():
+                source = (entry.get("sources") or {}).get(key)
+                if not copy or not Path(copy).is_file() or not is_inside(Path(copy), self.run_dir(run)):
+                    return None
+                if source and Path(source).stat().st_mtime > Path(copy).stat().st_mtime:
+                    return None
+        except (OSError, TypeError):
+            return None
+        return entry
 
     def samples(self, run: str, step: Optional[int] = None) -> list[str]:
         """The run's sample images, oldest first; with ``step``, only those rendered at that step."""
@@ -780,14 +841,38 @@ class Studio:
         return nearest, self.samples(run, nearest) if nearest is not None else []
 
     def samples_zip(self, run: str) -> Optional[str]:
+        """All of the run's samples in ``export/<run>_samples.zip``; rebuilt only when a sample is newer.
+
+        Two page events may ask at once (a run picked, then a step): each builds under a temp name of its
+        own and the rename is atomic, so neither sees the other's half-written file.
+        """
         samples = self.samples(run)
         if not samples:
             return None
         out = self.run_dir(run) / "export" / f"{self.run_dir(run).name}_samples.zip"
+        try:
+            newest = max(Path(s).stat().st_mtime for s in samples)
+            if out.stat().st_mtime >= newest and self._zip_count(out) == len(samples):
+                return str(out)
+        except OSError:
+            pass  # no zip yet, or a sample was rotated away meanwhile: build it
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            for s in samples:
-                zf.write(s, arcname=Path(s).name)
-        tmp.replace(out)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(handle)
+        tmp = Path(tmp_name)
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+                for sample in samples:
+                    zf.write(sample, arcname=Path(sample).name)
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)
         return str(out)
+
+    @staticmethod
+    def _zip_count(path: Path) -> int:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return len(zf.namelist())
+        except (OSError, zipfile.BadZipFile):
+            return -1

@@ -127,8 +127,9 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
                         elem_id="run-list")
         with gr.Row():
             continue_to = gr.Number(0, label="Train on to step", precision=0, elem_id="continue-to", scale=1,
-                                    info="0: the run's own total. More steps also continue a finished run "
-                                         "(a cosine or linear schedule stretches to the new total).")
+                                    info="0: the run's own total. More steps also continue a finished run with "
+                                         "its own saved settings (a cosine or linear schedule stretches to the "
+                                         "new total).")
             resume = gr.Button("Resume selected run", elem_id="resume")
             refresh = gr.Button("Refresh", elem_id="refresh-runs")
     last = gr.State(None)  # what the page shows now, so a poll only sends what changed

@@ -150,7 +150,7 @@ def side_by_side(session, columns: list[Column], prompts: list[str], seed: int, 
         UserError: no column or no prompt, or an adapter name that is not loaded.
     """
     cells = render_alone(session, columns, prompts, seed, steps, guidance)
-    title = f"seed {seed} · {steps} steps · guidance {guidance:g}"
+    title = f"seed {seed} · {steps} denoising steps · guidance {guidance:g}"  # the columns may be training steps
     col_labels = [column.label for column in columns]
     if len(prompts) == 1:  # one row: the prompt goes in the title, in full
         return label_grid(cells, col_labels, None, f"{prompts[0]!r} · {title}")
