@@ -64,6 +64,26 @@ def label_grid(cells: list[list[Image.Image]], col_labels: list[str], row_labels
     return grid
 
 
+def render_mixes(session, cells: list[list[tuple[str, dict[str, float]]]], seed: int, steps: int,
+                 guidance: float) -> list[list[Image.Image]]:
+    """Render each cell's ``(prompt, weights)`` with the same seed. The session's weights (and fused state)
+    are restored afterwards, whatever happens: the sliders on the page still say what they said."""
+    saved, was_fused = session.weights, session.fused
+    try:
+        out = []
+        for row in cells:
+            rendered = []
+            for prompt, weights in row:
+                session.set_weights(weights)
+                rendered.append(session.render(prompt, seed, steps, guidance))
+            out.append(rendered)
+        return out
+    finally:
+        session.set_weights(saved)
+        if was_fused:
+            session.fuse()
+
+
 def comparison_grid(session, lora_name: str, weights: list[float], prompt: str, seed: int, steps: int,
                     guidance: float, second: tuple[str, list[float]] | None = None):
     """Render ``prompt``/``seed`` for each weight of ``lora_name`` (columns) and, with ``second``,
@@ -86,22 +106,9 @@ def comparison_grid(session, lora_name: str, weights: list[float], prompt: str, 
         rows = [float(w) for w in second[1]]
         if not rows:
             raise UserError("the second grid axis needs at least one weight")
-    saved, was_fused = session.weights, session.fused
-    cells = []
-    try:
-        for w2 in rows:
-            row = []
-            for w in weights:
-                mix = {**saved, lora_name: w}
-                if second is not None:
-                    mix[second[0]] = w2
-                session.set_weights(mix)
-                row.append(session.render(prompt, seed, steps, guidance))
-            cells.append(row)
-    finally:
-        session.set_weights(saved)
-        if was_fused:
-            session.fuse()
+    saved = session.weights
+    cells = render_mixes(session, [[(prompt, {**saved, lora_name: w, **({second[0]: w2} if second else {})})
+                                    for w in weights] for w2 in rows], seed, steps, guidance)
     title = f"{prompt!r} · seed {seed} · {steps} steps · guidance {guidance:g}"
     col_labels = [f"{lora_name} x{w:g}" for w in weights]  # the default font has no ×
     row_labels = [f"{second[0]} x{w:g}" for w in rows] if second is not None else None
@@ -124,22 +131,12 @@ def render_alone(session, columns: list[Column], prompts: list[str], seed: int, 
     for column in columns:
         if column.adapter is not None:
             session.info(column.adapter)
-    saved, was_fused = session.weights, session.fused
-    off = {name: 0.0 for name in saved}
-    cells = []
-    try:
-        for prompt in prompts:
-            row = []
-            for column in columns:
-                alone = {**off, column.adapter: float(column.weight)} if column.adapter is not None else off
-                session.set_weights(alone)
-                row.append(session.render(prompt, seed, steps, guidance))
-            cells.append(row)
-    finally:
-        session.set_weights(saved)
-        if was_fused:
-            session.fuse()
-    return cells
+    off = {name: 0.0 for name in session.weights}
+
+    def alone(column: Column) -> dict[str, float]:
+        return {**off, column.adapter: float(column.weight)} if column.adapter is not None else off
+
+    return render_mixes(session, [[(prompt, alone(c)) for c in columns] for prompt in prompts], seed, steps, guidance)
 
 
 def side_by_side(session, columns: list[Column], prompts: list[str], seed: int, steps: int, guidance: float):
