@@ -342,9 +342,12 @@ def test_stop_then_resume_from_the_run_list(studio, tmp_path):
     with pytest.raises(UserError, match="at most 20000 here"):
         Studio._continue_to(20_001, SimpleNamespace(step=2_000))
     # checkpoints 2, 3 (the stop), 4 … 12 are on disk (the stand-in loop keeps them all); the run keeps 5
+    exported = studio.outputs_dir / "r1" / "export" / "r1-step000002.safetensors"
+    exported.parent.mkdir(parents=True, exist_ok=True)
+    exported.write_bytes(b"x")  # step 2 was exported already: its LoRA survives the rotation
     message = studio.resume("r1", 14)  # a finished run
     assert "Resuming 'r1' from its last checkpoint, on to step 14." in message
-    assert message.endswith("On the way it deletes the checkpoints of step 2, 3, 4 (it keeps 5): pick them on the "
+    assert message.endswith("On the way it deletes the checkpoints of step 3, 4 (it keeps 5): pick them on the "
                             "Export tab first to keep their LoRA files.")
     wait_for(lambda: job_of(studio, "r1").state == "done" and studio.snapshot("r1").step == 14)
     assert studio.run_list() == [("r1 — done at 14/14", "r1")]
