@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from trainer import events as ev
-from trainer.atomic import write_text
+from trainer.atomic import atomic_path, write_text
 from trainer.bases import parse_base
 from trainer.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
 from trainer.config import Precision, TrainConfig, dump_yaml
@@ -408,8 +408,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
             return
         for i, image in enumerate(images):
             path = run_dir / "samples" / f"step-{step:06d}-{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path)
+            with atomic_path(path) as tmp:  # the page and the samples .zip may read it while it is written
+                image.save(tmp, format="PNG")
             paths.append(str(path))
         denoiser.train()
         emit(ev.Sample(step=step, paths=tuple(paths), prompts=tuple(prompts), seconds=time.perf_counter() - t0))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from trainer.atomic import atomic_path
 from trainer.bases import base_sampling_defaults, list_bases, parse_base
 from trainer.config import Precision
 from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES, write_style_set  # noqa: F401 (DEMO_STYLES: the tab)
@@ -856,17 +856,10 @@ class Studio:
                 return str(out)
         except OSError:
             pass  # no zip yet, or a sample was rotated away meanwhile: build it
-        out.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(handle)
-        tmp = Path(tmp_name)
-        try:
+        with atomic_path(out) as tmp:  # a temp name of its own, renamed when complete
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
                 for sample in samples:
                     zf.write(sample, arcname=Path(sample).name)
-            tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)
         return str(out)
 
     @staticmethod
