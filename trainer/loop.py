@@ -358,15 +358,16 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                   f"{len(examples)} images, {len(names)} adapted modules, {config.steps} steps on {base.arch} "
                   f"({base.precision.value}, {base.device.type})"))
 
-    info = ExportInfo(
-        arch=base.arch, modelspec_architecture=base.handler.modelspec_architecture,
-        base_model_version=base.handler.base_model_version, base=config.base, base_sha256=base_fingerprint(base),
-        resolution=config.resolution, output_name=run_dir.name, title=config.title or run_dir.name,
-        trigger=config.trigger, license=config.license, description=config.description, targets=config.targets,
-        started_at=started_at, image_count=len(examples), data_sha256=dataset_hash(examples),
-        tag_frequency=tag_frequency(examples, groups), training=training_record(config, dist.world),
-    )
+    info = None  # what the exports record; hashing the base's weights and the images is the main process's job
     if dist.is_main:
+        info = ExportInfo(
+            arch=base.arch, modelspec_architecture=base.handler.modelspec_architecture,
+            base_model_version=base.handler.base_model_version, base=config.base, base_sha256=base_fingerprint(base),
+            resolution=config.resolution, output_name=run_dir.name, title=config.title or run_dir.name,
+            trigger=config.trigger, license=config.license, description=config.description, targets=config.targets,
+            started_at=started_at, image_count=len(examples), data_sha256=dataset_hash(examples),
+            tag_frequency=tag_frequency(examples, groups), training=training_record(config, dist.world),
+        )
         save_export_info(run_dir, info)
     saved_at = start_step if resume else None  # the same on every process: deciding from the disk would race
     # chunks of the global batch: no more memory than a training step, and the same draws on any number of processes
