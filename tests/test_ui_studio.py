@@ -692,6 +692,15 @@ def test_caption_tools_report_in_one_line_and_keep_the_trigger(studio, tmp_path)
         studio.undo_captions("r1")
 
 
+def test_step_samples_ignore_files_the_loop_did_not_name(studio):
+    samples = studio.outputs_dir / "r1" / "samples"
+    samples.mkdir(parents=True)
+    for name in ("step-000010-0.png", "step-000010-1.png", "cover.png", "step-x-1.png"):
+        Image.new("RGB", (4, 4)).save(samples / name)
+    assert studio.step_samples("r1", 12) == (10, [str(samples / "step-000010-0.png"), str(samples / "step-000010-1.png")])
+    assert studio.step_samples("r1", 9) == (None, [])
+
+
 def test_samples_zip(studio):
     samples = studio.outputs_dir / "r1" / "samples"
     samples.mkdir(parents=True)

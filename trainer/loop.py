@@ -31,6 +31,7 @@ from trainer.export import (ExportInfo, export_lora, from_peft_state_dict, save_
 from trainer.models import LoadedBase, load_base
 from trainer.models.knobs import checkpointing_plan, frozen_parts, prepare_denoiser
 from trainer.objective import Objective, check_objective
+from trainer.steps import sample_file
 from trainer.step import StepParts, grad_scaler, train_step
 from trainer.targets import resolve
 
@@ -408,7 +409,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
             denoiser.train()
             return
         for i, image in enumerate(images):
-            path = run_dir / "samples" / f"step-{step:06d}-{i}.png"
+            path = sample_file(run_dir, step, i)
             with atomic_path(path) as tmp:  # the page and the samples .zip may read it while it is written
                 image.save(tmp, format="PNG")
             paths.append(str(path))

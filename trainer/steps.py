@@ -1,4 +1,4 @@
-"""A run's steps on disk: its kept checkpoints and the steps exported from them (no torch needed).
+"""A run's steps on disk: its kept checkpoints, the steps exported from them, and its samples (no torch needed).
 
 ``<run>/checkpoints/step-000100/`` is a resumable checkpoint; ``python -m trainer
 export --step 100`` (or picking the step on the Export tab) writes its LoRA to
@@ -13,6 +13,7 @@ from pathlib import Path
 from trainer.checkpoint import checkpoint_dirs
 
 STEP_SUFFIXES = {"kohya": "", "diffusers": "_diffusers", "comfy": "_comfy"}
+_SAMPLE = re.compile(r"^step-(\d+)-(\d+)\.png$")
 
 
 def checkpoint_step(path: Path) -> int:
@@ -29,7 +30,7 @@ def step_file(run: str | Path, step: int, fmt: str = "kohya") -> Path:
 def exported_step_files(run: str | Path) -> dict[int, Path]:
     """step → its kohya-layout file, for the steps exported so far (their checkpoints may be gone)."""
     run = Path(run)
-    pattern = re.compile(rf"^{re.escape(run.name)}-step(\d+)\.safetensors$")
+    pattern = re.compile(rf"^{re.escape(run.name)}-step(\d{{6,}})\.safetensors$")  # step_file's name, no other
     folder = run / "export"
     if not folder.is_dir():
         return {}
@@ -48,3 +49,14 @@ def checkpoint_mtime(run: str | Path, step: int) -> float | None:
         return (Path(run) / "checkpoints" / f"step-{step:06d}" / "adapter.safetensors").stat().st_mtime
     except OSError:
         return None
+
+
+def sample_file(run: str | Path, step: int, index: int) -> Path:
+    """Where the loop saves sample image ``index`` (its ``index``-th prompt) rendered at ``step``."""
+    return Path(run) / "samples" / f"step-{step:06d}-{index}.png"
+
+
+def parse_sample_name(name: str) -> tuple[int, int] | None:
+    """(step, prompt index) of a :func:`sample_file` name; None for any other file."""
+    match = _SAMPLE.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None

@@ -12,6 +12,7 @@ from typing import Optional
 from urllib.parse import quote
 
 from trainer.job import JobSnapshot
+from trainer.steps import parse_sample_name
 
 STATE_LABELS = {
     "queued": "Queued",
@@ -118,10 +119,8 @@ def md_code(text: str) -> str:
 
 def sample_caption(path: str) -> str:
     """``step-000020-1.png`` → ``step 20 · prompt 2``: which step and prompt a sample image shows."""
-    parts = Path(path).stem.split("-")
-    if len(parts) == 3 and parts[0] == "step" and parts[1].isdigit() and parts[2].isdigit():
-        return f"step {int(parts[1])} · prompt {int(parts[2]) + 1}"
-    return Path(path).name
+    parsed = parse_sample_name(Path(path).name)
+    return f"step {parsed[0]} · prompt {parsed[1] + 1}" if parsed else Path(path).name
 
 
 def tag_list(counts: list[tuple[str, int]], images: int) -> str:

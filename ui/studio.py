@@ -32,7 +32,7 @@ from trainer.objective import Objective, check_objective
 from trainer.paths import is_inside
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
-from trainer.steps import exported_step_files, exported_steps
+from trainer.steps import exported_step_files, exported_steps, parse_sample_name
 from trainer.presets import list_presets, resolve_config
 from ui import caption_tools, choices, store
 from ui.captions import caption_run
@@ -835,8 +835,7 @@ class Studio:
     def step_samples(self, run: str, step: int) -> tuple[Optional[int], list[str]]:
         """The samples rendered at ``step``, else at the latest step before it that has some (a stop skips the
         samples due at its step): (that step or None, their paths)."""
-        rendered = sorted({int(Path(p).name.split("-")[1]) for p in self.samples(run)
-                           if Path(p).name.split("-")[1].isdigit()})
+        rendered = sorted({parsed[0] for p in self.samples(run) if (parsed := parse_sample_name(Path(p).name))})
         nearest = next((s for s in reversed(rendered) if s <= int(step)), None)
         return nearest, self.samples(run, nearest) if nearest is not None else []
 
