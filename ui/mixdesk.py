@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
+from trainer.atomic import atomic_path
 from trainer.bases import base_sampling_defaults
 from trainer.errors import UserError
 
@@ -138,6 +139,12 @@ def lora_weight(value: Any) -> float:
     if not -1.0 <= weight <= 2.0:  # NaN fails too
         raise UserError(f"weight {value!r}: give a number from -1 to 2, e.g. 1")
     return weight
+
+
+def save_png(image: Any, path: Path) -> None:
+    """Write a grid atomically under a temp name of its own: two grids saved at once never mix."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def spread(values: list[int], k: int) -> list[int]:
@@ -347,10 +354,7 @@ class MixDesk:
             image = self.engine.comparison_grid(mixer.session, first, list(weights), prompt or "", int(seed),
                                                 int(steps), float(guidance), second=other)
             took = time.perf_counter() - t0
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(f".{out_path.name}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(out_path)
+        save_png(image, out_path)
         return str(out_path), f"{cells} image(s) of `{first}`" + (f" × `{other[0]}`" if other else "") + \
             f" rendered in {took:.1f} s; saved as `{out_path.name}`."
 
@@ -376,9 +380,6 @@ class MixDesk:
             t0 = time.perf_counter()
             image = self.engine.side_by_side(mixer.session, named, prompts, seed, steps, guidance)
             took = time.perf_counter() - t0
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(f".{out_path.name}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(out_path)
+        save_png(image, out_path)
         return str(out_path), (f"{cells} image(s) ({len(columns)} columns × {len(prompts)} prompt(s), seed {seed}) "
                                f"rendered in {took:.1f} s; saved as `{out_path.name}`.")
