@@ -38,10 +38,9 @@ def tidy(caption: str) -> str:
     return ", ".join(part for part in parts if part)
 
 
-def _apply(run_dir: Path, new: dict[str, str]) -> int:
-    """Write the captions that change, after recording them before and after for :func:`undo`; returns how
-    many changed."""
-    old = _captions(run_dir)
+def _apply(run_dir: Path, old: dict[str, str], new: dict[str, str]) -> int:
+    """Write the captions of ``new`` that differ from ``old``, after recording them before and after for
+    :func:`undo`; returns how many changed."""
     changed = {name: text for name, text in new.items() if text != old.get(name)}
     if changed:
         record = {"before": {name: old[name] for name in changed}, "after": changed}
@@ -72,7 +71,7 @@ def replace_in_captions(run_dir: Path, find: str, replace: str, whole_words: boo
         raise UserError("the dataset is empty: add images first")
     pattern = _pattern(find.strip(), whole_words, match_case)
     new = {name: tidy(pattern.sub(lambda _: replace.strip(), text)) for name, text in captions.items()}
-    return _apply(run_dir, {n: t for n, t in new.items() if pattern.search(captions[n])}), len(captions)
+    return _apply(run_dir, captions, {n: t for n, t in new.items() if pattern.search(captions[n])}), len(captions)
 
 
 def add_trigger(run_dir: Path, trigger: str) -> tuple[int, int]:
@@ -89,7 +88,7 @@ def add_trigger(run_dir: Path, trigger: str) -> tuple[int, int]:
         raise UserError("the dataset is empty: add images first")
     has = _pattern(trigger, whole_words=True, match_case=False)
     new = {name: tidy(f"{trigger}, {text}") for name, text in captions.items() if not has.search(text)}
-    return _apply(run_dir, new), len(captions)
+    return _apply(run_dir, captions, new), len(captions)
 
 
 def undo(run_dir: Path) -> tuple[int, int]:
