@@ -34,6 +34,16 @@ class TrainState:
     scaler: dict | None = None  # fp16 loss scaling (trainer.step.grad_scaler); None for other precisions
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint at ``step`` (it may not exist)."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a :func:`checkpoint_path` folder."""
+    return int(_STEP_DIR.match(Path(path).name).group(1))
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
@@ -47,8 +57,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, keep: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{state.step:06d}"
+    final = checkpoint_path(run_dir, state.step)
+    root = final.parent
     tmp = root / f".tmp-step-{state.step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

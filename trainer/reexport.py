@@ -18,13 +18,13 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from trainer.bases import parse_base
-from trainer.checkpoint import checkpoint_dirs
+from trainer.checkpoint import checkpoint_dirs, checkpoint_step
 from trainer.config import load_config
 from trainer.errors import UserError
 from trainer.export import (ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict, load_export_info,
                             read_metadata, save_safetensors, to_diffusers, to_flux_fused, to_kohya, training_record)
 from trainer.models import ARCH_HANDLERS, demo_folder
-from trainer.steps import checkpoint_mtime, checkpoint_step, step_file
+from trainer.steps import checkpoint_mtime, step_file
 
 FILE_NAMES = {"kohya": "lora.safetensors", "diffusers": "lora_diffusers.safetensors", "comfy": "lora_comfy.safetensors"}
 

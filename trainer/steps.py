@@ -10,15 +10,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from trainer.checkpoint import checkpoint_dirs
+from trainer.checkpoint import checkpoint_dirs, checkpoint_path, checkpoint_step
 
 STEP_SUFFIXES = {"kohya": "", "diffusers": "_diffusers", "comfy": "_comfy"}
 _SAMPLE = re.compile(r"^step-(\d+)-(\d+)\.png$")
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step of a ``checkpoints/step-NNNNNN`` folder."""
-    return int(Path(path).name.split("-")[-1])
 
 
 def step_file(run: str | Path, step: int, fmt: str = "kohya") -> Path:
@@ -46,7 +41,7 @@ def exported_steps(run: str | Path) -> list[int]:
 def checkpoint_mtime(run: str | Path, step: int) -> float | None:
     """When the checkpoint of ``step`` was written; None without one (or when rotation deletes it right now)."""
     try:
-        return (Path(run) / "checkpoints" / f"step-{step:06d}" / "adapter.safetensors").stat().st_mtime
+        return (checkpoint_path(run, step) / "adapter.safetensors").stat().st_mtime
     except OSError:
         return None
 

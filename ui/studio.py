@@ -32,7 +32,8 @@ from trainer.objective import Objective, check_objective
 from trainer.paths import is_inside
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
-from trainer.steps import exported_step_files, exported_steps, parse_sample_name
+from trainer.checkpoint import checkpoint_dirs, checkpoint_step
+from trainer.steps import checkpoint_mtime, exported_step_files, exported_steps, parse_sample_name
 from trainer.presets import list_presets, resolve_config
 from ui import caption_tools, choices, store
 from ui.captions import caption_run
@@ -503,9 +504,6 @@ class Studio:
     def _rotation_note(self, run: str, total: int) -> str:
         """Which kept checkpoints training on to ``total`` will delete (Keep checkpoints), so the artist can
         export them first; "" when none."""
-        from trainer.checkpoint import checkpoint_dirs
-        from trainer.steps import checkpoint_step, exported_step_files
-
         config = self._run_config(run)
         run_dir = self.run_dir(run)
         kept = [checkpoint_step(p) for p in checkpoint_dirs(run_dir)]
@@ -525,12 +523,14 @@ class Studio:
     def _continue_to(steps: Any, info: Optional[RunInfo]) -> Optional[int]:
         """The form's "Train on to step" as a total step count beyond what the run trained (None: keep its own;
         so does 0, what the page's empty number box sends)."""
-        if steps is None or str(steps).strip() in ("", "0", "0.0"):
+        if steps is None or str(steps).strip() == "":
             return None
         try:
             total = float(steps)
         except (TypeError, ValueError):
             total = float("nan")
+        if total == 0:
+            return None
         done = info.step if info is not None else 0
         if not (math.isfinite(total) and total.is_integer()):
             raise UserError(f"train on to step {steps!r}: give a whole number of steps")
@@ -671,7 +671,7 @@ class Studio:
         run_dir = self._export_dir(run).parent
         w = lora_weight(weight)
         final = self.final_step(run)
-        steps = sorted(set(self.export_steps(run)) | ({final} if final is not None else set()))
+        steps = sorted(set(exported_steps(run_dir)) | ({final} if final is not None else set()))
         if not steps:
             raise UserError(f"'{run}' has no checkpoint yet: train it (a checkpoint is written every "
                             "'Checkpoint every N steps' and at the end) and come back")
@@ -712,8 +712,6 @@ class Studio:
     def final_step(self, run: str) -> Optional[int]:
         """The step of the run's own files (their ``ss_steps``) while they hold that step's checkpoint; None
         without them, or while a resumed run trains past a step it retrains (its checkpoint is newer)."""
-        from trainer.steps import checkpoint_mtime
-
         path = self.run_dir(run) / "lora.safetensors"
         if not path.is_file():
             return None
