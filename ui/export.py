@@ -88,7 +88,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         if chosen is not None and sampled_at != chosen:
             text += f" (no samples were rendered at step {chosen}" + \
                     (f"; showing step {sampled_at}'s)" if sampled_at is not None else ")")
-        zip_path = studio.samples_zip(run_name) if studio.samples(run_name) else None
+        zip_path = studio.samples_zip(run_name)  # None without samples
         shown = samples if chosen is not None else samples[-SHOWN_SAMPLES:]
         return (text, "", *[meta.get(f, "") for f in EXPORT_FIELDS], *buttons(paths, zip_path),
                 [(p, fmt.sample_caption(p)) for p in shown])
