@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data import BatchPlan, buckets, nearest_bucket, prepare, scan_dataset, with_trigger
+from trainer.buckets import buckets, nearest_bucket
+from trainer.data import BatchPlan, prepare, scan_dataset, with_trigger
 from trainer.errors import DataError
 from trainer.images import open_image
 

@@ -234,6 +234,24 @@ def test_upload_rejects_the_corrupt_file_and_keeps_the_rest(page, server, tmp_pa
                                                          "red_circle.png", "yellow_star.png"]
 
 
+def test_dataset_check_follows_the_dataset_and_the_training_resolution(page, server):
+    """Four 96 px pictures: too few at the demo base's 64 px; also too small once the Train tab asks for 512."""
+    check = page.locator("#dataset-check")
+    wait_until(page, lambda: "only 4 picture(s)" in check.inner_text(), 20, "the few-pictures finding")
+    assert "for training at 64 px" in check.inner_text() and "smaller than" not in check.inner_text()
+    open_tab(page, "2 · Train")
+    page.locator("#advanced").get_by_text("Advanced settings").click()
+    set_number(page, "resolution", 512)
+    open_tab(page, "1 · Dataset")
+    wait_until(page, lambda: "all 4 pictures are smaller than the 512 px training size" in check.inner_text(), 20,
+               "the enlargement finding at 512 px")
+    open_tab(page, "2 · Train")
+    set_number(page, "resolution", 64)
+    page.locator("#advanced").get_by_text("Advanced settings").click()
+    open_tab(page, "1 · Dataset")
+    wait_until(page, lambda: "for training at 64 px" in check.inner_text(), 20, "the check back at 64 px")
+
+
 def test_caption_all_then_edit_one_caption_in_place(page, server):
     page.locator("#trigger textarea, #trigger input").first.fill("zkstyle")
     pick(page, "captioner", "filename")

@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer {train,demo-model,demo-data,caption,export,mix,bench}``.
+"""Command line: ``python -m trainer {train,demo-model,demo-data,check-data,caption,export,mix,bench}``.
 
 User errors print one line on stderr and exit with code 2 — never a traceback.
 """
@@ -66,6 +66,7 @@ COMMANDS = {
     "caption": ("captioning.cli", "write <image>.txt captions"),
     "mix": ("trainer.cli_mix", "preview, bake or grid a weighted mix of LoRAs"),
     "demo-data": ("trainer.demo_data", "write a captioned demo style set"),
+    "check-data": ("trainer.cli_check", "look a data folder over: duplicates, small or cropped pictures"),
     "queue": ("trainer.cli_queue", "queue training runs: add, list, cancel, resume, run"),
     "pretrain-demo": ("trainer.pretrain.cli", "train a tiny demo base from scratch (demo_models/)"),
     "bench": ("trainer.cli_bench", "speed and memory benchmarks (CPU smoke mode, or full size on a GPU)"),

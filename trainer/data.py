@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 from collections import Counter, defaultdict
@@ -24,8 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from trainer.buckets import buckets, cover_size, nearest_bucket
 from trainer.errors import DataError, ImageError
-from trainer.images import DEFAULT_LIMITS, ImageLimits, is_image_name, open_image
+from trainer.images import DEFAULT_LIMITS, ImageLimits, fingerprint, is_image_name, open_image
 from trainer.paths import is_inside, sha256_file
 
 _REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
@@ -132,22 +132,6 @@ def with_trigger(caption: str, trigger: str) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
-def buckets(resolution: int, step: int = 64, max_ratio: float = 4.0) -> list[tuple[int, int]]:
-    """(width, height) pairs, multiples of ``step``, each close to resolution² pixels."""
-    area = resolution * resolution
-    found = set()
-    for w in range(step, 4 * resolution + 1, step):
-        h = (area // w) // step * step
-        if h >= step and max(w / h, h / w) <= max_ratio:
-            found.add((w, h))
-    return sorted(found)
-
-
-def nearest_bucket(width: int, height: int, options: list[tuple[int, int]]) -> tuple[int, int]:
-    aspect = math.log(width / height)
-    return min(options, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
-
-
 @dataclass(frozen=True)
 class Example:
     """One prepared image: pixels in [-1, 1] (C, H, W) at its bucket size."""
@@ -160,6 +144,7 @@ class Example:
     repeats: int
     source: str
     excess_width: int = 0  # columns the crop cut from the resized image (left + right)
+    fingerprint: bytes = b""  # trainer.images.fingerprint of the whole picture, before the crop
 
     @property
     def mirrored_crop_top_left(self) -> tuple[int, int]:
@@ -174,8 +159,7 @@ def fit_to_bucket(img: Image.Image, bucket: tuple[int, int], center_crop: bool, 
     Returns the crop, its (top, left) corner in the resized image and the width cropped away.
     """
     bw, bh = bucket
-    scale = max(bw / img.width, bh / img.height)
-    rw, rh = max(bw, math.ceil(img.width * scale)), max(bh, math.ceil(img.height * scale))
+    rw, rh = cover_size(img.width, img.height, bucket)
     img = img.resize((rw, rh), Image.Resampling.LANCZOS)
     dx, dy = rw - bw, rh - bh
     left, top = (dx // 2, dy // 2) if center_crop else (rng.randint(0, dx), rng.randint(0, dy))
@@ -207,7 +191,7 @@ def prepare(scan: DatasetScan, resolution: int, center_crop: bool, trigger: str,
         cropped, crop, excess_width = fit_to_bucket(img, bucket, center_crop, rng)
         examples.append(Example(pixels=to_tensor(cropped), caption=with_trigger(item.caption, trigger), bucket=bucket,
                                 original_size=(img.height, img.width), crop_top_left=crop, repeats=item.repeats,
-                                source=str(item.path), excess_width=excess_width))
+                                source=str(item.path), excess_width=excess_width, fingerprint=fingerprint(img)))
     if not examples:
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped[:10])
         raise DataError(f"no usable images ({len(skipped)} skipped: {reasons})")

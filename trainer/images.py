@@ -31,6 +31,7 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
+FINGERPRINT_SIDE = 8  # an 8×8 RGB average: layout and colour, blind to resizing and re-compression
 
 
 def is_image_name(name: str) -> bool:
@@ -105,3 +106,24 @@ def open_image(path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS) ->
         raise ImageError(f"{path.name}: not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"{path.name}: damaged or truncated image ({err})") from None
+
+
+def fingerprint(img: Image.Image) -> bytes:
+    """An 8×8 RGB box average of ``img``: the same for a picture and its resized or re-saved copies."""
+    return img.convert("RGB").resize((FINGERPRINT_SIDE, FINGERPRINT_SIDE), Image.Resampling.BOX).tobytes()
+
+
+def shown_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the image at ``path`` as :func:`open_image` returns it (EXIF rotation applied), read
+    from the header without decoding pixels.
+
+    Raises:
+        ImageError: not an image Pillow can read.
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(f"{Path(path).name}: not an image Pillow can read ({err})") from None
+    return (height, width) if turned else (width, height)

@@ -24,6 +24,7 @@ from trainer.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, sav
 from trainer.config import Precision, TrainConfig, dump_yaml
 from trainer.distributed import Dist, setup
 from trainer.data import BatchPlan, Example, dataset_hash, prepare, scan_dataset, tag_frequency
+from trainer.dataset_check import check_prepared
 from trainer.errors import ConfigError, DataError, TrainingDiverged, UnsupportedError, UserError, WriteError
 from trainer.eval_loss import eval_batches, fixed_noise_loss
 from trainer.export import (ExportInfo, export_lora, from_peft_state_dict, save_export_info, training_record,
@@ -301,6 +302,9 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     examples, skipped = prepare(scan, config.resolution, config.center_crop, config.trigger, config.seed)
     for name, reason in skipped:
         emit(ev.Log(message=f"skipped {name}: {reason}"))
+    if not resume:  # a resumed run was looked over when it started
+        for finding in check_prepared(examples, config.resolution, config.data, base.handler.caption_reader(base.pipe)):
+            emit(ev.Log(message=f"dataset check: {finding.line()}"))
     if dist.is_main:
         write_text(run_dir / "config.yaml", dump_yaml(config))
     cache = shared_cache(base, examples, run_dir, dist, mirrored=config.flip)

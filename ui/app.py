@@ -68,7 +68,8 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Tab("1 · Dataset", id="dataset", elem_id="tab-dataset"):
                 ds = dataset.build(studio, run, version)
             with gr.Tab("2 · Train", id="train", elem_id="tab-train"):
-                train.build(studio, run, ds["trigger"])
+                tr = train.build(studio, run, ds["trigger"])
+            dataset.wire_check(studio, run, version, tr["resolution"], ds["check"])
             with gr.Tab("3 · Mix & Preview", id="mix", elem_id="tab-mix") as mix_tab:
                 mx = mix.build(studio, run)
             with gr.Tab("4 · Export", id="export", elem_id="tab-export") as export_tab:

@@ -29,6 +29,7 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
     gr.Markdown(_limits_line(studio))
     upload = gr.File(file_count="multiple", label="Images", elem_id="upload", height=140)
     report = gr.Markdown(elem_id="upload-report")
+    check = gr.Markdown(elem_id="dataset-check")
     with gr.Row():
         captioner = gr.Dropdown(label="Captioner", choices=studio.captioners(), value=studio.captioners()[0],
                                 elem_id="captioner", scale=2,
@@ -183,4 +184,24 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
         except UserError as err:
             return "", f"⚠ {err}"
 
-    return {"trigger": trigger, "on_run": (on_run, [run], [trigger, report]), "caption_status": caption_status}
+    return {"trigger": trigger, "on_run": (on_run, [run], [trigger, report]), "caption_status": caption_status,
+            "check": check}
+
+
+def wire_check(studio: Studio, run: gr.Dropdown, version: gr.State, resolution: gr.Number, check: gr.Markdown) -> None:
+    """Redo the dataset check when the dataset, the run or the Train tab's resolution changes."""
+    def look(run_name, res):
+        try:
+            res = int(res)
+        except (TypeError, ValueError):
+            return ""
+        if res < 64 or res % 64:
+            return ""  # the Train tab says what the resolution must be
+        try:
+            findings, pictures = studio.dataset_check(run_name, res)
+        except UserError:
+            return ""
+        return fmt.dataset_check(findings, pictures, res)
+
+    for changed in (version, run, resolution):
+        changed.change(look, [run, resolution], check)

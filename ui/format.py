@@ -131,6 +131,17 @@ def tag_list(counts: list[tuple[str, int]], images: int) -> str:
     return f"Most common tags (of {images} captions): {shown}"
 
 
+def dataset_check(findings, pictures: int, resolution: int) -> str:
+    """The Dataset tab's check as Markdown: a line when all is well, else one bullet per finding."""
+    if not pictures:
+        return ""
+    head = f"**Dataset check** (for training at {resolution} px, set on the Train tab):"
+    if not findings:
+        return f"{head} nothing to fix in {pictures} picture(s)."
+    bullets = [f"- ⚠ {finding.line(md_code)}" for finding in findings]
+    return "\n".join([head, "", *bullets])
+
+
 def upload_report(accepted: int, rejected: list[tuple[str, str]], captions: int = 0) -> str:
     head = f"Added **{accepted}** image(s)" + (f" and {captions} caption file(s)" if captions else "") + "."
     if not rejected:

@@ -25,7 +25,8 @@ from trainer.atomic import atomic_path
 from trainer.bases import base_sampling_defaults, list_bases, parse_base
 from trainer.config import Precision
 from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES, write_style_set  # noqa: F401 (DEMO_STYLES: the tab)
-from trainer.errors import ConfigError, UserError
+from trainer.errors import ConfigError, ImageError, UserError
+from trainer.dataset_check import Finding, check_images, file_facts
 from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer import events as ev
 from trainer.objective import Objective, check_objective
@@ -306,6 +307,19 @@ class Studio:
     def tag_counts(self, run: str, top: int = 30) -> tuple[list[tuple[str, int]], int]:
         """The captions' ``top`` most common tags, and how many captions there are."""
         return caption_tools.tag_counts(self.run_dir(run), top)
+
+    def dataset_check(self, run: str, resolution: int) -> tuple[list[Finding], int]:
+        """What in ``run``'s dataset would make a LoRA trained at ``resolution`` worse, and how many pictures were
+        looked at. Fingerprints come from the thumbnails and sizes from the file headers, so this is quick enough
+        to run after every change."""
+        facts = []
+        for item in store.list_items(self.run_dir(run)):
+            try:
+                facts.append(file_facts(item.name, item.path, item.thumb if item.thumb != item.path else None,
+                                        self.limits))
+            except ImageError:
+                continue  # training skips it with the reason; the upload already refused what it could tell
+        return check_images(facts, resolution), len(facts)
 
     captioners = staticmethod(choices.captioners)
 

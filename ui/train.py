@@ -248,4 +248,4 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
     timer = gr.Timer(POLL_SECONDS)
     timer.tick(poll, [run, last], [progress, plot, samples, checkpoint, log, runs, queue_view, job_pick, last],
                show_progress="hidden", concurrency_id="poll", concurrency_limit=None)
-    return {"base": base, "last": last, "runs": runs, "status": status}
+    return {"base": base, "last": last, "runs": runs, "status": status, "resolution": resolution}

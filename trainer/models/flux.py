@@ -30,6 +30,10 @@ class Flux(SD15):
     def max_sequence_length(self, pipe) -> int:
         return min(int(pipe.tokenizer_2.model_max_length), 512)
 
+    def caption_reader(self, pipe) -> tuple[object, int, str]:
+        """T5 carries the caption's words (CLIP only adds a pooled summary): its limit is the one that cuts."""
+        return pipe.tokenizer_2, self.max_sequence_length(pipe), "T5"
+
     @torch.no_grad()
     def encode_text(self, pipe, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         embeds, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=pipe.text_encoder.device,

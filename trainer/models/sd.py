@@ -45,6 +45,10 @@ class SD15:
     def text_encoders(self, pipe):
         return [pipe.text_encoder]
 
+    def caption_reader(self, pipe) -> tuple[object, int, str]:
+        """(tokenizer, token limit, its name) of the text encoder whose limit cuts captions off in training."""
+        return pipe.tokenizer, int(pipe.tokenizer.model_max_length), "CLIP"
+
     @torch.no_grad()
     def encode_text(self, pipe, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         embeds, _ = pipe.encode_prompt(captions, pipe.text_encoder.device, 1, False)

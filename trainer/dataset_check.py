@@ -1,0 +1,169 @@
+"""Look over a dataset before training: what in it will quietly make the LoRA worse.
+
+Nothing here refuses a dataset; each :class:`Finding` names the files and says what to do. The training run
+logs them at its start, ``python -m trainer check-data`` prints them, and the Dataset tab shows them while
+the artist curates. The checks are the ones that cost a style LoRA most and that no error would reveal:
+
+- the same picture twice (a resized or re-saved copy): it weighs double and its content leaks into the style;
+- pictures much smaller than the training size: they are enlarged, and the LoRA learns their blur;
+- pictures far wider or taller than any bucket: much of them is cropped away;
+- very few pictures: the LoRA copies their content instead of learning a style;
+- captions longer than the text encoder reads: the words past its limit are silently cut off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from trainer.buckets import buckets, cover_size, nearest_bucket
+from trainer.images import DEFAULT_LIMITS, FINGERPRINT_SIDE, ImageLimits, fingerprint, open_image, shown_size
+
+if TYPE_CHECKING:  # trainer.data needs torch; the web app imports this module without it
+    from trainer.data import Example
+
+# Two pictures match when no cell of their fingerprints differs by this much (0..255). Measured on the demo style
+# sets (flat backgrounds, small shapes: the hardest case): distinct pictures differ by 36 or more somewhere,
+# copies enlarged to 512 px or shrunk to 40 px and saved as JPEG quality 60 by 16 at most.
+DUPLICATE_TOLERANCE = 24
+MAX_ENLARGEMENT = 1.5  # enlarged more than this to fill its bucket, a picture trains as a blurred one
+MIN_KEPT = 0.75  # a crop that keeps less than this share of the picture loses what the artist framed
+FEW_IMAGES = 5
+SHOWN = 5  # files named per finding; the rest are counted
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the checks need of one picture: its name, its size as shown (EXIF rotation applied) and fingerprint."""
+
+    name: str
+    width: int
+    height: int
+    fingerprint: bytes
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem, the files it concerns and what to do about it."""
+
+    problem: str
+    files: tuple[str, ...] = ()
+
+    def line(self, file: Callable[[str], str] = str) -> str:
+        """One line: the problem, then the first files (each written by ``file``) and how many more there are."""
+        if not self.files:
+            return self.problem
+        shown = ", ".join(map(file, self.files[:SHOWN]))
+        more = f" and {len(self.files) - SHOWN} more" if len(self.files) > SHOWN else ""
+        return f"{self.problem}: {shown}{more}"
+
+
+def duplicate_groups(facts: Sequence[ImageFacts], tolerance: int = DUPLICATE_TOLERANCE) -> list[tuple[str, ...]]:
+    """Groups of pictures whose fingerprints match (each group in dataset order, groups by their first member)."""
+    usable = [f for f in facts if len(f.fingerprint) == 3 * FINGERPRINT_SIDE ** 2]
+    if len(usable) < 2:
+        return []
+    prints = np.stack([np.frombuffer(f.fingerprint, dtype=np.uint8) for f in usable]).astype(np.int16)
+    parent = list(range(len(usable)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(usable) - 1):
+        close = np.abs(prints[i + 1:] - prints[i]).max(axis=1) < tolerance
+        for j in np.nonzero(close)[0] + i + 1:
+            parent[root(int(j))] = root(i)
+    groups: dict[int, list[str]] = {}
+    for i, f in enumerate(usable):
+        groups.setdefault(root(i), []).append(f.name)
+    return [tuple(names) for names in groups.values() if len(names) > 1]
+
+
+def fit_of(width: int, height: int, resolution: int) -> tuple[float, float]:
+    """How ``fit_to_bucket`` treats a ``width``×``height`` picture: (enlargement factor, share of it kept)."""
+    bucket = nearest_bucket(width, height, buckets(resolution))
+    rw, rh = cover_size(width, height, bucket)
+    return max(bucket[0] / width, bucket[1] / height), (bucket[0] * bucket[1]) / (rw * rh)
+
+
+def check_images(facts: Sequence[ImageFacts], resolution: int) -> list[Finding]:
+    """Duplicates, enlarged and heavily cropped pictures, and too few of them, for training at ``resolution``."""
+    findings = []
+    for group in duplicate_groups(facts):
+        findings.append(Finding("the same picture more than once (a copy weighs double and its subject leaks into "
+                                "the style); keep one of", group))
+    enlarged = [(f.name, fit_of(f.width, f.height, resolution)[0]) for f in facts]
+    enlarged = sorted(((name, x) for name, x in enlarged if x > MAX_ENLARGEMENT), key=lambda nx: -nx[1])
+    if enlarged:
+        which = f"all {len(facts)} pictures are" if len(enlarged) == len(facts) else f"{len(enlarged)} picture(s) are"
+        findings.append(Finding(
+            f"{which} smaller than the {resolution} px training size, enlarged up to {enlarged[0][1]:.1f}× (the LoRA "
+            "learns their blur); use larger originals or a lower resolution",
+            () if len(enlarged) == len(facts) else tuple(f"{name} (×{x:.1f})" for name, x in enlarged)))
+    cropped = [(f.name, fit_of(f.width, f.height, resolution)[1]) for f in facts]
+    cropped = sorted(((name, kept) for name, kept in cropped if kept < MIN_KEPT), key=lambda nk: nk[1])
+    if cropped:
+        findings.append(Finding(
+            f"{len(cropped)} picture(s) lose over a quarter of their area to the crop that fits them to a training "
+            "shape (wider or taller than 4:1, or a low resolution with few shapes); crop them yourself to what matters", tuple(f"{name} ({1 - kept:.0%} cut)" for name, kept in cropped)))
+    if 0 < len(facts) < FEW_IMAGES:
+        findings.append(Finding(f"only {len(facts)} picture(s): a LoRA this small copies their subjects instead of "
+                                "learning a style; 15–50 varied pictures in the style is typical"))
+    return findings
+
+
+def check_captions(captions: Sequence[tuple[str, str]], count_tokens: Callable[[str], int], limit: int,
+                   encoder: str) -> list[Finding]:
+    """Captions (name, text) with more than ``limit`` tokens as ``count_tokens`` counts them for ``encoder``."""
+    over = [(name, n) for name, n in ((name, count_tokens(text)) for name, text in captions) if n > limit]
+    if not over:
+        return []
+    over.sort(key=lambda nn: -nn[1])
+    return [Finding(f"{len(over)} caption(s) longer than the {limit} tokens {encoder} reads; the words past that "
+                    "are cut off in training, so shorten them or put what matters first",
+                    tuple(f"{name} ({n} tokens)" for name, n in over))]
+
+
+def token_count(tokenizer, text: str) -> int:
+    """Tokens ``tokenizer`` makes of ``text``, its start and end tokens included (as its limit counts them)."""
+    return len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
+
+
+def shown_name(source: str | Path, root: str | Path) -> str:
+    """A file's path inside the data folder (``10_cats/a.png``): names repeat across kohya subfolders."""
+    try:
+        return Path(source).relative_to(root).as_posix()
+    except ValueError:
+        return Path(source).name
+
+
+def check_prepared(examples: Sequence["Example"], resolution: int, root: str | Path,
+                   caption_reader: tuple[object, int, str]) -> list[Finding]:
+    """Every check, on the examples a run prepared (their captions as trained, trigger included)."""
+    names = [shown_name(e.source, root) for e in examples]
+    facts = [ImageFacts(name, e.original_size[1], e.original_size[0], e.fingerprint) for name, e in zip(names, examples)]
+    tokenizer, limit, encoder = caption_reader
+    captions = list(zip(names, (e.caption for e in examples)))
+    return check_images(facts, resolution) + check_captions(captions, lambda text: token_count(tokenizer, text),
+                                                            limit, encoder)
+
+
+def file_facts(name: str, path: str | Path, thumbnail: str | Path | None = None,
+               limits: ImageLimits = DEFAULT_LIMITS) -> ImageFacts:
+    """Facts of the picture at ``path``; with a ``thumbnail`` of it, the fingerprint is taken from that (fast) and
+    the size from the file's header, so nothing large is decoded.
+
+    Raises:
+        ImageError: the file (or the thumbnail) cannot be read.
+    """
+    if thumbnail is not None:
+        width, height = shown_size(path)
+        return ImageFacts(name, width, height, fingerprint(open_image(thumbnail, limits)))
+    img = open_image(path, limits)
+    return ImageFacts(name, img.width, img.height, fingerprint(img))
