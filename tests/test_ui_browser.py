@@ -605,8 +605,17 @@ def test_export_with_edited_metadata_downloads_valid_safetensors(page, server, t
         dkeys, dmeta = list(f.keys()), f.metadata()
     assert dkeys and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in dkeys)
     assert json.loads(dmeta["lora_adapter_metadata"]) and dmeta["modelspec.title"] == "Ink Outline Test"
-    samples = download(page, "dl-samples", tmp_path)
     import zipfile
+
+    bundle = download(page, "dl-a1111", tmp_path)  # the edited copy with its A1111 / Forge card
+    assert bundle.name == "Ink_Outline_Test_a1111.zip"
+    with zipfile.ZipFile(bundle) as zf:
+        assert sorted(zf.namelist()) == ["Ink_Outline_Test.json", "Ink_Outline_Test.preview.png",
+                                         "Ink_Outline_Test.safetensors"]
+        assert zf.read("Ink_Outline_Test.safetensors") == kohya.read_bytes()
+        card = json.loads(zf.read("Ink_Outline_Test.json"))
+    assert (card["activation text"], card["sd version"]) == ("zkstyle", "SD1")
+    samples = download(page, "dl-samples", tmp_path)
 
     with zipfile.ZipFile(samples) as zf:
         assert zf.namelist() and all(n.endswith(".png") for n in zf.namelist())

@@ -24,7 +24,8 @@ from trainer.errors import UserError
 from trainer.export import (ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict, load_export_info,
                             read_metadata, save_safetensors, to_diffusers, to_flux_fused, to_kohya, training_record)
 from trainer.models import ARCH_HANDLERS, demo_folder
-from trainer.steps import checkpoint_mtime, step_file
+from trainer.steps import checkpoint_mtime, preview_image, step_file
+from trainer.webui_bundle import bundle_path, is_fresh, write_bundle
 
 FILE_NAMES = {"kohya": "lora.safetensors", "diffusers": "lora_diffusers.safetensors", "comfy": "lora_comfy.safetensors"}
 
@@ -66,8 +67,11 @@ def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
     """Write the checkpoint at ``step`` (default: the latest) as a ``fmt`` LoRA file; returns its path.
 
     The latest goes to the run's own file name; a chosen step to :func:`step_file`, titled "<title> (step N)"
-    so that ComfyUI's and A1111's lists tell the files apart.
+    so that ComfyUI's and A1111's lists tell the files apart. ``a1111`` writes the kohya file, then packs it
+    with its card (preview image, trigger word) into ``<run>/export/<name>_a1111.zip`` (trainer.webui_bundle).
     """
+    if fmt == "a1111":
+        return [a1111_bundle(reexport(run, "kohya", step)[0])]
     run = Path(run)
     config = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     checkpoints = checkpoint_dirs(run)
@@ -116,6 +120,22 @@ def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
         tensors = to_kohya(weights)
     target = run / FILE_NAMES[fmt] if step is None else step_file(run, steps, fmt)
     return [save_safetensors(target, tensors, metadata)]
+
+
+def a1111_bundle(lora: str | Path) -> Path:
+    """The A1111 / Forge zip of the kohya-layout file ``lora`` (a run's own, a step's, or an edited copy), with the
+    sample of its step as preview; written again only when the LoRA or that sample is newer than it."""
+    lora = Path(lora)
+    metadata = read_metadata(lora)
+    run = lora.parent.parent if lora.parent.name == "export" else lora.parent
+    try:
+        preview = preview_image(run, int(metadata.get("ss_steps", "")))
+    except ValueError:
+        preview = None
+    out = bundle_path(lora)
+    if is_fresh(out, lora, preview):
+        return out
+    return write_bundle(lora, metadata, preview, out)
 
 
 def step_exports(run: str | Path, step: int, formats: tuple[str, ...] = ("kohya", "diffusers")) -> dict[str, Path | None]:

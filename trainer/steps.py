@@ -55,3 +55,26 @@ def parse_sample_name(name: str) -> tuple[int, int] | None:
     """(step, prompt index) of a :func:`sample_file` name; None for any other file."""
     match = _SAMPLE.match(name)
     return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def sampled_steps(run: str | Path) -> list[int]:
+    """The steps at which samples were rendered, in order."""
+    folder = Path(run) / "samples"
+    if not folder.is_dir():
+        return []
+    return sorted({parsed[0] for p in folder.iterdir() if (parsed := parse_sample_name(p.name))})
+
+
+def samples_near(run: str | Path, step: int) -> int | None:
+    """The step whose samples show ``step``: itself if it has some, else the latest before it (a stop skips the
+    samples due at its step); None when none was rendered by then."""
+    return next((s for s in reversed(sampled_steps(run)) if s <= int(step)), None)
+
+
+def preview_image(run: str | Path, step: int) -> Path | None:
+    """The picture that shows the LoRA of ``step`` on a card: the first prompt's sample at :func:`samples_near`."""
+    near = samples_near(run, step)
+    if near is None:
+        return None
+    path = sample_file(run, near, 0)
+    return path if path.is_file() else None

@@ -1,4 +1,5 @@
-"""Export tab: pick the step, edit the metadata, then download the kohya and diffusers files and the samples.
+"""Export tab: pick the step, edit the metadata, then download the kohya and diffusers files, an A1111 / Forge
+.zip (the kohya file with its card: preview picture and trigger word) and the samples.
 
 The run's own ``lora.safetensors`` / ``lora_diffusers.safetensors`` are never
 modified: an earlier step's files and edited copies are written to
@@ -40,6 +41,10 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             status = gr.Markdown(elem_id="export-status")
         with gr.Column(scale=2):
             kohya = gr.DownloadButton("Download LoRA (kohya / A1111 / ComfyUI)", elem_id="dl-kohya", interactive=False)
+            webui = gr.DownloadButton("Download for A1111 / Forge (.zip: LoRA, preview picture, trigger word)",
+                                      elem_id="dl-a1111", interactive=False)
+            gr.Markdown("Unpack the .zip into the web UI's `models/Lora` folder: its card shows the step's first "
+                        "sample and adds the trigger word to your prompt with the LoRA.", elem_id="a1111-hint")
             diffusers = gr.DownloadButton("Download LoRA (diffusers / PEFT)", elem_id="dl-diffusers",
                                           interactive=False)
             samples_zip = gr.DownloadButton("Download all sample images, every step (.zip)", elem_id="dl-samples",
@@ -60,11 +65,15 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
                                  type="filepath", elem_id="export-compare-grid", interactive=False)
     prompts_of = gr.State("")  # the run whose prompts the box was filled with: a new run refills it
 
-    def buttons(paths: dict, zip_path):
-        def one(path):
-            return gr.update(value=path, interactive=True) if path else gr.update(value=None, interactive=False)
+    def one(path):
+        return gr.update(value=path, interactive=True) if path else gr.update(value=None, interactive=False)
 
-        return one(paths.get("kohya")), one(paths.get("diffusers")), one(zip_path)
+    def buttons(run_name, paths: dict, zip_path):
+        try:
+            bundle = studio.webui_bundle(run_name, paths.get("kohya"))
+        except UserError:
+            bundle = None  # the files themselves still download; the line above them names any damage
+        return one(paths.get("kohya")), one(bundle), one(paths.get("diffusers")), one(zip_path)
 
     def show(run_name, step_value):
         """The files, metadata, downloads and samples of the final files or of one step."""
@@ -75,7 +84,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             sampled_at, samples = (None, studio.samples(run_name)) if chosen is None \
                 else studio.step_samples(run_name, chosen)
         except UserError as err:
-            return (f"⚠ {err}", "", *[gr.skip()] * len(EXPORT_FIELDS), *buttons({}, None), [])
+            return (f"⚠ {err}", "", *[gr.skip()] * len(EXPORT_FIELDS), *buttons(run_name, {}, None), [])
         applied = studio.applied_export(run_name, chosen)
         if applied is not None:  # what was applied last, and the copies it wrote
             paths, meta = {**paths, **applied["files"]}, applied["meta"]
@@ -90,7 +99,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
                     (f"; showing step {sampled_at}'s)" if sampled_at is not None else ")")
         zip_path = studio.samples_zip(run_name)  # None without samples
         shown = samples if chosen is not None else samples[-SHOWN_SAMPLES:]
-        return (text, "", *[meta.get(f, "") for f in EXPORT_FIELDS], *buttons(paths, zip_path),
+        return (text, "", *[meta.get(f, "") for f in EXPORT_FIELDS], *buttons(run_name, paths, zip_path),
                 [(p, fmt.sample_caption(p)) for p in shown])
 
     def on_show(run_name, prompts_text, filled_for):
@@ -118,14 +127,15 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         try:
             prepared = studio.prepare_export(run_name, dict(zip(EXPORT_FIELDS, values)), _step(step_value))
         except UserError as err:
-            return (f"⚠ {err}", gr.skip(), gr.skip())
+            return (f"⚠ {err}", gr.skip(), gr.skip(), gr.skip())
         names = ", ".join(fmt.md_code(Path(p).name) for p in prepared.values())
-        kohya_u, diffusers_u, _ = buttons(prepared, None)
-        return (f"Metadata written to {names}; the buttons now download these copies.", kohya_u, diffusers_u)
+        kohya_u, webui_u, diffusers_u, _ = buttons(run_name, prepared, None)
+        return (f"Metadata written to {names}; the buttons now download these copies.", kohya_u, webui_u,
+                diffusers_u)
 
-    shown = [files, status, *boxes, kohya, diffusers, samples_zip, gallery]
+    shown = [files, status, *boxes, kohya, webui, diffusers, samples_zip, gallery]
     step.input(show, [run, step], shown)
-    apply.click(on_apply, [run, step, *boxes], [status, kohya, diffusers])
+    apply.click(on_apply, [run, step, *boxes], [status, kohya, webui, diffusers])
     compare.click(on_compare, [run, compare_prompts, compare_weight, compare_seed], [compare_info, compare_image],
                   concurrency_id="mix", concurrency_limit=1)
     return {"on_show": (on_show, [run, compare_prompts, prompts_of],

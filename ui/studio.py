@@ -34,7 +34,7 @@ from trainer.paths import is_inside
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
-from trainer.steps import checkpoint_mtime, exported_step_files, exported_steps, parse_sample_name
+from trainer.steps import checkpoint_mtime, exported_step_files, exported_steps, samples_near
 from trainer.presets import list_presets, resolve_config
 from ui import caption_tools, choices, store
 from ui.captions import caption_run
@@ -816,6 +816,18 @@ class Studio:
         self.save_settings(run, applied_exports=applied)
         return prepared
 
+    def webui_bundle(self, run: str, kohya: Optional[str]) -> Optional[str]:
+        """The A1111 / Forge .zip of the kohya file the Export tab shows (final, a step's, or an edited copy);
+        None without one. Rebuilt only when that file or its preview sample is newer."""
+        if not kohya:
+            return None
+        path = Path(kohya)
+        if not is_inside(path, self.run_dir(run)):
+            raise UserError(f"{path.name} is not a file of run '{run}'")
+        from trainer.reexport import a1111_bundle
+
+        return str(a1111_bundle(path))
+
     @staticmethod
     def _applied_key(step: Optional[int]) -> str:
         return "final" if step is None else str(int(step))
@@ -847,8 +859,7 @@ class Studio:
     def step_samples(self, run: str, step: int) -> tuple[Optional[int], list[str]]:
         """The samples rendered at ``step``, else at the latest step before it that has some (a stop skips the
         samples due at its step): (that step or None, their paths)."""
-        rendered = sorted({parsed[0] for p in self.samples(run) if (parsed := parse_sample_name(Path(p).name))})
-        nearest = next((s for s in reversed(rendered) if s <= int(step)), None)
+        nearest = samples_near(self.run_dir(run), step)
         return nearest, self.samples(run, nearest) if nearest is not None else []
 
     def samples_zip(self, run: str) -> Optional[str]:

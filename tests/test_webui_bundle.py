@@ -1,0 +1,153 @@
+"""The A1111 / Forge bundle: a LoRA zipped with its card (preview picture, activation text, notes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_config
+from trainer.__main__ import main
+from trainer.steps import sample_file, step_file
+from trainer.webui_bundle import bundle_path, user_metadata
+
+CARD_KEYS = ["description", "sd version", "activation text", "preferred weight", "negative text", "notes"]  # A1111's
+
+
+@pytest.mark.parametrize("arch, version", [("sd15", "SD1"), ("sdxl", "SDXL"), ("flux", "Unknown"), ("", "Unknown")])
+def test_the_card_says_what_the_file_says(arch, version):
+    meta = {"modelspec.title": "Ink (step 300)", "modelspec.trigger_phrase": "zkink", "studio.arch": arch,
+            "modelspec.description": "Thick ink outlines.", "studio.base_model": "demo:sd15", "ss_steps": "300",
+            "studio.rank": "8", "studio.alpha": "16", "studio.image_count": "20", "modelspec.license": "CC-BY-4.0",
+            "studio.tool": "style-adapter-studio 0.1.0"}
+    card = user_metadata(meta, weight=0.8)
+    assert list(card) == CARD_KEYS
+    assert (card["sd version"], card["activation text"], card["preferred weight"], card["description"]) == \
+        (version, "zkink", 0.8, "Thick ink outlines.")
+    assert card["notes"] == ("Ink (step 300): trained with style-adapter-studio 0.1.0 (base demo:sd15, 300 steps, "
+                             "rank 8, alpha 16, 20 images). License: CC-BY-4.0.")
+
+
+def test_a_bare_file_still_gets_a_card():
+    card = user_metadata({"ss_output_name": "mine"})
+    assert (card["description"], card["activation text"], card["sd version"]) == ("mine", "", "Unknown")
+    assert card["notes"] == "mine: trained with Style Adapter Studio."
+
+
+@pytest.mark.parametrize("lora, expected", [("outputs/ink/lora.safetensors", "outputs/ink/export/ink_a1111.zip"),
+                                            ("outputs/ink/export/ink-step000300.safetensors",
+                                             "outputs/ink/export/ink-step000300_a1111.zip"),
+                                            ("outputs/ink/export/Ink_Outline.safetensors",
+                                             "outputs/ink/export/Ink_Outline_a1111.zip")])
+def test_bundle_names(lora, expected):
+    assert bundle_path(lora) == Path(expected)
+
+
+@pytest.fixture(scope="module")
+def sampled_run(base_dirs, scene_dir, tmp_path_factory):
+    """A 4-step run with checkpoints at 2 and 4 and samples at 2 and 4 (two prompts each)."""
+    from trainer.loop import run_training
+
+    run = tmp_path_factory.mktemp("bundle") / "ink"
+    run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=4, checkpoint_every=2, sample_every=2,
+                             keep_checkpoints=3, rank=4, title="Ink", trigger="zkink",
+                             sample_prompts=("a red circle", "a blue square")))
+    return run
+
+
+def unpack(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+@pytest.mark.parametrize("step", [None, 2])
+def test_cli_bundle_holds_the_kohya_file_its_card_and_the_steps_sample(sampled_run, capsys, step):
+    args = ["export", "--run", str(sampled_run), "--format", "a1111"] + (["--step", str(step)] if step else [])
+    assert main(args) == 0
+    stem = "ink" if step is None else f"ink-step{step:06d}"
+    out = sampled_run / "export" / f"{stem}_a1111.zip"
+    assert capsys.readouterr().out.strip() == str(out)
+    files = unpack(out)
+    assert sorted(files) == sorted([f"{stem}.safetensors", f"{stem}.json", f"{stem}.preview.png"])
+    lora = sampled_run / "lora.safetensors" if step is None else step_file(sampled_run, step)
+    assert files[f"{stem}.safetensors"] == lora.read_bytes()
+    assert files[f"{stem}.preview.png"] == sample_file(sampled_run, step or 4, 0).read_bytes()
+    card = json.loads(files[f"{stem}.json"])
+    assert list(card) == CARD_KEYS and card["activation text"] == "zkink" and card["sd version"] == "SD1"
+    assert card["notes"].startswith("Ink (step 2): " if step else "Ink: ")
+    with zipfile.ZipFile(out) as archive:
+        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
+
+
+def test_the_bundles_lora_loads_in_diffusers(sampled_run, base_dirs, tmp_path, diffusers_warnings):
+    from trainer.models import load_base
+
+    assert main(["export", "--run", str(sampled_run), "--format", "a1111", "--step", "2"]) == 0
+    with zipfile.ZipFile(sampled_run / "export" / "ink-step000002_a1111.zip") as archive:
+        archive.extractall(tmp_path)
+    base = load_base(str(base_dirs["sd15"]), device="cpu")
+    diffusers_warnings.messages.clear()
+    base.pipe.load_lora_weights(str(tmp_path / "ink-step000002.safetensors"))
+    assert [n for n, _ in base.pipe.unet.named_modules() if n.endswith("lora_A.default_0")]
+    assert [m for m in diffusers_warnings.messages if "No LoRA keys associated to CLIPTextModel" not in m] == []
+
+
+def test_a_step_without_samples_shows_the_latest_before_it_and_a_run_without_any_has_no_preview(sampled_run, tmp_path):
+    from trainer.reexport import a1111_bundle
+
+    assert main(["export", "--run", str(sampled_run), "--step", "4"]) == 0
+    samples = sampled_run / "samples"
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for png in samples.glob("step-000004-*.png"):
+        png.rename(hidden / png.name)
+    try:
+        files = unpack(a1111_bundle(step_file(sampled_run, 4)))
+        assert files["ink-step000004.preview.png"] == sample_file(sampled_run, 2, 0).read_bytes()
+        for png in samples.glob("*.png"):
+            png.rename(hidden / png.name)
+        bundle = bundle_path(step_file(sampled_run, 4))
+        os.utime(step_file(sampled_run, 4))  # newer than the bundle: it is written again
+        assert sorted(unpack(a1111_bundle(step_file(sampled_run, 4)))) == ["ink-step000004.json",
+                                                                            "ink-step000004.safetensors"]
+        assert bundle.is_file()
+    finally:
+        for png in hidden.glob("*.png"):
+            png.rename(samples / png.name)
+
+
+def test_a_fresh_bundle_is_not_written_again(sampled_run):
+    from trainer.reexport import a1111_bundle
+
+    lora = sampled_run / "lora.safetensors"
+    first = a1111_bundle(lora)
+    made, inode = first.stat().st_mtime_ns, first.stat().st_ino
+    assert a1111_bundle(lora).stat().st_ino == inode  # untouched (a write replaces the file: a new inode)
+    os.utime(lora, ns=(made + 10**9, made + 10**9))  # the LoRA is rewritten (training on): a new bundle
+    assert a1111_bundle(lora).stat().st_ino != inode
+
+
+def test_studio_bundles_the_edited_copy_under_its_title_and_refuses_files_of_other_runs(sampled_run, tmp_path):
+    import shutil
+
+    from trainer.errors import UserError
+    from ui.studio import Studio
+
+    outputs = tmp_path / "outputs"
+    shutil.copytree(sampled_run, outputs / "ink")
+    studio = Studio(outputs, default_base="demo-random:sd15", models_dir=tmp_path / "m", loras_dir=tmp_path / "l")
+    prepared = studio.prepare_export("ink", {"title": "Ink Outline", "trigger_phrase": "zkink2", "license": "",
+                                             "description": "Outlines."})
+    bundle = Path(studio.webui_bundle("ink", prepared["kohya"]))
+    assert bundle.name == "Ink_Outline_a1111.zip"
+    files = unpack(bundle)
+    card = json.loads(files["Ink_Outline.json"])
+    assert (card["activation text"], card["description"]) == ("zkink2", "Outlines.")
+    assert files["Ink_Outline.safetensors"] == Path(prepared["kohya"]).read_bytes()
+    assert studio.webui_bundle("ink", None) is None
+    with pytest.raises(UserError, match="is not a file of run 'ink'"):
+        studio.webui_bundle("ink", str(sampled_run / "lora.safetensors"))
+
