@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -32,16 +33,41 @@ def resized_copy(src: Path, dst: Path, side: int, quality: int = 60) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("style", list(STYLES))
-def test_distinct_pictures_are_not_duplicates_even_on_flat_backgrounds(tmp_path, style):
-    """The demo sets (small shapes on one flat colour) are the hardest case for a coarse fingerprint."""
-    write_style_set(style, tmp_path)
+def write_sketches(folder: Path, n: int, size: int, strokes: int, width: int, grey: int, seed: int = 0) -> Path:
+    """Different drawings alike in colour: thin strokes on paper, mostly paper in every fingerprint cell."""
+    import random
+
+    from PIL import ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        img = Image.new("RGB", (size, size), (250, 248, 240))
+        draw = ImageDraw.Draw(img)
+        for _ in range(strokes):
+            draw.line([(rng.randint(0, size), rng.randint(0, size)) for _ in range(3)], fill=(grey,) * 3, width=width)
+        img.save(folder / f"sketch-{i:02d}.png")
+    return folder
+
+
+PICTURE_SETS = {  # name -> writes a set of different pictures into a folder
+    **{style: (lambda folder, style=style: write_style_set(style, folder)) for style in STYLES},
+    "ink sketches": lambda folder: write_sketches(folder, 12, 768, 15, 2, 0),
+    "pencil sketches": lambda folder: write_sketches(folder, 8, 1024, 40, 3, 120, seed=1),
+}
+
+
+@pytest.mark.parametrize("kind", list(PICTURE_SETS))
+def test_different_pictures_are_not_duplicates_even_when_alike_in_colour(tmp_path, kind):
+    """Flat backgrounds with small shapes, and sketches that are mostly paper, are the hard cases."""
+    PICTURE_SETS[kind](tmp_path)
     assert duplicate_groups(facts_of(tmp_path)) == []
 
 
-@pytest.mark.parametrize("side, quality", [(512, 60), (40, 60), (64, 95)])
-def test_a_resized_or_resaved_copy_is_found_with_its_original(tmp_path, side, quality):
-    write_style_set("hatch", tmp_path)
+@pytest.mark.parametrize("kind, side, quality", [("hatch", 512, 60), ("sepia-outline", 40, 60), ("pastel", 64, 95),
+                                                 ("ink sketches", 256, 85), ("pencil sketches", 300, 60)])
+def test_a_resized_or_resaved_copy_is_found_with_its_original(tmp_path, kind, side, quality):
+    PICTURE_SETS[kind](tmp_path)
     original = sorted(tmp_path.glob("*.png"))[3]
     resized_copy(original, tmp_path / "copy.jpg", side, quality)
     assert duplicate_groups(facts_of(tmp_path)) == [(original.name, "copy.jpg")]
@@ -115,12 +141,13 @@ def test_finding_lines_name_five_files_and_count_the_rest():
     assert line.endswith(": <0.png (×5.1)>, <1.png (×5.1)>, <2.png (×5.1)>, <3.png (×5.1)>, <4.png (×5.1)> and 3 more")
 
 
-def test_shown_size_reads_exif_rotation_from_the_header(tmp_path):
+@pytest.mark.parametrize("name", ["turned.jpg", "turned.png", "turned.webp"])
+def test_shown_size_reads_exif_rotation_from_the_header(tmp_path, name):
     img = Image.new("RGB", (300, 100), (1, 2, 3))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90°: shown 100 wide, 300 tall
-    img.save(tmp_path / "turned.jpg", exif=exif)
-    assert shown_size(tmp_path / "turned.jpg") == (100, 300) == open_image(tmp_path / "turned.jpg").size
+    img.save(tmp_path / name, exif=exif)
+    assert shown_size(tmp_path / name) == (100, 300) == open_image(tmp_path / name).size
 
 
 def test_thumbnail_fingerprint_matches_the_original(tmp_path):
@@ -174,11 +201,37 @@ def test_a_run_logs_the_check_at_its_start(base_dirs, scene_dir, tmp_path, arch)
     assert "copy.jpg (" in checks[1] and "tokens" in checks[1]
     on_disk = [e.message for e in ev.read_jsonl(tmp_path / "run" / "events.jsonl") if isinstance(e, ev.Log)]
     assert checks == [m for m in on_disk if m.startswith("dataset check: ")]
+    resumed = []  # training on: the data was looked over when the run started
+    run_training(tiny_config(str(base_dirs[arch]), data, tmp_path / "run", steps=2), emit=resumed.append, resume=True)
+    assert not [e for e in resumed if isinstance(e, ev.Log) and e.message.startswith("dataset check")]
+
+
+def test_a_check_that_fails_is_skipped_with_a_line_and_training_goes_on(scene_dir):
+    from trainer.data import prepare, scan_dataset
+    from trainer.loop import dataset_check_lines
+
+    def broken(pipe):
+        raise RuntimeError("tokenizer.json is damaged")
+
+    base = SimpleNamespace(handler=SimpleNamespace(caption_reader=broken), pipe=None)
+    examples, _ = prepare(scan_dataset(scene_dir), 64, False, "", 0)
+    config = SimpleNamespace(resolution=64, data=str(scene_dir))
+    assert dataset_check_lines(examples, config, base) == [
+        "dataset check skipped (RuntimeError: tokenizer.json is damaged)"]
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trainer", "check-data", *args], cwd=cwd, capture_output=True,
                           text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
+
+
+def test_cli_names_pictures_in_kohya_repeat_folders_by_their_folder(tmp_path):
+    data = tmp_path / "data"
+    write_style_set("pastel", data / "10_ink", n=6)
+    (data / "5_more").mkdir()
+    resized_copy(data / "10_ink" / "pastel-0001.png", data / "5_more" / "pastel-0001.png", 128)
+    found = cli("--data", str(data), "--resolution", "64", cwd=tmp_path)
+    assert found.returncode == 1 and "keep one of: 10_ink/pastel-0001.png, 5_more/pastel-0001.png" in found.stdout
 
 
 def test_cli_prints_the_findings_and_exits_1_then_0_once_fixed(tmp_path):
@@ -198,7 +251,7 @@ def test_cli_prints_the_findings_and_exits_1_then_0_once_fixed(tmp_path):
     assert missing.returncode == 2 and missing.stderr.startswith("error: data folder") and "Traceback" not in missing.stderr
 
 
-def test_the_dataset_tab_check_finds_an_uploaded_copy_through_the_thumbnails(tmp_path):
+def test_the_dataset_tab_check_finds_an_uploaded_copy_through_the_thumbnails(tmp_path, monkeypatch):
     """An upload refuses the same bytes twice; a re-saved, resized copy gets in and the check names it."""
     from ui import format as fmt
     from ui.studio import Studio
@@ -217,7 +270,14 @@ def test_the_dataset_tab_check_finds_an_uploaded_copy_through_the_thumbnails(tmp
     text = fmt.dataset_check(findings, pictures, 512)
     assert text.splitlines()[0] == "**Dataset check** (for training at 512 px, set on the Train tab):"
     assert f"keep one of: `copy.png`, `{pics[4].stem}.jpg`" in text
+    opened = []
+    monkeypatch.setattr("ui.studio.file_facts", lambda *args: opened.append(args[0]) or file_facts(*args))
     at_256, _ = studio.dataset_check("r1", 256)
+    assert opened == []  # nothing changed since the last look: no picture is opened again
     assert [f.files for f in at_256] == [("copy.png", f"{pics[4].stem}.jpg")]  # 300 px is large enough at 256
+    copied = tmp_path / "outputs" / "r1" / "dataset" / "copy.png"
+    os.utime(copied, ns=(copied.stat().st_mtime_ns + 10**9,) * 2)  # edited on disk: looked at again
+    studio.dataset_check("r1", 256)
+    assert opened == ["copy.png"]
     assert fmt.dataset_check([], 7, 512).endswith("nothing to fix in 7 picture(s).")
     assert fmt.dataset_check([], 0, 512) == ""  # an empty dataset says so elsewhere

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import tiny_config
 from trainer import events as ev
+from trainer.config import load_config
 from trainer.errors import DataError, ModelNotFoundError, UserError
 from trainer.queue import AUTO_RESUME_LIMIT, JobQueue, QueueError, run_worker
 
@@ -129,9 +130,12 @@ def test_killed_worker_is_recovered_and_its_run_resumes(base_dirs, scene_dir, tm
     assert recovered.crashes == 1 and f"resumes from checkpoint {recovered.last_checkpoint}" in recovered.error
     assert 0 < killed_at < 300
 
-    requeued = queue.resume(job.id, steps=killed_at + 2)  # the rest of 300 steps would take minutes here
+    # the rest of 300 steps would take minutes here; a new learning rate, as after a diverged run
+    requeued = queue.resume(job.id, steps=killed_at + 2, lr=5e-5)
     assert requeued.state == "queued" and requeued.resume and requeued.position == 1
+    assert (requeued.config.steps, requeued.config.lr) == (killed_at + 2, 5e-5)
     [finished] = run_worker(queue, once=True, poll=0.1)
+    assert load_config(run_dir / "config.yaml").lr == 5e-5
 
     assert finished.id == job.id and finished.state == "done", finished.error
     history = ev.read_jsonl(run_dir / "events.jsonl")

@@ -53,7 +53,8 @@ def test_run_writes_every_artifact(runs, arch):
     assert (run_dir / "samples" / "step-000005-0.png").is_file()
     on_disk = ev.read_jsonl(run_dir / "events.jsonl")
     kinds = [e.kind for e in on_disk]
-    assert kinds[0] == "start" and kinds[-1] == "done"
+    # notes may come first (the tiny bases' tokenizer counts letters: the dataset check finds long captions)
+    assert [k for k in kinds if k != "log"][0] == "start" and kinds[-1] == "done"
     steps = [e for e in on_disk if isinstance(e, ev.Step)]
     assert [e.step for e in steps] == [1, 2, 3, 4, 5]
     assert all(np.isfinite(e.loss) and e.lr > 0 and e.seconds > 0 for e in steps)

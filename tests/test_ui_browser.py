@@ -375,14 +375,25 @@ def test_resume_from_the_run_list(page, server):
     if "stopped_at" not in FLOW:
         pytest.skip("needs the stopped run from the training test")
     page.locator("#run-list").get_by_text(f"{FLOW['run']} — stopped").click()
+    recipe = page.locator("#run-recipe")
+    wait_until(page, lambda: "trains with" in recipe.inner_text(), 20, "the run's recipe")
+    old_lr = float(re.search(r"learning rate ([0-9.e+-]+)", recipe.inner_text()).group(1))
+    half = f"{old_lr / 2:.8f}".rstrip("0")
+    set_number(page, "continue-lr", half)  # resume at half the rate, as the divergence advice says
     page.click("#resume")
     wait_until(page, lambda: "Resuming" in page.locator("#train-status").inner_text(), 20, "the resume message")
+    assert f"at learning rate {old_lr / 2:g} (was {old_lr:g})" in page.locator("#train-status").inner_text()
+    wait_until(page, lambda: f"learning rate {old_lr / 2:g} (" in recipe.inner_text(), 20, "the recipe's new rate")
     wait_until(page, lambda: progress(page)["step"] > FLOW["stopped_at"], 120, "steps after the resume")
     page.click("#stop")
     final = wait_until(page, lambda: (p := progress(page))["state"] in ("stopped", "done", "failed") and p, 90,
                        "the resumed run to stop")
     assert final["state"] == "stopped" and final["step"] > FLOW["stopped_at"]
     assert progress(page)["points"] >= final["step"] - 1  # the loss curve keeps the steps from before the resume
+    from trainer.config import load_config
+
+    assert load_config(server.outputs / FLOW["run"] / "config.yaml").lr == pytest.approx(old_lr / 2)
+    set_number(page, "continue-lr", 0)
 
 
 # ---- 4. mix & preview -----------------------------------------------------------------------------
@@ -607,7 +618,9 @@ def test_export_with_edited_metadata_downloads_valid_safetensors(page, server, t
     assert json.loads(dmeta["lora_adapter_metadata"]) and dmeta["modelspec.title"] == "Ink Outline Test"
     import zipfile
 
-    bundle = download(page, "dl-a1111", tmp_path)  # the edited copy with its A1111 / Forge card
+    page.click("#pack-a1111")  # the edited copy with its A1111 / Forge card
+    page.wait_for_selector("#export-status :text('Packed')", timeout=30_000)
+    bundle = download(page, "dl-a1111", tmp_path)
     assert bundle.name == "Ink_Outline_Test_a1111.zip"
     with zipfile.ZipFile(bundle) as zf:
         assert sorted(zf.namelist()) == ["Ink_Outline_Test.json", "Ink_Outline_Test.preview.png",

@@ -357,6 +357,42 @@ def test_stop_then_resume_from_the_run_list(studio, tmp_path):
         studio.resume("fresh")
 
 
+def test_resume_a_diverged_run_at_a_lower_learning_rate(studio, tmp_path):
+    """The divergence message says: lower the learning rate, then resume. The Runs box takes the new rate; the
+    recipe line shows it while the resumed job waits (config.yaml changes only when it trains)."""
+    from trainer.errors import TrainingDiverged
+    from ui import format as fmt
+
+    add_images(studio, "r1", tmp_path)
+    studio.runner = FakeLoop(fail_at=3, error=TrainingDiverged("training diverged at step 4 (loss=nan)"))
+    studio.start("r1", form(steps=10))
+    assert wait_ended(studio, "r1").state == "failed"
+    old_lr = studio.run_config("r1").lr
+    for bad in ("-1", "abc", 2, "nan", "inf"):
+        with pytest.raises(UserError, match="learning rate from here .*: give a positive number such as 5e-5"):
+            studio.resume("r1", 0, bad)
+    gate = threading.Semaphore(0)
+    studio.runner = FakeLoop(gate=gate)
+    add_images(studio, "other", tmp_path)
+    studio.start("other", form(steps=2))  # holds the one worker: r1's resumed job waits in the queue
+    wait_for(lambda: job_of(studio, "other").state == "running")
+    message = studio.resume("r1", 0, "5e-5")
+    assert message.startswith("'r1' is queued at position 1") and job_of(studio, "r1").state == "queued"
+    assert (studio.recipe("r1").lr, studio.run_config("r1").lr) == (5e-5, old_lr)
+    line = fmt.recipe("r1", studio.recipe("r1"))
+    assert "learning rate 5e-05 (constant)" in line and line.endswith("Resume and Train on use these settings.")
+    gate.release(100)
+    wait_for(lambda: job_of(studio, "r1").state == "done")
+    assert studio.run_config("r1").lr == 5e-5 and studio.runner.calls[-1] == (str(studio.outputs_dir / "r1"), True)
+    assert studio.recipe("r1").lr == 5e-5  # now from config.yaml
+    message = studio.resume("r1", 14, 2e-5)  # a finished run trains on at yet another rate
+    assert message.startswith("Resuming 'r1' from its last checkpoint, on to step 14, at learning rate 2e-05 "
+                              "(was 5e-05)."), message
+    wait_for(lambda: job_of(studio, "r1").state == "done" and studio.snapshot("r1").step == 14)
+    assert studio.run_config("r1").lr == 2e-5
+    assert fmt.recipe("fresh", studio.recipe("fresh")) == ""  # never trained: no line
+
+
 def test_a_server_restart_keeps_the_queue_and_resumes_the_interrupted_run(tmp_path):
     gate = threading.Semaphore(0)
     first = Studio(tmp_path / "outputs", runner=FakeLoop(gate=gate), mix_engine=ENGINE, worker_poll=0.02)

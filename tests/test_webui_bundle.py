@@ -17,7 +17,7 @@ from trainer.webui_bundle import bundle_path, user_metadata
 CARD_KEYS = ["description", "sd version", "activation text", "preferred weight", "negative text", "notes"]  # A1111's
 
 
-@pytest.mark.parametrize("arch, version", [("sd15", "SD1"), ("sdxl", "SDXL"), ("flux", "Unknown"), ("", "Unknown")])
+@pytest.mark.parametrize("arch, version", [("sd15", "SD1"), ("sdxl", "SDXL"), ("flux", "Flux"), ("", "Unknown")])
 def test_the_card_says_what_the_file_says(arch, version):
     meta = {"modelspec.title": "Ink (step 300)", "modelspec.trigger_phrase": "zkink", "studio.arch": arch,
             "modelspec.description": "Thick ink outlines.", "studio.base_model": "demo:sd15", "ss_steps": "300",
@@ -37,13 +37,20 @@ def test_a_bare_file_still_gets_a_card():
     assert card["notes"] == "mine: trained with Style Adapter Studio."
 
 
-@pytest.mark.parametrize("lora, expected", [("outputs/ink/lora.safetensors", "outputs/ink/export/ink_a1111.zip"),
-                                            ("outputs/ink/export/ink-step000300.safetensors",
-                                             "outputs/ink/export/ink-step000300_a1111.zip"),
-                                            ("outputs/ink/export/Ink_Outline.safetensors",
-                                             "outputs/ink/export/Ink_Outline_a1111.zip")])
-def test_bundle_names(lora, expected):
-    assert bundle_path(lora) == Path(expected)
+def test_a_licence_ending_with_a_full_stop_gets_no_second_one():
+    card = user_metadata({"modelspec.title": "Ink", "modelspec.license": "Mine. No resale.", "studio.rank": "4"})
+    assert card["notes"] == "Ink: trained with Style Adapter Studio (rank 4). License: Mine. No resale."
+
+
+@pytest.mark.parametrize("run, lora, expected", [
+    ("out/ink", "lora.safetensors", "ink_a1111.zip"),
+    ("out/ink", "export/ink-step000300.safetensors", "export/ink-step000300_a1111.zip"),
+    ("out/ink", "export/Ink_Outline.safetensors", "export/Ink_Outline_a1111.zip"),
+    ("out/ink", "export/ink.safetensors", "export/ink_a1111.zip"),  # titled like the run: not the final bundle
+    ("out/export", "lora.safetensors", "export_a1111.zip"),  # a run folder named "export"
+])
+def test_bundle_names(run, lora, expected):
+    assert bundle_path(Path(run) / lora, run) == Path(run) / expected
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +75,7 @@ def test_cli_bundle_holds_the_kohya_file_its_card_and_the_steps_sample(sampled_r
     args = ["export", "--run", str(sampled_run), "--format", "a1111"] + (["--step", str(step)] if step else [])
     assert main(args) == 0
     stem = "ink" if step is None else f"ink-step{step:06d}"
-    out = sampled_run / "export" / f"{stem}_a1111.zip"
+    out = sampled_run / "ink_a1111.zip" if step is None else sampled_run / "export" / f"{stem}_a1111.zip"
     assert capsys.readouterr().out.strip() == str(out)
     files = unpack(out)
     assert sorted(files) == sorted([f"{stem}.safetensors", f"{stem}.json", f"{stem}.preview.png"])
@@ -96,58 +103,66 @@ def test_the_bundles_lora_loads_in_diffusers(sampled_run, base_dirs, tmp_path, d
 
 
 def test_a_step_without_samples_shows_the_latest_before_it_and_a_run_without_any_has_no_preview(sampled_run, tmp_path):
+    import shutil
+
     from trainer.reexport import a1111_bundle
 
-    assert main(["export", "--run", str(sampled_run), "--step", "4"]) == 0
-    samples = sampled_run / "samples"
-    hidden = tmp_path / "hidden"
-    hidden.mkdir()
-    for png in samples.glob("step-000004-*.png"):
-        png.rename(hidden / png.name)
-    try:
-        files = unpack(a1111_bundle(step_file(sampled_run, 4)))
-        assert files["ink-step000004.preview.png"] == sample_file(sampled_run, 2, 0).read_bytes()
-        for png in samples.glob("*.png"):
-            png.rename(hidden / png.name)
-        bundle = bundle_path(step_file(sampled_run, 4))
-        os.utime(step_file(sampled_run, 4))  # newer than the bundle: it is written again
-        assert sorted(unpack(a1111_bundle(step_file(sampled_run, 4)))) == ["ink-step000004.json",
-                                                                            "ink-step000004.safetensors"]
-        assert bundle.is_file()
-    finally:
-        for png in hidden.glob("*.png"):
-            png.rename(samples / png.name)
+    run = tmp_path / "ink"
+    shutil.copytree(sampled_run, run)
+    assert main(["export", "--run", str(run), "--step", "4"]) == 0  # checkpoints at 2 and 4 only
+    for png in (run / "samples").glob("step-000004-*.png"):
+        png.unlink()
+    files = unpack(a1111_bundle(step_file(run, 4), run))
+    assert files["ink-step000004.preview.png"] == sample_file(run, 2, 0).read_bytes()
+    shutil.rmtree(run / "samples")
+    assert sorted(unpack(a1111_bundle(step_file(run, 4), run))) == ["ink-step000004.json",
+                                                                    "ink-step000004.safetensors"]
 
 
-def test_a_fresh_bundle_is_not_written_again(sampled_run):
+def test_a_bundle_is_packed_again_only_when_its_files_change(sampled_run, tmp_path):
+    import shutil
+
     from trainer.reexport import a1111_bundle
 
-    lora = sampled_run / "lora.safetensors"
-    first = a1111_bundle(lora)
-    made, inode = first.stat().st_mtime_ns, first.stat().st_ino
-    assert a1111_bundle(lora).stat().st_ino == inode  # untouched (a write replaces the file: a new inode)
-    os.utime(lora, ns=(made + 10**9, made + 10**9))  # the LoRA is rewritten (training on): a new bundle
-    assert a1111_bundle(lora).stat().st_ino != inode
+    run = tmp_path / "ink"
+    shutil.copytree(sampled_run, run, ignore=shutil.ignore_patterns("*_a1111.zip"))
+    lora = run / "lora.safetensors"
+    assert a1111_bundle(lora, run, write=False) is None  # nothing packed yet
+    first = a1111_bundle(lora, run)
+    inode = first.stat().st_ino
+    assert a1111_bundle(lora, run).stat().st_ino == inode  # current: not written again (a write is a new file)
+    assert a1111_bundle(lora, run, write=False) == first
+    older = lora.stat().st_mtime_ns - 10**9
+    os.utime(lora, ns=(older, older))  # a LoRA copied back with an older time counts as changed
+    assert a1111_bundle(lora, run, write=False) is None
+    assert a1111_bundle(lora, run).stat().st_ino != inode
+    preview = sample_file(run, 4, 0)
+    preview.write_bytes(preview.read_bytes())  # the step's sample rendered again
+    assert a1111_bundle(lora, run, write=False) is None
 
 
-def test_studio_bundles_the_edited_copy_under_its_title_and_refuses_files_of_other_runs(sampled_run, tmp_path):
+def test_studio_packs_the_edited_copy_apart_from_the_final_files_and_refuses_other_runs_files(sampled_run, tmp_path):
     import shutil
 
     from trainer.errors import UserError
     from ui.studio import Studio
 
     outputs = tmp_path / "outputs"
-    shutil.copytree(sampled_run, outputs / "ink")
+    shutil.copytree(sampled_run, outputs / "ink", ignore=shutil.ignore_patterns("*_a1111.zip"))
     studio = Studio(outputs, default_base="demo-random:sd15", models_dir=tmp_path / "m", loras_dir=tmp_path / "l")
-    prepared = studio.prepare_export("ink", {"title": "Ink Outline", "trigger_phrase": "zkink2", "license": "",
+    final = Path(studio.webui_bundle("ink", str(outputs / "ink" / "lora.safetensors")))
+    prepared = studio.prepare_export("ink", {"title": "ink", "trigger_phrase": "zkink2", "license": "",
                                              "description": "Outlines."})
-    bundle = Path(studio.webui_bundle("ink", prepared["kohya"]))
-    assert bundle.name == "Ink_Outline_a1111.zip"
-    files = unpack(bundle)
-    card = json.loads(files["Ink_Outline.json"])
+    assert Path(prepared["kohya"]).name == "ink.safetensors"
+    assert studio.webui_bundle("ink", prepared["kohya"], write=False) is None  # not packed yet
+    edited = Path(studio.webui_bundle("ink", prepared["kohya"]))
+    assert (final, edited) == (outputs / "ink" / "ink_a1111.zip", outputs / "ink" / "export" / "ink_a1111.zip")
+    assert unpack(final)["ink.safetensors"] == (outputs / "ink" / "lora.safetensors").read_bytes()
+    files = unpack(edited)
+    assert files["ink.safetensors"] == Path(prepared["kohya"]).read_bytes()
+    card = json.loads(files["ink.json"])
     assert (card["activation text"], card["description"]) == ("zkink2", "Outlines.")
-    assert files["Ink_Outline.safetensors"] == Path(prepared["kohya"]).read_bytes()
+    assert json.loads(unpack(final)["ink.json"])["activation text"] == "zkink"
     assert studio.webui_bundle("ink", None) is None
     with pytest.raises(UserError, match="is not a file of run 'ink'"):
         studio.webui_bundle("ink", str(sampled_run / "lora.safetensors"))
-

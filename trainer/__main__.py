@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="run folder (outputs/<run>)")
     export.add_argument("--format", choices=("kohya", "diffusers", "comfy", "a1111"), default="kohya",
                         help="a1111: the kohya file zipped with its A1111/Forge card (preview image, trigger word) "
-                             "as <run>/export/<name>_a1111.zip, to unpack into models/Lora")
+                             "as <run>/<run>_a1111.zip (with --step: <run>/export/<run>-step<N>_a1111.zip), to "
+                             "unpack into models/Lora")
     export.add_argument("--step", type=int, default=None,
                         help="export the checkpoint of this step to <run>/export/<run>-step<N>.safetensors "
                              "(default: the latest, into the run's own files)")

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     resume = sub.add_parser("resume", parents=[common], help="queue an interrupted, stopped or failed job again")
     resume.add_argument("id", type=int)
     resume.add_argument("--steps", type=int, help="new total step count (default: the job's own)")
+    resume.add_argument("--lr", type=float, help="new learning rate (default: the job's own; lower it after a "
+                                                 "diverged run)")
 
     work = sub.add_parser("run", parents=[common], help="the worker: train queued jobs one at a time")
     work.add_argument("--once", action="store_true", help="exit when nothing is left to run (default: wait for more)")
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                                    if job.state == "stopping" else "cancelled; it will not run"))
         return 0
     if action == "resume":
-        job = queue.resume(args.id, steps=args.steps)
+        job = queue.resume(args.id, steps=args.steps, lr=args.lr)
         how = f"from checkpoint {job.last_checkpoint}" if job.resume else "from step 0 (it had no checkpoint)"
         print(f"job {job.id} queued again at position {job.position}, continuing {how}")
         return 0

@@ -15,20 +15,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from trainer.buckets import buckets, cover_size, nearest_bucket
-from trainer.images import DEFAULT_LIMITS, FINGERPRINT_SIDE, ImageLimits, fingerprint, open_image, shown_size
+from trainer.images import (COLOUR_SIDE, DEFAULT_LIMITS, FINGERPRINT_BYTES, ImageLimits, fingerprint, open_image,
+                            shown_size)
 
 if TYPE_CHECKING:  # trainer.data needs torch; the web app imports this module without it
     from trainer.data import Example
 
-# Two pictures match when no cell of their fingerprints differs by this much (0..255). Measured on the demo style
-# sets (flat backgrounds, small shapes: the hardest case): distinct pictures differ by 36 or more somewhere,
-# copies enlarged to 512 px or shrunk to 40 px and saved as JPEG quality 60 by 16 at most.
-DUPLICATE_TOLERANCE = 24
+# Two pictures match when no cell of their colour fingerprints differs by COLOUR_TOLERANCE (0..255) and their
+# shape fingerprints correlate by SHAPE_CORRELATION. Measured (tests/test_dataset_check.py builds the sets):
+# copies enlarged to 512 px, shrunk to 40–256 px or saved as JPEG quality 60 differ by 21 at most in colour and
+# correlate by 0.92 or more; the demo style sets (small shapes on one flat colour) differ by 36 or more in colour;
+# sketches (thin strokes on paper, alike in colour) correlate by 0.65 at most.
+COLOUR_TOLERANCE = 24
+SHAPE_CORRELATION = 0.9
 MAX_ENLARGEMENT = 1.5  # enlarged more than this to fill its bucket, a picture trains as a blurred one
 MIN_KEPT = 0.75  # a crop that keeps less than this share of the picture loses what the artist framed
 FEW_IMAGES = 5
@@ -61,28 +66,36 @@ class Finding:
         return f"{self.problem}: {shown}{more}"
 
 
-def duplicate_groups(facts: Sequence[ImageFacts], tolerance: int = DUPLICATE_TOLERANCE) -> list[tuple[str, ...]]:
-    """Groups of pictures whose fingerprints match (each group in dataset order, groups by their first member)."""
-    usable = [f for f in facts if len(f.fingerprint) == 3 * FINGERPRINT_SIDE ** 2]
+def _shape_vectors(prints: np.ndarray) -> np.ndarray:
+    """Each picture's grey fingerprint less its mean, at unit length (zero for a flat picture)."""
+    shapes = prints[:, 3 * COLOUR_SIDE ** 2:].astype(np.float64)
+    shapes -= shapes.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(shapes, axis=1, keepdims=True)
+    return np.divide(shapes, norms, out=np.zeros_like(shapes), where=norms > 1e-6)
+
+
+def duplicate_groups(facts: Sequence[ImageFacts]) -> list[tuple[str, ...]]:
+    """Groups of pictures that match their group's first member (dataset order; no chains of near matches)."""
+    usable = [f for f in facts if len(f.fingerprint) == FINGERPRINT_BYTES]
     if len(usable) < 2:
         return []
-    prints = np.stack([np.frombuffer(f.fingerprint, dtype=np.uint8) for f in usable]).astype(np.int16)
-    parent = list(range(len(usable)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    prints = np.stack([np.frombuffer(f.fingerprint, dtype=np.uint8) for f in usable])
+    colours = prints[:, :3 * COLOUR_SIDE ** 2].astype(np.int16)
+    shapes = _shape_vectors(prints)
+    flat = ~shapes.any(axis=1)
+    grouped = np.zeros(len(usable), dtype=bool)
+    groups = []
     for i in range(len(usable) - 1):
-        close = np.abs(prints[i + 1:] - prints[i]).max(axis=1) < tolerance
-        for j in np.nonzero(close)[0] + i + 1:
-            parent[root(int(j))] = root(i)
-    groups: dict[int, list[str]] = {}
-    for i, f in enumerate(usable):
-        groups.setdefault(root(i), []).append(f.name)
-    return [tuple(names) for names in groups.values() if len(names) > 1]
+        if grouped[i]:
+            continue
+        rest = slice(i + 1, None)
+        alike = np.abs(colours[rest] - colours[i]).max(axis=1) < COLOUR_TOLERANCE
+        same_shape = (shapes[rest] @ shapes[i] >= SHAPE_CORRELATION) | (flat[rest] & flat[i])
+        members = np.nonzero(alike & same_shape & ~grouped[rest])[0] + i + 1
+        if len(members):
+            grouped[members] = True
+            groups.append((usable[i].name, *(usable[j].name for j in members)))
+    return groups
 
 
 def fit_of(width: int, height: int, resolution: int) -> tuple[float, float]:
@@ -111,7 +124,8 @@ def check_images(facts: Sequence[ImageFacts], resolution: int) -> list[Finding]:
     if cropped:
         findings.append(Finding(
             f"{len(cropped)} picture(s) lose over a quarter of their area to the crop that fits them to a training "
-            "shape (wider or taller than 4:1, or a low resolution with few shapes); crop them yourself to what matters", tuple(f"{name} ({1 - kept:.0%} cut)" for name, kept in cropped)))
+            "aspect ratio (wider or taller than 4:1, or a low resolution with few ratios); crop them yourself to "
+            "what matters", tuple(f"{name} ({1 - kept:.0%} cut)" for name, kept in cropped)))
     if 0 < len(facts) < FEW_IMAGES:
         findings.append(Finding(f"only {len(facts)} picture(s): a LoRA this small copies their subjects instead of "
                                 "learning a style; 15–50 varied pictures in the style is typical"))
@@ -143,15 +157,23 @@ def shown_name(source: str | Path, root: str | Path) -> str:
         return Path(source).name
 
 
+class CaptionReader(NamedTuple):
+    """The text encoder whose token limit cuts captions off in training (a model handler's ``caption_reader``)."""
+
+    tokenizer: Any
+    limit: int
+    encoder: str  # its name in messages: "CLIP", "T5"
+
+
 def check_prepared(examples: Sequence["Example"], resolution: int, root: str | Path,
-                   caption_reader: tuple[object, int, str]) -> list[Finding]:
+                   reader: CaptionReader) -> list[Finding]:
     """Every check, on the examples a run prepared (their captions as trained, trigger included)."""
     names = [shown_name(e.source, root) for e in examples]
-    facts = [ImageFacts(name, e.original_size[1], e.original_size[0], e.fingerprint) for name, e in zip(names, examples)]
-    tokenizer, limit, encoder = caption_reader
+    facts = [ImageFacts(name, e.original_size[1], e.original_size[0], e.fingerprint)
+             for name, e in zip(names, examples)]
     captions = list(zip(names, (e.caption for e in examples)))
-    return check_images(facts, resolution) + check_captions(captions, lambda text: token_count(tokenizer, text),
-                                                            limit, encoder)
+    count = partial(token_count, reader.tokenizer)
+    return check_images(facts, resolution) + check_captions(captions, count, reader.limit, reader.encoder)
 
 
 def file_facts(name: str, path: str | Path, thumbnail: str | Path | None = None,

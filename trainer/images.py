@@ -31,7 +31,10 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
-FINGERPRINT_SIDE = 8  # an 8×8 RGB average: layout and colour, blind to resizing and re-compression
+# A picture's fingerprint: an 8×8 RGB average (colour and layout) then a 16×16 grey average (shapes), both blind
+# to resizing and re-compression. 192 + 256 bytes.
+COLOUR_SIDE, SHAPE_SIDE = 8, 16
+FINGERPRINT_BYTES = 3 * COLOUR_SIDE ** 2 + SHAPE_SIDE ** 2
 
 
 def is_image_name(name: str) -> bool:
@@ -109,8 +112,11 @@ def open_image(path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS) ->
 
 
 def fingerprint(img: Image.Image) -> bytes:
-    """An 8×8 RGB box average of ``img``: the same for a picture and its resized or re-saved copies."""
-    return img.convert("RGB").resize((FINGERPRINT_SIDE, FINGERPRINT_SIDE), Image.Resampling.BOX).tobytes()
+    """Box averages of ``img`` (see ``COLOUR_SIDE``): nearly the same for a picture and its resized or re-saved
+    copies, which is what ``trainer.dataset_check`` compares."""
+    rgb = img.convert("RGB")
+    colour = rgb.resize((COLOUR_SIDE, COLOUR_SIDE), Image.Resampling.BOX).tobytes()
+    return colour + rgb.convert("L").resize((SHAPE_SIDE, SHAPE_SIDE), Image.Resampling.BOX).tobytes()
 
 
 def shown_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -123,7 +129,13 @@ def shown_size(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
-            turned = img.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
+            if img.format == "PNG":  # its getexif() decodes every pixel to look for an eXIf chunk after them
+                exif = Image.Exif()
+                if img.info.get("exif"):
+                    exif.load(img.info["exif"])
+            else:
+                exif = img.getexif()
+            turned = exif.get(0x0112) in (5, 6, 7, 8)  # orientations that swap the sides
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(f"{Path(path).name}: not an image Pillow can read ({err})") from None
     return (height, width) if turned else (width, height)

@@ -286,6 +286,16 @@ def run_training(config: TrainConfig, emit: Optional[ev.Emit] = None, stop: Opti
         raise failure from err
 
 
+def dataset_check_lines(examples: list[Example], config: TrainConfig, base: LoadedBase) -> list[str]:
+    """What ``trainer.dataset_check`` finds, as log lines. Advice only: a check that fails says so and the run
+    goes on."""
+    try:
+        findings = check_prepared(examples, config.resolution, config.data, base.handler.caption_reader(base.pipe))
+    except Exception as err:  # a tokenizer or file oddity must not stop a run the check only advises on
+        return [f"dataset check skipped ({type(err).__name__}: {err})"]
+    return [f"dataset check: {finding.line()}" for finding in findings]
+
+
 def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Event, resume: bool,
            show_progress: bool, dist: Dist) -> RunResult:
     started_at = time.time()
@@ -303,8 +313,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     for name, reason in skipped:
         emit(ev.Log(message=f"skipped {name}: {reason}"))
     if not resume:  # a resumed run was looked over when it started
-        for finding in check_prepared(examples, config.resolution, config.data, base.handler.caption_reader(base.pipe)):
-            emit(ev.Log(message=f"dataset check: {finding.line()}"))
+        for line in dataset_check_lines(examples, config, base):
+            emit(ev.Log(message=line))
     if dist.is_main:
         write_text(run_dir / "config.yaml", dump_yaml(config))
     cache = shared_cache(base, examples, run_dir, dist, mirrored=config.flip)
@@ -429,7 +439,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
             raise TrainingDiverged(
                 f"training diverged at step {at + 1} (loss={loss}, grad norm={grad_norm}); "
                 f"{'the last good checkpoint is ' + kept[-1].name if kept else 'no checkpoint was written yet'}. "
-                f"Lower the learning rate (now {config.lr:g}) or use fp32/bf16 instead of fp16, then --resume or restart"
+                f"Lower the learning rate (now {config.lr:g}) or use fp32/bf16 instead of fp16, then resume (command "
+                "line: --resume --lr; web app: Runs, 'Learning rate from here', Resume selected run) or restart"
             )
 
     retry_oom = checkpointing_plan(config.gradient_checkpointing, base.device, dist.world)[1]

@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 from trainer.bases import parse_base
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
 from trainer.config import load_config
-from trainer.errors import UserError
+from trainer.errors import UserError, WriteError
 from trainer.export import (ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict, load_export_info,
                             read_metadata, save_safetensors, to_diffusers, to_flux_fused, to_kohya, training_record)
 from trainer.models import ARCH_HANDLERS, demo_folder
 from trainer.steps import checkpoint_mtime, preview_image, step_file
-from trainer.webui_bundle import bundle_path, is_fresh, write_bundle
+from trainer.webui_bundle import bundle_path, current_bundle, write_bundle
 
 FILE_NAMES = {"kohya": "lora.safetensors", "diffusers": "lora_diffusers.safetensors", "comfy": "lora_comfy.safetensors"}
 
@@ -68,10 +68,10 @@ def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
 
     The latest goes to the run's own file name; a chosen step to :func:`step_file`, titled "<title> (step N)"
     so that ComfyUI's and A1111's lists tell the files apart. ``a1111`` writes the kohya file, then packs it
-    with its card (preview image, trigger word) into ``<run>/export/<name>_a1111.zip`` (trainer.webui_bundle).
+    with its card (preview image, trigger word) into a .zip (trainer.webui_bundle.bundle_path says where).
     """
     if fmt == "a1111":
-        return [a1111_bundle(reexport(run, "kohya", step)[0])]
+        return [a1111_bundle(reexport(run, "kohya", step)[0], run)]
     run = Path(run)
     config = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     checkpoints = checkpoint_dirs(run)
@@ -122,20 +122,27 @@ def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
     return [save_safetensors(target, tensors, metadata)]
 
 
-def a1111_bundle(lora: str | Path) -> Path:
-    """The A1111 / Forge zip of the kohya-layout file ``lora`` (a run's own, a step's, or an edited copy), with the
-    sample of its step as preview; written again only when the LoRA or that sample is newer than it."""
-    lora = Path(lora)
+def a1111_bundle(lora: str | Path, run: str | Path, write: bool = True) -> Path | None:
+    """The A1111 / Forge zip of ``run``'s kohya-layout file ``lora`` (its own, a step's, or an edited copy) with
+    the sample of its step as preview (see trainer.webui_bundle). Written when missing or made from other files;
+    with ``write`` False only an up-to-date one is returned (None otherwise)."""
+    lora, run = Path(lora), Path(run)
     metadata = read_metadata(lora)
-    run = lora.parent.parent if lora.parent.name == "export" else lora.parent
     try:
         preview = preview_image(run, int(metadata.get("ss_steps", "")))
     except ValueError:
         preview = None
-    out = bundle_path(lora)
-    if is_fresh(out, lora, preview):
-        return out
-    return write_bundle(lora, metadata, preview, out)
+    out = bundle_path(lora, run)
+    current = current_bundle(out, lora, preview)
+    if current is not None or not write:
+        return current
+    stem = run.name if lora.parent == run else lora.stem
+    try:
+        return write_bundle(lora, metadata, preview, out, stem)
+    except WriteError:
+        if not lora.is_file() or (preview is not None and not preview.is_file()):  # rotated away meanwhile
+            raise UserError(f"{lora.name} or its sample changed while it was being packed; pack it again") from None
+        raise
 
 
 def step_exports(run: str | Path, step: int, formats: tuple[str, ...] = ("kohya", "diffusers")) -> dict[str, Path | None]:

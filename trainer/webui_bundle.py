@@ -12,70 +12,83 @@ card says what the file says. No torch needed.
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
 from trainer.atomic import atomic_path
 
-# A1111's "Stable Diffusion version" choices; it has none for FLUX (Forge lists such LoRAs as "Unknown", which
-# every base shows).
-SD_VERSIONS = {"sd15": "SD1", "sdxl": "SDXL", "flux": "Unknown"}
+# A1111's "Stable Diffusion version" names; Forge adds "Flux" (A1111, which has no FLUX, falls back to its own guess).
+SD_VERSIONS = {"sd15": "SD1", "sdxl": "SDXL", "flux": "Flux"}
 BUNDLE_SUFFIX = "_a1111.zip"
 
 
 def user_metadata(metadata: dict[str, str], weight: float = 1.0) -> dict:
     """The card's ``<name>.json`` from a LoRA's metadata (``trainer.export.build_metadata``'s keys)."""
     title = metadata.get("modelspec.title", "") or metadata.get("ss_output_name", "")
+    shape = f"rank {metadata['studio.rank']}" if metadata.get("studio.rank") else ""
+    if shape and metadata.get("studio.alpha"):
+        shape += f", alpha {metadata['studio.alpha']}"
     recipe = [f"base {metadata['studio.base_model']}" if metadata.get("studio.base_model") else "",
-              f"{metadata['ss_steps']} steps" if metadata.get("ss_steps") else "",
-              f"rank {metadata['studio.rank']}, alpha {metadata.get('studio.alpha', '?')}"
-              if metadata.get("studio.rank") else "",
+              f"{metadata['ss_steps']} steps" if metadata.get("ss_steps") else "", shape,
               f"{metadata['studio.image_count']} images" if metadata.get("studio.image_count", "0") != "0" else ""]
     made_with = metadata.get("studio.tool", "Style Adapter Studio")
-    notes = f"{title}: trained with {made_with}" + (f" ({', '.join(r for r in recipe if r)})" if any(recipe) else "")
+    notes = [f"{title}: trained with {made_with}" + (f" ({', '.join(r for r in recipe if r)})" if any(recipe) else "")]
     if metadata.get("modelspec.license"):
-        notes += f". License: {metadata['modelspec.license']}"
+        notes.append(f"License: {metadata['modelspec.license']}")
     return {
         "description": metadata.get("modelspec.description", "") or title,
         "sd version": SD_VERSIONS.get(metadata.get("studio.arch", ""), "Unknown"),
         "activation text": metadata.get("modelspec.trigger_phrase", ""),
         "preferred weight": float(weight),
         "negative text": "",
-        "notes": notes + ".",
+        "notes": " ".join(n if n.endswith(".") else f"{n}." for n in notes),
     }
 
 
-def bundle_path(lora: str | Path) -> Path:
-    """Where the bundle of ``lora`` goes: ``<run>/export/<stem>_a1111.zip`` (``lora.safetensors`` → the run's name)."""
-    lora = Path(lora)
-    in_export = lora.parent.name == "export"
-    run = lora.parent.parent if in_export else lora.parent
-    stem = lora.stem if in_export else run.name
-    return run / "export" / f"{stem}{BUNDLE_SUFFIX}"
+def bundle_path(lora: str | Path, run: str | Path) -> Path:
+    """Where the bundle of ``lora`` goes. The run's own ``lora.safetensors`` → ``<run>/<run>_a1111.zip`` beside
+    it; a step's file or an edited copy in ``<run>/export/`` → ``<run>/export/<its name>_a1111.zip``. Two
+    folders, so an edited copy titled like the run never takes the final files' bundle."""
+    lora, run = Path(lora), Path(run)
+    if lora.parent == run:
+        return run / f"{run.name}{BUNDLE_SUFFIX}"
+    return lora.parent / f"{lora.stem}{BUNDLE_SUFFIX}"
+
+
+def _signature(*sources: Path | None) -> bytes:
+    """Name, size and modification time of each source: a bundle is current while these are unchanged."""
+    found = []
+    for source in sources:
+        if source is not None:
+            stat = source.stat()
+            found.append([source.name, stat.st_size, stat.st_mtime_ns])
+    return json.dumps(found).encode()
+
+
+def current_bundle(out: str | Path, lora: str | Path, preview: str | Path | None) -> Path | None:
+    """``out`` when it was made from ``lora`` and ``preview`` exactly as they are now (its zip comment records
+    them; times are compared for equality, so a file copied back with an older time counts as changed)."""
+    try:
+        with zipfile.ZipFile(out) as archive:
+            made_from = archive.comment
+        now = _signature(Path(lora), Path(preview) if preview else None)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return Path(out) if made_from == now else None
 
 
 def write_bundle(lora: str | Path, metadata: dict[str, str], preview: str | Path | None, out: str | Path,
-                 weight: float = 1.0) -> Path:
+                 stem: str, weight: float = 1.0) -> Path:
     """Zip ``lora`` (as ``<stem>.safetensors``), its card JSON and ``preview`` (as ``<stem>.preview.png``) into
-    ``out``, atomically; ``<stem>`` is ``out``'s name without ``_a1111.zip``. Stored, not compressed: LoRA
-    weights do not shrink and the zip is written again whenever the LoRA changes."""
-    out = Path(out)
-    stem = out.name[: -len(BUNDLE_SUFFIX)] if out.name.endswith(BUNDLE_SUFFIX) else out.stem
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ``out``, atomically. Stored, not compressed: LoRA weights do not shrink. The sources' signature is taken
+    before they are read, so a LoRA rewritten meanwhile makes the bundle stale, not wrongly current."""
+    lora, preview = Path(lora), Path(preview) if preview else None
+    signature = _signature(lora, preview)
     with atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+            archive.comment = signature
             archive.write(lora, f"{stem}.safetensors")
             archive.writestr(f"{stem}.json", json.dumps(user_metadata(metadata, weight), indent=4, ensure_ascii=False))
             if preview is not None:
                 archive.write(preview, f"{stem}.preview.png")
-    return out
-
-
-def is_fresh(bundle: str | Path, *sources: str | Path | None) -> bool:
-    """Whether ``bundle`` exists and is newer than every existing source (a LoRA rewritten, a new sample)."""
-    try:
-        made = os.stat(bundle).st_mtime
-    except OSError:
-        return False
-    return all(os.stat(s).st_mtime <= made for s in sources if s is not None and os.path.exists(s))
+    return Path(out)

@@ -41,10 +41,13 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             status = gr.Markdown(elem_id="export-status")
         with gr.Column(scale=2):
             kohya = gr.DownloadButton("Download LoRA (kohya / A1111 / ComfyUI)", elem_id="dl-kohya", interactive=False)
-            webui = gr.DownloadButton("Download for A1111 / Forge (.zip: LoRA, preview picture, trigger word)",
-                                      elem_id="dl-a1111", interactive=False)
-            gr.Markdown("Unpack the .zip into the web UI's `models/Lora` folder: its card shows the step's first "
-                        "sample and adds the trigger word to your prompt with the LoRA.", elem_id="a1111-hint")
+            with gr.Row():
+                pack = gr.Button("Pack for A1111 / Forge", elem_id="pack-a1111", min_width=120)
+                webui = gr.DownloadButton("Download the A1111 / Forge .zip", elem_id="dl-a1111", interactive=False,
+                                          min_width=120)
+            gr.Markdown("The .zip holds the LoRA with its card: unpack it into the web UI's `models/Lora` folder, "
+                        "and the card shows the step's first sample and adds the trigger phrase (if any) to your "
+                        "prompt with the LoRA.", elem_id="a1111-hint")
             diffusers = gr.DownloadButton("Download LoRA (diffusers / PEFT)", elem_id="dl-diffusers",
                                           interactive=False)
             samples_zip = gr.DownloadButton("Download all sample images, every step (.zip)", elem_id="dl-samples",
@@ -64,16 +67,18 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         compare_image = gr.Image(label="Steps side by side (same seed in every cell)", show_label=False,
                                  type="filepath", elem_id="export-compare-grid", interactive=False)
     prompts_of = gr.State("")  # the run whose prompts the box was filled with: a new run refills it
+    shown_kohya = gr.State(None)  # the kohya file the downloads show (final, a step's, an edited copy): Pack packs it
 
     def one(path):
         return gr.update(value=path, interactive=True) if path else gr.update(value=None, interactive=False)
 
     def buttons(run_name, paths: dict, zip_path):
-        try:
-            bundle = studio.webui_bundle(run_name, paths.get("kohya"))
+        try:  # a .zip packed before for exactly these files; Pack makes one
+            bundle = studio.webui_bundle(run_name, paths.get("kohya"), write=False)
         except UserError:
-            bundle = None  # the files themselves still download; the line above them names any damage
-        return one(paths.get("kohya")), one(bundle), one(paths.get("diffusers")), one(zip_path)
+            bundle = None
+        return (one(paths.get("kohya")), one(bundle), one(paths.get("diffusers")), one(zip_path),
+                paths.get("kohya"))
 
     def show(run_name, step_value):
         """The files, metadata, downloads and samples of the final files or of one step."""
@@ -129,13 +134,23 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         except UserError as err:
             return (f"⚠ {err}", gr.skip(), gr.skip(), gr.skip())
         names = ", ".join(fmt.md_code(Path(p).name) for p in prepared.values())
-        kohya_u, webui_u, diffusers_u, _ = buttons(run_name, prepared, None)
+        kohya_u, webui_u, diffusers_u, _, kohya_path = buttons(run_name, prepared, None)
         return (f"Metadata written to {names}; the buttons now download these copies.", kohya_u, webui_u,
-                diffusers_u)
+                diffusers_u, kohya_path)
 
-    shown = [files, status, *boxes, kohya, webui, diffusers, samples_zip, gallery]
+    def on_pack(run_name, kohya_path):
+        if not kohya_path:
+            return "⚠ nothing to pack yet: train the run (or pick a step) first", gr.skip()
+        try:
+            bundle = studio.webui_bundle(run_name, kohya_path)
+        except UserError as err:
+            return f"⚠ {err}", gr.skip()
+        return f"Packed {fmt.md_code(Path(bundle).name)}: download it beside this button.", one(bundle)
+
+    shown = [files, status, *boxes, kohya, webui, diffusers, samples_zip, shown_kohya, gallery]
     step.input(show, [run, step], shown)
-    apply.click(on_apply, [run, step, *boxes], [status, kohya, webui, diffusers])
+    apply.click(on_apply, [run, step, *boxes], [status, kohya, webui, diffusers, shown_kohya])
+    pack.click(on_pack, [run, shown_kohya], [status, webui], concurrency_id="export-pack", concurrency_limit=1)
     compare.click(on_compare, [run, compare_prompts, compare_weight, compare_seed], [compare_info, compare_image],
                   concurrency_id="mix", concurrency_limit=1)
     return {"on_show": (on_show, [run, compare_prompts, prompts_of],

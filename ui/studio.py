@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ from trainer.bases import base_sampling_defaults, list_bases, parse_base
 from trainer.config import Precision
 from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES, write_style_set  # noqa: F401 (DEMO_STYLES: the tab)
 from trainer.errors import ConfigError, ImageError, UserError
-from trainer.dataset_check import Finding, check_images, file_facts
+from trainer.dataset_check import Finding, ImageFacts, check_images, file_facts
 from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer import events as ev
 from trainer.objective import Objective, check_objective
@@ -147,6 +148,7 @@ class Studio:
                            session_kwargs=lambda base: {"device": "cpu" if is_demo(base) else "auto"})
         self._nf4: Optional[tuple[bool, str]] = None
         self._snapshots: dict[Path, tuple[tuple, Optional[JobSnapshot]]] = {}
+        self._facts: dict[str, tuple[tuple, ImageFacts]] = {}  # dataset check: picture path -> (its stat, facts)
 
     # ---- the queue worker -------------------------------------------------------------------
     def start_worker(self, stop: Optional[threading.Event] = None) -> threading.Thread:
@@ -312,13 +314,19 @@ class Studio:
         """What in ``run``'s dataset would make a LoRA trained at ``resolution`` worse, and how many pictures were
         looked at. Fingerprints come from the thumbnails and sizes from the file headers, so this is quick enough
         to run after every change."""
-        facts = []
+        facts, known = [], {}
         for item in store.list_items(self.run_dir(run)):
+            thumb = item.thumb if item.thumb != item.path else None
             try:
-                facts.append(file_facts(item.name, item.path, item.thumb if item.thumb != item.path else None,
-                                        self.limits))
-            except ImageError:
+                key = tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (item.path, thumb) if p)
+                cached = self._facts.get(item.path)
+                found = cached[1] if cached and cached[0] == key else file_facts(item.name, item.path, thumb,
+                                                                                  self.limits)
+            except (ImageError, OSError):
                 continue  # training skips it with the reason; the upload already refused what it could tell
+            known[item.path] = (key, found)
+            facts.append(found)
+        self._facts.update(known)  # pictures unchanged since the last look are not opened again
         return check_images(facts, resolution), len(facts)
 
     captioners = staticmethod(choices.captioners)
@@ -478,11 +486,12 @@ class Studio:
         where = f"checkpoint {job.last_checkpoint}" if job.last_checkpoint else "step 0 (it had no checkpoint yet)"
         return self._queued_message(job, active, f"Resuming '{Path(job.run_dir).name}' from {where}.")
 
-    def resume(self, run: str, steps: Any = None) -> str:
+    def resume(self, run: str, steps: Any = None, lr: Any = None) -> str:
         """Resume ``run`` from its last checkpoint through the queue (its queue job if it has one).
 
         ``steps`` (a new total, more than the run has trained) also continues a finished run: the style
-        was too faint, so train on from where it ended instead of starting again.
+        was too faint, so train on from where it ended instead of starting again. ``lr`` (0 or empty: the
+        run's own) sets a new peak learning rate from here, the advice after a diverged run.
 
         Raises:
             UserError: never trained, already finished (without more steps), no checkpoint, or already
@@ -496,29 +505,33 @@ class Studio:
             raise UserError(f"'{run_dir.name}' is already {job.state} (job {job.id})")
         info = next((r for r in self.runs() if r.name == run_dir.name), None)
         total = self._continue_to(steps, info)
+        new_lr = self._new_lr(lr)
         finished = info is not None and info.state == "done"
         if info is not None and not info.resumable and not (finished and total is not None):
             why = ("it already finished: give more steps to train on" if finished else "it has no checkpoint yet")
             raise UserError(f"'{run}' cannot be resumed: {why}")
+        saved = self.run_config(run)
+        message = self._resuming(run_dir.name, total, new_lr, saved.lr if saved else None)
+        note = self._rotation_note(run, total) if total is not None else ""
         if job is not None and job.resumable and not finished:
-            if total is None:
+            if total is None and new_lr is None:
                 return self.resume_job(job.id)
-            return self._queued_message(self.queue.resume(job.id, steps=total), self.active_run(),
-                                        self._resuming(run_dir.name, total) + self._rotation_note(run, total))
+            return self._queued_message(self.queue.resume(job.id, steps=total, lr=new_lr), self.active_run(),
+                                        message + note)
         from trainer.config import load_config  # a finished run, or one trained before the queue existed
 
         active = self.active_run()
         config = replace(load_config(run_dir / "config.yaml"), out=str(run_dir))
         if total is not None:
             config = replace(config, steps=total)
-        queued = self.queue.add(config, resume=True)
-        note = self._rotation_note(run, total) if total is not None else ""
-        return self._queued_message(queued, active, self._resuming(run_dir.name, total) + note)
+        if new_lr is not None:
+            config = replace(config, lr=new_lr)
+        return self._queued_message(self.queue.add(config, resume=True), active, message + note)
 
     def _rotation_note(self, run: str, total: int) -> str:
         """Which kept checkpoints training on to ``total`` will delete (Keep checkpoints), so the artist can
         export them first; "" when none."""
-        config = self._run_config(run)
+        config = self.run_config(run)
         run_dir = self.run_dir(run)
         kept = [checkpoint_step(p) for p in checkpoint_dirs(run_dir)]
         if config is None or not kept:
@@ -557,8 +570,27 @@ class Studio:
         return int(total)
 
     @staticmethod
-    def _resuming(name: str, total: Optional[int]) -> str:
-        return f"Resuming '{name}' from its last checkpoint" + (f", on to step {total}." if total else ".")
+    def _new_lr(lr: Any) -> Optional[float]:
+        """The form's "Learning rate from here" (None: keep the run's own; so do 0 and an empty box)."""
+        if lr is None or str(lr).strip() in ("", "0", "0.0"):
+            return None
+        try:
+            value = float(lr)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise UserError(f"learning rate from here {lr!r}: give a positive number such as 5e-5 (0 keeps the "
+                            "run's own)")
+        return value
+
+    @staticmethod
+    def _resuming(name: str, total: Optional[int], lr: Optional[float], old_lr: Optional[float]) -> str:
+        parts = [f"Resuming '{name}' from its last checkpoint"]
+        if total:
+            parts.append(f"on to step {total}")
+        if lr is not None:
+            parts.append(f"at learning rate {lr:g}" + (f" (was {old_lr:g})" if old_lr is not None else ""))
+        return ", ".join(parts) + "."
 
     def snapshot(self, run: str) -> Optional[JobSnapshot]:
         """The run's progress from its events.jsonl (the worker's runs append to it live) and its state from
@@ -689,7 +721,7 @@ class Studio:
         if not steps:
             raise UserError(f"'{run}' has no checkpoint yet: train it (a checkpoint is written every "
                             "'Checkpoint every N steps' and at the end) and come back")
-        config = self._run_config(run)
+        config = self.run_config(run)
         trigger = self.settings(run).get("trigger", "") or (config.trigger if config else "")
         lines = [prompt_with_trigger(line.strip(), trigger) for line in str(prompts or "").splitlines() if line.strip()]
         if not lines:
@@ -739,7 +771,7 @@ class Studio:
         checkpoint = checkpoint_mtime(self.run_dir(run), step)
         return step if checkpoint is None or written >= checkpoint else None
 
-    def _run_config(self, run: str):
+    def run_config(self, run: str):
         """The run's TrainConfig, None when it has none (never trained) or it is unreadable."""
         from trainer.config import load_config
 
@@ -748,9 +780,27 @@ class Studio:
         except UserError:
             return None
 
+    def recipe(self, run: str):
+        """What ``run`` trains with: its queue job's config while the job waits or trains (a Start, or a Resume
+        with new steps or learning rate, reaches config.yaml only when training begins), else its config.yaml."""
+        import yaml
+
+        from trainer.config import make_config
+
+        try:
+            job = self._job_for(self.run_dir(run))
+        except UserError:
+            return None
+        if job is not None and job.state in ("queued", "running", "stopping"):
+            try:
+                return make_config(yaml.safe_load(job.config_yaml))
+            except (UserError, yaml.YAMLError, TypeError):
+                pass
+        return self.run_config(run)
+
     def compare_prompts(self, run: str) -> str:
         """Prompts to start the step comparison with: the run's sample prompts, else its first two captions."""
-        config = self._run_config(run)
+        config = self.run_config(run)
         prompts = list(config.sample_prompts) if config else []
         if not prompts:
             try:
@@ -816,9 +866,9 @@ class Studio:
         self.save_settings(run, applied_exports=applied)
         return prepared
 
-    def webui_bundle(self, run: str, kohya: Optional[str]) -> Optional[str]:
-        """The A1111 / Forge .zip of the kohya file the Export tab shows (final, a step's, or an edited copy);
-        None without one. Rebuilt only when that file or its preview sample is newer."""
+    def webui_bundle(self, run: str, kohya: Optional[str], write: bool = True) -> Optional[str]:
+        """The A1111 / Forge .zip of the kohya file the Export tab shows (final, a step's, or an edited copy),
+        packed unless one made from exactly these files exists; with ``write`` False, only that one (or None)."""
         if not kohya:
             return None
         path = Path(kohya)
@@ -826,7 +876,8 @@ class Studio:
             raise UserError(f"{path.name} is not a file of run '{run}'")
         from trainer.reexport import a1111_bundle
 
-        return str(a1111_bundle(path))
+        bundle = a1111_bundle(path, self.run_dir(run), write=write)
+        return str(bundle) if bundle is not None else None
 
     @staticmethod
     def _applied_key(step: Optional[int]) -> str:

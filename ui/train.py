@@ -130,8 +130,12 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
                                     info="0: the run's own total. More steps also continue a finished run with "
                                          "its own saved settings (a cosine or linear schedule stretches to the "
                                          "new total).")
+            continue_lr = gr.Number(0, label="Learning rate from here", elem_id="continue-lr", scale=1,
+                                    info="0: the run's own. After a run diverged (NaN loss), lower it, e.g. to half, "
+                                         "and resume from its last good checkpoint.")
             resume = gr.Button("Resume selected run", elem_id="resume")
             refresh = gr.Button("Refresh", elem_id="refresh-runs")
+        recipe = gr.Markdown(elem_id="run-recipe")
     last = gr.State(None)  # what the page shows now, so a poll only sends what changed
 
     base.change(lambda b, r, p: (studio.describe_base(b), _resolution_for(b, r), _preset_fields(studio, p, b)[1]),
@@ -183,13 +187,16 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
 
     stop.click(on_stop, run, status, concurrency_id="train-control", concurrency_limit=1)
 
-    def on_resume(run_name, steps):
+    def on_resume(run_name, steps, lr):
         try:
-            return studio.resume(run_name, steps), None
+            return studio.resume(run_name, steps, lr), None
         except UserError as err:
             return f"⚠ {err}", gr.skip()
 
-    resume.click(on_resume, [run, continue_to], [status, last], concurrency_id="train-control", concurrency_limit=1)
+    resume.click(on_resume, [run, continue_to, continue_lr], [status, last], concurrency_id="train-control",
+                 concurrency_limit=1)
+    run.change(lambda name: fmt.recipe(name, studio.recipe(name)), run, recipe)
+    status.change(lambda name: fmt.recipe(name, studio.recipe(name)), run, recipe)  # after a Start or Resume
 
     def on_job(action, job_id):
         if job_id is None or job_id == "":

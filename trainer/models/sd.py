@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trainer.dataset_check import CaptionReader
 from trainer.objective import Objective
 
 
@@ -45,9 +46,9 @@ class SD15:
     def text_encoders(self, pipe):
         return [pipe.text_encoder]
 
-    def caption_reader(self, pipe) -> tuple[object, int, str]:
-        """(tokenizer, token limit, its name) of the text encoder whose limit cuts captions off in training."""
-        return pipe.tokenizer, int(pipe.tokenizer.model_max_length), "CLIP"
+    def caption_reader(self, pipe) -> CaptionReader:
+        """The text encoder whose token limit cuts captions off in training."""
+        return CaptionReader(pipe.tokenizer, int(pipe.tokenizer.model_max_length), "CLIP")
 
     @torch.no_grad()
     def encode_text(self, pipe, captions: list[str]) -> list[dict[str, torch.Tensor]]:

@@ -363,12 +363,13 @@ class JobQueue:
                 raise QueueError(f"job {job_id} already ended ({state}); nothing to cancel")
         return self.get(job_id)
 
-    def resume(self, job_id: int, steps: Optional[int] = None) -> QueuedJob:
+    def resume(self, job_id: int, steps: Optional[int] = None, lr: Optional[float] = None) -> QueuedJob:
         """Queue an interrupted, stopped or failed job again (at the back), continuing from its last checkpoint;
         an interrupted job without a checkpoint restarts from step 0.
 
         Args:
             steps: a new total step count (as ``train --resume --steps``).
+            lr: a new peak learning rate (as ``train --resume --lr``: the advice after a diverged run).
 
         Raises:
             QueueError: the job is not resumable, or its run folder is now used by another active job.
@@ -384,8 +385,9 @@ class JobQueue:
                                  "queue the run again with `queue add`")
             self._clash(conn, row["run_dir"], job_id)
             text = row["config_yaml"]
-            if steps is not None:
-                text = dump_yaml(make_config({**yaml.safe_load(text), "steps": steps}))
+            changes = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
+            if changes:
+                text = dump_yaml(make_config({**yaml.safe_load(text), **changes}))
             self._requeue(conn, job_id, bool(ckpt), text, queued_at=time.time())
         return self.get(job_id)
 
