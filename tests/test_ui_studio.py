@@ -38,6 +38,7 @@ class FakeMix:
 
     def __init__(self, base: str, device: str = "cpu"):
         self.base = base
+        self.device = device
         self.added: list[tuple[str, str]] = []
         self.removed: list[str] = []
         self.weights: list[dict] = []
@@ -151,6 +152,16 @@ def test_start_trains_the_runs_dataset_with_the_forms_values(studio, tmp_path):
     assert studio.settings("r1")["trigger"] == "zk"
     snap = studio.snapshot("r1")
     assert snap.state == "done" and snap.step == 4
+
+
+def test_sample_prompts_are_one_per_line(studio, tmp_path):
+    add_images(studio, "r1", tmp_path)
+    studio.start("r1", form(sample_prompt=" a zk cat \n\n  a zk street at night\r\na zk portrait  \n"))
+    assert job_of(studio, "r1").config.sample_prompts == ("a zk cat", "a zk street at night", "a zk portrait")
+    wait_ended(studio, "r1")
+    add_images(studio, "r2", tmp_path)
+    with pytest.raises(UserError, match="9 sample prompts: at most 8"):
+        studio.start("r2", form(sample_prompt="\n".join(f"prompt {i}" for i in range(9))))
 
 
 def test_start_refuses_empty_dataset_and_bad_values(studio, tmp_path):
@@ -490,6 +501,71 @@ def test_wrong_architecture_and_pickle_files_are_refused_on_their_own_line(studi
     assert FakeMix.instances[0].weights[-1] == {"good": 1.0}  # the rest still renders
     again = studio.render_mix("demo-random:sd15", [MixSlot(str(flux), 0.5), MixSlot(str(good), 0.2)], "p", 1, 4, 5.0)
     assert again.lines[0] == result.lines[0] and FakeMix.instances[0].reads == 2  # a refused file is not re-read
+
+
+def sparse_base(folder: Path) -> Path:
+    """A diffusers folder whose weight files are sparse (sizes without disk): unet in fp32 (3 GiB) and fp16
+    (1.5 GiB) variants, a 1 GiB text encoder. Loading it takes one unet variant: 2.5 GiB."""
+    (folder / "unet").mkdir(parents=True)
+    (folder / "text_encoder").mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    for name, size in (("unet/diffusion_pytorch_model.safetensors", 3 * 2**30),
+                       ("unet/diffusion_pytorch_model.fp16.safetensors", 3 * 2**29),
+                       ("text_encoder/model.safetensors", 2**30)):
+        with open(folder / name, "wb") as f:
+            f.truncate(size)
+    (folder / "unet" / "config.json").write_text("{}")
+    return folder
+
+
+def test_weight_bytes_counts_one_variant_per_component(tmp_path):
+    from trainer.bases import weight_bytes
+
+    assert weight_bytes(str(sparse_base(tmp_path / "big"))) == 5 * 2**29
+    assert weight_bytes("demo:sd15") is None and weight_bytes(str(tmp_path / "missing")) is None
+
+
+def test_previews_beside_a_run_training_on_the_gpu_load_a_base_only_where_it_fits(tmp_path):
+    """A preview loads its base in this process, on the training run's GPU: a second large copy could run the
+    training out of memory. While a run trains there, a base is loaded only when it fits in what is free."""
+    free = {"bytes": 3 * 2**30}
+    FakeMix.instances = []
+    studio = Studio(tmp_path / "outputs", default_base="demo-random:sd15", models_dir=tmp_path / "models",
+                    loras_dir=tmp_path / "loras", runner=FakeLoop(), mix_engine=ENGINE, worker_poll=0.02,
+                    gpu_free=lambda: free["bytes"])
+    studio.start_worker()
+    try:
+        big = str(sparse_base(tmp_path / "models" / "big"))
+        studio.render_mix(big, [], "p", 1, 4, 5.0)  # no run trains: the GPU is the preview's
+        assert [(m.base, m.device) for m in FakeMix.instances] == [(big, "auto")]
+        FakeMix.instances[0].loaded = SimpleNamespace(device=SimpleNamespace(type="cuda"))  # it sits on the GPU
+        add_images(studio, "r1", tmp_path)
+        gate = threading.Semaphore(0)
+        studio.runner = FakeLoop(gate=gate)
+        message = studio.start("r1", form(steps=3))[1]
+        assert message.endswith("The previews' base was unloaded from the GPU to leave its memory to training.")
+        wait_for(lambda: studio.active_run() == "r1")
+        with pytest.raises(UserError) as err:
+            studio.render_mix(big, [], "p", 1, 4, 5.0)
+        assert str(err.value) == (f"'r1' is training on the GPU, which has 3.0 GB free; previewing {big} would load it "
+                                  "there too (about 3.0 GB) and could run the training out of memory. Preview once "
+                                  "the run is done, or stop it (it keeps a checkpoint and resumes)")
+        assert len(FakeMix.instances) == 1  # refused before loading anything
+        studio.render_mix("demo-random:sd15", [], "p", 1, 4, 5.0)  # demo bases preview on the CPU
+        free["bytes"] = 6 * 2**30  # 2.5 GiB × 1.2 + 2 GiB to render fits
+        studio.render_mix(big, [], "p", 1, 4, 5.0)
+        assert [(m.base, m.device) for m in FakeMix.instances[1:]] == [("demo-random:sd15", "cpu"), (big, "auto")]
+        free["bytes"] = None  # no GPU: the run trains on the CPU, nothing to guard
+        studio.render_mix("demo-random:sd15", [], "p", 1, 4, 5.0)
+        studio.render_mix(big, [], "p", 1, 4, 5.0)
+        gate.release(10)
+        wait_ended(studio, "r1")
+        free["bytes"] = 0
+        studio.render_mix("demo-random:sd15", [], "p", 1, 4, 5.0)
+        studio.render_mix(big, [], "p", 1, 4, 5.0)  # the run is done: previews have the GPU again
+        assert len(FakeMix.instances) == 7
+    finally:
+        studio.shutdown(10)
 
 
 def test_bake_writes_the_mix_into_the_runs_export_folder(studio, tmp_path):

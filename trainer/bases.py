@@ -181,3 +181,44 @@ def native_resolution(ref: BaseRef, folder: Path | None = None) -> int:
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return fallback
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _folder_weight_bytes(folder: Path) -> int:
+    """Bytes of the weights a pipeline loads from ``folder``: per component, one variant (a folder holding both
+    ``model.safetensors`` and ``model.fp16.safetensors`` loads one of them; the smaller set is counted)."""
+    total = 0
+    for component in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        variants: dict[str, int] = {}
+        for f in component.iterdir():
+            if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES):
+                variant = ".fp16" if ".fp16." in f.name else ""
+                variants[variant] = variants.get(variant, 0) + f.stat().st_size
+        total += min(variants.values(), default=0)
+    return total
+
+
+def weight_bytes(base: str) -> int | None:
+    """About how many bytes loading ``base`` puts in memory (the size of its weight files, no weights read):
+    a local folder, a single file, or a hub id in the Hugging Face cache; None when unknown (demo bases,
+    which previews load on the CPU, or a hub id that is not cached)."""
+    try:
+        ref = parse_base(base)
+    except UserError:
+        return None
+    try:
+        if ref.kind == "folder":
+            return _folder_weight_bytes(Path(ref.value))
+        if ref.kind == "file":
+            return Path(ref.value).stat().st_size
+        if ref.kind == "hub":
+            from huggingface_hub import constants
+
+            snapshots = Path(constants.HF_HUB_CACHE) / f"models--{ref.value.replace('/', '--')}" / "snapshots"
+            newest = max(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, default=None)
+            return _folder_weight_bytes(newest.resolve()) if newest is not None else None
+    except OSError:
+        return None
+    return None

@@ -204,6 +204,22 @@ class MixDesk:
         return self._engine
 
     # ---- loading ----------------------------------------------------------------------------
+    def release_gpu(self) -> bool:
+        """Drop a base held on the GPU (a training run is about to need the memory); True if one was dropped.
+        The next preview loads it again, where it then fits."""
+        with self._lock:
+            loaded = getattr(self._loaded.session, "loaded", None) if self._loaded is not None else None
+            if getattr(getattr(loaded, "device", None), "type", None) != "cuda":
+                return False
+            self._loaded = None
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        return True
+
     def _session(self, base: str) -> _Loaded:
         if self._loaded is None or self._loaded.base != base:
             self._loaded = None  # drop the old pipeline before loading another

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from trainer.atomic import atomic_path
-from trainer.bases import base_sampling_defaults, list_bases, parse_base
+from trainer.bases import base_sampling_defaults, list_bases, parse_base, weight_bytes
 from trainer.config import Precision
 from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES, write_style_set  # noqa: F401 (DEMO_STYLES: the tab)
 from trainer.errors import ConfigError, ImageError, UserError
@@ -44,6 +44,11 @@ from ui.mixdesk import (MAX_GRID_CELLS, FileColumn, MixDesk, MixResult, MixSlot,
                          spread)  # (MixResult, is_demo: for the tabs)
 
 log = logging.getLogger(__name__)
+MAX_SAMPLE_PROMPTS = 8
+# A preview beside a training run needs its base's weights (× a margin for the pipeline's buffers) plus room to
+# render one image; measured figures are owed by the GPU benchmarks (docs/benchmarks.md), these are cautious.
+PREVIEW_MARGIN = 1.2
+PREVIEW_ACTIVATIONS = 2 * 2**30
 LORA_UPLOADS = "_loras"  # outputs/_loras: LoRA files uploaded on the Mix tab (never a run: no config.yaml)
 EXPORT_FIELDS = ("title", "trigger_phrase", "license", "description")
 MAX_TRAIN_ON = 10_000  # "Train on to step" accepts up to this or 10 × the steps trained, whichever is more
@@ -61,7 +66,7 @@ class TrainForm:
     batch_size: Optional[int] = None
     precision: str = "auto"
     seed: Optional[int] = None
-    sample_prompt: str = ""
+    sample_prompt: str = ""  # one prompt per line
     sample_every: Optional[int] = None
     sample_steps: Optional[int] = None
     checkpoint_every: Optional[int] = None
@@ -106,9 +111,22 @@ class TrainForm:
             "flip": self.flip, "timestep_sampling": text(self.timestep_sampling) or None,
             "eval_every": num(self.eval_every, int), "keep_checkpoints": num(self.keep_checkpoints, int),
         }
-        if text(self.sample_prompt):
-            values["sample_prompts"] = [text(self.sample_prompt)]
+        prompts = [line.strip() for line in text(self.sample_prompt).splitlines() if line.strip()]
+        if len(prompts) > MAX_SAMPLE_PROMPTS:
+            raise UserError(f"{len(prompts)} sample prompts: at most {MAX_SAMPLE_PROMPTS} (each renders an image "
+                            "every time samples are due); keep the ones that show the style best")
+        if prompts:
+            values["sample_prompts"] = prompts
         return values
+
+
+def cuda_free_bytes() -> Optional[int]:
+    """Bytes free on the current CUDA device; None without CUDA (torch is imported only when asked)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info()[0])
 
 
 class Studio:
@@ -123,6 +141,7 @@ class Studio:
         runner: training function the queue worker calls (tests inject fakes; default the real loop).
         mix_engine: ``trainer.mixing`` or a stand-in with ``MixSession``/``bake``/``comparison_grid`` (tests).
         worker_poll: seconds between the worker's looks at an empty queue (and heartbeats).
+        gpu_free: bytes free on the GPU, None without one (default: ``torch.cuda.mem_get_info``).
 
     Training goes through the durable queue in ``outputs/queue.sqlite3`` (:mod:`trainer.queue`), the same one
     ``python -m trainer queue`` uses; :meth:`start_worker` runs its one worker on a daemon thread.
@@ -133,7 +152,8 @@ class Studio:
 
     def __init__(self, outputs_dir: str | Path, default_base: str = "demo:sd15", models_dir: str | Path = "models",
                  loras_dir: str | Path = "loras", limits: ImageLimits = DEFAULT_LIMITS,
-                 runner: Optional[Runner] = None, mix_engine: Any = None, worker_poll: float = 1.0):
+                 runner: Optional[Runner] = None, mix_engine: Any = None, worker_poll: float = 1.0,
+                 gpu_free: Optional[Callable[[], Optional[int]]] = None):
         self.outputs_dir = Path(outputs_dir).resolve()
         self.default_base = default_base
         self.models_dir = Path(models_dir)
@@ -144,8 +164,8 @@ class Studio:
         self.worker_poll = worker_poll
         self.worker_stop = threading.Event()
         self._worker: Optional[threading.Thread] = None
-        self.mix = MixDesk(default_base, engine=mix_engine,
-                           session_kwargs=lambda base: {"device": "cpu" if is_demo(base) else "auto"})
+        self.gpu_free = gpu_free or cuda_free_bytes  # tests stand in for a GPU
+        self.mix = MixDesk(default_base, engine=mix_engine, session_kwargs=self._preview_device)
         self._nf4: Optional[tuple[bool, str]] = None
         self._snapshots: dict[Path, tuple[tuple, Optional[JobSnapshot]]] = {}
         self._facts: dict[str, tuple[tuple, ImageFacts]] = {}  # dataset check: picture path -> (its stat, facts)
@@ -213,6 +233,34 @@ class Studio:
         """The run the worker is training now (None while the queue is idle)."""
         job = next((j for j in self.jobs() if j.state in ("running", "stopping")), None)
         return Path(job.run_dir).name if job is not None else None
+
+    def _preview_device(self, base: str) -> dict:
+        """Where the Mix and Export tabs load ``base`` for previews: demo bases on the CPU; others on the GPU,
+        except where that would take memory a training run needs.
+
+        The run trains in this process, on the same GPU: a second copy of a large base beside it can run
+        either out of memory. While a run trains on the GPU, a base is loaded there only when its weights
+        (plus a margin for activations) fit in what is free.
+
+        Raises:
+            UserError: a run trains on the GPU and the base does not fit beside it (the message says what to do).
+        """
+        if is_demo(base):
+            return {"device": "cpu"}
+        active = self.active_run()
+        config = self.recipe(active) if active else None
+        if config is None or config.device == "cpu":
+            return {"device": "auto"}
+        free = self.gpu_free()
+        if free is None:  # no GPU: the run trains on the CPU too
+            return {"device": "auto"}
+        need = weight_bytes(base)
+        if need is not None and need * PREVIEW_MARGIN + PREVIEW_ACTIVATIONS <= free:
+            return {"device": "auto"}
+        size = f"about {need * PREVIEW_MARGIN / 2**30:.1f} GB" if need is not None else "an unknown amount"
+        raise UserError(f"'{active}' is training on the GPU, which has {free / 2**30:.1f} GB free; previewing "
+                        f"{base} would load it there too ({size}) and could run the training out of memory. "
+                        "Preview once the run is done, or stop it (it keeps a checkpoint and resumes)")
 
     def dataset_note(self, run: str) -> str:
         """A sentence for a dataset change made while ``run`` trains ("" otherwise): the running job works
@@ -422,13 +470,16 @@ class Studio:
         except ConfigError as err:
             raise UserError("cannot start: " + "; ".join(err.problems)) from None
 
-    @staticmethod
-    def _queued_message(job: QueuedJob, active: Optional[str], starting: str) -> str:
+    def _queued_message(self, job: QueuedJob, active: Optional[str], starting: str) -> str:
+        """What the page says about a job just queued. Queuing also unloads a base the previews hold on the GPU:
+        training needs that memory (see ``_preview_device``)."""
+        freed = " The previews' base was unloaded from the GPU to leave its memory to training." \
+            if self.mix.release_gpu() else ""
         if active is None and job.position == 1:
-            return starting
+            return starting + freed
         ahead = f"'{active}' is training" if active else "other runs are waiting"
         return (f"'{Path(job.run_dir).name}' is queued at position {job.position} (job {job.id}): {ahead}, and one "
-                "run trains at a time; it starts by itself when its turn comes.")
+                "run trains at a time; it starts by itself when its turn comes." + freed)
 
     def _copy_run(self, run_dir: Path) -> Path:
         n = 2

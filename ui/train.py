@@ -79,8 +79,10 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
             keep_checkpoints = gr.Number(TrainConfig.keep_checkpoints, label="Keep checkpoints", precision=0,
                                          elem_id="keep-checkpoints", info=helps["keep_checkpoints"])
         with gr.Row():
-            sample_prompt = gr.Textbox(label="Sample prompt", elem_id="sample-prompt", scale=3,
-                                       placeholder="empty: the first captions of the dataset")
+            sample_prompt = gr.Textbox(label="Sample prompts (one per line, up to 8)", elem_id="sample-prompt",
+                                       scale=3, lines=2, max_lines=8,
+                                       placeholder="empty: the first captions of the dataset. A style shows best on "
+                                                   "subjects unlike the training images, e.g. a portrait, a street")
             sample_every = gr.Number(TrainConfig.sample_every, label="Sample every N steps", precision=0,
                                      elem_id="sample-every", info=helps["sample_every"])
             sample_steps = gr.Number(TrainConfig.sample_steps, label="Sample denoising steps", precision=0,
