@@ -225,6 +225,23 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
 
 
+def test_cli_counts_caption_tokens_in_the_bases_tokenizer_with_the_trigger(tmp_path):
+    data = tmp_path / "data"
+    write_style_set("hatch", data, n=6)
+    # 30 words + start and end: exactly the demo base's 32 tokens
+    (data / "hatch-0002.txt").write_text("a red circle on a blue background " * 4 + "a red")
+    args = ("--data", str(data), "--resolution", "64", "--base", "demo:sd15")
+    fits = cli(*args, cwd=tmp_path)
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    found = cli(*args, "--trigger", "zkstyle", cwd=tmp_path)  # "zkstyle" and "," first: 34
+    assert found.returncode == 1, found.stderr
+    assert found.stdout.splitlines()[0] == ("- 1 caption(s) longer than the 32 tokens CLIP reads; the words past "
+                                            "that are cut off in training, so shorten them or put what matters "
+                                            "first: hatch-0002.png (34 tokens)")
+    unknown = cli(*args[:4], "--base", "org/not-cached", cwd=tmp_path)
+    assert unknown.stdout.startswith("captions not checked: no tokenizer of org/not-cached at hand")
+
+
 def test_cli_names_pictures_in_kohya_repeat_folders_by_their_folder(tmp_path):
     data = tmp_path / "data"
     write_style_set("pastel", data / "10_ink", n=6)
@@ -281,3 +298,28 @@ def test_the_dataset_tab_check_finds_an_uploaded_copy_through_the_thumbnails(tmp
     assert opened == ["copy.png"]
     assert fmt.dataset_check([], 7, 512).endswith("nothing to fix in 7 picture(s).")
     assert fmt.dataset_check([], 0, 512) == ""  # an empty dataset says so elsewhere
+
+
+def test_the_dataset_tab_counts_captions_in_the_train_tabs_base_with_the_trigger_training_adds(tmp_path):
+    from ui import format as fmt
+    from ui.studio import Studio
+
+    write_style_set("hatch", tmp_path / "pics", n=6)
+    studio = Studio(tmp_path / "outputs", default_base="demo:sd15", models_dir=tmp_path / "models",
+                    loras_dir=tmp_path / "loras")
+    studio.import_uploads("r1", [str(p) for p in sorted((tmp_path / "pics").glob("*.png"))])
+    reader = studio._caption_reader("demo:sd15")
+    assert (reader.encoder, reader.limit) == ("CLIP", 32)  # the demo base's own tokenizer
+    words = "a red circle on a blue background".split()
+    fits = " ".join((words * 10)[:reader.limit - 2])  # start and end tokens count too
+    assert token_count(reader.tokenizer, fits) == reader.limit
+    studio.set_caption("r1", "hatch-0001.png", fits)
+    studio.save_settings("r1", trigger="")
+    assert [f for f in studio.dataset_check("r1", 64, "demo:sd15")[0] if "tokens" in f.problem] == []
+    studio.save_settings("r1", trigger="zkstyle")  # training puts it first: now the caption is too long
+    [finding] = [f for f in studio.dataset_check("r1", 64, "demo:sd15")[0] if "tokens" in f.problem]
+    assert finding.files == (f"hatch-0001.png ({token_count(reader.tokenizer, 'zkstyle, ' + fits)} tokens)",)
+    assert "longer than the 32 tokens CLIP reads" in fmt.dataset_check([finding], 6, 64)
+    # no tokenizer at hand (an uncached hub id, a single file): the pictures are still checked
+    assert studio.dataset_check("r1", 64, "org/not-cached")[1] == 6
+    assert [f for f in studio.dataset_check("r1", 64, "org/not-cached")[0] if "tokens" in f.problem] == []

@@ -214,11 +214,49 @@ def weight_bytes(base: str) -> int | None:
         if ref.kind == "file":
             return Path(ref.value).stat().st_size
         if ref.kind == "hub":
-            from huggingface_hub import constants
-
-            snapshots = Path(constants.HF_HUB_CACHE) / f"models--{ref.value.replace('/', '--')}" / "snapshots"
-            newest = max(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, default=None)
-            return _folder_weight_bytes(newest.resolve()) if newest is not None else None
+            snapshot = _cached_snapshot(ref.value)
+            return _folder_weight_bytes(snapshot) if snapshot is not None else None
     except OSError:
         return None
     return None
+
+
+def demo_path(ref: BaseRef) -> Path:
+    """Where a demo base's folder is: the shipped pretrained one (``demo_models/<arch>``) for ``demo:`` when
+    present, else the cache, where ``trainer.models.demo_folder`` builds tiny random weights on first use."""
+    shipped = SHIPPED_DEMOS / ref.arch
+    if ref.kind == "demo" and (shipped / "model_index.json").is_file():
+        return shipped
+    return cache_dir() / ref.kind / ref.arch
+
+
+def config_folder(base: str) -> tuple[Path, str] | None:
+    """A diffusers folder with ``base``'s component configs and tokenizers, and its architecture, found without
+    building or downloading anything: the shipped or cached demo folder, the folder itself, or the cached hub
+    snapshot; None otherwise (a single file takes its configs from ``--base-config``)."""
+    try:
+        ref = parse_base(base)
+        if ref.kind in ("demo", "demo-random"):
+            folder = demo_path(ref)
+        elif ref.kind == "folder":
+            folder = Path(ref.value)
+        elif ref.kind == "hub":
+            folder = _cached_snapshot(ref.value)
+        else:
+            return None
+        if folder is None or not (folder / "model_index.json").is_file():
+            return None
+        return folder, ref.arch or arch_of_folder(folder)
+    except (UserError, OSError):
+        return None
+
+
+def _cached_snapshot(hub_id: str) -> Path | None:
+    """The newest snapshot of ``hub_id`` in the Hugging Face cache, None when it is not there."""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}" / "snapshots"
+    try:
+        return max(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, default=None)
+    except OSError:
+        return None

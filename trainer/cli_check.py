@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 from trainer.config import TrainConfig
 from trainer.data import scan_dataset
-from trainer.dataset_check import check_images, file_facts, shown_name
+from trainer.dataset_check import check_captions, check_images, file_facts, load_caption_reader, shown_name, token_count
 from trainer.errors import ImageError
+from trainer.trigger import with_trigger
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="the folder you would pass to train --data")
     parser.add_argument("--resolution", type=int, default=TrainConfig.resolution,
                         help="the training resolution to judge picture sizes against (default %(default)s)")
-    parser.epilog = ("Prints what would make the LoRA worse (duplicates, pictures too small or too wide, too few); "
-                     "exit code 1 when it found something, 0 when not. Caption lengths depend on the base's text "
-                     "encoder: a training run checks them at its start.")
+    parser.add_argument("--base", default="", help="also count caption tokens in this base's tokenizer (a demo "
+                                                   "base, a diffusers folder or a cached hub id)")
+    parser.add_argument("--trigger", default="", help="the trigger word training puts first in captions")
+    parser.epilog = ("Prints what would make the LoRA worse (copies of one picture, pictures too small or too "
+                     "wide, too few, captions too long for --base's text encoder); exit code 1 when it found "
+                     "something, 0 when not.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +33,15 @@ def run(args: argparse.Namespace) -> int:
         except ImageError as err:
             unreadable.append((shown_name(item.path, args.data), str(err).split(": ", 1)[-1]))
     findings = check_images(facts, args.resolution)
+    if args.base:
+        reader = load_caption_reader(args.base)
+        if reader is None:
+            print(f"captions not checked: no tokenizer of {args.base} at hand (give a demo base, a diffusers "
+                  "folder or a hub id in the Hugging Face cache)")
+        else:
+            captions = [(shown_name(item.path, args.data), with_trigger(item.caption, args.trigger))
+                        for item in scan.items]
+            findings += check_captions(captions, partial(token_count, reader.tokenizer), reader.limit, reader.encoder)
     for name, reason in unreadable:
         print(f"skipped {name}: {reason}")
     for finding in findings:

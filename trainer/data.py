@@ -27,6 +27,7 @@ from trainer.buckets import buckets, cover_size, nearest_bucket
 from trainer.errors import DataError, ImageError
 from trainer.images import DEFAULT_LIMITS, ImageLimits, fingerprint, is_image_name, open_image
 from trainer.paths import is_inside, sha256_file
+from trainer.trigger import with_trigger
 
 _REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
 
@@ -124,12 +125,6 @@ def scan_dataset(data_dir: str | Path) -> DatasetScan:
         raise DataError(f"no images found in {root} (looked for {', '.join(('jpg', 'png', 'webp', 'bmp', 'gif'))} "
                         f"files, N_name subfolders or metadata.jsonl)")
     return DatasetScan(items=tuple(items), skipped=tuple(skipped), warnings=tuple(warnings))
-
-
-def with_trigger(caption: str, trigger: str) -> str:
-    if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
-        return caption
-    return f"{trigger}, {caption}" if caption else trigger
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from trainer.bases import config_folder
 from trainer.buckets import buckets, cover_size, nearest_bucket
 from trainer.images import (COLOUR_SIDE, DEFAULT_LIMITS, FINGERPRINT_BYTES, ImageLimits, fingerprint, open_image,
                             shown_size)
@@ -163,6 +164,34 @@ class CaptionReader(NamedTuple):
     tokenizer: Any
     limit: int
     encoder: str  # its name in messages: "CLIP", "T5"
+
+
+# Per architecture, the pipeline's tokenizer whose limit cuts captions: SD's CLIP; FLUX's T5 (its CLIP adds only a
+# pooled summary), which FLUX pipelines read up to 512 tokens of.
+CAPTION_TOKENIZERS = {"sd15": ("tokenizer", "CLIP"), "sdxl": ("tokenizer", "CLIP"), "flux": ("tokenizer_2", "T5")}
+T5_MOST_TOKENS = 512
+
+
+def reader_for(arch: str, tokenizer: Any) -> CaptionReader:
+    """The :class:`CaptionReader` of an ``arch`` pipeline whose caption tokenizer is ``tokenizer``."""
+    limit, encoder = int(tokenizer.model_max_length), CAPTION_TOKENIZERS[arch][1]
+    return CaptionReader(tokenizer, min(limit, T5_MOST_TOKENS) if encoder == "T5" else limit, encoder)
+
+
+def load_caption_reader(base: str) -> CaptionReader | None:
+    """``base``'s caption tokenizer, read from its folder without loading weights (this imports transformers,
+    and with it torch); None where no folder with it is at hand (a single file, an uncached hub id, a demo
+    base not built yet) or it cannot be read."""
+    found = config_folder(base)
+    if found is None:
+        return None
+    folder, arch = found
+    from transformers import AutoTokenizer
+
+    try:
+        return reader_for(arch, AutoTokenizer.from_pretrained(folder / CAPTION_TOKENIZERS[arch][0]))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def check_prepared(examples: Sequence["Example"], resolution: int, root: str | Path,

@@ -188,9 +188,10 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
             "check": check}
 
 
-def wire_check(studio: Studio, run: gr.Dropdown, version: gr.State, resolution: gr.Number, check: gr.Markdown) -> None:
-    """Redo the dataset check when the dataset, the run or the Train tab's resolution changes."""
-    def look(run_name, res):
+def wire_check(studio: Studio, run: gr.Dropdown, version: gr.State, resolution: gr.Number, base: gr.Dropdown,
+               check: gr.Markdown) -> None:
+    """Redo the dataset check when the dataset, the run, or the Train tab's resolution or base changes."""
+    def look(run_name, res, base_name):
         try:
             res = int(res)
         except (TypeError, ValueError):
@@ -198,10 +199,10 @@ def wire_check(studio: Studio, run: gr.Dropdown, version: gr.State, resolution: 
         if res < 64 or res % 64:
             return ""  # the Train tab says what the resolution must be
         try:
-            findings, pictures = studio.dataset_check(run_name, res)
+            findings, pictures = studio.dataset_check(run_name, res, base_name or "")
         except UserError:
             return ""
         return fmt.dataset_check(findings, pictures, res)
 
-    for changed in (version, run, resolution):
-        changed.change(look, [run, resolution], check)
+    for changed in (version, run, resolution, base):
+        changed.change(look, [run, resolution, base], check)

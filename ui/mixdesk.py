@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from trainer.atomic import atomic_path
 from trainer.bases import base_sampling_defaults
 from trainer.errors import UserError
+from trainer.trigger import with_trigger
 
 MAX_GRID_CELLS = 25  # each cell is a full render; more would hold the preview lock for minutes
 MAX_SAMPLE_STEPS = 200  # as the trainer's sample_steps
@@ -52,11 +53,9 @@ def is_demo(base: str) -> bool:
 
 
 def prompt_with_trigger(prompt: str, trigger: str) -> str:
-    """``prompt`` starting with ``trigger`` unless it already holds it (as a whole word or phrase)."""
-    text, trigger = (prompt or "").strip(), (trigger or "").strip()
-    if not trigger or re.search(rf"(^|[\s,]){re.escape(trigger)}($|[\s,])", text):
-        return prompt
-    return f"{trigger}, {text}" if text else trigger
+    """``prompt`` starting with ``trigger`` unless it already holds it (as a whole word or phrase): the rule
+    training applies to captions (trainer.trigger), so a preview prompt reads as the captions did."""
+    return with_trigger((prompt or "").strip(), (trigger or "").strip())
 
 
 def default_steps(base: str) -> int:

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,11 +28,13 @@ from trainer.bases import base_sampling_defaults, list_bases, parse_base, weight
 from trainer.config import Precision
 from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES, write_style_set  # noqa: F401 (DEMO_STYLES: the tab)
 from trainer.errors import ConfigError, ImageError, UserError
-from trainer.dataset_check import Finding, ImageFacts, check_images, file_facts
+from trainer.dataset_check import (CaptionReader, Finding, ImageFacts, check_captions, check_images, file_facts,
+                                   load_caption_reader, token_count)
 from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer import events as ev
 from trainer.objective import Objective, check_objective
 from trainer.paths import is_inside
+from trainer.trigger import with_trigger
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
@@ -169,6 +172,7 @@ class Studio:
         self._nf4: Optional[tuple[bool, str]] = None
         self._snapshots: dict[Path, tuple[tuple, Optional[JobSnapshot]]] = {}
         self._facts: dict[str, tuple[tuple, ImageFacts]] = {}  # dataset check: picture path -> (its stat, facts)
+        self._readers: dict[str, Optional[CaptionReader]] = {}  # dataset check: base -> its caption tokenizer
 
     # ---- the queue worker -------------------------------------------------------------------
     def start_worker(self, stop: Optional[threading.Event] = None) -> threading.Thread:
@@ -358,12 +362,14 @@ class Studio:
         """The captions' ``top`` most common tags, and how many captions there are."""
         return caption_tools.tag_counts(self.run_dir(run), top)
 
-    def dataset_check(self, run: str, resolution: int) -> tuple[list[Finding], int]:
-        """What in ``run``'s dataset would make a LoRA trained at ``resolution`` worse, and how many pictures were
-        looked at. Fingerprints come from the thumbnails and sizes from the file headers, so this is quick enough
-        to run after every change."""
+    def dataset_check(self, run: str, resolution: int, base: str = "") -> tuple[list[Finding], int]:
+        """What in ``run``'s dataset would make a LoRA trained at ``resolution`` on ``base`` worse, and how many
+        pictures were looked at. Fingerprints come from the thumbnails and sizes from the file headers, so this
+        is quick enough to run after every change; captions are counted in ``base``'s tokenizer when its folder
+        is at hand (the first time imports transformers: seconds)."""
+        items = store.list_items(self.run_dir(run))
         facts, known = [], {}
-        for item in store.list_items(self.run_dir(run)):
+        for item in items:
             thumb = item.thumb if item.thumb != item.path else None
             try:
                 key = tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (item.path, thumb) if p)
@@ -375,7 +381,19 @@ class Studio:
             known[item.path] = (key, found)
             facts.append(found)
         self._facts.update(known)  # pictures unchanged since the last look are not opened again
-        return check_images(facts, resolution), len(facts)
+        findings = check_images(facts, resolution)
+        reader = self._caption_reader(base) if base and items else None
+        if reader is not None:
+            trigger = str(self.settings(run).get("trigger") or "")
+            captions = [(i.name, with_trigger(i.caption or store.caption_from_name(i.name), trigger)) for i in items]
+            findings += check_captions(captions, partial(token_count, reader.tokenizer), reader.limit, reader.encoder)
+        return findings, len(facts)
+
+    def _caption_reader(self, base: str) -> Optional[CaptionReader]:
+        """``base``'s caption tokenizer, loaded once per base (None where it is not at hand)."""
+        if base not in self._readers:
+            self._readers[base] = load_caption_reader(base)
+        return self._readers[base]
 
     captioners = staticmethod(choices.captioners)
 

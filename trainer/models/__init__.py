@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from trainer.bases import SHIPPED_DEMOS, BaseRef, cache_dir, parse_base, sampling_defaults
+from trainer.bases import SHIPPED_DEMOS, BaseRef, demo_path, parse_base, sampling_defaults
 from trainer.config import Precision
 from trainer.errors import ModelNotFoundError, UnsupportedError, UserError
 from trainer.models.flux import Flux
@@ -87,10 +87,7 @@ def demo_folder(ref: BaseRef) -> Path:
     when present, else tiny random weights built on first use (seed 0) and cached."""
     from trainer.models import tiny
 
-    shipped = SHIPPED_DEMOS / ref.arch
-    if ref.kind == "demo" and (shipped / "model_index.json").is_file():
-        return shipped
-    folder = cache_dir() / ref.kind / ref.arch
+    folder = demo_path(ref)
     if not (folder / "model_index.json").is_file():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tiny.save(ref.arch, tmp)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from trainer.models.sd import SD15, draw_shard
-from trainer.dataset_check import CaptionReader
 from trainer.objective import Objective
 
 
@@ -29,11 +28,7 @@ class Flux(SD15):
         return [pipe.text_encoder, pipe.text_encoder_2]
 
     def max_sequence_length(self, pipe) -> int:
-        return min(int(pipe.tokenizer_2.model_max_length), 512)
-
-    def caption_reader(self, pipe) -> CaptionReader:
-        """T5 carries the caption's words (CLIP only adds a pooled summary): its limit is the one that cuts."""
-        return CaptionReader(pipe.tokenizer_2, self.max_sequence_length(pipe), "T5")
+        return self.caption_reader(pipe).limit
 
     @torch.no_grad()
     def encode_text(self, pipe, captions: list[str]) -> list[dict[str, torch.Tensor]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.dataset_check import CaptionReader
+from trainer.dataset_check import CAPTION_TOKENIZERS, CaptionReader, reader_for
 from trainer.objective import Objective
 
 
@@ -48,7 +48,7 @@ class SD15:
 
     def caption_reader(self, pipe) -> CaptionReader:
         """The text encoder whose token limit cuts captions off in training."""
-        return CaptionReader(pipe.tokenizer, int(pipe.tokenizer.model_max_length), "CLIP")
+        return reader_for(self.name, getattr(pipe, CAPTION_TOKENIZERS[self.name][0]))
 
     @torch.no_grad()
     def encode_text(self, pipe, captions: list[str]) -> list[dict[str, torch.Tensor]]:
