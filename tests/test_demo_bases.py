@@ -64,7 +64,10 @@ def test_missing_or_damaged_weights_say_how_to_rebuild(tmp_path, monkeypatch):
 
     fake_root = tmp_path / "demo_models"
     tiny.save("sd15", fake_root / "sd15")
+    import trainer.bases as bases
+
     monkeypatch.setattr(models, "SHIPPED_DEMOS", fake_root)
+    monkeypatch.setattr(bases, "SHIPPED_DEMOS", fake_root)  # where bases.demo_path looks
     assert load_base("demo:sd15").arch == "sd15"  # intact: loads
 
     (weights,) = (fake_root / "sd15" / "unet").glob("*.safetensors")
