@@ -55,6 +55,8 @@ def test_run_writes_every_artifact(runs, arch):
     kinds = [e.kind for e in on_disk]
     # notes may come first (the tiny bases' tokenizer counts letters: the dataset check finds long captions)
     assert [k for k in kinds if k != "log"][0] == "start" and kinds[-1] == "done"
+    start = next(e for e in on_disk if isinstance(e, ev.Start))  # 5 batches of 1 over 8 images
+    assert ", 5 steps = 0.62 passes over the images, on " in start.message, start.message
     steps = [e for e in on_disk if isinstance(e, ev.Step)]
     assert [e.step for e in steps] == [1, 2, 3, 4, 5]
     assert all(np.isfinite(e.loss) and e.lr > 0 and e.seconds > 0 for e in steps)
@@ -179,6 +181,14 @@ def test_exports_are_not_pickles(runs, arch):
             assert json.loads(f.read(header_len))  # a safetensors header, nothing executable
         with safe_open(path, framework="pt") as f:
             assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())
+
+
+@pytest.mark.parametrize("batches, per_epoch, said", [(500, 20, "25 passes"), (8, 8, "1 pass"), (4, 8, "0.5 passes"),
+                                                      (37, 8, "4.6 passes"), (1000, 3, "333 passes")])
+def test_the_start_line_says_how_often_training_goes_over_the_images(batches, per_epoch, said):
+    from trainer.loop import epochs
+
+    assert epochs(batches, per_epoch) == f"{said} over the images"
 
 
 def test_each_step_event_carries_the_learning_rate_it_trained_with(base_dirs, scene_dir, tmp_path):

@@ -286,6 +286,13 @@ def run_training(config: TrainConfig, emit: Optional[ev.Emit] = None, stop: Opti
         raise failure from err
 
 
+def epochs(batches: int, batches_per_epoch: int) -> str:
+    """How many times ``batches`` go over the data (epochs), for the start line: "25 passes over the images"."""
+    count = batches / max(batches_per_epoch, 1)
+    shown = f"{count:.0f}" if count >= 10 else f"{count:.2g}"
+    return f"{shown} pass{'' if shown == '1' else 'es'} over the images"
+
+
 def dataset_check_lines(examples: list[Example], config: TrainConfig, base: LoadedBase) -> list[str]:
     """What ``trainer.dataset_check`` finds, as log lines. Advice only: a check that fails says so and the run
     goes on."""
@@ -370,7 +377,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     emit(ev.Start(run_dir=str(run_dir), total_steps=config.steps, start_step=start_step, images=len(examples),
                   arch=base.arch, sample_every=config.sample_every, eval_every=config.eval_every,
                   message=f"{'resumed at step ' + str(start_step) if resume else 'started'}: "
-                  f"{len(examples)} images, {len(names)} adapted modules, {config.steps} steps on {base.arch} "
+                  f"{len(examples)} images, {len(names)} adapted modules, {config.steps} steps = "
+                  f"{epochs(config.steps * config.grad_accum, plan.batches_per_epoch)}, on {base.arch} "
                   f"({base.precision.value}, {base.device.type})"))
 
     info = None  # what the exports record; hashing the base's weights and the images is the main process's job
