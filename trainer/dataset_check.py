@@ -190,7 +190,7 @@ def load_caption_reader(base: str) -> CaptionReader | None:
 
     try:
         return reader_for(arch, AutoTokenizer.from_pretrained(folder / CAPTION_TOKENIZERS[arch][0]))
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, ImportError, RuntimeError):  # e.g. a slow tokenizer's missing package
         return None
 
 

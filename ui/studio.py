@@ -372,7 +372,7 @@ class Studio:
         for item in items:
             thumb = item.thumb if item.thumb != item.path else None
             try:
-                key = tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in (item.path, thumb) if p)
+                key = tuple((st.st_mtime_ns, st.st_size) for st in map(os.stat, filter(None, (item.path, thumb))))
                 cached = self._facts.get(item.path)
                 found = cached[1] if cached and cached[0] == key else file_facts(item.name, item.path, thumb,
                                                                                   self.limits)
