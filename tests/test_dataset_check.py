@@ -16,8 +16,8 @@ from tests.conftest import ARCHS, tiny_config
 from trainer import events as ev
 from trainer.buckets import buckets, nearest_bucket
 from trainer.data import fit_to_bucket
-from trainer.dataset_check import (FEW_IMAGES, ImageFacts, check_captions, check_images, duplicate_groups,
-                                   file_facts, fit_of, token_count)
+from trainer.dataset_check import (FEW_IMAGES, CaptionReader, ImageFacts, check_captions, check_images,
+                                   duplicate_groups, file_facts, fit_of, token_count)
 from trainer.demo_data import STYLES, write_style_set
 from trainer.images import fingerprint, open_image, shown_size
 
@@ -180,7 +180,7 @@ def test_captions_past_the_text_encoders_limit_are_named_with_their_length(arch,
     assert token_count(tokenizer, short) <= limit < token_count(tokenizer, long_)
     [finding] = check_captions([("a.png", short), ("b.png", long_)], lambda t: token_count(tokenizer, t), limit, name)
     assert finding.files == (f"b.png ({token_count(tokenizer, long_)} tokens)",)
-    assert f"longer than the {limit} tokens {encoder} reads" in finding.problem
+    assert f"longer than the {limit} tokens this base's {encoder} reads" in finding.problem
     assert check_captions([("a.png", short)], lambda t: token_count(tokenizer, t), limit, name) == []
 
 
@@ -206,7 +206,7 @@ def test_a_run_logs_the_check_at_its_start(base_dirs, scene_dir, tmp_path, arch)
     assert not [e for e in resumed if isinstance(e, ev.Log) and e.message.startswith("dataset check")]
 
 
-def test_a_check_that_fails_is_skipped_with_a_line_and_training_goes_on(scene_dir):
+def test_a_check_that_fails_is_skipped_with_a_line_and_training_goes_on(scene_dir, monkeypatch):
     from trainer.data import prepare, scan_dataset
     from trainer.loop import dataset_check_lines
 
@@ -218,6 +218,11 @@ def test_a_check_that_fails_is_skipped_with_a_line_and_training_goes_on(scene_di
     config = SimpleNamespace(resolution=64, data=str(scene_dir))
     assert dataset_check_lines(examples, config, base) == [
         "dataset check skipped (RuntimeError: tokenizer.json is damaged)"]
+    reader = CaptionReader(tokenizer=None, limit=77, encoder="CLIP")  # every caption counts 1 token below
+    fine = SimpleNamespace(handler=SimpleNamespace(caption_reader=lambda pipe: reader), pipe=None)
+    monkeypatch.setattr("trainer.dataset_check.token_count", lambda tokenizer, text: 1)
+    assert dataset_check_lines(examples, config, fine) == [
+        f"dataset check: nothing to fix in {len(examples)} pictures and their captions"]  # said, so it is seen
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -235,9 +240,9 @@ def test_cli_counts_caption_tokens_in_the_bases_tokenizer_with_the_trigger(tmp_p
     assert fits.returncode == 0, fits.stdout + fits.stderr
     found = cli(*args, "--trigger", "zkstyle", cwd=tmp_path)  # "zkstyle" and "," first: 34
     assert found.returncode == 1, found.stderr
-    assert found.stdout.splitlines()[0] == ("- 1 caption(s) longer than the 32 tokens CLIP reads; the words past "
-                                            "that are cut off in training, so shorten them or put what matters "
-                                            "first: hatch-0002.png (34 tokens)")
+    assert found.stdout.splitlines()[0] == ("- 1 caption(s) longer than the 32 tokens this base's CLIP reads; the "
+                                            "words past that are cut off in training, so shorten them or put what "
+                                            "matters first: hatch-0002.png (34 tokens)")
     unknown = cli(*args[:4], "--base", "org/not-cached", cwd=tmp_path)
     assert unknown.stdout.startswith("captions not checked: no tokenizer of org/not-cached at hand")
 
@@ -319,7 +324,7 @@ def test_the_dataset_tab_counts_captions_in_the_train_tabs_base_with_the_trigger
     studio.save_settings("r1", trigger="zkstyle")  # training puts it first: now the caption is too long
     [finding] = [f for f in studio.dataset_check("r1", 64, "demo:sd15")[0] if "tokens" in f.problem]
     assert finding.files == (f"hatch-0001.png ({token_count(reader.tokenizer, 'zkstyle, ' + fits)} tokens)",)
-    assert "longer than the 32 tokens CLIP reads" in fmt.dataset_check([finding], 6, 64)
+    assert "longer than the 32 tokens this base's CLIP reads" in fmt.dataset_check([finding], 6, 64)
     # no tokenizer at hand (an uncached hub id, a single file): the pictures are still checked
     assert studio.dataset_check("r1", 64, "org/not-cached")[1] == 6
     assert [f for f in studio.dataset_check("r1", 64, "org/not-cached")[0] if "tokens" in f.problem] == []

@@ -199,3 +199,47 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_shells_exit_status(base_dirs, sc
         proc.kill()
     assert proc.returncode == 128 + sig, out
     assert out.startswith("stopped at step ") and (run_dir / "lora.safetensors").is_file()
+
+
+@pytest.mark.parametrize("history, trained_at, now, step, expected", [
+    ("", 0.003, 0.003, 20, ""),
+    ("", 0.003, 0.0015, 20, "0.003 for steps 1-20, 0.0015 from step 21"),
+    ("0.003 for steps 1-20, 0.0015 from step 21", 0.0015, 0.0015, 30, "0.003 for steps 1-20, 0.0015 from step 21"),
+    ("0.003 for steps 1-20, 0.0015 from step 21", 0.0015, 0.001, 30,
+     "0.003 for steps 1-20, 0.0015 from step 21, 0.001 from step 31"),
+])
+def test_learning_rate_history_of_resumes(history, trained_at, now, step, expected):
+    from trainer.export import learning_rates
+
+    assert learning_rates(history, trained_at, now, step) == expected
+
+
+@pytest.mark.parametrize("step, expected", [(10, ""), (20, ""), (21, "0.003 for steps 1-20, 0.0015 from step 21"),
+                                            (31, "0.003 for steps 1-20, 0.0015 from step 21, 0.001 from step 31")])
+def test_a_step_export_records_only_the_rates_it_trained_with(step, expected):
+    from trainer.export import rates_until
+
+    assert rates_until("0.003 for steps 1-20, 0.0015 from step 21, 0.001 from step 31", step) == expected
+
+
+def test_a_run_resumed_at_another_rate_says_so_in_its_files(base_dirs, scene_dir, tmp_path):
+    """kohya's ss_learning_rate holds one rate: the final file says the rate it ends with and keeps the history
+    beside it; an earlier step's file says the rate that step trained with."""
+    from trainer.export import read_lora
+    from trainer.reexport import reexport
+    from trainer.steps import learning_rate_history
+    from ui import format as fmt
+
+    run = tmp_path / "run"
+    run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=2, checkpoint_every=2, lr=3e-3))
+    resumed = tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=4, checkpoint_every=2, lr=1.5e-3)
+    run_training(resumed, resume=True)
+    meta = read_lora(run / "lora.safetensors")[1]
+    assert (meta["ss_learning_rate"], meta["ss_unet_lr"]) == ("0.0015", "0.0015")
+    assert meta["studio.learning_rates"] == learning_rate_history(run) == "0.003 for steps 1-2, 0.0015 from step 3"
+    early = read_lora(reexport(run, "kohya", 2)[0])[1]
+    assert early["ss_learning_rate"] == "0.003" and "studio.learning_rates" not in early
+    late = read_lora(reexport(run, "diffusers", 4)[0])[1]
+    assert (late["ss_learning_rate"], late["studio.learning_rates"]) == ("0.0015", meta["studio.learning_rates"])
+    line = fmt.recipe("run", resumed, learning_rate_history(run))
+    assert "learning rate 0.0015 (constant; so far 0.003 for steps 1-2, 0.0015 from step 3)" in line

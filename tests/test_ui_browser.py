@@ -238,7 +238,7 @@ def test_dataset_check_follows_the_dataset_and_the_training_resolution(page, ser
     """Four 96 px pictures: too few at the demo base's 64 px; also too small once the Train tab asks for 512."""
     check = page.locator("#dataset-check")
     wait_until(page, lambda: "only 4 picture(s)" in check.inner_text(), 20, "the few-pictures finding")
-    assert "for training at 64 px" in check.inner_text() and "smaller than" not in check.inner_text()
+    assert f"for training on {BASE} at 64 px" in check.inner_text() and "smaller than" not in check.inner_text()
     open_tab(page, "2 · Train")
     page.locator("#advanced").get_by_text("Advanced settings").click()
     set_number(page, "resolution", 512)
@@ -249,7 +249,7 @@ def test_dataset_check_follows_the_dataset_and_the_training_resolution(page, ser
     set_number(page, "resolution", 64)
     page.locator("#advanced").get_by_text("Advanced settings").click()
     open_tab(page, "1 · Dataset")
-    wait_until(page, lambda: "for training at 64 px" in check.inner_text(), 20, "the check back at 64 px")
+    wait_until(page, lambda: "at 64 px" in check.inner_text(), 20, "the check back at 64 px")
 
 
 def test_caption_all_then_edit_one_caption_in_place(page, server):
@@ -394,6 +394,23 @@ def test_resume_from_the_run_list(page, server):
 
     assert load_config(server.outputs / FLOW["run"] / "config.yaml").lr == pytest.approx(old_lr / 2)
     set_number(page, "continue-lr", 0)
+
+
+def test_dataset_check_follows_caption_edits(page, server):
+    """A caption past the base's token limit is named as soon as it is saved, and gone once shortened (after the
+    training test: the demo-random base's folder, with its tokenizer, exists from then on)."""
+    open_tab(page, "1 · Dataset")
+    check = page.locator("#dataset-check")
+    card = page.locator(".caption-box", has_text="yellow_star.png").locator("textarea")
+    before = card.input_value()
+    card.fill("zkstyle, " + " ".join(["a yellow star drawn with thick ink outlines"] * 4))  # > 77 tiny tokens
+    card.blur()
+    wait_until(page, lambda: "yellow_star.png (" in check.inner_text(), 20, "the long caption in the check")
+    assert "caption(s) longer than the 77 tokens this base's CLIP reads" in check.inner_text()
+    card.fill(before)
+    card.blur()
+    wait_until(page, lambda: "yellow_star.png" not in check.inner_text(), 20, "the check after shortening it")
+
 
 
 # ---- 4. mix & preview -----------------------------------------------------------------------------
@@ -619,7 +636,7 @@ def test_export_with_edited_metadata_downloads_valid_safetensors(page, server, t
     import zipfile
 
     page.click("#pack-a1111")  # the edited copy with its A1111 / Forge card
-    page.wait_for_selector("#export-status :text('Packed')", timeout=30_000)
+    page.wait_for_selector("#pack-status :text('Packed')", timeout=30_000)
     bundle = download(page, "dl-a1111", tmp_path)
     assert bundle.name == "Ink_Outline_Test_a1111.zip"
     with zipfile.ZipFile(bundle) as zf:

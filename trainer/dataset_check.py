@@ -140,8 +140,8 @@ def check_captions(captions: Sequence[tuple[str, str]], count_tokens: Callable[[
     if not over:
         return []
     over.sort(key=lambda nn: -nn[1])
-    return [Finding(f"{len(over)} caption(s) longer than the {limit} tokens {encoder} reads; the words past that "
-                    "are cut off in training, so shorten them or put what matters first",
+    return [Finding(f"{len(over)} caption(s) longer than the {limit} tokens this base's {encoder} reads; the words "
+                    "past that are cut off in training, so shorten them or put what matters first",
                     tuple(f"{name} ({n} tokens)" for name, n in over))]
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from trainer.atomic import atomic_path
 from trainer.errors import LoraFormatError
+from trainer.steps import EXPORT_INFO, LR_HISTORY  # noqa: F401 (LR_HISTORY: the loop and reexport use it from here)
 
 TOOL_NAME = "style-adapter-studio"
 TOOL_VERSION = "0.1.0"
@@ -158,7 +159,6 @@ class ExportInfo:
     training: dict = field(default_factory=dict)  # kohya's ss_* record of the settings: see training_record
 
 
-EXPORT_INFO = "export_info.json"  # a run's ExportInfo, written at its start: a step exported mid-run records it too
 
 
 def save_export_info(run_dir: str | Path, info: ExportInfo) -> Path:
@@ -183,6 +183,22 @@ def load_export_info(run_dir: str | Path) -> ExportInfo | None:
 # how kohya's scripts name the optimizer classes (``ss_optimizer``)
 _OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
                       "paged_adamw8bit": "bitsandbytes.optim.adamw.PagedAdamW8bit"}
+
+
+def learning_rates(history: str, trained_at: float, now: float, step: int) -> str:
+    """``history`` (of earlier resumes) extended by a resume at ``step`` from peak ``trained_at`` to ``now``:
+    "0.003 for steps 1-20, 0.0015 from step 21"; unchanged while the rate stays."""
+    if trained_at == now:
+        return history
+    return f"{history or f'{trained_at:g} for steps 1-{step}'}, {now:g} from step {step + 1}"
+
+
+def rates_until(history: str, step: int) -> str:
+    """The part of a :func:`learning_rates` history that a LoRA of ``step`` trained with; "" when that was one
+    rate (its ``ss_learning_rate`` says it)."""
+    parts = history.split(", ") if history else []
+    kept = parts[:1] + [p for p in parts[1:] if int(re.search(r"from step (\d+)$", p).group(1)) <= step]
+    return ", ".join(kept) if len(kept) > 1 else ""
 
 
 def training_record(config, processes: int | None = None) -> dict[str, str]:

@@ -27,8 +27,8 @@ from trainer.data import BatchPlan, Example, dataset_hash, prepare, scan_dataset
 from trainer.dataset_check import check_prepared
 from trainer.errors import ConfigError, DataError, TrainingDiverged, UnsupportedError, UserError, WriteError
 from trainer.eval_loss import eval_batches, fixed_noise_loss
-from trainer.export import (ExportInfo, export_lora, from_peft_state_dict, save_export_info, training_record,
-                            weights_from_file)
+from trainer.export import (LR_HISTORY, ExportInfo, export_lora, from_peft_state_dict, learning_rates,
+                            load_export_info, save_export_info, training_record, weights_from_file)
 from trainer.models import LoadedBase, load_base
 from trainer.models.knobs import checkpointing_plan, frozen_parts, prepare_denoiser
 from trainer.objective import Objective, check_objective
@@ -300,6 +300,8 @@ def dataset_check_lines(examples: list[Example], config: TrainConfig, base: Load
         findings = check_prepared(examples, config.resolution, config.data, base.handler.caption_reader(base.pipe))
     except Exception as err:  # a tokenizer or file oddity must not stop a run the check only advises on
         return [f"dataset check skipped ({type(err).__name__}: {err})"]
+    if not findings:
+        return [f"dataset check: nothing to fix in {len(examples)} pictures and their captions"]
     return [f"dataset check: {finding.line()}" for finding in findings]
 
 
@@ -356,6 +358,7 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                                f"{config.rank}, targets {config.targets}): the file was edited after the run "
                                "started; put back the values it was trained with, or start a new run"]) from None
         lr_scheduler.load_state_dict(state.lr_scheduler)
+        trained_at = lr_scheduler.base_lrs[0]  # the peak rate the steps so far trained with
         for note in continue_schedule(optimizer, lr_scheduler, config.lr):
             emit(ev.Log(message=note))
         generator.set_state(state.generator)
@@ -391,6 +394,12 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
             started_at=started_at, image_count=len(examples), data_sha256=dataset_hash(examples),
             tag_frequency=tag_frequency(examples, groups), training=training_record(config, dist.world),
         )
+        if resume:  # kohya's ss_learning_rate holds one rate: the changes are kept beside it
+            earlier = load_export_info(run_dir)
+            history = learning_rates((earlier.training if earlier else {}).get(LR_HISTORY, ""), trained_at,
+                                     config.lr, start_step)
+            if history:
+                info = replace(info, training={**info.training, LR_HISTORY: history})
         save_export_info(run_dir, info)
     saved_at = start_step if resume else None  # the same on every process: deciding from the disk would race
     # chunks of the global batch: no more memory than a training step, and the same draws on any number of processes

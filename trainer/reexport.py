@@ -18,11 +18,12 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from trainer.bases import parse_base
-from trainer.checkpoint import checkpoint_dirs, checkpoint_step
+from trainer.checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint
 from trainer.config import load_config
 from trainer.errors import UserError, WriteError
-from trainer.export import (ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict, load_export_info,
-                            read_metadata, save_safetensors, to_diffusers, to_flux_fused, to_kohya, training_record)
+from trainer.export import (LR_HISTORY, ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict,
+                            load_export_info, rates_until, read_metadata, save_safetensors, to_diffusers,
+                            to_flux_fused, to_kohya, training_record)
 from trainer.models import ARCH_HANDLERS, demo_folder
 from trainer.steps import checkpoint_mtime, preview_image, step_file
 from trainer.webui_bundle import bundle_path, current_bundle, write_bundle
@@ -50,6 +51,14 @@ def _previous_metadata(path: Path) -> dict[str, str]:
         return read_metadata(path)
     except UserError:
         return {}
+
+
+def _peak_lr(checkpoint: Path) -> float | None:
+    """The peak learning rate the schedule held when ``checkpoint`` was written (None if unreadable)."""
+    try:
+        return float(load_checkpoint(checkpoint).lr_scheduler["base_lrs"][0])
+    except (OSError, KeyError, IndexError, TypeError, ValueError, RuntimeError):
+        return None
 
 
 def _pick(run: Path, checkpoints: list[Path], step: int | None) -> Path:
@@ -109,6 +118,12 @@ def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
         metadata = build_metadata(replace(info, steps=steps), weights)
     metadata.pop("format", None)
     metadata["ss_steps"] = str(steps)
+    peak = _peak_lr(chosen)
+    if peak is not None:  # a run resumed at another rate: this step trained at the rate its checkpoint held
+        metadata["ss_learning_rate"] = metadata["ss_unet_lr"] = f"{peak:g}"
+    history = rates_until(metadata.pop(LR_HISTORY, ""), steps)
+    if history:
+        metadata[LR_HISTORY] = history
     if step is not None:
         metadata["modelspec.title"] = f"{metadata.get('modelspec.title') or run.name} (step {steps})"
     if fmt == "diffusers":

@@ -7,11 +7,14 @@ export --step 100`` (or picking the step on the Export tab) writes its LoRA to
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from trainer.checkpoint import checkpoint_dirs, checkpoint_path, checkpoint_step
 
+EXPORT_INFO = "export_info.json"  # a run's ExportInfo, written at its start: a step exported mid-run records it too
+LR_HISTORY = "studio.learning_rates"  # its metadata key for the peak rates of a run resumed at another rate
 STEP_SUFFIXES = {"kohya": "", "diffusers": "_diffusers", "comfy": "_comfy"}
 _SAMPLE = re.compile(r"^step-(\d+)-(\d+)\.png$")
 
@@ -78,3 +81,13 @@ def preview_image(run: str | Path, step: int) -> Path | None:
         return None
     path = sample_file(run, near, 0)
     return path if path.is_file() else None
+
+
+def learning_rate_history(run: str | Path) -> str:
+    """The peak learning rates of a run resumed at another rate ("0.003 for steps 1-20, 0.0015 from step 21", as
+    its exports record under :data:`LR_HISTORY`); "" when it trained at one rate."""
+    try:
+        training = json.loads((Path(run) / EXPORT_INFO).read_text(encoding="utf-8")).get("training") or {}
+        return str(training.get(LR_HISTORY, ""))
+    except (OSError, ValueError, AttributeError):
+        return ""

@@ -69,7 +69,7 @@ def build(studio: Studio) -> gr.Blocks:
                 ds = dataset.build(studio, run, version)
             with gr.Tab("2 · Train", id="train", elem_id="tab-train"):
                 tr = train.build(studio, run, ds["trigger"])
-            dataset.wire_check(studio, run, version, tr["resolution"], tr["base"], ds["check"])
+            dataset.wire_check(studio, run, version, tr["resolution"], tr["base"], ds)
             with gr.Tab("3 · Mix & Preview", id="mix", elem_id="tab-mix") as mix_tab:
                 mx = mix.build(studio, run)
             with gr.Tab("4 · Export", id="export", elem_id="tab-export") as export_tab:

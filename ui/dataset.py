@@ -40,6 +40,7 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
         caption_btn = gr.Button("Caption all", variant="primary", elem_id="caption-all", scale=0, min_width=160)
     caption_status = gr.Markdown(elem_id="caption-status")
     saved = gr.Markdown(elem_id="caption-saved")
+    caption_edits = gr.State(0)  # bumped by every caption saved from a card (the grid is not redrawn for those)
     with gr.Accordion("Caption tools: find & replace, add the trigger word, common tags", open=False,
                       elem_id="caption-tools"):
         with gr.Row(equal_height=True):
@@ -161,12 +162,12 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
                     remove = gr.Button("Remove", size="sm", key=f"rm-{run_name}-{ver}-{item.name}",
                                        elem_classes=["remove-image"])
 
-                    def save(text, run_name=run_name, name=item.name):
+                    def save(text, edits, run_name=run_name, name=item.name):
                         try:
                             studio.set_caption(run_name, name, text)
                         except UserError as err:
-                            return f"⚠ {err}"
-                        return f"Saved caption of {fmt.md_code(name)}." + studio.dataset_note(run_name)
+                            return f"⚠ {err}", edits
+                        return f"Saved caption of {fmt.md_code(name)}." + studio.dataset_note(run_name), edits + 1
 
                     def drop(v, run_name=run_name, name=item.name):
                         try:
@@ -175,7 +176,7 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
                             return f"⚠ {err}", v
                         return f"Removed {fmt.md_code(name)}." + studio.dataset_note(run_name), v + 1
 
-                    box.blur(save, box, saved)
+                    box.blur(save, [box, caption_edits], [saved, caption_edits])
                     remove.click(drop, version, [saved, version])
 
     def on_run(run_name):
@@ -185,13 +186,14 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
             return "", f"⚠ {err}"
 
     return {"trigger": trigger, "on_run": (on_run, [run], [trigger, report]), "caption_status": caption_status,
-            "check": check}
+            "check": check, "caption_edits": caption_edits}
 
 
 def wire_check(studio: Studio, run: gr.Dropdown, version: gr.State, resolution: gr.Number, base: gr.Dropdown,
-               check: gr.Markdown) -> None:
-    """Redo the dataset check when the dataset, the run, or the Train tab's resolution or base changes."""
-    def look(run_name, res, base_name):
+               tab: dict) -> None:
+    """Redo the dataset check when the dataset, a caption, the trigger word, the run, or the Train tab's
+    resolution or base changes (``tab``: what :func:`build` returned)."""
+    def look(run_name, res, base_name, trig):
         try:
             res = int(res)
         except (TypeError, ValueError):
@@ -199,10 +201,11 @@ def wire_check(studio: Studio, run: gr.Dropdown, version: gr.State, resolution: 
         if res < 64 or res % 64:
             return ""  # the Train tab says what the resolution must be
         try:
-            findings, pictures = studio.dataset_check(run_name, res, base_name or "")
+            findings, pictures = studio.dataset_check(run_name, res, base_name or "", trig or "")
         except UserError:
             return ""
-        return fmt.dataset_check(findings, pictures, res)
+        return fmt.dataset_check(findings, pictures, res, base_name or "")
 
-    for changed in (version, run, resolution, base):
-        changed.change(look, [run, resolution, base], check)
+    inputs = [run, resolution, base, tab["trigger"]]
+    for changed in (version, run, resolution, base, tab["caption_edits"], tab["trigger"]):
+        changed.change(look, inputs, tab["check"])

@@ -28,6 +28,15 @@ def _step(value) -> int | None:
     return None if value in (None, "", FINAL) else int(value)
 
 
+def files_line(run_name: str, chosen: int | None, paths: dict, edited: bool) -> str:
+    """The line naming the files the downloads serve: the final ones or a step's, with edited metadata or not."""
+    if not any(paths.values()):
+        return f"`{run_name}` has no final LoRA yet: train it (or stop a run), or pick a step, and come back."
+    return ("Files of " + fmt.md_code(run_name) + (f" at step {chosen}" if chosen is not None else "")
+            + (" with your metadata" if edited else "") + ": "
+            + ", ".join(f"{k} {fmt.md_code(Path(p).name)}" for k, p in paths.items() if p))
+
+
 def build(studio: Studio, run: gr.Dropdown) -> dict:
     step = gr.Dropdown([("final files", FINAL)], value=FINAL, label="LoRA of step", elem_id="export-step",
                        info="The run's final files, or an earlier checkpoint's: pick a step to see the samples "
@@ -40,11 +49,13 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             apply = gr.Button("Apply metadata", variant="primary", elem_id="export-apply")
             status = gr.Markdown(elem_id="export-status")
         with gr.Column(scale=2):
-            kohya = gr.DownloadButton("Download LoRA (kohya / A1111 / ComfyUI)", elem_id="dl-kohya", interactive=False)
+            kohya = gr.DownloadButton("Download LoRA .safetensors (kohya layout: ComfyUI, A1111, Forge)",
+                                      elem_id="dl-kohya", interactive=False)
             with gr.Row():
                 pack = gr.Button("Pack for A1111 / Forge", elem_id="pack-a1111", min_width=120)
-                webui = gr.DownloadButton("Download the A1111 / Forge .zip", elem_id="dl-a1111", interactive=False,
-                                          min_width=120)
+                webui = gr.DownloadButton("Download the A1111 / Forge .zip (after Pack)", elem_id="dl-a1111",
+                                          interactive=False, min_width=120)
+            pack_status = gr.Markdown(elem_id="pack-status")
             gr.Markdown("The .zip holds the LoRA with its card: unpack it into the web UI's `models/Lora` folder, "
                         "and the card shows the step's first sample and adds the trigger phrase (if any) to your "
                         "prompt with the LoRA.", elem_id="a1111-hint")
@@ -89,23 +100,18 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             sampled_at, samples = (None, studio.samples(run_name)) if chosen is None \
                 else studio.step_samples(run_name, chosen)
         except UserError as err:
-            return (f"⚠ {err}", "", *[gr.skip()] * len(EXPORT_FIELDS), *buttons(run_name, {}, None), [])
+            return (f"⚠ {err}", "", *[gr.skip()] * len(EXPORT_FIELDS), *buttons(run_name, {}, None), [], "")
         applied = studio.applied_export(run_name, chosen)
         if applied is not None:  # what was applied last, and the copies it wrote
             paths, meta = {**paths, **applied["files"]}, applied["meta"]
-        if not any(paths.values()):
-            text = f"`{run_name}` has no final LoRA yet: train it (or stop a run), or pick a step, and come back."
-        else:
-            text = ("Files of " + fmt.md_code(run_name) + (f" at step {chosen}" if chosen is not None else "")
-                    + (" with your metadata" if applied is not None else "") + ": "
-                    + ", ".join(f"{k} {fmt.md_code(Path(p).name)}" for k, p in paths.items() if p))
+        text = files_line(run_name, chosen, paths, applied is not None)
         if chosen is not None and sampled_at != chosen:
             text += f" (no samples were rendered at step {chosen}" + \
                     (f"; showing step {sampled_at}'s)" if sampled_at is not None else ")")
         zip_path = studio.samples_zip(run_name)  # None without samples
         shown = samples if chosen is not None else samples[-SHOWN_SAMPLES:]
         return (text, "", *[meta.get(f, "") for f in EXPORT_FIELDS], *buttons(run_name, paths, zip_path),
-                [(p, fmt.sample_caption(p)) for p in shown])
+                [(p, fmt.sample_caption(p)) for p in shown], "")
 
     def on_show(run_name, prompts_text, filled_for):
         try:
@@ -132,11 +138,12 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         try:
             prepared = studio.prepare_export(run_name, dict(zip(EXPORT_FIELDS, values)), _step(step_value))
         except UserError as err:
-            return (f"⚠ {err}", gr.skip(), gr.skip(), gr.skip())
+            return (f"⚠ {err}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
         names = ", ".join(fmt.md_code(Path(p).name) for p in prepared.values())
         kohya_u, webui_u, diffusers_u, _, kohya_path = buttons(run_name, prepared, None)
         return (f"Metadata written to {names}; the buttons now download these copies.", kohya_u, webui_u,
-                diffusers_u, kohya_path)
+                diffusers_u, kohya_path, files_line(run_name, _step(step_value), prepared, True),
+                "Pack again for A1111 / Forge to put these copies in the .zip.")
 
     def on_pack(run_name, kohya_path):
         if not kohya_path:
@@ -145,12 +152,12 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             bundle = studio.webui_bundle(run_name, kohya_path)
         except UserError as err:
             return f"⚠ {err}", gr.skip()
-        return f"Packed {fmt.md_code(Path(bundle).name)}: download it beside this button.", one(bundle)
+        return f"Packed {fmt.md_code(Path(bundle).name)}: download it with the button beside Pack.", one(bundle)
 
-    shown = [files, status, *boxes, kohya, webui, diffusers, samples_zip, shown_kohya, gallery]
+    shown = [files, status, *boxes, kohya, webui, diffusers, samples_zip, shown_kohya, gallery, pack_status]
     step.input(show, [run, step], shown)
-    apply.click(on_apply, [run, step, *boxes], [status, kohya, webui, diffusers, shown_kohya])
-    pack.click(on_pack, [run, shown_kohya], [status, webui], concurrency_id="export-pack", concurrency_limit=1)
+    apply.click(on_apply, [run, step, *boxes], [status, kohya, webui, diffusers, shown_kohya, files, pack_status])
+    pack.click(on_pack, [run, shown_kohya], [pack_status, webui], concurrency_id="export-pack", concurrency_limit=1)
     compare.click(on_compare, [run, compare_prompts, compare_weight, compare_seed], [compare_info, compare_image],
                   concurrency_id="mix", concurrency_limit=1)
     return {"on_show": (on_show, [run, compare_prompts, prompts_of],

@@ -131,26 +131,29 @@ def tag_list(counts: list[tuple[str, int]], images: int) -> str:
     return f"Most common tags (of {images} captions): {shown}"
 
 
-def recipe(run: str, config) -> str:
-    """What a run was trained with (a ``TrainConfig``), in one Markdown line: what Resume and Train on use."""
+def recipe(run: str, config, lr_history: str = "") -> str:
+    """What a run was trained with (a ``TrainConfig``), in one Markdown line: what Resume and Train on use.
+    ``lr_history``: the peak rates of a run resumed at another rate (trainer.steps.learning_rate_history)."""
     if config is None:
         return ""
     schedule = config.lr_scheduler + (f", {config.warmup_steps} warm-up" if config.warmup_steps else "")
     batch = f"batch {config.batch_size}" + (f" × {config.grad_accum}" if config.grad_accum > 1 else "")
+    rate = f"learning rate {config.lr:g} ({schedule}" + (f"; so far {lr_history}" if lr_history else "") + ")"
     parts = [md_code(config.base), f"rank {config.rank}, alpha {config.alpha:g} ({config.targets})",
-             f"{config.steps} steps", f"learning rate {config.lr:g} ({schedule})", f"{config.resolution} px", batch,
-             config.precision.value, f"seed {config.seed}"]
+             f"{config.steps} steps", rate, f"{config.resolution} px", batch, f"precision {config.precision.value}",
+             f"seed {config.seed}"]
     if config.trigger:
         parts.append(f"trigger {md_code(config.trigger)}")
     parts.append(f"checkpoint every {config.checkpoint_every}, keep {config.keep_checkpoints}")
     return f"{md_code(run)} trains with: " + " · ".join(parts) + ". Resume and Train on use these settings."
 
 
-def dataset_check(findings, pictures: int, resolution: int) -> str:
+def dataset_check(findings, pictures: int, resolution: int, base: str = "") -> str:
     """The Dataset tab's check as Markdown: a line when all is well, else one bullet per finding."""
     if not pictures:
         return ""
-    head = f"**Dataset check** (for training at {resolution} px, set on the Train tab):"
+    on = f"on {md_code(base)} " if base else ""
+    head = f"**Dataset check** (for training {on}at {resolution} px, set on the Train tab):"
     if not findings:
         return f"{head} nothing to fix in {pictures} picture(s)."
     bullets = [f"- ⚠ {finding.line(md_code)}" for finding in findings]

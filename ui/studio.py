@@ -38,7 +38,7 @@ from trainer.trigger import with_trigger
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
-from trainer.steps import checkpoint_mtime, exported_step_files, exported_steps, samples_near
+from trainer.steps import checkpoint_mtime, exported_step_files, exported_steps, learning_rate_history, samples_near
 from trainer.presets import list_presets, resolve_config
 from ui import caption_tools, choices, store
 from ui.captions import caption_run
@@ -362,11 +362,13 @@ class Studio:
         """The captions' ``top`` most common tags, and how many captions there are."""
         return caption_tools.tag_counts(self.run_dir(run), top)
 
-    def dataset_check(self, run: str, resolution: int, base: str = "") -> tuple[list[Finding], int]:
-        """What in ``run``'s dataset would make a LoRA trained at ``resolution`` on ``base`` worse, and how many
-        pictures were looked at. Fingerprints come from the thumbnails and sizes from the file headers, so this
-        is quick enough to run after every change; captions are counted in ``base``'s tokenizer when its folder
-        is at hand (the first time imports transformers: seconds)."""
+    def dataset_check(self, run: str, resolution: int, base: str = "",
+                      trigger: Optional[str] = None) -> tuple[list[Finding], int]:
+        """What in ``run``'s dataset would make a LoRA trained at ``resolution`` on ``base`` (with ``trigger``
+        put first in captions) worse, and how many pictures were looked at. Fingerprints come from the
+        thumbnails and sizes from the file headers, so this is quick enough to run after every change;
+        captions are counted in ``base``'s tokenizer when its folder is at hand (the first time imports
+        transformers: seconds)."""
         items = store.list_items(self.run_dir(run))
         facts, known = [], {}
         for item in items:
@@ -384,14 +386,16 @@ class Studio:
         findings = check_images(facts, resolution)
         reader = self._caption_reader(base) if base and items else None
         if reader is not None:
-            trigger = str(self.settings(run).get("trigger") or "")
+            if trigger is None:  # the one saved with the run (the Dataset tab sends what its box holds now)
+                trigger = str(self.settings(run).get("trigger") or "")
             captions = [(i.name, with_trigger(i.caption or store.caption_from_name(i.name), trigger)) for i in items]
             findings += check_captions(captions, partial(token_count, reader.tokenizer), reader.limit, reader.encoder)
         return findings, len(facts)
 
     def _caption_reader(self, base: str) -> Optional[CaptionReader]:
-        """``base``'s caption tokenizer, loaded once per base (None where it is not at hand)."""
-        if base not in self._readers:
+        """``base``'s caption tokenizer, loaded once per base; None while it is not at hand (looked for again next
+        time: a demo base's folder appears when it is first built)."""
+        if self._readers.get(base) is None:
             self._readers[base] = load_caption_reader(base)
         return self._readers[base]
 
@@ -848,6 +852,13 @@ class Studio:
             return load_config(self.run_dir(run) / "config.yaml")
         except UserError:
             return None
+
+    def lr_history(self, run: str) -> str:
+        """The peak learning rates of a run resumed at another rate; "" otherwise."""
+        try:
+            return learning_rate_history(self.run_dir(run))
+        except UserError:
+            return ""
 
     def recipe(self, run: str):
         """What ``run`` trains with: its queue job's config while the job waits or trains (a Start, or a Resume

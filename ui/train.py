@@ -197,8 +197,11 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
 
     resume.click(on_resume, [run, continue_to, continue_lr], [status, last], concurrency_id="train-control",
                  concurrency_limit=1)
-    run.change(lambda name: fmt.recipe(name, studio.recipe(name)), run, recipe)
-    status.change(lambda name: fmt.recipe(name, studio.recipe(name)), run, recipe)  # after a Start or Resume
+    def recipe_of(name):
+        return fmt.recipe(name, studio.recipe(name), studio.lr_history(name))
+
+    run.change(recipe_of, run, recipe)
+    status.change(recipe_of, run, recipe)  # after a Start or Resume
 
     def on_job(action, job_id):
         if job_id is None or job_id == "":
