@@ -497,7 +497,7 @@ class Studio:
         training needs that memory (see ``_preview_device``)."""
         freed = " The previews' base was unloaded from the GPU to leave its memory to training." \
             if self.mix.release_gpu() else ""
-        if active is None and job.position == 1:
+        if job.position is None or (active is None and job.position == 1):  # None: the worker took it already
             return starting + freed
         ahead = f"'{active}' is training" if active else "other runs are waiting"
         return (f"'{Path(job.run_dir).name}' is queued at position {job.position} (job {job.id}): {ahead}, and one "
@@ -589,8 +589,8 @@ class Studio:
         if job is not None and job.resumable and not finished:
             if total is None and new_lr is None:
                 return self.resume_job(job.id)
-            return self._queued_message(self.queue.resume(job.id, steps=total, lr=new_lr), self.active_run(),
-                                        message + note)
+            active = self.active_run()  # before queuing: the worker may claim the job at once
+            return self._queued_message(self.queue.resume(job.id, steps=total, lr=new_lr), active, message + note)
         from trainer.config import load_config  # a finished run, or one trained before the queue existed
 
         active = self.active_run()
