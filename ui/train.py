@@ -236,7 +236,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
                 "queue": [(j.id, j.state, j.position, j.error, j.resumable) for j in jobs]}
         shown = shown or {}
         if view == shown:
-            return (gr.skip(),) * 10
+            return (gr.skip(),) * 9
         same_run = shown.get("run") == run_name
 
         def changed(key):
@@ -254,13 +254,10 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         queue_update, pick_update = gr.skip(), gr.skip()
         if view["queue"] != shown.get("queue"):
             queue_update, pick_update = fmt.queue_html(jobs), gr.update(choices=fmt.queue_choices(jobs))
-        # "Stopping …" / "Resuming …" answered a click; once the run it spoke of has ended, the progress says how
-        status_update = "" if (same_run and shown.get("state") in ("queued", "running", "stopping")
-                               and view["state"] in ("stopped", "done", "failed")) else gr.skip()
         return (fmt.progress_html(snap, note), plot_update, samples_update, fmt.checkpoint_line(snap),
-                fmt.log_text(snap), runs_update, queue_update, pick_update, status_update, view)
+                fmt.log_text(snap), runs_update, queue_update, pick_update, view)
 
     timer = gr.Timer(POLL_SECONDS)
-    timer.tick(poll, [run, last], [progress, plot, samples, checkpoint, log, runs, queue_view, job_pick, status, last],
+    timer.tick(poll, [run, last], [progress, plot, samples, checkpoint, log, runs, queue_view, job_pick, last],
                show_progress="hidden", concurrency_id="poll", concurrency_limit=None)
     return {"base": base, "last": last, "runs": runs, "status": status, "resolution": resolution}
