@@ -206,19 +206,12 @@ def weight_bytes(base: str) -> int | None:
     which previews load on the CPU, or a hub id that is not cached)."""
     try:
         ref = parse_base(base)
-    except UserError:
-        return None
-    try:
-        if ref.kind == "folder":
-            return _folder_weight_bytes(Path(ref.value))
         if ref.kind == "file":
             return Path(ref.value).stat().st_size
-        if ref.kind == "hub":
-            snapshot = _cached_snapshot(ref.value)
-            return _folder_weight_bytes(snapshot) if snapshot is not None else None
-    except OSError:
+        found = config_folder(base) if ref.kind in ("folder", "hub") else None
+        return _folder_weight_bytes(found[0]) if found is not None else None
+    except (UserError, OSError):
         return None
-    return None
 
 
 def demo_path(ref: BaseRef) -> Path:

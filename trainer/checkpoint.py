@@ -80,11 +80,17 @@ def save_checkpoint(run_dir: Path, state: TrainState, keep: int) -> Path:
     return final
 
 
-def load_checkpoint(path: Path) -> TrainState:
+def load_state(path: Path) -> dict:
+    """A checkpoint's ``state.pt`` alone (step, optimizer, schedule, RNG, scaler): no adapter weights read."""
     import torch
+
+    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(path: Path) -> TrainState:
     from safetensors.torch import load_file
 
-    raw = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    raw = load_state(path)
     return TrainState(step=int(raw["step"]), adapter=load_file(str(Path(path) / "adapter.safetensors")),
                       optimizer=raw["optimizer"], lr_scheduler=raw["lr_scheduler"], generator=raw["generator"],
                       scaler=raw.get("scaler"))

@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from trainer.bases import parse_base
-from trainer.checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint
+from trainer.checkpoint import checkpoint_dirs, checkpoint_step, load_state
 from trainer.config import load_config
 from trainer.errors import UserError, WriteError
 from trainer.export import (LR_HISTORY, ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict,
@@ -56,7 +56,7 @@ def _previous_metadata(path: Path) -> dict[str, str]:
 def _peak_lr(checkpoint: Path) -> float | None:
     """The peak learning rate the schedule held when ``checkpoint`` was written (None if unreadable)."""
     try:
-        return float(load_checkpoint(checkpoint).lr_scheduler["base_lrs"][0])
+        return float(load_state(checkpoint)["lr_scheduler"]["base_lrs"][0])  # the adapter is read already
     except (OSError, KeyError, IndexError, TypeError, ValueError, RuntimeError):
         return None
 
@@ -151,9 +151,8 @@ def a1111_bundle(lora: str | Path, run: str | Path, write: bool = True) -> Path 
     current = current_bundle(out, lora, preview)
     if current is not None or not write:
         return current
-    stem = run.name if lora.parent == run else lora.stem
     try:
-        return write_bundle(lora, metadata, preview, out, stem)
+        return write_bundle(lora, metadata, preview, out)
     except WriteError:
         if not lora.is_file() or (preview is not None and not preview.is_file()):  # rotated away meanwhile
             raise UserError(f"{lora.name} or its sample changed while it was being packed; pack it again") from None

@@ -78,11 +78,13 @@ def current_bundle(out: str | Path, lora: str | Path, preview: str | Path | None
 
 
 def write_bundle(lora: str | Path, metadata: dict[str, str], preview: str | Path | None, out: str | Path,
-                 stem: str, weight: float = 1.0) -> Path:
+                 weight: float = 1.0) -> Path:
     """Zip ``lora`` (as ``<stem>.safetensors``), its card JSON and ``preview`` (as ``<stem>.preview.png``) into
-    ``out``, atomically. Stored, not compressed: LoRA weights do not shrink. The sources' signature is taken
-    before they are read, so a LoRA rewritten meanwhile makes the bundle stale, not wrongly current."""
+    ``out``, atomically; ``<stem>`` is ``out``'s name without ``_a1111.zip`` (see :func:`bundle_path`). Stored,
+    not compressed: LoRA weights do not shrink. The sources' signature is taken before they are read, so a LoRA
+    rewritten meanwhile makes the bundle stale, not wrongly current."""
     lora, preview = Path(lora), Path(preview) if preview else None
+    stem = Path(out).name.removesuffix(BUNDLE_SUFFIX)
     signature = _signature(lora, preview)
     with atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
