@@ -80,6 +80,12 @@ def test_add_trigger_only_where_it_is_missing(run):
                              "b.png": "zkstyle, A Painting of a blue square",
                              "c.png": "zkstyle, paintings of, a tree", "d.png": "zkstyle"}
     assert caption_tools.add_trigger(run, "ZKSTYLE") == (0, 4)  # found whatever the case
+    from trainer.trigger import with_trigger
+
+    store.write_caption(run, "d.png", "ZKstyle, a tree")
+    assert caption_tools.add_trigger(run, "zkstyle") == (0, 4)
+    # training finds it where the tools do: the caption it trains on does not get the trigger a second time
+    assert with_trigger(store.read_caption(run, "d.png"), "zkstyle") == "ZKstyle, a tree"
 
 
 def test_undo_keeps_hand_edits_and_removed_images_and_a_damaged_record_is_one_line(run):
@@ -122,7 +128,7 @@ def test_tag_counts_count_each_tag_once_per_caption(run):
 
 def test_the_trainer_ignores_the_undo_record(run):
     """The record lives in the dataset folder: the trainer must read only images and their captions."""
-    from trainer.data import scan_dataset
+    from trainer.scan import scan_dataset
 
     caption_tools.add_trigger(run, "zkstyle")
     scan = scan_dataset(store.dataset_dir(run))

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from trainer.buckets import buckets, nearest_bucket
-from trainer.data import BatchPlan, prepare, scan_dataset, with_trigger
+from trainer.data import BatchPlan, prepare
+from trainer.scan import scan_dataset
+from trainer.trigger import with_trigger
 from trainer.errors import DataError
 from trainer.images import open_image
 
@@ -249,6 +251,7 @@ def test_a_mirrored_crop_starts_where_its_pixels_come_from(tmp_path, center_crop
 @pytest.mark.parametrize("caption,trigger,expected", [
     ("a red circle", "zk", "zk, a red circle"), ("zk, a red circle", "zk", "zk, a red circle"),
     ("a zkstyle thing", "zk", "zk, a zkstyle thing"), ("", "zk", "zk"), ("a red circle", "", "a red circle"),
+    ("ZK, a red circle", "zk", "ZK, a red circle"),  # in any case, as the caption tools find it
 ])
 def test_trigger_word(caption, trigger, expected):
     assert with_trigger(caption, trigger) == expected

@@ -207,7 +207,8 @@ def test_a_run_logs_the_check_at_its_start(base_dirs, scene_dir, tmp_path, arch)
 
 
 def test_a_check_that_fails_is_skipped_with_a_line_and_training_goes_on(scene_dir, monkeypatch):
-    from trainer.data import prepare, scan_dataset
+    from trainer.data import prepare
+    from trainer.scan import scan_dataset
     from trainer.loop import dataset_check_lines
 
     def broken(pipe):
@@ -271,6 +272,18 @@ def test_cli_prints_the_findings_and_exits_1_then_0_once_fixed(tmp_path):
     assert (clean.returncode, clean.stdout.strip()) == (0, "8 picture(s) looked over for training at 64 px: nothing to fix")
     missing = cli("--data", str(tmp_path / "nope"), cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: data folder") and "Traceback" not in missing.stderr
+
+
+def test_cli_without_a_base_answers_without_loading_torch_or_diffusers(tmp_path):
+    """A look before training should take a second, not the ten a torch and diffusers import take on a laptop."""
+    data = tmp_path / "data"
+    write_style_set("hatch", data, n=6)
+    found = subprocess.run([sys.executable, "-X", "importtime", "-m", "trainer", "check-data", "--data", str(data),
+                            "--resolution", "64"], cwd=tmp_path, capture_output=True, text=True,
+                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert found.returncode == 0 and "nothing to fix" in found.stdout, found.stdout + found.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in found.stderr.splitlines() if line.startswith("import time:")}
+    assert "trainer.scan" in imported and not imported & {"torch", "diffusers", "transformers"}
 
 
 def test_the_dataset_tab_check_finds_an_uploaded_copy_through_the_thumbnails(tmp_path, monkeypatch):

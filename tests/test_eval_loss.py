@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from tests.conftest import ARCHS, tiny_config
 from trainer import events as ev
 from trainer.checkpoint import checkpoint_dirs
-from trainer.data import prepare, scan_dataset
+from trainer.data import prepare
+from trainer.scan import scan_dataset
 from trainer.eval_loss import eval_batches, fixed_noise_loss
 from trainer.loop import build_cache, run_training
 from trainer.models import load_base

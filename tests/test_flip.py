@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trainer.data import BatchPlan, prepare, scan_dataset
+from trainer.data import BatchPlan, prepare
+from trainer.scan import scan_dataset
 from trainer.distributed import Dist
 from trainer.models import load_base
 

@@ -137,7 +137,8 @@ def test_an_fp16_vae_marked_force_upcast_encodes_the_cache_in_fp32(base_dirs, sc
     """SDXL's and FLUX's VAEs overflow in fp16 (their configs say ``force_upcast``): the latent cache is encoded
     in fp32, and the VAE goes back to fp16 afterwards."""
     from trainer.config import Precision
-    from trainer.data import prepare, scan_dataset
+    from trainer.data import prepare
+    from trainer.scan import scan_dataset
     from trainer.loop import build_cache
 
     examples = prepare(scan_dataset(scene_dir), 64, False, "", 0)[0][:2]
@@ -159,7 +160,8 @@ def test_an_fp16_vae_marked_force_upcast_encodes_the_cache_in_fp32(base_dirs, sc
 
 def test_a_non_finite_latent_names_the_image(base_dirs, scene_dir, monkeypatch):
     from trainer.config import Precision
-    from trainer.data import prepare, scan_dataset
+    from trainer.data import prepare
+    from trainer.scan import scan_dataset
     from trainer.errors import DataError
     from trainer.loop import build_cache
 

@@ -142,8 +142,7 @@ def test_remove_item_and_rebuilt_thumbnail(tmp_path):
     assert Path(item.thumb).is_file()
 
 
-def test_caption_from_name_and_settings(tmp_path):
-    assert store.caption_from_name("red_circle-01 (2).png") == "red circle"
+def test_settings(tmp_path):
     assert store.load_settings(tmp_path) == {}
     store.save_settings(tmp_path, trigger="zk")
     store.save_settings(tmp_path, preset="tone")

@@ -27,6 +27,10 @@ def _quiet_libraries() -> None:
     # "Failed to load CPU gemm_4bit_forward from kernels-community" on every run: an optional faster CPU kernel
     # package; NF4 works without it, and nothing else bitsandbytes says at WARNING is for artists
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _quiet_progress_bars() -> None:
+    """Download and loading bars; imports diffusers (seconds), so only for commands that load models."""
     try:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -72,6 +76,8 @@ COMMANDS = {
     "bench": ("trainer.cli_bench", "speed and memory benchmarks (CPU smoke mode, or full size on a GPU)"),
 }
 
+LIGHT_COMMANDS = {"check-data", "demo-data", "queue"}  # answer in a second: no torch, no diffusers
+
 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_libraries()
     args = build_parser().parse_args(argv)
+    if args.command not in LIGHT_COMMANDS:
+        _quiet_progress_bars()
     handlers = {"demo-model": _demo_model, "export": _export}
     if args.command in COMMANDS:
         return run_command(importlib.import_module(COMMANDS[args.command][0]).run, args)
@@ -130,6 +138,8 @@ def exit_now(code: int) -> None:
     There the process group's C++ threads can abort shutdown ("terminate called without an active
     exception"), and torchrun would then report a signal instead of this process's own exit code.
     """
+    if "trainer.distributed" not in sys.modules:  # no process group without it (and importing it loads torch)
+        sys.exit(code)
     from trainer.distributed import world_size_from_env
 
     if world_size_from_env() <= 1:

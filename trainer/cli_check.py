@@ -6,9 +6,9 @@ import argparse
 from functools import partial
 
 from trainer.config import TrainConfig
-from trainer.data import scan_dataset
 from trainer.dataset_check import check_captions, check_images, file_facts, load_caption_reader, shown_name, token_count
 from trainer.errors import ImageError
+from trainer.scan import scan_dataset
 from trainer.trigger import with_trigger
 
 

@@ -1,9 +1,4 @@
-"""Training data: find images and captions, validate them, bucket and crop them.
-
-Layouts accepted in the data folder:
-- images with optional ``<name>.txt`` captions at the top level;
-- kohya-style ``N_name`` subfolders, each image repeated N times per epoch;
-- a Hugging Face imagefolder ``metadata.jsonl`` (``file_name`` + ``text``/``caption``).
+"""Training data: decode and validate the images ``trainer.scan`` found, bucket and crop them.
 
 Bad files never stop a run: each is skipped with a reason the user sees.
 Only when *no* image is usable is it an error.
@@ -12,12 +7,9 @@ Only when *no* image is usable is it an error.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,106 +17,10 @@ from PIL import Image
 
 from trainer.buckets import buckets, cover_size, nearest_bucket
 from trainer.errors import DataError, ImageError
-from trainer.images import DEFAULT_LIMITS, ImageLimits, fingerprint, is_image_name, open_image
-from trainer.paths import is_inside, sha256_file
+from trainer.images import DEFAULT_LIMITS, ImageLimits, fingerprint, open_image
+from trainer.paths import sha256_file
+from trainer.scan import DatasetScan
 from trainer.trigger import with_trigger
-
-_REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
-
-
-@dataclass(frozen=True)
-class Item:
-    path: Path
-    caption: str
-    repeats: int = 1
-    group: str = ""  # kohya subfolder name, for ss_tag_frequency
-
-
-@dataclass(frozen=True)
-class DatasetScan:
-    items: tuple[Item, ...]
-    skipped: tuple[tuple[str, str], ...]  # (file, reason)
-    warnings: tuple[str, ...]
-
-
-def _read_caption(path: Path, warnings: list[str]) -> str | None:
-    if not path.is_file():
-        return None
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig").strip()
-    except UnicodeDecodeError:
-        warnings.append(f"{path.name}: caption is not UTF-8 text; using the image's file name instead (re-save it as UTF-8)")
-        return None
-
-
-def caption_from_filename(path: Path) -> str:
-    """A readable caption from a file name: ``red_circle-01 (2).png`` → ``red circle``."""
-    stem = re.sub(r"[_\-.]+", " ", path.stem)
-    stem = re.sub(r"\(\d+\)|\b\d+\b", " ", stem)
-    return re.sub(r"\s+", " ", stem).strip()
-
-
-def _scan_folder(folder: Path, root: Path, repeats: int, group: str, items: list, skipped: list, warnings: list) -> None:
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or not is_image_name(path.name):
-            continue
-        if not is_inside(path, root):
-            skipped.append((path.name, "links outside the data folder"))
-            continue
-        caption = _read_caption(path.with_suffix(".txt"), warnings)
-        items.append(Item(path=path, caption=caption if caption is not None else caption_from_filename(path),
-                          repeats=repeats, group=group))
-
-
-def _scan_metadata(root: Path, items: list, skipped: list, warnings: list) -> None:
-    for lineno, line in enumerate((root / "metadata.jsonl").read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            name = str(entry["file_name"])
-        except (ValueError, KeyError, TypeError):
-            warnings.append(f"metadata.jsonl line {lineno}: not a JSON object with file_name; ignored")
-            continue
-        path = root / name
-        if not is_inside(path, root):
-            skipped.append((name, "points outside the data folder"))
-            continue
-        if not path.is_file():
-            skipped.append((name, "listed in metadata.jsonl but missing"))
-            continue
-        caption = entry.get("text", entry.get("caption"))
-        items.append(Item(path=path, caption=str(caption).strip() if caption else caption_from_filename(path),
-                          group=root.name))
-
-
-def scan_dataset(data_dir: str | Path) -> DatasetScan:
-    """Find images and their captions (pixels are not decoded here).
-
-    Raises:
-        DataError: the folder does not exist or contains no image files at all.
-    """
-    root = Path(data_dir)
-    if str(data_dir) and root.is_file():
-        raise DataError(f"data folder {str(data_dir)!r} is a file; pass --data with the folder of images it is in")
-    if not str(data_dir) or not root.is_dir():
-        raise DataError(f"data folder {str(data_dir)!r} does not exist; pass --data with a folder of images")
-    items: list[Item] = []
-    skipped: list[tuple[str, str]] = []
-    warnings: list[str] = []
-    if (root / "metadata.jsonl").is_file():
-        _scan_metadata(root, items, skipped, warnings)
-    else:
-        _scan_folder(root, root, 1, root.name, items, skipped, warnings)
-        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-            match = _REPEAT_DIR.match(sub.name)
-            if match:
-                _scan_folder(sub, root, max(1, int(match.group(1))), match.group(2), items, skipped, warnings)
-    if not items:
-        raise DataError(f"no images found in {root} (looked for {', '.join(('jpg', 'png', 'webp', 'bmp', 'gif'))} "
-                        f"files, N_name subfolders or metadata.jsonl)")
-    return DatasetScan(items=tuple(items), skipped=tuple(skipped), warnings=tuple(warnings))
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from trainer.bases import parse_base
 from trainer.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
 from trainer.config import Precision, TrainConfig, dump_yaml
 from trainer.distributed import Dist, setup
-from trainer.data import BatchPlan, Example, dataset_hash, prepare, scan_dataset, tag_frequency
+from trainer.data import BatchPlan, Example, dataset_hash, prepare, tag_frequency
 from trainer.dataset_check import check_prepared
 from trainer.errors import ConfigError, DataError, TrainingDiverged, UnsupportedError, UserError, WriteError
 from trainer.eval_loss import eval_batches, fixed_noise_loss
@@ -32,6 +32,7 @@ from trainer.export import (LR_HISTORY, ExportInfo, export_lora, from_peft_state
 from trainer.models import LoadedBase, load_base
 from trainer.models.knobs import checkpointing_plan, frozen_parts, prepare_denoiser
 from trainer.objective import Objective, check_objective
+from trainer.scan import scan_dataset
 from trainer.steps import sample_file
 from trainer.step import StepParts, grad_scaler, train_step
 from trainer.targets import resolve

@@ -6,8 +6,10 @@ import re
 
 
 def has_trigger(caption: str, trigger: str) -> bool:
-    """Whether ``trigger`` appears in ``caption`` as a whole word or phrase (case as typed)."""
-    return bool(re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption))
+    """Whether ``trigger`` appears in ``caption`` as a whole word or phrase, in any case: CLIP reads captions
+    lower-cased, and an artist who wrote "ZKstyle" in a caption meant the trigger (the Dataset tab's "add the
+    trigger where it is missing" and training must agree on where it is)."""
+    return bool(re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, re.IGNORECASE))
 
 
 def with_trigger(caption: str, trigger: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from trainer.atomic import write_text
 from trainer.errors import UserError
 from trainer.images import is_image_name
+from trainer.trigger import has_trigger
 from ui import store
 
 UNDO_FILE = ".captions-undo.json"  # hidden: the trainer reads only images and their .txt sidecars
@@ -86,8 +87,7 @@ def add_trigger(run_dir: Path, trigger: str) -> tuple[int, int]:
     captions = _captions(run_dir)
     if not captions:
         raise UserError("the dataset is empty: add images first")
-    has = _pattern(trigger, whole_words=True, match_case=False)
-    new = {name: tidy(f"{trigger}, {text}") for name, text in captions.items() if not has.search(text)}
+    new = {name: tidy(f"{trigger}, {text}") for name, text in captions.items() if not has_trigger(text, trigger)}
     return _apply(run_dir, captions, new), len(captions)
 
 

@@ -6,6 +6,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from trainer.scan import caption_from_filename
+from trainer.trigger import with_trigger
 from ui import store
 
 
@@ -41,10 +43,7 @@ def caption_from_names(run_dir: Path, trigger: str, overwrite: bool, progress: C
         if item.caption and not overwrite:
             kept += 1
         else:
-            text = store.caption_from_name(item.name)
-            if trigger and trigger not in text.split():
-                text = f"{trigger}, {text}" if text else trigger
-            store.write_caption(run_dir, item.name, text)
+            store.write_caption(run_dir, item.name, with_trigger(caption_from_filename(item.name), trigger))
             written += 1
         progress(i, len(items))
     return f"{written} caption(s) written from file names, {kept} kept"

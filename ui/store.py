@@ -267,13 +267,6 @@ def list_items(run_dir: Path) -> list[Item]:
     return items
 
 
-def caption_from_name(name: str) -> str:
-    """Fallback caption from a file name: ``red_circle-01 (2).png`` → ``red circle``."""
-    stem = re.sub(r"[_\-.]+", " ", Path(name).stem)
-    stem = re.sub(r"\(\d+\)|\b\d+\b", " ", stem)
-    return re.sub(r"\s+", " ", stem).strip()
-
-
 def load_settings(run_dir: Path) -> dict:
     try:
         data = json.loads((Path(run_dir) / "studio.json").read_text(encoding="utf-8"))

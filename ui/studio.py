@@ -34,6 +34,7 @@ from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer import events as ev
 from trainer.objective import Objective, check_objective
 from trainer.paths import is_inside
+from trainer.scan import caption_from_filename
 from trainer.trigger import with_trigger
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
@@ -388,7 +389,7 @@ class Studio:
         if reader is not None:
             if trigger is None:  # the one saved with the run (the Dataset tab sends what its box holds now)
                 trigger = str(self.settings(run).get("trigger") or "")
-            captions = [(i.name, with_trigger(i.caption or store.caption_from_name(i.name), trigger)) for i in items]
+            captions = [(i.name, with_trigger(i.caption or caption_from_filename(i.name), trigger)) for i in items]
             findings += check_captions(captions, partial(token_count, reader.tokenizer), reader.limit, reader.encoder)
         return findings, len(facts)
 
