@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from captioning.folder import write_caption
-from trainer.atomic import atomic_path, write_text
+from trainer.atomic import atomic_path, same_file_as, write_bytes, write_text
 
 
 def umask() -> int:
@@ -44,3 +44,23 @@ def test_rewriting_a_file_keeps_its_permissions(tmp_path):
     os.chmod(path, 0o640)
     write_text(path, '{"trigger": "zkstyle"}')
     assert mode(path) == 0o640 and path.read_text() == '{"trigger": "zkstyle"}'
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-links-here"])
+def test_same_file_as_follows_a_file_that_is_replaced(tmp_path, monkeypatch, links):
+    """A download name for a file training rewrites: a hard link (or a copy where the file system has none),
+    made again only when the source was replaced, never touching the source's permissions."""
+    if not links:
+        def refuse(src, dst):
+            raise OSError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", refuse)
+    src, dst = tmp_path / "lora.safetensors", tmp_path / "export" / "final" / "r1.safetensors"
+    write_bytes(src, b"first")
+    os.chmod(src, 0o640)
+    assert same_file_as(src, dst) == dst and dst.read_bytes() == b"first"
+    assert os.path.samefile(src, dst) == links and mode(src) == 0o640
+    made = dst.stat().st_ino
+    assert same_file_as(src, dst).stat().st_ino == made  # unchanged source: kept as it is
+    write_bytes(src, b"second!")
+    assert same_file_as(src, dst).read_bytes() == b"second!" and dst.stat().st_ino != made
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["r1.safetensors"]  # no temp names left behind

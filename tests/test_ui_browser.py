@@ -606,6 +606,11 @@ def test_export_with_edited_metadata_downloads_valid_safetensors(page, server, t
     open_tab(page, "4 · Export")
     wait_until(page, lambda: page.locator("#export-title textarea, #export-title input").first.input_value(), 30,
                "the metadata of the run")
+    untouched = download(page, "dl-kohya", tmp_path)  # named after the run, not lora.safetensors like every run's
+    assert untouched.name == f"{FLOW['run']}.safetensors"
+    assert untouched.read_bytes() == (server.outputs / FLOW["run"] / "lora.safetensors").read_bytes()
+    listed = page.locator("#export-files").inner_text()
+    assert f"{FLOW['run']}.safetensors" in listed and "lora.safetensors" not in listed, listed
     values = {"title": "Ink Outline Test", "trigger-phrase": "zkstyle", "license": "CC-BY-4.0",
               "description": "Thick ink outlines on flat shapes (browser test)."}
     boxes = {key: page.locator(f"#export-{key} textarea, #export-{key} input").first for key in values}

@@ -683,6 +683,27 @@ def test_export_with_edited_metadata_leaves_the_originals(studio, tmp_path):
         studio.prepare_export("nothing", {})
 
 
+def test_the_final_files_download_under_the_runs_name(studio, tmp_path):
+    """Downloads of several runs must not all arrive as lora.safetensors: the final files are served as
+    <run>.safetensors / <run>_diffusers.safetensors, the same bytes (a hard link) kept in step with training."""
+    run = studio.run_dir("Ink wash")  # the page's name, sanitized: outputs/Ink_wash
+    write_lora(run / "lora.safetensors")
+    write_lora(run / "lora_diffusers.safetensors")
+    served = {k: Path(studio.download_file("Ink wash", p)) for k, p in studio.exports("Ink wash").items()}
+    assert {k: p.name for k, p in served.items()} == {"kohya": "Ink_wash.safetensors",
+                                                      "diffusers": "Ink_wash_diffusers.safetensors"}
+    assert all(p.parent == run / "export" / "final" for p in served.values())
+    assert served["kohya"].read_bytes() == (run / "lora.safetensors").read_bytes()
+    from trainer.atomic import write_bytes
+
+    write_bytes(run / "lora.safetensors", b"trained on")  # training on renames a new file over it
+    assert Path(studio.download_file("Ink wash", str(run / "lora.safetensors"))).read_bytes() == b"trained on"
+    assert sorted(p.name for p in (run / "export" / "final").iterdir()) == sorted(p.name for p in served.values())
+    for own_name in (run / "export" / "Ink_step2.safetensors", tmp_path / "elsewhere" / "lora.safetensors"):
+        assert studio.download_file("Ink wash", str(own_name)) == str(own_name)  # already named, or not the run's
+    assert studio.download_file("Ink wash", None) is None
+
+
 def test_an_earlier_step_is_exported_with_its_samples_and_offered_to_the_mix(studio, base_dirs, scene_dir):
     """The Export tab's step picker: each kept checkpoint, its own files and samples, edited copies named by step."""
     from tests.conftest import tiny_config

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -69,3 +71,29 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def same_file_as(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """``dst`` holding what ``src`` holds now, under its own name: a hard link (no second copy on disk), or a
+    copy where the file system has no links. Kept while it still is ``src`` (same inode, or a copy of the same
+    size and time); ``src`` replaced since (a writer renames a new file over it) makes it again."""
+    src, dst = Path(src), Path(dst)
+    try:
+        if os.path.samefile(src, dst):
+            return dst
+        a, b = src.stat(), dst.stat()
+        if (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns):
+            return dst
+    except OSError:
+        pass  # no dst yet
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.link")
+    try:  # linked under a temp name, then renamed over dst: a reader sees the old file or the new one
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        with atomic_path(dst) as copy:  # no links here (or src vanished: copy2 then says so)
+            shutil.copy2(src, copy)
+    return dst

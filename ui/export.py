@@ -84,11 +84,13 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         return gr.update(value=path, interactive=True) if path else gr.update(value=None, interactive=False)
 
     def buttons(run_name, paths: dict, zip_path):
+        """The downloads of ``paths`` (named after the run: see ``Studio.download_file``); Pack packs the kohya one."""
         try:  # a .zip packed before for exactly these files; Pack makes one
             bundle = studio.webui_bundle(run_name, paths.get("kohya"), write=False)
         except UserError:
             bundle = None
-        return (one(paths.get("kohya")), one(bundle), one(paths.get("diffusers")), one(zip_path),
+        served = {key: studio.download_file(run_name, path) for key, path in paths.items()}
+        return (one(served.get("kohya")), one(bundle), one(served.get("diffusers")), one(zip_path),
                 paths.get("kohya"))
 
     def show(run_name, step_value):
@@ -104,7 +106,8 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         applied = studio.applied_export(run_name, chosen)
         if applied is not None:  # what was applied last, and the copies it wrote
             paths, meta = {**paths, **applied["files"]}, applied["meta"]
-        text = files_line(run_name, chosen, paths, applied is not None)
+        text = files_line(run_name, chosen, {k: studio.download_file(run_name, p) for k, p in paths.items()},
+                          applied is not None)
         if chosen is not None and sampled_at != chosen:
             text += f" (no samples were rendered at step {chosen}" + \
                     (f"; showing step {sampled_at}'s)" if sampled_at is not None else ")")

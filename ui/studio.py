@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from trainer.atomic import atomic_path
+from trainer.atomic import atomic_path, same_file_as
 from trainer.bases import base_sampling_defaults, list_bases, parse_base, weight_bytes
 from trainer.config import Precision
 from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES, write_style_set  # noqa: F401 (DEMO_STYLES: the tab)
@@ -911,6 +911,25 @@ class Studio:
             path = run_dir / name
             found[key] = str(path) if path.is_file() else None
         return found
+
+    def download_file(self, run: str, path: Optional[str]) -> Optional[str]:
+        """The file the browser saves for ``path``: the run's final ``lora.safetensors`` and
+        ``lora_diffusers.safetensors`` as ``export/final/<run>.safetensors`` and ``<run>_diffusers.safetensors``
+        (hard links, made again when training on replaces them), so downloads of several runs do not all
+        arrive as lora.safetensors; a step's file or an edited copy is already named after its run or title."""
+        if not path:
+            return None
+        run_dir = self.run_dir(run)
+        names = {"lora.safetensors": f"{run_dir.name}.safetensors",
+                 "lora_diffusers.safetensors": f"{run_dir.name}_diffusers.safetensors"}
+        source = Path(path)
+        if source.parent != run_dir or source.name not in names or not source.is_file():
+            return str(path)
+        try:
+            return str(same_file_as(source, run_dir / "export" / "final" / names[source.name]))
+        except UserError as err:  # e.g. a full disk refusing the copy: served as lora.safetensors then
+            log.warning("serving %s under its own name: %s", source, err)
+            return str(path)
 
     def export_metadata(self, run: str, step: Optional[int] = None) -> dict[str, str]:
         files = self.exports(run, step)
