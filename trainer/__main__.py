@@ -76,7 +76,7 @@ COMMANDS = {
     "bench": ("trainer.cli_bench", "speed and memory benchmarks (CPU smoke mode, or full size on a GPU)"),
 }
 
-LIGHT_COMMANDS = {"check-data", "demo-data", "queue"}  # answer in a second: no torch, no diffusers
+LIGHT_COMMANDS = {"check-data", "demo-data"}  # answer in a second: no torch, no diffusers
 
 
 def build_parser() -> argparse.ArgumentParser:
