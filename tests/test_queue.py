@@ -181,6 +181,22 @@ def test_cancelled_job_never_runs_and_ended_jobs_cannot_be_cancelled(tmp_path):
         queue.cancel(99)
 
 
+def test_forgetting_a_run_folder_removes_its_ended_jobs_and_refuses_a_waiting_one(tmp_path):
+    """Deleting a run removes its jobs, so none resumes or lists a folder that is gone; not while one waits."""
+    queue = JobQueue(tmp_path / "outputs")
+    a = queue.add(light_config(tmp_path, "a"))
+    b = queue.add(light_config(tmp_path, "b"))
+    with pytest.raises(QueueError, match=f"job {a.id} of a is queued: take it out of the queue first"):
+        queue.forget(tmp_path / "outputs" / "a")
+    queue.cancel(a.id)
+    run_worker(queue, once=True, poll=0.05, runner=fake_runner([]))
+    again = queue.add(light_config(tmp_path, "a"))  # a second job of the same folder, ended too
+    queue.cancel(again.id)
+    assert queue.forget(tmp_path / "outputs" / "a") == 2
+    assert [j.id for j in queue.list()] == [b.id]
+    assert queue.forget(tmp_path / "outputs" / "never") == 0
+
+
 def test_failures_are_recorded_and_the_worker_goes_on(tmp_path):
     queue = JobQueue(tmp_path / "outputs")
     for name in ("bad", "bug", "good"):

@@ -1012,3 +1012,23 @@ def test_a_style_trained_in_the_browser_visibly_changes_the_demo_base(page, serv
     moved = 1 - np.linalg.norm(mean_colour([after]) - target) / np.linalg.norm(mean_colour([before]) - target)
     assert moved >= 0.5, f"the LoRA moved the preview's mean colour only {moved:.0%} of the way to the style's"
     shot(page, "09-style-learned")
+
+
+def test_delete_a_run_in_two_presses(page, server):
+    """Train tab → Runs: the run's disk space, and Delete asks first (saying what goes), deletes on a second press,
+    and the page moves on to another run."""
+    run = new_run_with_demo_style_set(page, server, "pastel")
+    open_tab(page, "2 · Train")
+    disk = page.locator("#run-disk")
+    wait_until(page, lambda: f"{run} takes" in disk.inner_text() and "dataset" in disk.inner_text(), 20,
+               "the run's disk space")
+    page.click("#delete-run")
+    status = page.locator("#run-folder-status")
+    wait_until(page, lambda: "This cannot be undone" in status.inner_text(), 20, "the question")
+    assert (server.outputs / run / "dataset").is_dir()  # asked, not deleted
+    assert page.locator("#delete-run").inner_text().strip() == f"Press again to delete '{run}'"
+    page.click("#delete-run")
+    wait_until(page, lambda: f"Deleted '{run}'" in status.inner_text(), 20, "the deletion")
+    assert not (server.outputs / run).exists()
+    wait_until(page, lambda: page.locator("#run-select input").input_value() not in ("", run), 20, "another run")
+    assert page.locator("#delete-run").inner_text().strip() == "Delete this run…"

@@ -155,3 +155,4 @@ def test_new_run_name_is_unique(tmp_path):
     first = store.new_run_name(tmp_path, now=0)
     (tmp_path / first).mkdir()
     assert store.new_run_name(tmp_path, now=0) == first + "-2"
+    assert store.new_run_name(tmp_path, now=0, avoid=first + "-2") == first + "-3"  # a run just deleted

@@ -249,6 +249,35 @@ def test_stop_acts_on_the_run_shown_not_on_whatever_trains(studio, tmp_path):
     assert studio.stop("r1") == "Nothing is training."
 
 
+def test_disk_space_comes_back_only_from_runs_that_neither_train_nor_wait(studio, tmp_path):
+    """Delete earlier checkpoints (the last one stays, so the run trains on) or the whole run with its queue jobs;
+    both refused while the run trains or waits in the queue."""
+    gate = threading.Semaphore(0)
+    studio.runner = FakeLoop(gate=gate)
+    for run in ("r1", "r2"):
+        add_images(studio, run, tmp_path)
+    studio.start("r1", form(steps=6, checkpoint_every=2, keep_checkpoints=5))
+    studio.start("r2", form(steps=2))
+    wait_for(lambda: studio.active_run() == "r1")
+    with pytest.raises(UserError, match="'r1' is running: stop it and wait until it has before deleting it"):
+        studio.delete_run("r1")
+    with pytest.raises(UserError, match="'r2' is queued: take it out of the queue \\(Stop\\) before deleting its "
+                                        "checkpoints"):
+        studio.prune_checkpoints("r2")
+    gate.release(100)
+    assert wait_ended(studio, "r1").state == "done" and wait_ended(studio, "r2").state == "done"
+    usage = studio.disk_usage("r1")
+    assert usage.checkpoint_count == 3 and usage.total > usage.checkpoints > 0
+    assert studio.prune_checkpoints("r1").startswith("Deleted the checkpoints of step 2, 4 (")
+    assert studio.disk_usage("r1").checkpoint_count == 1 and studio.resume("r1", steps=8)  # trains on from step 6
+    assert wait_ended(studio, "r1").state == "done"
+    assert studio.delete_run("r2").startswith("Deleted 'r2' and its files (")
+    assert studio.run_names() == ["r1"] and job_of(studio, "r2") is None
+    assert sorted(p.name for p in studio.outputs_dir.iterdir() if p.name.startswith(".deleted")) == []
+    with pytest.raises(UserError, match="'r2' has no folder to delete"):
+        studio.delete_run("r2")
+
+
 def test_a_dataset_change_while_the_run_trains_says_when_it_applies(studio, tmp_path):
     gate = threading.Semaphore(0)
     studio.runner = FakeLoop(gate=gate)

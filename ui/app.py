@@ -67,7 +67,7 @@ def build(studio: Studio) -> gr.Blocks:
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("1 · Dataset", id="dataset", elem_id="tab-dataset"):
                 ds = dataset.build(studio, run, version)
-            with gr.Tab("2 · Train", id="train", elem_id="tab-train"):
+            with gr.Tab("2 · Train", id="train", elem_id="tab-train") as train_tab:
                 tr = train.build(studio, run, ds["trigger"])
             dataset.wire_check(studio, run, version, tr["resolution"], tr["base"], ds)
             with gr.Tab("3 · Mix & Preview", id="mix", elem_id="tab-mix") as mix_tab:
@@ -91,6 +91,7 @@ def build(studio: Studio) -> gr.Blocks:
         new_run.click(lambda: gr.update(choices=studio.run_names(), value=studio.new_run()), None, run)
         for handler, inputs, outputs in (ds["on_run"], mx["on_show"], ex["on_show"]):
             run.change(handler, inputs, outputs)
+        train_tab.select(*tr["disk"])  # the dataset may have changed meanwhile
         mix_tab.select(*mx["on_show"])
         export_tab.select(*ex["on_show"])
     return demo

@@ -148,6 +148,20 @@ def recipe(run: str, config, lr_history: str = "") -> str:
     return f"{md_code(run)} trains with: " + " · ".join(parts) + ". Resume and Train on use these settings."
 
 
+def disk_usage(run: str, usage) -> str:
+    """What a run folder takes (a ``trainer.housekeeping.RunUsage``), biggest part first, in one line."""
+    from trainer.housekeeping import human_bytes
+
+    if not run or usage.total == 0:
+        return f"{md_code(run)} has no files yet." if run else ""
+    parts = [(usage.checkpoints, f"checkpoints {human_bytes(usage.checkpoints)} ({usage.checkpoint_count})"),
+             (usage.exports, f"LoRA files {human_bytes(usage.exports)}"),
+             (usage.samples, f"samples {human_bytes(usage.samples)}"),
+             (usage.dataset, f"dataset {human_bytes(usage.dataset)}"), (usage.other, f"logs {human_bytes(usage.other)}")]
+    shown = [text for size, text in sorted(parts, key=lambda p: -p[0]) if size]
+    return f"{md_code(run)} takes {human_bytes(usage.total)} on disk: " + ", ".join(shown) + "."
+
+
 def dataset_check(findings, pictures: int, resolution: int, base: str = "") -> str:
     """The Dataset tab's check as Markdown: a line when all is well, else one bullet per finding."""
     if not pictures:

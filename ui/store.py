@@ -78,12 +78,12 @@ def safe_run_name(text: str) -> str:
     return name
 
 
-def new_run_name(outputs_dir: Path, now: float | None = None) -> str:
-    """``style-YYYYMMDD-HHMM`` (plus ``-2``, ``-3``... if taken)."""
+def new_run_name(outputs_dir: Path, now: float | None = None, avoid: str = "") -> str:
+    """``style-YYYYMMDD-HHMM`` (plus ``-2``, ``-3``... if taken, or if it is ``avoid``: a run just deleted)."""
     stamp = time.strftime("%Y%m%d-%H%M", time.localtime(now))
     name = f"style-{stamp}"
     n = 2
-    while (Path(outputs_dir) / name).exists():
+    while (Path(outputs_dir) / name).exists() or name == avoid:
         name, n = f"style-{stamp}-{n}", n + 1
     return name
 

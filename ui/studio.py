@@ -30,6 +30,8 @@ from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES, write_style_s
 from trainer.errors import ConfigError, ImageError, UserError
 from trainer.dataset_check import (CaptionReader, Finding, ImageFacts, check_captions, check_images, file_facts,
                                    load_caption_reader, token_count)
+from trainer import housekeeping
+from trainer.housekeeping import RunUsage, human_bytes, run_usage
 from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer import events as ev
 from trainer.objective import Objective, check_objective
@@ -279,8 +281,8 @@ class Studio:
         """The run a freshly opened page shows: the one training, else the newest, else a new name."""
         return self.active_run() or next(iter(self.run_names()), None) or store.new_run_name(self.outputs_dir)
 
-    def new_run(self) -> str:
-        return store.new_run_name(self.outputs_dir)
+    def new_run(self, avoid: str = "") -> str:
+        return store.new_run_name(self.outputs_dir, avoid=avoid)
 
     def runs(self) -> list[RunInfo]:
         """Trained runs on disk, with the queue's word on their state where it has one."""
@@ -300,6 +302,53 @@ class Studio:
             where = f"{r.step}/{r.total_steps}" if r.total_steps else "before the first step"
             out.append((f"{r.name} — {r.state} at {where}" + (" · resumable" if r.resumable else ""), r.name))
         return out
+
+    # ---- disk space (trainer.housekeeping) ---------------------------------------------------
+    def disk_usage(self, run: str) -> RunUsage:
+        return run_usage(self.run_dir(run))
+
+    def _idle_run_dir(self, run: str, doing: str) -> Path:
+        """The folder of ``run`` when no job trains it or waits to (those own their files)."""
+        run_dir = self.run_dir(run)
+        job = self._job_for(run_dir)
+        if job is not None and job.state in ("queued", "running", "stopping"):
+            how = "take it out of the queue (Stop)" if job.state == "queued" else "stop it and wait until it has"
+            raise UserError(f"'{run_dir.name}' is {job.state}: {how} before {doing}")
+        return run_dir
+
+    def prune_checkpoints(self, run: str) -> str:
+        """Delete all but the run's last checkpoint (that one lets it train on); one line saying what went."""
+        run_dir = self._idle_run_dir(run, "deleting its checkpoints")
+        steps, freed = housekeeping.prune_checkpoints(run_dir, keep=1)
+        if not steps:
+            return f"'{run_dir.name}' has no earlier checkpoints to delete (its last one stays, so it can train on)."
+        kept = checkpoint_dirs(run_dir)
+        return (f"Deleted the checkpoints of step {', '.join(map(str, steps))} ({human_bytes(freed)}); the last one"
+                + (f" (step {checkpoint_step(kept[-1])})" if kept else "") + " stays, so the run can train on. "
+                "Steps exported before keep their files on the Export tab.")
+
+    def check_deletable(self, run: str) -> Path:
+        """The run's folder, if it may be deleted now.
+
+        Raises:
+            UserError: no such run, or it is training or waiting in the queue.
+        """
+        run_dir = self._idle_run_dir(run, "deleting it")
+        if not run_dir.is_dir():
+            raise UserError(f"'{run_dir.name}' has no folder to delete")
+        return run_dir
+
+    def delete_run(self, run: str) -> str:
+        """Delete the run's folder (dataset, checkpoints, LoRA files, samples) and its jobs in the queue.
+
+        Raises:
+            UserError: as :meth:`check_deletable`.
+        """
+        run_dir = self.check_deletable(run)
+        size = run_usage(run_dir).total
+        self.queue.forget(run_dir)  # refuses if a job was queued since the check above
+        housekeeping.delete_run_folder(run_dir)
+        return f"Deleted '{run_dir.name}' and its files ({human_bytes(size)})."
 
     # ---- dataset ----------------------------------------------------------------------------
     def import_uploads(self, run: str, paths: list[str]) -> store.ImportReport:

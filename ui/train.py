@@ -15,7 +15,7 @@ from trainer.config import TrainConfig, field_help
 from trainer.errors import UserError
 from trainer.objective import TIMESTEP_SAMPLINGS
 from trainer.presets import preset_lr
-from ui import format as fmt
+from ui import format as fmt, runfolder
 from ui.studio import Studio, TrainForm, is_demo
 
 POLL_SECONDS = 1.0
@@ -138,6 +138,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
             resume = gr.Button("Resume selected run", elem_id="resume")
             refresh = gr.Button("Refresh", elem_id="refresh-runs")
         recipe = gr.Markdown(elem_id="run-recipe")
+        disk = runfolder.build(studio, run)
     last = gr.State(None)  # what the page shows now, so a poll only sends what changed
 
     base.change(lambda b, r, p: (studio.describe_base(b), _resolution_for(b, r), _preset_fields(studio, p, b)[1]),
@@ -236,7 +237,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
                 "queue": [(j.id, j.state, j.position, j.error, j.resumable) for j in jobs]}
         shown = shown or {}
         if view == shown:
-            return (gr.skip(),) * 9
+            return (gr.skip(),) * 10
         same_run = shown.get("run") == run_name
 
         def changed(key):
@@ -254,10 +255,13 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         queue_update, pick_update = gr.skip(), gr.skip()
         if view["queue"] != shown.get("queue"):
             queue_update, pick_update = fmt.queue_html(jobs), gr.update(choices=fmt.queue_choices(jobs))
+        disk_update = runfolder.usage_line(studio, run_name) if changed("checkpoint") or changed("state") \
+            else gr.skip()  # a checkpoint written (or rotated away), or the run ended with its exports
         return (fmt.progress_html(snap, note), plot_update, samples_update, fmt.checkpoint_line(snap),
-                fmt.log_text(snap), runs_update, queue_update, pick_update, view)
+                fmt.log_text(snap), runs_update, queue_update, pick_update, disk_update, view)
 
     timer = gr.Timer(POLL_SECONDS)
-    timer.tick(poll, [run, last], [progress, plot, samples, checkpoint, log, runs, queue_view, job_pick, last],
+    timer.tick(poll, [run, last], [progress, plot, samples, checkpoint, log, runs, queue_view, job_pick, disk, last],
                show_progress="hidden", concurrency_id="poll", concurrency_limit=None)
-    return {"base": base, "last": last, "runs": runs, "status": status, "resolution": resolution}
+    return {"base": base, "last": last, "runs": runs, "status": status, "resolution": resolution,
+            "disk": (lambda name: runfolder.usage_line(studio, name), [run], [disk])}

@@ -363,6 +363,23 @@ class JobQueue:
                 raise QueueError(f"job {job_id} already ended ({state}); nothing to cancel")
         return self.get(job_id)
 
+    def forget(self, run_dir: str | Path) -> int:
+        """Remove the jobs of a run folder that is about to be deleted; returns how many. An interrupted job
+        goes too (it would otherwise resume a folder that is gone).
+
+        Raises:
+            QueueError: one of them is queued, running or stopping: cancel or stop it first.
+        """
+        folder = str(Path(run_dir).expanduser().resolve())
+        with self._db(write=True) as conn:
+            self._recover(conn)
+            row = conn.execute("SELECT id, state FROM jobs WHERE run_dir = ? AND state IN ('queued', 'running', "
+                               "'stopping')", (folder,)).fetchone()
+            if row is not None:
+                what = "take it out of the queue" if row["state"] == "queued" else "stop it and wait until it has"
+                raise QueueError(f"job {row['id']} of {Path(folder).name} is {row['state']}: {what} first")
+            return conn.execute("DELETE FROM jobs WHERE run_dir = ?", (folder,)).rowcount
+
     def resume(self, job_id: int, steps: Optional[int] = None, lr: Optional[float] = None) -> QueuedJob:
         """Queue an interrupted, stopped or failed job again (at the back), continuing from its last checkpoint;
         an interrupted job without a checkpoint restarts from step 0.
