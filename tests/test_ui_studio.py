@@ -276,6 +276,10 @@ def test_disk_space_comes_back_only_from_runs_that_neither_train_nor_wait(studio
     assert sorted(p.name for p in studio.outputs_dir.iterdir() if p.name.startswith(".deleted")) == []
     with pytest.raises(UserError, match="'r2' has no folder to delete"):
         studio.delete_run("r2")
+    (studio.outputs_dir / "notes").mkdir()  # a folder of the artist's own beside the runs: not a run
+    with pytest.raises(UserError, match="'notes' has no folder to delete"):
+        studio.delete_run("notes")
+    assert (studio.outputs_dir / "notes").is_dir()
 
 
 def test_a_dataset_change_while_the_run_trains_says_when_it_applies(studio, tmp_path):

@@ -334,7 +334,7 @@ class Studio:
             UserError: no such run, or it is training or waiting in the queue.
         """
         run_dir = self._idle_run_dir(run, "deleting it")
-        if not run_dir.is_dir():
+        if run_dir.name not in self.run_names():  # a folder without a dataset or a training is not the app's
             raise UserError(f"'{run_dir.name}' has no folder to delete")
         return run_dir
 
