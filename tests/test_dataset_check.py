@@ -266,7 +266,10 @@ def test_cli_prints_the_findings_and_exits_1_then_0_once_fixed(tmp_path):
     assert found.stdout.splitlines() == [
         "- the same picture more than once (a copy weighs double and its subject leaks into the style); keep one "
         "of: again.jpg, hatch-0002.png",
-        "9 picture(s) looked over for training at 64 px: 1 thing(s) to look at"]
+        "- 1 picture(s) without a caption: each trains on words from its file name instead, so the LoRA cannot tell "
+        "the style from the subject; caption them (Caption all on the Dataset tab, or python -m trainer caption): "
+        "again.jpg",
+        "9 picture(s) looked over for training at 64 px: 2 thing(s) to look at"]
     (data / "again.jpg").unlink()
     clean = cli("--data", str(data), "--resolution", "64", cwd=tmp_path)
     assert (clean.returncode, clean.stdout.strip()) == (0, "8 picture(s) looked over for training at 64 px: nothing to fix")
@@ -299,6 +302,11 @@ def test_the_dataset_tab_check_finds_an_uploaded_copy_through_the_thumbnails(tmp
                     loras_dir=tmp_path / "loras")
     report = studio.import_uploads("r1", [str(p) for p in big + [copy]])
     assert len(report.accepted) == 7
+    findings, _ = studio.dataset_check("r1", 512)
+    assert findings[-1].files == ("copy.png", *(f"{p.stem}.jpg" for p in pics))  # uploaded without captions
+    assert findings[-1].problem.startswith("7 picture(s) without a caption: each trains on words from its file name")
+    for item in studio.items("r1"):
+        studio.set_caption("r1", item.name, "a pastel shape")
     findings, pictures = studio.dataset_check("r1", 512)
     assert pictures == 7
     assert [f.files for f in findings] == [("copy.png", f"{pics[4].stem}.jpg"), ("copy.png (×1.7)",)]
@@ -326,7 +334,10 @@ def test_the_dataset_tab_counts_captions_in_the_train_tabs_base_with_the_trigger
     studio = Studio(tmp_path / "outputs", default_base="demo:sd15", models_dir=tmp_path / "models",
                     loras_dir=tmp_path / "loras")
     studio.import_uploads("r1", [str(p) for p in sorted((tmp_path / "pics").glob("*.png"))])
-    reader = studio._caption_reader("demo:sd15")
+    with pytest.MonkeyPatch.context() as mp:  # transformers failing to import (another thread importing it
+        mp.setitem(sys.modules, "transformers", None)  # at that moment once did): no count now, no error
+        assert studio._caption_reader("demo:sd15") is None and studio.dataset_check("r1", 64, "demo:sd15")[1] == 6
+    reader = studio._caption_reader("demo:sd15")  # looked for again, and found
     assert (reader.encoder, reader.limit) == ("CLIP", 32)  # the demo base's own tokenizer
     words = "a red circle on a blue background".split()
     fits = " ".join((words * 10)[:reader.limit - 2])  # start and end tokens count too

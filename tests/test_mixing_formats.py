@@ -13,6 +13,7 @@ from tests.mixing_fixtures import (GUIDANCE, PROMPT, SEED, STEPS, expected_delta
                                    style_weights, te_weights, write_lora)
 from trainer.errors import LoraFormatError
 from trainer.export import read_lora, save_safetensors
+from trainer.lora_file import check_lora_file
 from trainer.mixing import MixSession, inspect_lora
 
 # (arch, layout written by the test, format reported, text-encoder keys too)
@@ -75,6 +76,7 @@ def test_layout_loads_with_no_ignored_keys_and_the_right_delta(clean, arch, layo
     session = clean(arch)
     path = tmp_path / f"{layout}.safetensors"
     expected = _write(session, path, layout, te=te)
+    check_lora_file(path)  # the Mix tab's upload check lets every layout the mixer reads through
     info = session.add_lora(path)
     assert (info.format, info.arch, info.ignored_keys) == (fmt, arch, ())
     assert set(info.targets) == set(expected) and info.rank == 4

@@ -112,6 +112,8 @@ def test_progress_html_shows_step_speed_eta_and_escapes_errors():
     assert "<script>" not in failed and "&lt;script&gt;" in failed and 'role="alert"' in failed
     assert "Not trained yet" in fmt.progress_html(None)
     assert "Interrupted" in fmt.progress_line(snap(state="interrupted"))
+    last = fmt.progress_line(snap(state="running", step=60, total_steps=60, eta_s=3.0))
+    assert "step 60/60 · 2.0 s/it · writing the last samples, checkpoint and LoRA files…" in last and "ETA" not in last
 
 
 def test_duration_points_and_reports():

@@ -359,6 +359,9 @@ def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page
     assert (run_dir / "checkpoints" / f"step-{done['step']:06d}").is_dir()
     assert (run_dir / "lora.safetensors").is_file() and (run_dir / "lora_diffusers.safetensors").is_file()
     assert f"{FLOW['run']} — stopped" in page.locator("#run-list").inner_text()
+    status = page.locator("#train-status")  # the "Stopping …" answer gives way to how it ended
+    wait_until(page, lambda: f"'{FLOW['run']}' stopped at step {done['step']} of" in status.inner_text(), 20,
+               "the stop's outcome line")
     FLOW["stopped_at"] = done["step"]
     shot(page, "04-stopped")
 
@@ -369,6 +372,8 @@ def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page
     page.click("#queue-cancel")
     wait_until(page, lambda: queue_row(page, FLOW["queued"]).get("state") in ("stopped", "done"), 120,
                "the second run to stop")
+    wait_until(page, lambda: re.search(rf"'{re.escape(FLOW['queued'])}' (stopped at step|finished all)",
+                                       page.locator("#train-status").inner_text()), 20, "the cancel's outcome line")
 
 
 def test_resume_from_the_run_list(page, server):
@@ -389,6 +394,8 @@ def test_resume_from_the_run_list(page, server):
     final = wait_until(page, lambda: (p := progress(page))["state"] in ("stopped", "done", "failed") and p, 90,
                        "the resumed run to stop")
     assert final["state"] == "stopped" and final["step"] > FLOW["stopped_at"]
+    wait_until(page, lambda: f"stopped at step {final['step']} of" in page.locator("#train-status").inner_text(), 20,
+               "the outcome line in place of 'Stopping'")  # the Resume's wait was cancelled by the Stop
     assert progress(page)["points"] >= final["step"] - 1  # the loss curve keeps the steps from before the resume
     from trainer.config import load_config
 
@@ -981,6 +988,8 @@ def test_a_style_trained_in_the_browser_visibly_changes_the_demo_base(page, serv
     done = wait_until(page, lambda: (p := progress(page))["state"] in ("done", "failed", "stopped") and p, 300,
                       "the style run to finish")
     assert done["state"] == "done", done["text"]
+    wait_until(page, lambda: f"'{run}' finished all 300 steps" in page.locator("#train-status").inner_text(), 20,
+               "the outcome line in place of 'Training …'")
 
     open_tab(page, "3 · Mix & Preview")
     pick(page, "mix-base", "demo:sd15")
@@ -1014,10 +1023,20 @@ def test_a_style_trained_in_the_browser_visibly_changes_the_demo_base(page, serv
     shot(page, "09-style-learned")
 
 
-def test_delete_a_run_in_two_presses(page, server):
-    """Train tab → Runs: the run's disk space, and Delete asks first (saying what goes), deletes on a second press,
-    and the page moves on to another run."""
+def test_a_removed_picture_comes_back_then_the_run_is_deleted_in_two_presses(page, server):
+    """Dataset: Remove sets a picture aside, "Put back" restores it with its caption. Train tab → Runs: the run's
+    disk space, and Delete asks first (saying what goes), deletes on a second press, and the page moves on."""
     run = new_run_with_demo_style_set(page, server, "pastel")
+    count = page.locator("#dataset-count")
+    wait_until(page, lambda: "20 image(s)" in count.inner_text(), 30, "20 cards")
+    first = page.locator(".caption-box textarea").first
+    caption = first.input_value()
+    page.locator(".remove-image").first.click()
+    wait_until(page, lambda: "19 image(s)" in count.inner_text(), 30, "the card removed")
+    assert "set aside with its caption" in page.locator("#caption-saved").inner_text()
+    page.click("#restore-image")
+    wait_until(page, lambda: "20 image(s)" in count.inner_text(), 30, "the card put back")
+    assert page.locator(".caption-box textarea").first.input_value() == caption
     open_tab(page, "2 · Train")
     disk = page.locator("#run-disk")
     wait_until(page, lambda: f"{run} takes" in disk.inner_text() and "dataset" in disk.inner_text(), 20,

@@ -93,6 +93,29 @@ def test_import_rejects_duplicates(tmp_path):
     assert report.rejected == [("copy.png", "already in the dataset as x.png")]
 
 
+def test_a_set_added_twice_is_one_line_and_its_captions_are_not_called_orphans(tmp_path):
+    from ui import format as fmt
+
+    run = tmp_path / "run"
+    files = []
+    for i in range(5):
+        files.append(png(tmp_path / "up" / f"s{i}.png", color=(40 * i, 9, 9)))
+        files.append(tmp_path / "up" / f"s{i}.txt")
+        files[-1].write_text(f"shape {i}")
+    (tmp_path / "up" / "lonely.txt").write_text("no picture")
+    store.import_uploads(files, run)
+    again = store.import_uploads([*files, png(tmp_path / "up" / "new.png", color=(1, 200, 1)),
+                                  tmp_path / "up" / "lonely.txt"], run)
+    assert again.accepted == ["new.png"]
+    assert again.rejected.count(("s0.txt", store.CAPTION_OF_DUPLICATE)) == 1
+    assert fmt.upload_report(len(again.accepted), again.rejected, again.captions).splitlines() == [
+        "Added **1** image(s).",
+        "Skipped 5 picture(s) already in the dataset (the same files) with their 5 caption file(s): `s0.png`, "
+        "`s1.png`, `s2.png` and 2 more.",
+        "", "**Rejected 1 file(s):**",
+        "- `lonely.txt` — caption file without an image of the same name in this upload"]
+
+
 def test_traversal_names_land_inside_the_dataset(tmp_path):
     run = tmp_path / "outputs" / "run"
     src = png(tmp_path / "up" / "f.png")
@@ -140,6 +163,30 @@ def test_remove_item_and_rebuilt_thumbnail(tmp_path):
     (run / "thumbs" / "b.jpg").unlink()
     [item] = store.list_items(run)
     assert Path(item.thumb).is_file()
+
+
+def test_a_removed_picture_is_set_aside_and_put_back_with_its_caption(tmp_path):
+    """Remove pressed on the wrong card loses nothing: the picture and its caption wait in removed/ (where
+    training does not look), and come back last-removed first."""
+    from trainer.scan import scan_dataset
+
+    run = tmp_path / "run"
+    store.import_uploads([png(tmp_path / n, color=(i * 80, 9, 9)) for i, n in enumerate(("a.png", "b.png", "c.png"))],
+                         run)
+    store.write_caption(run, "a.png", "my careful caption")
+    store.remove_item(run, "a.png")
+    store.remove_item(run, "b.png")
+    assert [i.name for i in store.list_items(run)] == ["c.png"]
+    assert [item.path.name for item in scan_dataset(store.dataset_dir(run)).items] == ["c.png"]
+    assert store.restore_removed(run) == "b.png"
+    assert store.restore_removed(run) == "a.png" and store.read_caption(run, "a.png") == "my careful caption"
+    assert [i.name for i in store.list_items(run)] == ["a.png", "b.png", "c.png"]
+    with pytest.raises(UserError, match="nothing to put back"):
+        store.restore_removed(run)
+    store.remove_item(run, "c.png")
+    png(store.dataset_dir(run) / "c.png")  # a new picture of the same name meanwhile: it is not overwritten
+    with pytest.raises(UserError, match="c.png is in the dataset again; remove or rename it there"):
+        store.restore_removed(run)
 
 
 def test_settings(tmp_path):

@@ -244,8 +244,11 @@ def test_stop_acts_on_the_run_shown_not_on_whatever_trains(studio, tmp_path):
     assert studio.stop("r2") == f"Took 'r2' out of the queue (job {job_of(studio, 'r2').id}); it will not run."
     assert job_of(studio, "r2").state == "cancelled" and job_of(studio, "r1").state == "running"
     assert studio.stop("r1").startswith("Stopping 'r1' after the current step")
+    assert studio.ended_line("r1") is None and studio.is_active("r1")  # the page keeps its "Stopping" line
     release_after_stop(gate)
     assert wait_ended(studio, "r1").state == "stopped"
+    assert re.fullmatch(r"'r1' stopped at step \d of 6: its checkpoint and LoRA files are saved; Resume continues it\.",
+                        studio.ended_line("r1"))
     assert studio.stop("r1") == "Nothing is training."
 
 
@@ -266,6 +269,7 @@ def test_disk_space_comes_back_only_from_runs_that_neither_train_nor_wait(studio
         studio.prune_checkpoints("r2")
     gate.release(100)
     assert wait_ended(studio, "r1").state == "done" and wait_ended(studio, "r2").state == "done"
+    assert studio.ended_line("r1") == "'r1' finished all 6 steps: its LoRA files are on the Export tab."
     usage = studio.disk_usage("r1")
     assert usage.checkpoint_count == 3 and usage.total > usage.checkpoints > 0
     assert studio.prune_checkpoints("r1").startswith("Deleted the checkpoints of step 2, 4 (")
@@ -371,8 +375,8 @@ def test_stop_then_resume_from_the_run_list(studio, tmp_path):
     studio.runner = FakeLoop()
     assert "Resuming 'r1' from its last checkpoint, on to step 12." in studio.resume("r1", 12)  # its queue job
     wait_for(lambda: job_of(studio, "r1").state == "done")
-    assert studio.run_list() == [("r1 — done at 12/12", "r1")]
-    with pytest.raises(UserError, match="already finished: give more steps to train on"):
+    assert studio.run_list() == [("r1 — finished at 12/12", "r1")]
+    with pytest.raises(UserError, match="already finished: set “Train on to step” above its"):
         studio.resume("r1")
     for bad, why in ((12, "give more than the 12 steps the run has trained"), ("many", "give a whole number"),
                      (12.5, "give a whole number"), ("nan", "give a whole number")):
@@ -394,7 +398,7 @@ def test_stop_then_resume_from_the_run_list(studio, tmp_path):
     assert message.endswith("On the way it deletes the checkpoints of step 3, 4 (it keeps 5): pick them on the "
                             "Export tab first to keep their LoRA files.")
     wait_for(lambda: job_of(studio, "r1").state == "done" and studio.snapshot("r1").step == 14)
-    assert studio.run_list() == [("r1 — done at 14/14", "r1")]
+    assert studio.run_list() == [("r1 — finished at 14/14", "r1")]
     assert studio.runner.calls[-1] == (str(studio.outputs_dir / "r1"), True)  # resumed, not started over
     add_images(studio, "fresh", tmp_path)
     with pytest.raises(UserError, match="not been trained"):
@@ -674,12 +678,25 @@ def test_lora_files_and_uploads(studio, tmp_path):
     (tmp_path / "loras").mkdir()
     (tmp_path / "loras" / "ink.safetensors").write_bytes(b"x")
     up = tmp_path / "upload.bin"
-    up.write_bytes(b"x")
+    write_lora(up)
     stored = studio.add_lora_upload(str(up), "../My LoRA.safetensors")
     assert Path(stored) == studio.outputs_dir / "_loras" / "My_LoRA.safetensors"
     assert studio.add_lora_upload(str(up), "My LoRA.safetensors").endswith("My_LoRA-2.safetensors")
     with pytest.raises(UserError, match="only .safetensors"):
         studio.add_lora_upload(str(up), "model.ckpt")
+    # refused at upload, in plain words, and not kept: a damaged file, and a safetensors file with no LoRA in it
+    (tmp_path / "broken.bin").write_bytes(b"garbage that is no safetensors header at all")
+    with pytest.raises(UserError, match="^broken.safetensors is not a LoRA file: it is damaged, or not a "
+                                        "\\.safetensors file at all \\(its header cannot be read\\)$"):
+        studio.add_lora_upload(str(tmp_path / "broken.bin"), "broken.safetensors")
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": np.zeros((2, 2), np.float32)},
+              str(tmp_path / "model.bin"))
+    with pytest.raises(UserError, match="^full.safetensors holds no LoRA weights \\(1 tensors, none a LoRA "
+                                        "down/up pair\\): it may be a full model checkpoint"):
+        studio.add_lora_upload(str(tmp_path / "model.bin"), "full.safetensors")
     labels = [label for label, _ in studio.lora_files()]
     assert labels == ["run: r1", "loras: ink.safetensors", "uploaded: My_LoRA-2.safetensors",
                       "uploaded: My_LoRA.safetensors"]

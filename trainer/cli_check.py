@@ -6,7 +6,8 @@ import argparse
 from functools import partial
 
 from trainer.config import TrainConfig
-from trainer.dataset_check import check_captions, check_images, file_facts, load_caption_reader, shown_name, token_count
+from trainer.dataset_check import (check_captions, check_images, check_uncaptioned, file_facts, load_caption_reader,
+                                   shown_name, token_count)
 from trainer.errors import ImageError
 from trainer.scan import scan_dataset
 from trainer.trigger import with_trigger
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         except ImageError as err:
             unreadable.append((shown_name(item.path, args.data), str(err).split(": ", 1)[-1]))
     findings = check_images(facts, args.resolution)
+    findings += check_uncaptioned([shown_name(item.path, args.data) for item in scan.items if item.from_file_name])
     if args.base:
         reader = load_caption_reader(args.base)
         if reader is None:

@@ -145,6 +145,16 @@ def check_captions(captions: Sequence[tuple[str, str]], count_tokens: Callable[[
                     tuple(f"{name} ({n} tokens)" for name, n in over))]
 
 
+def check_uncaptioned(names: Sequence[str]) -> list[Finding]:
+    """Pictures without a caption: training makes one from the file name ("IMG_0042.jpg" → "IMG"), which
+    says nothing about the picture, so the style learns its subjects along with it."""
+    if not names:
+        return []
+    return [Finding(f"{len(names)} picture(s) without a caption: each trains on words from its file name instead, "
+                    "so the LoRA cannot tell the style from the subject; caption them (Caption all on the Dataset "
+                    "tab, or python -m trainer caption)", tuple(names))]
+
+
 def token_count(tokenizer, text: str) -> int:
     """Tokens ``tokenizer`` makes of ``text``, its start and end tokens included (as its limit counts them)."""
     return len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
@@ -186,9 +196,9 @@ def load_caption_reader(base: str) -> CaptionReader | None:
     if found is None:
         return None
     folder, arch = found
-    from transformers import AutoTokenizer
+    try:  # the import inside: another thread importing transformers at the same moment can fail it (retried later)
+        from transformers import AutoTokenizer
 
-    try:
         return reader_for(arch, AutoTokenizer.from_pretrained(folder / CAPTION_TOKENIZERS[arch][0]))
     except (OSError, ValueError, TypeError, ImportError, RuntimeError):  # e.g. a slow tokenizer's missing package
         return None

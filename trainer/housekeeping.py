@@ -16,7 +16,7 @@ from trainer.errors import UserError
 
 # top-level entries of a run folder, by what an artist calls them (anything else counts as "other")
 _KINDS = {"checkpoints": "checkpoints", "samples": "samples", "export": "exports", "dataset": "dataset",
-          "thumbs": "dataset"}
+          "thumbs": "dataset", "removed": "dataset"}
 _EXPORT_SUFFIXES = (".safetensors", ".zip")  # lora.safetensors, lora_diffusers.safetensors, <run>_a1111.zip
 
 

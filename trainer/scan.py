@@ -29,6 +29,7 @@ class Item:
     caption: str
     repeats: int = 1
     group: str = ""  # kohya subfolder name, for ss_tag_frequency
+    from_file_name: bool = False  # no caption was given: ``caption`` is made from the file name
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def _scan_folder(folder: Path, root: Path, repeats: int, group: str, items: list
             continue
         caption = _read_caption(path.with_suffix(".txt"), warnings)
         items.append(Item(path=path, caption=caption if caption is not None else caption_from_filename(path),
-                          repeats=repeats, group=group))
+                          repeats=repeats, group=group, from_file_name=caption is None))
 
 
 def _scan_metadata(root: Path, items: list, skipped: list, warnings: list) -> None:
@@ -88,7 +89,7 @@ def _scan_metadata(root: Path, items: list, skipped: list, warnings: list) -> No
             continue
         caption = entry.get("text", entry.get("caption"))
         items.append(Item(path=path, caption=str(caption).strip() if caption else caption_from_filename(path),
-                          group=root.name))
+                          group=root.name, from_file_name=not caption))
 
 
 def scan_dataset(data_dir: str | Path) -> DatasetScan:

@@ -61,7 +61,9 @@ def build(studio: Studio) -> gr.Blocks:
         with gr.Row():
             run = gr.Dropdown(label="Run", choices=studio.run_names(), value=None, allow_custom_value=True,
                               elem_id="run-select", scale=4,
-                              info="Each run keeps its images, captions, checkpoints and LoRA in its own folder.")
+                              info="Each run keeps its images, captions, checkpoints and LoRA in its own folder. "
+                                   "Type a name (e.g. ink-wash) to start a run of that name; its files are "
+                                   "named after it.")
             new_run = gr.Button("New run", elem_id="new-run", scale=0, min_width=140)
         version = gr.State(0)  # bumped when the dataset changes, to redraw the image grid
         with gr.Tabs(elem_id="tabs"):

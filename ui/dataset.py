@@ -39,7 +39,10 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
         overwrite = gr.Checkbox(label="Overwrite existing captions", value=False, elem_id="caption-overwrite", scale=1)
         caption_btn = gr.Button("Caption all", variant="primary", elem_id="caption-all", scale=0, min_width=160)
     caption_status = gr.Markdown(elem_id="caption-status")
-    saved = gr.Markdown(elem_id="caption-saved")
+    with gr.Row(equal_height=True):
+        saved = gr.Markdown(elem_id="caption-saved")
+        restore = gr.Button("Put back the last removed picture", size="sm", elem_id="restore-image", scale=0,
+                            min_width=240)
     caption_edits = gr.State(0)  # bumped by every caption saved from a card (the grid is not redrawn for those)
     with gr.Accordion("Caption tools: find & replace, add the trigger word, common tags", open=False,
                       elem_id="caption-tools"):
@@ -174,18 +177,30 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
                             studio.remove_image(run_name, name)
                         except UserError as err:
                             return f"⚠ {err}", v
-                        return f"Removed {fmt.md_code(name)}." + studio.dataset_note(run_name), v + 1
+                        return (f"Removed {fmt.md_code(name)} (set aside with its caption: “Put back the last "
+                                "removed picture” restores it)." + studio.dataset_note(run_name), v + 1)
 
                     box.blur(save, [box, caption_edits], [saved, caption_edits])
                     remove.click(drop, version, [saved, version])
 
-    def on_run(run_name):
+    def on_restore(run_name, ver):
         try:
-            return studio.settings(run_name).get("trigger", ""), ""
+            name = studio.restore_image(run_name)
         except UserError as err:
-            return "", f"⚠ {err}"
+            return f"⚠ {err}", ver
+        return f"Put {fmt.md_code(name)} back with its caption." + studio.dataset_note(run_name), ver + 1
 
-    return {"trigger": trigger, "on_run": (on_run, [run], [trigger, report]), "caption_status": caption_status,
+    restore.click(on_restore, [run, version], [saved, version], concurrency_id="dataset", concurrency_limit=1)
+
+    def on_run(run_name):
+        """Another run: its trigger word; the lines about the last one's uploads, captions and removals go."""
+        try:
+            return studio.settings(run_name).get("trigger", ""), "", "", "", ""
+        except UserError as err:
+            return "", f"⚠ {err}", "", "", ""
+
+    return {"trigger": trigger, "on_run": (on_run, [run], [trigger, report, saved, tools_status, caption_status]),
+            "caption_status": caption_status,
             "check": check, "caption_edits": caption_edits}
 
 

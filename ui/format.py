@@ -51,7 +51,10 @@ def progress_line(snap: JobSnapshot) -> str:
     if snap.it_per_s:
         speed = f"{snap.it_per_s:.2f} it/s" if snap.it_per_s >= 1 else f"{1 / snap.it_per_s:.1f} s/it"
         parts.append(speed)
-    if snap.state in ("running", "stopping") and snap.eta_s:
+    finishing = snap.state == "running" and snap.total_steps and snap.step >= snap.total_steps
+    if finishing:  # the last samples, checkpoint and exports take a while on a CPU: say so, not a frozen bar
+        parts.append("writing the last samples, checkpoint and LoRA files…")
+    elif snap.state in ("running", "stopping") and snap.eta_s:
         parts.append(f"ETA {duration(snap.eta_s)}")
     if snap.losses:
         parts.append(f"loss {snap.losses[-1][1]:.4f}")
@@ -175,11 +178,22 @@ def dataset_check(findings, pictures: int, resolution: int, base: str = "") -> s
 
 
 def upload_report(accepted: int, rejected: list[tuple[str, str]], captions: int = 0) -> str:
+    """What an upload added and what it refused, each refusal with its reason; pictures that were in the
+    dataset already (a set added twice) are one line, not one per file."""
+    from ui.store import ALREADY_IN, CAPTION_OF_DUPLICATE
+
     head = f"Added **{accepted}** image(s)" + (f" and {captions} caption file(s)" if captions else "") + "."
-    if not rejected:
-        return head
-    lines = [head, "", f"**Rejected {len(rejected)} file(s):**"]
-    lines += [f"- {md_code(name)} — {' '.join(reason.split())}" for name, reason in rejected]
+    again = [name for name, reason in rejected if reason.startswith(ALREADY_IN)]
+    again_captions = sum(reason == CAPTION_OF_DUPLICATE for _, reason in rejected)
+    refused = [(n, r) for n, r in rejected if not r.startswith(ALREADY_IN) and r != CAPTION_OF_DUPLICATE]
+    lines = [head]
+    if again:
+        shown = ", ".join(md_code(n) for n in again[:3]) + (f" and {len(again) - 3} more" if len(again) > 3 else "")
+        lines.append(f"Skipped {len(again)} picture(s) already in the dataset (the same files)"
+                     + (f" with their {again_captions} caption file(s)" if again_captions else "") + f": {shown}.")
+    if refused:
+        lines += ["", f"**Rejected {len(refused)} file(s):**"]
+        lines += [f"- {md_code(name)} — {' '.join(reason.split())}" for name, reason in refused]
     return "\n".join(lines)
 
 

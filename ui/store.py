@@ -140,6 +140,10 @@ class ImportReport:
         return ", ".join(parts)
 
 
+ALREADY_IN = "already in the dataset as"  # an upload with the same bytes as a picture there (skipped)
+CAPTION_OF_DUPLICATE = "the caption of a picture already in the dataset (its caption there is kept)"
+
+
 def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits = DEFAULT_LIMITS,
                    names: list[str] | None = None) -> ImportReport:
     """Validate uploaded files and copy the good images into ``run_dir/dataset/``.
@@ -162,6 +166,7 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
     names = list(names) if names is not None else [Path(p).name for p in paths]
     texts: dict[str, Path] = {}
     stored_by_stem: dict[str, str] = {}
+    duplicate_stems: set[str] = set()
     for src, shown in zip(map(Path, paths), names):
         shown = re.split(r"[\\/]", str(shown))[-1] or "(unnamed)"
         if shown.lower().endswith(".txt"):
@@ -180,7 +185,8 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
             continue
         digest = sha256_file(src)
         if digest in known:
-            report.rejected.append((shown, f"already in the dataset as {known[digest]}"))
+            report.rejected.append((shown, f"{ALREADY_IN} {known[digest]}"))
+            duplicate_stems.add(shown.rpartition(".")[0].lower())
             continue
         stored = _unique_name(safe_upload_name(shown), taken)
         dst = data / stored
@@ -194,6 +200,9 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
         stored_by_stem[shown.rpartition(".")[0].lower()] = stored
     for stem, src in texts.items():
         stored = stored_by_stem.get(stem)
+        if stem in duplicate_stems:  # its picture is in the dataset already, with the caption it has there
+            report.rejected.append((f"{stem}.txt", CAPTION_OF_DUPLICATE))
+            continue
         if stored is None:
             report.rejected.append((f"{stem}.txt", "caption file without an image of the same name in this upload"))
             continue
@@ -234,10 +243,47 @@ def write_caption(run_dir: Path, name: str, text: str) -> None:
     write_text(_item_path(run_dir, name).with_suffix(".txt"), caption + "\n")
 
 
+def removed_dir(run_dir: Path) -> Path:
+    """``outputs/<run>/removed/``: pictures taken out of the dataset with their captions, one folder per
+    removal, until put back (training reads only ``dataset/``)."""
+    return Path(run_dir) / "removed"
+
+
 def remove_item(run_dir: Path, name: str) -> None:
+    """Take image ``name`` and its caption out of the dataset into :func:`removed_dir`, from where
+    :func:`restore_removed` puts them back: Remove pressed on the wrong card loses nothing."""
     path = _item_path(run_dir, name)
-    for p in (path, path.with_suffix(".txt"), thumb_path(run_dir, name)):
-        p.unlink(missing_ok=True)
+    target = removed_dir(run_dir) / f"{time.time_ns():020d}"
+    target.mkdir(parents=True)
+    for p in (path.with_suffix(".txt"), path):  # the caption first: a crash between leaves the image in place
+        if p.is_file():
+            os.replace(p, target / p.name)
+    thumb_path(run_dir, name).unlink(missing_ok=True)
+
+
+def restore_removed(run_dir: Path) -> str:
+    """Put the picture removed last (and its caption) back into the dataset; returns its name.
+
+    Raises:
+        UserError: nothing was removed, or a file of that name is in the dataset again.
+    """
+    removals = sorted(p for p in removed_dir(run_dir).glob("*") if p.is_dir()) if removed_dir(run_dir).is_dir() else []
+    for folder in reversed(removals):
+        images = [p for p in folder.iterdir() if is_image_name(p.name)]
+        if not images:  # emptied by hand: not a removal any more
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        image = images[0]
+        back = [p for p in folder.iterdir() if p.is_file()]
+        clash = [p.name for p in back if (dataset_dir(run_dir) / p.name).exists()]
+        if clash:
+            raise UserError(f"{clash[0]} is in the dataset again; remove or rename it there to put the removed "
+                            "one back")
+        for p in back:
+            os.replace(p, dataset_dir(run_dir) / p.name)
+        shutil.rmtree(folder, ignore_errors=True)
+        return image.name
+    raise UserError("nothing to put back: no picture was removed from this run")
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,12 @@ from trainer.bases import base_sampling_defaults, list_bases, parse_base, weight
 from trainer.config import Precision
 from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES, write_style_set  # noqa: F401 (DEMO_STYLES: the tab)
 from trainer.errors import ConfigError, ImageError, UserError
-from trainer.dataset_check import (CaptionReader, Finding, ImageFacts, check_captions, check_images, file_facts,
-                                   load_caption_reader, token_count)
+from trainer.dataset_check import (CaptionReader, Finding, ImageFacts, check_captions, check_images, check_uncaptioned,
+                                   file_facts, load_caption_reader, token_count)
 from trainer import housekeeping
 from trainer.housekeeping import RunUsage, human_bytes, run_usage
 from trainer.images import DEFAULT_LIMITS, ImageLimits
+from trainer.lora_file import check_lora_file
 from trainer import events as ev
 from trainer.objective import Objective, check_objective
 from trainer.paths import is_inside
@@ -176,6 +177,7 @@ class Studio:
         self._snapshots: dict[Path, tuple[tuple, Optional[JobSnapshot]]] = {}
         self._facts: dict[str, tuple[tuple, ImageFacts]] = {}  # dataset check: picture path -> (its stat, facts)
         self._readers: dict[str, Optional[CaptionReader]] = {}  # dataset check: base -> its caption tokenizer
+        self._readers_lock = threading.Lock()
 
     # ---- the queue worker -------------------------------------------------------------------
     def start_worker(self, stop: Optional[threading.Event] = None) -> threading.Thread:
@@ -300,7 +302,8 @@ class Studio:
                 out.append((f"{r.name} — {r.state}" + (f" ({r.total_steps} steps)" if r.total_steps else ""), r.name))
                 continue
             where = f"{r.step}/{r.total_steps}" if r.total_steps else "before the first step"
-            out.append((f"{r.name} — {r.state} at {where}" + (" · resumable" if r.resumable else ""), r.name))
+            state = "finished" if r.state == "done" else r.state  # the queue's word for it
+            out.append((f"{r.name} — {state} at {where}" + (" · resumable" if r.resumable else ""), r.name))
         return out
 
     # ---- disk space (trainer.housekeeping) ---------------------------------------------------
@@ -375,6 +378,10 @@ class Studio:
     def remove_image(self, run: str, name: str) -> None:
         store.remove_item(self.run_dir(run), name)
 
+    def restore_image(self, run: str) -> str:
+        """Put the picture removed last back; returns its name."""
+        return store.restore_removed(self.run_dir(run))
+
     def settings(self, run: str) -> dict:
         return store.load_settings(self.run_dir(run))
 
@@ -405,7 +412,7 @@ class Studio:
         restored, kept = caption_tools.undo(self.run_dir(run))
         text = f"Undone: {restored} caption(s) are back as they were."
         if kept:
-            text += f" {kept} edited (or removed) since were left as they are."
+            text += f" {kept} caption(s) edited by hand (or whose picture was removed) since were left as they are."
         return text + (self.dataset_note(run) if restored else "")
 
     def tag_counts(self, run: str, top: int = 30) -> tuple[list[tuple[str, int]], int]:
@@ -434,20 +441,24 @@ class Studio:
             facts.append(found)
         self._facts.update(known)  # pictures unchanged since the last look are not opened again
         findings = check_images(facts, resolution)
+        uncaptioned = {i.name for i in items if not Path(i.path).with_suffix(".txt").is_file()}
+        findings += check_uncaptioned(sorted(uncaptioned))
         reader = self._caption_reader(base) if base and items else None
         if reader is not None:
             if trigger is None:  # the one saved with the run (the Dataset tab sends what its box holds now)
                 trigger = str(self.settings(run).get("trigger") or "")
-            captions = [(i.name, with_trigger(i.caption or caption_from_filename(i.name), trigger)) for i in items]
+            captions = [(i.name, with_trigger(caption_from_filename(i.name) if i.name in uncaptioned else i.caption,
+                                              trigger)) for i in items]
             findings += check_captions(captions, partial(token_count, reader.tokenizer), reader.limit, reader.encoder)
         return findings, len(facts)
 
     def _caption_reader(self, base: str) -> Optional[CaptionReader]:
         """``base``'s caption tokenizer, loaded once per base; None while it is not at hand (looked for again next
         time: a demo base's folder appears when it is first built)."""
-        if self._readers.get(base) is None:
-            self._readers[base] = load_caption_reader(base)
-        return self._readers[base]
+        with self._readers_lock:  # two checks at once (an upload also fills the trigger box) load it once
+            if self._readers.get(base) is None:
+                self._readers[base] = load_caption_reader(base)
+            return self._readers[base]
 
     captioners = staticmethod(choices.captioners)
 
@@ -585,6 +596,30 @@ class Studio:
                     "or cancel it in the Queue below.")
         return "Nothing is training."
 
+    def job_run(self, job_id: int) -> str:
+        """The run (folder name) of a queue job; raises UserError for an unknown job."""
+        return Path(self.queue.get(int(job_id)).run_dir).name
+
+    def is_active(self, run: str) -> bool:
+        """Whether a job of ``run`` is queued, training or stopping."""
+        job = self._job_for(self.run_dir(run))
+        return job is not None and job.state in ("queued", "running", "stopping")
+
+    def ended_line(self, run: str) -> Optional[str]:
+        """How the run's last job ended, in one line; None while it waits or trains."""
+        snap = self.snapshot(run)
+        if snap is None or snap.state in ("queued", "running", "stopping"):
+            return None
+        name = Path(snap.run_dir).name
+        if snap.state == "stopped":
+            return (f"'{name}' stopped at step {snap.step} of {snap.total_steps}: its checkpoint and LoRA files are "
+                    "saved; Resume continues it.")
+        if snap.state == "done":
+            return f"'{name}' finished all {snap.total_steps} steps: its LoRA files are on the Export tab."
+        if snap.state == "interrupted":
+            return f"'{name}' was interrupted (the server stopped): Resume continues it from its last checkpoint."
+        return f"'{name}' ended ({snap.state})" + (f": {snap.error}" if snap.error else ".")
+
     def cancel_job(self, job_id: int) -> str:
         """Cancel a queued job (it never runs) or stop the running one.
 
@@ -631,7 +666,8 @@ class Studio:
         new_lr = self._new_lr(lr)
         finished = info is not None and info.state == "done"
         if info is not None and not info.resumable and not (finished and total is not None):
-            why = ("it already finished: give more steps to train on" if finished else "it has no checkpoint yet")
+            why = (f"it already finished: set “Train on to step” above its {info.step} steps to train it further"
+                   if finished else "it has no checkpoint yet")
             raise UserError(f"'{run}' cannot be resumed: {why}")
         saved = self.run_config(run)
         message = self._resuming(run_dir.name, total, new_lr, saved.lr if saved else None)
@@ -776,6 +812,7 @@ class Studio:
         if not name.lower().endswith(".safetensors"):
             raise UserError(f"{shown_name or Path(path).name}: only .safetensors LoRA files are accepted "
                             "(pickled .pt/.ckpt/.bin files can run code)")
+        check_lora_file(path, shown_name or Path(path).name)  # refused now, in plain words, not at the first preview
         folder = self.outputs_dir / LORA_UPLOADS
         folder.mkdir(parents=True, exist_ok=True)
         taken = {p.stem.lower() for p in folder.iterdir()}

@@ -8,6 +8,8 @@ reopening the page shows it again, and a server restart resumes it.
 
 from __future__ import annotations
 
+import asyncio
+
 import pandas as pd
 import gradio as gr
 
@@ -177,18 +179,40 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         choices = studio.run_names()
         return gr.update(choices=choices, value=used), message, None
 
-    start.click(on_start, [run, base, preset, steps, lr, resolution, batch, precision, seed, sample_prompt,
+    started = start.click(on_start, [run, base, preset, steps, lr, resolution, batch, precision, seed, sample_prompt,
                            sample_every, sample_steps, checkpoint_every, trigger, rank, alpha, noise_offset, snr_gamma,
                            flip, timestep_sampling, eval_every, keep_checkpoints],
                 [run, status, last],
                 concurrency_id="train-control", concurrency_limit=1)
+
     def on_stop(run_name):
         try:
             return studio.stop(run_name or None)
         except UserError as err:
             return f"⚠ {err}"
 
-    stop.click(on_stop, run, status, concurrency_id="train-control", concurrency_limit=1)
+    async def settle(run_name, message):
+        """The line under Start/Stop answers a press with what will happen ("Training …", "Stopping …",
+        "Resuming …", "queued at position 2"); once the run has ended it says how, else it would read
+        "Stopping" or "Resuming" long after. Waits on the event loop (no thread held, however long the run
+        trains); the next press cancels it."""
+        if not run_name or f"'{run_name}'" not in str(message or "") or str(message).startswith("⚠"):
+            return gr.skip()
+        if not studio.is_active(run_name):  # nothing to wait for ("Took 'r2' out of the queue")
+            return gr.skip()
+        while (outcome := await asyncio.to_thread(studio.ended_line, run_name)) is None:
+            await asyncio.sleep(POLL_SECONDS)
+        return outcome
+
+    async def settle_job(job_id, message):
+        """The same for a press in the Queue: the job's run is watched."""
+        try:
+            run_name = studio.job_run(int(job_id))
+        except (UserError, ValueError, TypeError):
+            return gr.skip()
+        return await settle(run_name, message)
+
+    settles = [stop.click(on_stop, run, status, concurrency_id="train-control", concurrency_limit=1)]
 
     def on_resume(run_name, steps, lr):
         try:
@@ -196,8 +220,8 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         except UserError as err:
             return f"⚠ {err}", gr.skip()
 
-    resume.click(on_resume, [run, continue_to, continue_lr], [status, last], concurrency_id="train-control",
-                 concurrency_limit=1)
+    settles.append(resume.click(on_resume, [run, continue_to, continue_lr], [status, last],
+                                concurrency_id="train-control", concurrency_limit=1))
     def recipe_of(name):
         return fmt.recipe(name, studio.recipe(name), studio.lr_history(name))
 
@@ -214,10 +238,25 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         except UserError as err:
             return f"⚠ {err}", gr.skip()
 
-    cancel_job.click(lambda j: on_job(studio.cancel_job, j), job_pick, [status, last],
-                     concurrency_id="train-control", concurrency_limit=1)
-    resume_job.click(lambda j: on_job(studio.resume_job, j), job_pick, [status, last],
-                     concurrency_id="train-control", concurrency_limit=1)
+    job_presses = [cancel_job.click(lambda j: on_job(studio.cancel_job, j), job_pick, [status, last],
+                                    concurrency_id="train-control", concurrency_limit=1),
+                   resume_job.click(lambda j: on_job(studio.resume_job, j), job_pick, [status, last],
+                                    concurrency_id="train-control", concurrency_limit=1)]
+    # gradio shows "processing | 12.3s" on a pending event's outputs even with show_progress="hidden"; these
+    # waits last as long as the run, so their progress goes to an invisible element instead of the line
+    unseen = gr.Markdown(visible=False)
+    quiet = {"show_progress": "hidden", "show_progress_on": [unseen], "concurrency_id": "train-settle",
+             "concurrency_limit": None}
+    waits = [press.then(settle, [run, status], status, **quiet) for press in (started, *settles)]
+    waits += [press.then(settle_job, [job_pick, status], status, **quiet) for press in job_presses]
+    for button in (start, stop, resume, cancel_job, resume_job):  # a new answer: the old one's wait ends
+        button.click(None, None, None, cancels=waits)
+
+    def on_other_run(run_name, message):
+        """A line about another run (or a warning about none) goes when the Run box changes."""
+        return "" if message and f"'{run_name}'" not in message else gr.skip()
+
+    run.change(on_other_run, [run, status], status, show_progress="hidden")
     refresh.click(lambda: gr.update(choices=studio.run_list()), None, runs)
     runs.input(lambda name: name or gr.skip(), runs, run)
 
