@@ -322,6 +322,8 @@ def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page
     assert re.search(r"step \d+/400 · [\d.]+ (it/s|s/it) · ETA .+ · loss \d", later["text"]), later["text"]
     assert page.locator("#loss-plot svg, #loss-plot canvas").count() > 0
     wait_until(page, lambda: page.locator("#samples img").count() > 0, 90, "a sample image")
+    wait_until(page, lambda: re.search(r"step \d+ · prompt 1", page.locator("#samples").inner_text()), 20,
+               "the sample's step and prompt under it")
     shot(page, "03a-training-live")  # docs/screenshots/2-train.png: progress, loss curve and samples
     set_number(page, "eval-every", 0)  # the tests that follow train without the fixed-noise loss
 

@@ -286,7 +286,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         if changed("points"):  # an empty frame would reset the plot's series type (see the LinePlot above)
             points = fmt.loss_points(snap)
             plot_update = pd.DataFrame(points, columns=["step", "loss", "series"]) if points else None
-        samples_update = view["samples"] if changed("samples") else gr.skip()
+        samples_update = [(p, fmt.sample_caption(p)) for p in view["samples"]] if changed("samples") else gr.skip()
         runs_update = gr.skip()
         if changed("state") or changed("total") or changed("queue"):
             listed = studio.run_list()
