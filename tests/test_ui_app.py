@@ -166,7 +166,13 @@ def test_sample_captions_name_the_step_and_prompt(path, caption):
 
 @pytest.mark.parametrize("counts,images,line", [
     ([], 0, "No captions yet."),
-    ([("zkstyle", 4), ("a `red` circle", 1)], 4, "Most common tags (of 4 captions): `zkstyle` ×4 · `a 'red' circle` ×1"),
+    ([("zkstyle", 4), ("a `red` circle", 2), ("once", 1)], 4,
+     "Most common tags (of 4 captions): `zkstyle` ×4 · `a 'red' circle` ×2"),
+    ([("a long sentence that describes one picture in many words, far too many to show", 2)], 3,
+     "Most common tags (of 3 captions): `a long sentence that describes one picture in many words…` ×2"),
+    ([("a red circle on blue", 1), ("a green square", 1)], 2,
+     "No tag repeats across the 2 captions (they read as sentences, not comma-separated tags); find & replace "
+     "above still edits them all."),
 ])
 def test_tag_list_is_one_safe_markdown_line(counts, images, line):
     assert fmt.tag_list(counts, images) == line

@@ -700,6 +700,17 @@ def test_lora_files_and_uploads(studio, tmp_path):
     labels = [label for label, _ in studio.lora_files()]
     assert labels == ["run: r1", "loras: ink.safetensors", "uploaded: My_LoRA-2.safetensors",
                       "uploaded: My_LoRA.safetensors"]
+    # an upload can be deleted again (unloaded from the mix first); a run's own file and the loras folder cannot
+    assert [name for name, _ in studio.lora_uploads()] == ["My_LoRA-2.safetensors", "My_LoRA.safetensors"]
+    studio.render_mix("demo-random:sd15", [MixSlot(stored, 1.0)], "a circle", 0, 2, 1.0)
+    assert studio.delete_lora_upload(stored) == "Deleted the upload My_LoRA.safetensors."
+    assert FakeMix.instances[-1].removed == [FakeMix.instances[-1].added[0][1]] and not Path(stored).exists()
+    for kept in (str(run / "lora.safetensors"), str(tmp_path / "loras" / "ink.safetensors")):
+        with pytest.raises(UserError, match="pick an uploaded LoRA file first"):
+            studio.delete_lora_upload(kept)
+        assert Path(kept).is_file()
+    with pytest.raises(UserError, match="My_LoRA.safetensors was already deleted"):
+        studio.delete_lora_upload(stored)
 
 
 def write_lora(path: Path) -> None:

@@ -127,11 +127,23 @@ def sample_caption(path: str) -> str:
 
 
 def tag_list(counts: list[tuple[str, int]], images: int) -> str:
-    """The captions' most common tags as one Markdown line: ``zkstyle`` ×20 · ``red circle`` ×3 …"""
+    """The captions' most common tags as one Markdown line: ``zkstyle`` ×20 · ``red circle`` ×3 …; a tag found in
+    one caption only is left out (sentence captions would list every sentence once)."""
     if not counts:
         return "No captions yet."
-    shown = " · ".join(f"{md_code(tag[:60])} ×{n}" for tag, n in counts)
+    repeated = [(tag, n) for tag, n in counts if n > 1]
+    if not repeated:
+        return (f"No tag repeats across the {images} captions (they read as sentences, not comma-separated tags); "
+                "find & replace above still edits them all.")
+    shown = " · ".join(f"{md_code(_clip(tag, 60))} ×{n}" for tag, n in repeated)
     return f"Most common tags (of {images} captions): {shown}"
+
+
+def _clip(text: str, most: int) -> str:
+    """``text`` cut at a word boundary within ``most`` characters, with … where it was cut."""
+    if len(text) <= most:
+        return text
+    return text[:most].rsplit(" ", 1)[0].rstrip(" ,") + "…"
 
 
 def recipe(run: str, config, lr_history: str = "") -> str:

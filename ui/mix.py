@@ -40,8 +40,14 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         base = gr.Dropdown(label="Base model", choices=studio.bases(), value=studio.default_base,
                            allow_custom_value=True, elem_id="mix-base", scale=3,
                            info="The base the LoRAs were trained for (set from the run).")
-        upload = gr.File(label="Add a LoRA (.safetensors)", file_types=[".safetensors"], elem_id="mix-upload",
-                         scale=2, height=130)
+        with gr.Column(scale=2):
+            upload = gr.File(label="Add a LoRA (.safetensors)", file_types=[".safetensors"], elem_id="mix-upload",
+                             height=130)
+            with gr.Accordion("Uploaded LoRA files", open=False, elem_id="mix-uploads"):
+                with gr.Row(equal_height=True):
+                    uploads = gr.Dropdown(label="Uploaded file", choices=studio.lora_uploads(), value=None,
+                                          elem_id="mix-upload-pick", scale=3)
+                    delete_upload = gr.Button("Delete it", elem_id="mix-upload-delete", scale=1, min_width=100)
     pickers, sliders, toggles, lines = [], [], [], []
     with gr.Row():
         for i in range(SLOTS):
@@ -138,17 +144,27 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
 
     def on_upload(file, *current):
         if not file:
-            return gr.skip(), gr.skip(), *[gr.skip()] * SLOTS
+            return gr.skip(), gr.skip(), gr.skip(), *[gr.skip()] * SLOTS
         try:
             stored = studio.add_lora_upload(str(file))
         except UserError as err:
-            return None, f"⚠ {err}", *[gr.skip()] * SLOTS
+            return None, f"⚠ {err}", gr.skip(), *[gr.skip()] * SLOTS
         options = choices()
         values = list(current)
         empty = next((i for i, v in enumerate(values) if not v), None)
         if empty is not None:
             values[empty] = stored
-        return None, f"Added {stored.rsplit('/', 1)[-1]}.", *[gr.update(choices=options, value=v) for v in values]
+        return (None, f"Added {stored.rsplit('/', 1)[-1]}.", gr.update(choices=studio.lora_uploads()),
+                *[gr.update(choices=options, value=v) for v in values])
+
+    def on_delete_upload(path, *current):
+        try:
+            message = studio.delete_lora_upload(path)
+        except UserError as err:
+            return f"⚠ {err}", gr.skip(), *[gr.skip()] * SLOTS
+        options = choices()
+        return (message, gr.update(choices=studio.lora_uploads(), value=None),
+                *[gr.update(choices=options, value=None if v == path else v) for v in current])
 
     def on_bake(run_name, base_name, method_value, rank_value, *slot_values):
         try:
@@ -177,7 +193,8 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
     slot_inputs = [*pickers, *sliders, *toggles]
     inputs = [base, prompt, seed, steps, guidance, fuse, *slot_inputs]
     outputs = [preview, info, *lines]
-    upload.upload(on_upload, [upload, *pickers], [upload, info, *pickers])
+    upload.upload(on_upload, [upload, *pickers], [upload, info, uploads, *pickers])
+    delete_upload.click(on_delete_upload, [uploads, *pickers], [info, uploads, *pickers], **_ONE)
     base.change(lambda name: (default_steps(name or ""), default_guidance(name or "")), [base],
                 [steps, guidance])  # each base's tuned values
     render_btn.click(render, inputs, outputs, **_RENDER)

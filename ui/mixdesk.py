@@ -219,6 +219,19 @@ class MixDesk:
         torch.cuda.empty_cache()
         return True
 
+    def forget_file(self, path: str) -> None:
+        """Unload a LoRA file that was deleted (its adapter would otherwise stay in the loaded base)."""
+        with self._lock:
+            mixer = self._loaded
+            if mixer is None:
+                return
+            for key in [k for k in mixer.loaded if k[0] == path]:
+                name = mixer.loaded.pop(key)
+                mixer.session.remove_lora(name)
+                mixer.infos.pop(name, None)
+            for key in [k for k in mixer.refused if k[0] == path]:
+                mixer.refused.pop(key)
+
     def _session(self, base: str) -> _Loaded:
         if self._loaded is None or self._loaded.base != base:
             self._loaded = None  # drop the old pipeline before loading another

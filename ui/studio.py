@@ -817,6 +817,27 @@ class Studio(RunExports):
             shutil.copyfileobj(fin, fout, 1 << 20)
         return str(dst)
 
+    def lora_uploads(self) -> list[tuple[str, str]]:
+        """(file name, path) of the LoRA files uploaded on the Mix tab."""
+        folder = self.outputs_dir / LORA_UPLOADS
+        return [(p.name, str(p.resolve())) for p in sorted(folder.glob("*.safetensors"))] if folder.is_dir() else []
+
+    def delete_lora_upload(self, path: str) -> str:
+        """Delete an uploaded LoRA file (only those: never a run's own or one in the loras folder).
+
+        Raises:
+            UserError: not an uploaded file, or already gone.
+        """
+        file = Path(path or "")
+        if file.suffix != ".safetensors" or file.parent != (self.outputs_dir / LORA_UPLOADS).resolve():
+            raise UserError("pick an uploaded LoRA file first (a run's own files and the loras folder stay)")
+        try:
+            file.unlink()
+        except FileNotFoundError:
+            raise UserError(f"{file.name} was already deleted") from None
+        self.mix.forget_file(str(file))
+        return f"Deleted the upload {file.name}."
+
     def run_base(self, run: str) -> str:
         """The base a run was trained on (its config.yaml), else the page's default."""
         try:
