@@ -84,8 +84,8 @@ def test_add_trigger_only_where_it_is_missing(run):
 
     store.write_caption(run, "d.png", "ZKstyle, a tree")
     assert caption_tools.add_trigger(run, "zkstyle") == (0, 4)
-    # training finds it where the tools do: the caption it trains on does not get the trigger a second time
-    assert with_trigger(store.read_caption(run, "d.png"), "zkstyle") == "ZKstyle, a tree"
+    # training finds it where the tools do (no second trigger), spelled as typed: T5 tells the cases apart
+    assert with_trigger(store.read_caption(run, "d.png"), "zkstyle") == "zkstyle, a tree"
 
 
 def test_undo_keeps_hand_edits_and_removed_images_and_a_damaged_record_is_one_line(run):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from trainer.buckets import buckets, nearest_bucket
 from trainer.data import BatchPlan, prepare
-from trainer.scan import scan_dataset
+from trainer.scan import caption_from_filename, scan_dataset
 from trainer.trigger import with_trigger
 from trainer.errors import DataError
 from trainer.images import open_image
@@ -251,10 +251,36 @@ def test_a_mirrored_crop_starts_where_its_pixels_come_from(tmp_path, center_crop
 @pytest.mark.parametrize("caption,trigger,expected", [
     ("a red circle", "zk", "zk, a red circle"), ("zk, a red circle", "zk", "zk, a red circle"),
     ("a zkstyle thing", "zk", "zk, a zkstyle thing"), ("", "zk", "zk"), ("a red circle", "", "a red circle"),
-    ("ZK, a red circle", "zk", "ZK, a red circle"),  # in any case, as the caption tools find it
+    ("ZK, a red circle", "zk", "zk, a red circle"),  # found in any case, as the caption tools find it, and
+    ("a zK thing, zk", "zk", "a zK thing, zk"),  # spelled as typed (T5 tells the cases apart); as typed: kept
 ])
 def test_trigger_word(caption, trigger, expected):
     assert with_trigger(caption, trigger) == expected
+
+
+@pytest.mark.parametrize("name,caption", [("red_circle-01 (2).png", "red circle"), ("IMG_0042.jpg", "IMG"),
+                                          ("a.b-c_d.webp", "a b c d"), ("123.png", "")])
+def test_a_picture_without_a_caption_trains_on_words_from_its_file_name(name, caption):
+    assert caption_from_filename(name) == caption
+
+
+def test_the_scan_marks_captions_made_from_file_names_in_every_layout(tmp_path):
+    """The dataset check names these pictures; a caption file (or metadata.jsonl text) clears the mark."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for stem in ("has_caption", "bare_name"):
+        Image.new("RGB", (8, 8)).save(flat / f"{stem}.png")
+    (flat / "has_caption.txt").write_text("a caption")
+    assert {i.path.name: (i.caption, i.from_file_name) for i in scan_dataset(flat).items} == {
+        "bare_name.png": ("bare name", True), "has_caption.png": ("a caption", False)}
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    for stem in ("told", "untold"):
+        Image.new("RGB", (8, 8)).save(meta / f"{stem}.png")
+    (meta / "metadata.jsonl").write_text('{"file_name": "told.png", "text": "a told caption"}\n'
+                                         '{"file_name": "untold.png"}\n')
+    assert {i.path.name: (i.caption, i.from_file_name) for i in scan_dataset(meta).items} == {
+        "told.png": ("a told caption", False), "untold.png": ("untold", True)}
 
 
 def test_batch_plan_is_a_pure_function_of_the_index(scene_dir):

@@ -195,6 +195,10 @@ def test_forgetting_a_run_folder_removes_its_ended_jobs_and_refuses_a_waiting_on
     assert queue.forget(tmp_path / "outputs" / "a") == 2
     assert [j.id for j in queue.list()] == [b.id]
     assert queue.forget(tmp_path / "outputs" / "never") == 0
+    c = queue.add(light_config(tmp_path, "c"))  # an interrupted job would resume a folder that is gone: it goes too
+    with sqlite3.connect(queue.path) as conn:
+        conn.execute("UPDATE jobs SET state = 'interrupted' WHERE id = ?", (c.id,))
+    assert queue.forget(tmp_path / "outputs" / "c") == 1 and queue.requeue_interrupted() == []
 
 
 def test_failures_are_recorded_and_the_worker_goes_on(tmp_path):

@@ -114,6 +114,10 @@ def test_a_set_added_twice_is_one_line_and_its_captions_are_not_called_orphans(t
         "`s1.png`, `s2.png` and 2 more.",
         "", "**Rejected 1 file(s):**",
         "- `lonely.txt` — caption file without an image of the same name in this upload"]
+    (store.dataset_dir(run) / "s1.txt").unlink()  # a picture that has no caption gets the one uploaded again
+    third = store.import_uploads(files[2:4], run)
+    assert (third.accepted, third.captions, third.rejected) == ([], 1, [("s1.png", "already in the dataset as s1.png")])
+    assert store.read_caption(run, "s1.png") == "shape 1"
 
 
 def test_traversal_names_land_inside_the_dataset(tmp_path):
@@ -187,6 +191,30 @@ def test_a_removed_picture_is_set_aside_and_put_back_with_its_caption(tmp_path):
     png(store.dataset_dir(run) / "c.png")  # a new picture of the same name meanwhile: it is not overwritten
     with pytest.raises(UserError, match="c.png is in the dataset again; remove or rename it there"):
         store.restore_removed(run)
+
+
+def test_a_removal_that_fails_halfway_loses_nothing(tmp_path, monkeypatch):
+    """The image moves first; if its caption then cannot move (a locked file), the caption stays in the dataset,
+    the page gets one line, and Put back brings the image back beside it."""
+    import os
+
+    run = tmp_path / "run"
+    store.import_uploads([png(tmp_path / "a.png")], run)
+    store.write_caption(run, "a.png", "my careful caption")
+    real = os.replace
+
+    def refuse_captions(src, dst):
+        if str(src).endswith(".txt"):
+            raise PermissionError(13, "Permission denied")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_captions)
+    with pytest.raises(UserError, match="could not set a.png aside \\(Permission denied\\)"):
+        store.remove_item(run, "a.png")
+    monkeypatch.setattr(os, "replace", real)
+    assert (store.dataset_dir(run) / "a.txt").read_text().strip() == "my careful caption"
+    assert store.restore_removed(run) == "a.png" and store.read_caption(run, "a.png") == "my careful caption"
+    assert list(store.removed_dir(run).iterdir()) == []
 
 
 def test_settings(tmp_path):

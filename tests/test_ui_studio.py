@@ -243,6 +243,8 @@ def test_stop_acts_on_the_run_shown_not_on_whatever_trains(studio, tmp_path):
                                  "in the Queue below.")
     assert studio.stop("r2") == f"Took 'r2' out of the queue (job {job_of(studio, 'r2').id}); it will not run."
     assert job_of(studio, "r2").state == "cancelled" and job_of(studio, "r1").state == "running"
+    assert studio.ended_line("r2") == f"'r2' was taken out of the queue (job {job_of(studio, 'r2').id}); it did " \
+        "not train."  # never trained, no events: the wait after a Start still gets its last line
     assert studio.stop("r1").startswith("Stopping 'r1' after the current step")
     assert studio.ended_line("r1") is None and studio.is_active("r1")  # the page keeps its "Stopping" line
     release_after_stop(gate)
@@ -272,9 +274,24 @@ def test_disk_space_comes_back_only_from_runs_that_neither_train_nor_wait(studio
     assert studio.ended_line("r1") == "'r1' finished all 6 steps: its LoRA files are on the Export tab."
     usage = studio.disk_usage("r1")
     assert usage.checkpoint_count == 3 and usage.total > usage.checkpoints > 0
+    from trainer.steps import step_file
+
+    write_lora(step_file(studio.run_dir("r1"), 2))  # step 2 was exported on the Export tab: its LoRA file stays
+    assert re.fullmatch(r"Delete the checkpoints of step 2, 4 \(.+\)\? Step 4 has no exported LoRA: pick it on "
+                        r"the Export tab first to keep its file\.", studio.prune_question("r1"))
     assert studio.prune_checkpoints("r1").startswith("Deleted the checkpoints of step 2, 4 (")
+    with pytest.raises(UserError, match="'r1' has no earlier checkpoints to delete"):
+        studio.prune_question("r1")
     assert studio.disk_usage("r1").checkpoint_count == 1 and studio.resume("r1", steps=8)  # trains on from step 6
     assert wait_ended(studio, "r1").state == "done"
+    def queued_meanwhile(run_dir):  # a job queued between the check and the deletion: the folder comes back
+        raise UserError("job 9 of r2 is queued: take it out of the queue first")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(studio.queue, "forget", queued_meanwhile)
+        with pytest.raises(UserError, match="job 9 of r2 is queued"):
+            studio.delete_run("r2")
+    assert "r2" in studio.run_names() and (studio.run_dir("r2") / "dataset").is_dir()
     assert studio.delete_run("r2").startswith("Deleted 'r2' and its files (")
     assert studio.run_names() == ["r1"] and job_of(studio, "r2") is None
     assert sorted(p.name for p in studio.outputs_dir.iterdir() if p.name.startswith(".deleted")) == []
@@ -775,7 +792,14 @@ def test_an_earlier_step_is_exported_with_its_samples_and_offered_to_the_mix(stu
     run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=4, checkpoint_every=2, sample_every=2,
                              keep_checkpoints=5, title="Ink"))
     assert studio.export_steps("r1") == [2] and studio.final_step("r1") == 4  # step 4 is the final files
+    # the Mix tab offers the kept checkpoint too; its file is written when a slot first renders with it
+    offered = dict((label, path) for label, path in studio.lora_files())
+    assert list(offered) == ["run: r1", "run: r1 @ step 2 (checkpoint)"]
     assert not (run / "export").exists()  # nothing is written before a step is picked
+    studio.render_mix("demo-random:sd15", [MixSlot(offered["run: r1 @ step 2 (checkpoint)"], 1.0)], "a circle", 0, 2,
+                      1.0)
+    assert FakeMix.instances[-1].added[0][0] == offered["run: r1 @ step 2 (checkpoint)"]
+    assert Path(offered["run: r1 @ step 2 (checkpoint)"]).is_file()
     files = studio.exports("r1", 2)
     assert {k: Path(p).name for k, p in files.items()} == {"kohya": "r1-step000002.safetensors",
                                                           "diffusers": "r1-step000002_diffusers.safetensors"}

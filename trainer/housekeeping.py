@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,25 +76,60 @@ def prune_checkpoints(run_dir: str | Path, keep: int = 1) -> tuple[list[int], in
     their own and stay."""
     if keep < 1:
         raise UserError("keep at least the last checkpoint: a run without one cannot train on")
-    doomed = checkpoint_dirs(Path(run_dir))[:-keep]
-    seen: set[tuple[int, int]] = set()
-    freed = sum(_size(path, seen) for path in doomed)
+    doomed, freed = prunable(run_dir, keep)
+    deleted = []
     for path in doomed:
-        shutil.rmtree(path)
-    return [checkpoint_step(path) for path in doomed], freed
+        try:
+            shutil.rmtree(path)
+        except OSError as err:
+            raise UserError(f"could not delete checkpoint {path.name} ({err.strerror or err}); "
+                            + (f"step {', '.join(map(str, deleted))} went before it" if deleted else "none went")) from None
+        deleted.append(checkpoint_step(path))
+    return deleted, freed
 
 
-def delete_run_folder(run_dir: str | Path) -> None:
-    """Remove a run folder. It is first renamed to a hidden name in the same folder (atomic), so a page or
-    the queue never sees half a run; a removal that fails halfway leaves only that hidden folder."""
+def prunable(run_dir: str | Path, keep: int = 1) -> tuple[list[Path], int]:
+    """The checkpoints :func:`prune_checkpoints` would delete, and their size."""
+    doomed = checkpoint_dirs(Path(run_dir))[:-keep] if keep >= 1 else []
+    seen: set[tuple[int, int]] = set()
+    return doomed, sum(_size(path, seen) for path in doomed)
+
+
+DELETED_PREFIX = ".deleted-"  # a run folder on its way out: hidden from every list, removed at the next start
+
+
+def hide_run_folder(run_dir: str | Path) -> Path:
+    """Rename a run folder to a hidden name of its own in the same folder (atomic), so no page or queue
+    sees half a run while it is removed; returns the new path (rename it back to undo)."""
     run_dir = Path(run_dir)
-    hidden = run_dir.with_name(f".deleted-{run_dir.name}-{os.getpid()}")
+    hidden = run_dir.with_name(f"{DELETED_PREFIX}{run_dir.name}-{time.time_ns()}")
     try:
         os.replace(run_dir, hidden)
     except OSError as err:
         raise UserError(f"cannot delete '{run_dir.name}' ({err.strerror or err}); close programs using its "
                         "files and try again") from None
+    return hidden
+
+
+def remove_hidden(hidden: str | Path) -> bool:
+    """Remove a folder :func:`hide_run_folder` made; False if something in it could not be removed (a file
+    held open elsewhere): what is left stays hidden and :func:`sweep_deleted` tries again later."""
     shutil.rmtree(hidden, ignore_errors=True)
+    return not Path(hidden).exists()
+
+
+def sweep_deleted(outputs_dir: str | Path) -> None:
+    """Finish deletions an earlier process left halfway (see :func:`remove_hidden`)."""
+    folder = Path(outputs_dir)
+    if folder.is_dir():
+        for hidden in folder.glob(f"{DELETED_PREFIX}*"):
+            if hidden.is_dir() and not hidden.is_symlink():
+                shutil.rmtree(hidden, ignore_errors=True)
+
+
+def delete_run_folder(run_dir: str | Path) -> bool:
+    """Hide, then remove a run folder; False if something was left behind (hidden, swept later)."""
+    return remove_hidden(hide_run_folder(run_dir))
 
 
 def human_bytes(n: int) -> str:

@@ -306,9 +306,15 @@ def list_runs(outputs_dir: str | Path, states: Optional[dict[str, str]] = None) 
     runs: list[RunInfo] = []
     if not outputs_dir.is_dir():
         return runs
-    for run_dir in sorted(outputs_dir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
-        if not (run_dir / "config.yaml").is_file():
-            continue
+    def newest_first(path: Path) -> float:
+        try:
+            return -path.stat().st_mtime
+        except OSError:  # removed while listing (a run being deleted)
+            return 0.0
+
+    for run_dir in sorted(outputs_dir.iterdir(), key=newest_first):
+        if run_dir.name.startswith((".", "_")) or not (run_dir / "config.yaml").is_file():
+            continue  # hidden: a run on its way out (trainer.housekeeping), the uploads folder
         history = ev.read_jsonl(run_dir / "events.jsonl")
         state = states.get(str(run_dir.resolve())) or disk_state(history)
         snap = summarize(str(run_dir), state, history)

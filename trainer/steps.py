@@ -25,6 +25,14 @@ def step_file(run: str | Path, step: int, fmt: str = "kohya") -> Path:
     return run / "export" / f"{run.name}-step{step:06d}{STEP_SUFFIXES[fmt]}.safetensors"
 
 
+def parse_step_file(path: str | Path) -> tuple[Path, int] | None:
+    """(run folder, step) of a kohya-layout :func:`step_file` path, written or not; None for any other path."""
+    path = Path(path)
+    run = path.parent.parent
+    match = re.fullmatch(rf"{re.escape(run.name)}-step(\d{{6,}})\.safetensors", path.name)
+    return (run, int(match.group(1))) if match and path.parent.name == "export" else None
+
+
 def exported_step_files(run: str | Path) -> dict[int, Path]:
     """step → its kohya-layout file, for the steps exported so far (their checkpoints may be gone)."""
     run = Path(run)

@@ -5,15 +5,23 @@ from __future__ import annotations
 import re
 
 
+def _pattern(trigger: str, flags: int = 0) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)", flags)
+
+
 def has_trigger(caption: str, trigger: str) -> bool:
-    """Whether ``trigger`` appears in ``caption`` as a whole word or phrase, in any case: CLIP reads captions
-    lower-cased, and an artist who wrote "ZKstyle" in a caption meant the trigger (the Dataset tab's "add the
-    trigger where it is missing" and training must agree on where it is)."""
-    return bool(re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, re.IGNORECASE))
+    """Whether ``trigger`` appears in ``caption`` as a whole word or phrase, in any case: an artist who wrote
+    "ZKstyle" in a caption meant the trigger (the Dataset tab's "add the trigger where it is missing" and
+    training agree on where it is)."""
+    return bool(_pattern(trigger, re.IGNORECASE).search(caption))
 
 
 def with_trigger(caption: str, trigger: str) -> str:
-    """``caption`` as training sees it: ``trigger`` put first unless it is already there."""
-    if not trigger or has_trigger(caption, trigger):
+    """``caption`` as training sees it: ``trigger`` put first unless it is already there; where it is there in
+    another case, that spelling becomes the trigger's own (FLUX's T5 reads "ZKstyle" and "zkstyle" as
+    different words, and prompts use the trigger as typed)."""
+    if not trigger or _pattern(trigger).search(caption):
         return caption
+    if has_trigger(caption, trigger):
+        return _pattern(trigger, re.IGNORECASE).sub(lambda _: trigger, caption)
     return f"{trigger}, {caption}" if caption else trigger

@@ -1,7 +1,8 @@
 """The selected run's disk space, and giving it back: delete its earlier checkpoints, or the whole run.
 
-Deleting a run asks twice: the first press says what goes (and how much), a second press of the same
-button within ``CONFIRM_SECONDS`` deletes it. Nothing is deleted while the run trains or waits in the queue.
+Both ask first: the first press says what goes (and how much; for checkpoints, which steps have no exported
+LoRA), a second press of the same button within ``CONFIRM_SECONDS`` deletes it. Nothing is deleted while
+the run trains or waits in the queue.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ui.studio import Studio
 
 CONFIRM_SECONDS = 20
 DELETE_LABEL = "Delete this run…"
+PRUNE_LABEL = "Delete earlier checkpoints…"
 
 
 def usage_line(studio: Studio, run_name: str) -> str:
@@ -31,49 +33,63 @@ def build(studio: Studio, run: gr.Dropdown) -> gr.Markdown:
     writes checkpoints and the page when the dataset changes."""
     usage = gr.Markdown(elem_id="run-disk")
     with gr.Row():
-        prune = gr.Button("Delete earlier checkpoints", elem_id="prune-checkpoints", min_width=160)
+        prune = gr.Button(PRUNE_LABEL, elem_id="prune-checkpoints", min_width=160)
         delete = gr.Button(DELETE_LABEL, variant="stop", elem_id="delete-run", min_width=160)
     status = gr.Markdown(elem_id="run-folder-status")
     gr.Markdown("Checkpoints let you pick an earlier step on the Export tab and resume; the last one is always kept "
                 "so the run can train on. Export the steps you like first: exported steps keep their files.",
                 elem_id="run-folder-hint")
-    armed = gr.State(None)  # {"run", "at"}: the run the first press of Delete asked about, and when
+    armed = gr.State(None)  # {"run", "action", "at"}: what the first press of a button asked about, and when
 
     def shown(run_name):
         return usage_line(studio, run_name)
 
     def on_run(run_name, asked):
         """Another run shown: its size; a pending "delete?" question was about the other one, so it goes."""
-        return shown(run_name), ("" if asked else gr.skip()), None, gr.update(value=DELETE_LABEL)
+        return (shown(run_name), ("" if asked else gr.skip()), None, gr.update(value=DELETE_LABEL),
+                gr.update(value=PRUNE_LABEL))
 
-    def on_prune(run_name):
+    def confirmed(asked, run_name, action):
+        """Whether this press answers the question the last press of the same button asked about this run."""
+        return (bool(asked) and asked.get("run") == run_name and asked.get("action") == action
+                and time.time() - asked.get("at", 0) < CONFIRM_SECONDS)
+
+    def on_prune(run_name, asked):
+        """Asks first (which steps, how big, which have no exported LoRA); a second press deletes them."""
         try:
+            if not confirmed(asked, run_name, "prune"):
+                question = studio.prune_question(run_name)
+                return (f"{question} Press the button again within {CONFIRM_SECONDS} s to delete them.", gr.skip(),
+                        {"run": run_name, "action": "prune", "at": time.time()},
+                        gr.update(value="Press again to delete them"), gr.update(value=DELETE_LABEL))
             message = studio.prune_checkpoints(run_name)
         except UserError as err:
             message = f"⚠ {err}"
-        return message, shown(run_name)
+        return message, shown(run_name), None, gr.update(value=PRUNE_LABEL), gr.skip()
 
     def on_delete(run_name, asked):
         if not run_name:
-            return "⚠ pick a run first", gr.skip(), None, gr.update(value=DELETE_LABEL), gr.skip()
-        confirmed = bool(asked) and asked.get("run") == run_name and time.time() - asked.get("at", 0) < CONFIRM_SECONDS
+            return "⚠ pick a run first", gr.skip(), None, gr.update(value=DELETE_LABEL), gr.skip(), gr.skip()
         try:
-            if not confirmed:
+            if not confirmed(asked, run_name, "delete"):
                 size = studio.disk_usage(run_name).total
                 studio.check_deletable(run_name)
                 return (f"Delete {fmt.md_code(run_name)} with its images, captions, checkpoints, LoRA files and "
                         f"samples ({human_bytes(size)})? This cannot be undone: press the button again within "
-                        f"{CONFIRM_SECONDS} s to delete it.", gr.skip(), {"run": run_name, "at": time.time()},
-                        gr.update(value=f"Press again to delete '{run_name}'"), gr.skip())
+                        f"{CONFIRM_SECONDS} s to delete it.", gr.skip(),
+                        {"run": run_name, "action": "delete", "at": time.time()},
+                        gr.update(value=f"Press again to delete '{run_name}'"), gr.skip(),
+                        gr.update(value=PRUNE_LABEL))
             message = studio.delete_run(run_name)
         except UserError as err:
-            return f"⚠ {err}", gr.skip(), None, gr.update(value=DELETE_LABEL), gr.skip()
+            return f"⚠ {err}", gr.skip(), None, gr.update(value=DELETE_LABEL), gr.skip(), gr.skip()
         names = studio.run_names()  # shown next: the newest run left, else a new one (never the deleted name)
         return (message, "", None, gr.update(value=DELETE_LABEL),
-                gr.update(choices=names, value=names[0] if names else studio.new_run(avoid=run_name)))
+                gr.update(choices=names, value=names[0] if names else studio.new_run(avoid=run_name)), gr.skip())
 
-    run.change(on_run, [run, armed], [usage, status, armed, delete])
-    prune.click(on_prune, run, [status, usage], concurrency_id="train-control", concurrency_limit=1)
-    delete.click(on_delete, [run, armed], [status, usage, armed, delete, run], concurrency_id="train-control",
+    run.change(on_run, [run, armed], [usage, status, armed, delete, prune])
+    prune.click(on_prune, [run, armed], [status, usage, armed, prune, delete], concurrency_id="train-control",
+                concurrency_limit=1)
+    delete.click(on_delete, [run, armed], [status, usage, armed, delete, run, prune], concurrency_id="train-control",
                  concurrency_limit=1)
     return usage

@@ -166,7 +166,7 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
     names = list(names) if names is not None else [Path(p).name for p in paths]
     texts: dict[str, Path] = {}
     stored_by_stem: dict[str, str] = {}
-    duplicate_stems: set[str] = set()
+    duplicate_of: dict[str, str] = {}  # uploaded stem -> the picture with the same bytes in the dataset
     for src, shown in zip(map(Path, paths), names):
         shown = re.split(r"[\\/]", str(shown))[-1] or "(unnamed)"
         if shown.lower().endswith(".txt"):
@@ -186,7 +186,7 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
         digest = sha256_file(src)
         if digest in known:
             report.rejected.append((shown, f"{ALREADY_IN} {known[digest]}"))
-            duplicate_stems.add(shown.rpartition(".")[0].lower())
+            duplicate_of[shown.rpartition(".")[0].lower()] = known[digest]
             continue
         stored = _unique_name(safe_upload_name(shown), taken)
         dst = data / stored
@@ -200,9 +200,11 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
         stored_by_stem[shown.rpartition(".")[0].lower()] = stored
     for stem, src in texts.items():
         stored = stored_by_stem.get(stem)
-        if stem in duplicate_stems:  # its picture is in the dataset already, with the caption it has there
-            report.rejected.append((f"{stem}.txt", CAPTION_OF_DUPLICATE))
-            continue
+        if stem in duplicate_of:  # its picture is in the dataset already: a caption it has there is kept
+            if read_caption(run_dir, duplicate_of[stem]):
+                report.rejected.append((f"{stem}.txt", CAPTION_OF_DUPLICATE))
+                continue
+            stored = duplicate_of[stem]  # uploaded without one before: this caption is its first
         if stored is None:
             report.rejected.append((f"{stem}.txt", "caption file without an image of the same name in this upload"))
             continue
@@ -251,13 +253,27 @@ def removed_dir(run_dir: Path) -> Path:
 
 def remove_item(run_dir: Path, name: str) -> None:
     """Take image ``name`` and its caption out of the dataset into :func:`removed_dir`, from where
-    :func:`restore_removed` puts them back: Remove pressed on the wrong card loses nothing."""
+    :func:`restore_removed` puts them back: Remove pressed on the wrong card loses nothing.
+
+    Raises:
+        UserError: not an image of the dataset, or the files could not be moved (nothing is lost then).
+    """
     path = _item_path(run_dir, name)
-    target = removed_dir(run_dir) / f"{time.time_ns():020d}"
-    target.mkdir(parents=True)
-    for p in (path.with_suffix(".txt"), path):  # the caption first: a crash between leaves the image in place
-        if p.is_file():
-            os.replace(p, target / p.name)
+    n = time.time_ns()
+    while True:  # one folder per removal, named by time (a coarse clock may repeat it)
+        target = removed_dir(run_dir) / f"{n:020d}"
+        try:
+            target.mkdir(parents=True)
+            break
+        except FileExistsError:
+            n += 1
+    try:  # the image first: a failure after it leaves the caption in the dataset, where it harms nothing
+        for p in (path, path.with_suffix(".txt")):
+            if p.is_file():
+                os.replace(p, target / p.name)
+    except OSError as err:
+        raise UserError(f"could not set {name} aside ({err.strerror or err}); it is still in the dataset "
+                        "(or in removed/, where Put back finds it)") from None
     thumb_path(run_dir, name).unlink(missing_ok=True)
 
 
@@ -265,24 +281,28 @@ def restore_removed(run_dir: Path) -> str:
     """Put the picture removed last (and its caption) back into the dataset; returns its name.
 
     Raises:
-        UserError: nothing was removed, or a file of that name is in the dataset again.
+        UserError: nothing was removed, a file of that name is in the dataset again, or moving failed.
     """
-    removals = sorted(p for p in removed_dir(run_dir).glob("*") if p.is_dir()) if removed_dir(run_dir).is_dir() else []
+    folder_of = removed_dir(run_dir)
+    removals = sorted(p for p in folder_of.iterdir() if p.is_dir()) if folder_of.is_dir() else []
     for folder in reversed(removals):
-        images = [p for p in folder.iterdir() if is_image_name(p.name)]
-        if not images:  # emptied by hand: not a removal any more
-            shutil.rmtree(folder, ignore_errors=True)
-            continue
-        image = images[0]
         back = [p for p in folder.iterdir() if p.is_file()]
+        if not back:  # emptied by hand: not a removal any more
+            folder.rmdir()
+            continue
         clash = [p.name for p in back if (dataset_dir(run_dir) / p.name).exists()]
         if clash:
             raise UserError(f"{clash[0]} is in the dataset again; remove or rename it there to put the removed "
                             "one back")
-        for p in back:
-            os.replace(p, dataset_dir(run_dir) / p.name)
-        shutil.rmtree(folder, ignore_errors=True)
-        return image.name
+        try:
+            for p in sorted(back, key=lambda p: not is_image_name(p.name)):  # the image first, its caption after
+                os.replace(p, dataset_dir(run_dir) / p.name)
+            folder.rmdir()  # fails loudly if anything was left behind
+        except OSError as err:
+            raise UserError(f"could not put {back[0].name} back ({err.strerror or err}); what was not moved "
+                            f"is still in {folder.relative_to(run_dir)}") from None
+        images = [p.name for p in back if is_image_name(p.name)]
+        return images[0] if images else back[0].name
     raise UserError("nothing to put back: no picture was removed from this run")
 
 

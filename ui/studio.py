@@ -38,7 +38,7 @@ from trainer.trigger import with_trigger
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
-from trainer.steps import exported_step_files, exported_steps, learning_rate_history
+from trainer.steps import exported_step_files, exported_steps, learning_rate_history, parse_step_file, step_file
 from trainer.presets import list_presets, resolve_config
 from ui import caption_tools, choices, store
 from ui.captions import caption_run
@@ -164,6 +164,7 @@ class Studio(RunExports):
         self.limits = limits
         self.runner = runner  # read at each job start, so tests can swap it between jobs
         self.queue = JobQueue(self.outputs_dir)
+        housekeeping.sweep_deleted(self.outputs_dir)  # deletions a crash or a held file left halfway
         self.worker_poll = worker_poll
         self.worker_stop = threading.Event()
         self._worker: Optional[threading.Thread] = None
@@ -232,7 +233,13 @@ class Studio(RunExports):
         runs = [p for p in self.outputs_dir.iterdir()
                 if p.is_dir() and not p.name.startswith(("_", "."))
                 and ((p / "dataset").is_dir() or (p / "config.yaml").is_file())]
-        return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
+        def mtime(path: Path) -> float:
+            try:
+                return path.stat().st_mtime
+            except OSError:  # deleted while listing
+                return 0.0
+
+        return [p.name for p in sorted(runs, key=mtime, reverse=True)]
 
     def active_run(self) -> Optional[str]:
         """The run the worker is training now (None while the queue is idle)."""
@@ -315,6 +322,26 @@ class Studio(RunExports):
             raise UserError(f"'{run_dir.name}' is {job.state}: {how} before {doing}")
         return run_dir
 
+    def prune_question(self, run: str) -> str:
+        """What "Delete earlier checkpoints" would delete, asked before it does: the steps, their size, and
+        which of them have no exported LoRA (those are gone for good with their checkpoint).
+
+        Raises:
+            UserError: the run trains or waits, or it has no earlier checkpoint.
+        """
+        run_dir = self._idle_run_dir(run, "deleting its checkpoints")
+        doomed, size = housekeeping.prunable(run_dir)
+        if not doomed:
+            raise UserError(f"'{run_dir.name}' has no earlier checkpoints to delete (its last one stays, so it can "
+                            "train on)")
+        steps = [checkpoint_step(p) for p in doomed]
+        unexported = [s for s in steps if s not in exported_step_files(run_dir)]
+        one = len(unexported) == 1
+        lost = (f" Step {', '.join(map(str, unexported))} {'has' if one else 'have'} no exported LoRA: pick "
+                f"{'it' if one else 'them'} on the Export tab first to keep {'its file' if one else 'their files'}."
+                if unexported else " Every one of them was exported: their LoRA files stay.")
+        return f"Delete the checkpoints of step {', '.join(map(str, steps))} ({human_bytes(size)})?" + lost
+
     def prune_checkpoints(self, run: str) -> str:
         """Delete all but the run's last checkpoint (that one lets it train on); one line saying what went."""
         run_dir = self._idle_run_dir(run, "deleting its checkpoints")
@@ -345,8 +372,17 @@ class Studio(RunExports):
         """
         run_dir = self.check_deletable(run)
         size = run_usage(run_dir).total
-        self.queue.forget(run_dir)  # refuses if a job was queued since the check above
-        housekeeping.delete_run_folder(run_dir)
+        for lora in run_dir.rglob("*.safetensors"):  # a preview may hold its LoRA files as adapters
+            self.mix.forget_file(str(lora.resolve()))
+        hidden = housekeeping.hide_run_folder(run_dir)  # first: a folder that cannot move keeps its jobs too
+        try:
+            self.queue.forget(run_dir)  # refuses if a job was queued since the check above
+        except UserError:
+            os.replace(hidden, run_dir)
+            raise
+        if not housekeeping.remove_hidden(hidden):
+            return (f"Deleted '{run_dir.name}' from the list; some of its files are held open elsewhere and go when "
+                    "the app next starts.")
         return f"Deleted '{run_dir.name}' and its files ({human_bytes(size)})."
 
     # ---- dataset ----------------------------------------------------------------------------
@@ -602,7 +638,10 @@ class Studio(RunExports):
         return job is not None and job.state in ("queued", "running", "stopping")
 
     def ended_line(self, run: str) -> Optional[str]:
-        """How the run's last job ended, in one line; None while it waits or trains."""
+        """How the run's last job ended, in one line; None while it waits or trains, or when it never ran."""
+        job = self._job_for(self.run_dir(run))
+        if job is not None and job.state == "cancelled":
+            return f"'{self.run_dir(run).name}' was taken out of the queue (job {job.id}); it did not train."
         snap = self.snapshot(run)
         if snap is None or snap.state in ("queued", "running", "stopping"):
             return None
@@ -794,8 +833,14 @@ class Studio(RunExports):
             path = self.outputs_dir / name / "lora.safetensors"
             if path.is_file():
                 found.append((f"run: {name}", str(path)))
-            for step, step_path in exported_step_files(self.outputs_dir / name).items():
-                found.append((f"run: {name} @ step {step}", str(step_path)))
+            exported = exported_step_files(self.outputs_dir / name)
+            final = self.final_step(name)
+            for step in exported_steps(self.outputs_dir / name):
+                if step in exported:
+                    found.append((f"run: {name} @ step {step}", str(exported[step])))
+                elif step != final:  # a kept checkpoint: its LoRA file is written when a slot first uses it
+                    found.append((f"run: {name} @ step {step} (checkpoint)", str(step_file(self.outputs_dir / name,
+                                                                                         step))))
         for folder, tag in ((self.loras_dir, "loras"), (self.outputs_dir / LORA_UPLOADS, "uploaded")):
             if folder.is_dir():
                 for path in sorted(folder.glob("*.safetensors")):
@@ -831,11 +876,13 @@ class Studio(RunExports):
         file = Path(path or "")
         if file.suffix != ".safetensors" or file.parent != (self.outputs_dir / LORA_UPLOADS).resolve():
             raise UserError("pick an uploaded LoRA file first (a run's own files and the loras folder stay)")
+        if not file.is_file():
+            raise UserError(f"{file.name} was already deleted")
+        self.mix.forget_file(str(file))  # first: a file a preview still maps cannot be deleted on Windows
         try:
             file.unlink()
-        except FileNotFoundError:
-            raise UserError(f"{file.name} was already deleted") from None
-        self.mix.forget_file(str(file))
+        except OSError as err:
+            raise UserError(f"could not delete {file.name} ({err.strerror or err})") from None
         return f"Deleted the upload {file.name}."
 
     def run_base(self, run: str) -> str:
@@ -855,7 +902,17 @@ class Studio(RunExports):
     def render_mix(self, base: str, slots: list[MixSlot], prompt: str, seed: int, steps: int,
                    guidance: float, fuse: bool = False) -> MixResult:
         """Render ``prompt`` with the weighted LoRAs (see :meth:`MixDesk.render`)."""
-        return self.mix.render(base, slots, prompt, seed, steps, guidance, fuse=fuse)
+        return self.mix.render(base, self._written(slots), prompt, seed, steps, guidance, fuse=fuse)
+
+    def _written(self, slots: list[MixSlot]) -> list[MixSlot]:
+        """``slots`` with the LoRA file of each kept checkpoint a slot picked written first (see lora_files)."""
+        for slot in slots:
+            parsed = parse_step_file(slot.path) if slot.path and not Path(slot.path).exists() else None
+            if parsed is not None and parsed[0].parent == self.outputs_dir:
+                from trainer.reexport import step_exports
+
+                step_exports(parsed[0], parsed[1], ("kohya",))
+        return slots
 
     def _export_dir(self, run: str) -> Path:
         if not str(run or "").strip():
@@ -866,7 +923,7 @@ class Studio(RunExports):
         """Bake the mix into ``outputs/<run>/export/<run>_mix[_r<k>].safetensors``; returns (path, report)."""
         folder = self._export_dir(run)
         name = f"{folder.parent.name}_mix" + (f"_r{int(rank)}" if rank is not None and float(rank).is_integer() else "")
-        return self.mix.bake(base, slots, folder / f"{name}.safetensors", rank)
+        return self.mix.bake(base, self._written(slots), folder / f"{name}.safetensors", rank)
 
     def make_grid(self, run: str, base: str, slots: list[MixSlot], axis: int, weights: str,
                   second: Optional[int], second_weights: str, prompt: str, seed: int, steps: int,
@@ -877,7 +934,7 @@ class Studio(RunExports):
         other = None
         if second is not None and second >= 0:
             other = (second, parse_weights(second_weights, f"weights of LoRA {second + 1}"))
-        return self.mix.grid(base, slots, axis, first, other, prompt, seed, steps, guidance,
+        return self.mix.grid(base, self._written(slots), axis, first, other, prompt, seed, steps, guidance,
                              folder / f"{folder.parent.name}_grid.png")
 
     def compare_steps(self, run: str, prompts: str, seed: Any, weight: Any = 1.0) -> tuple[str, str]:

@@ -200,9 +200,9 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
             return gr.skip()
         if not studio.is_active(run_name):  # nothing to wait for ("Took 'r2' out of the queue")
             return gr.skip()
-        while (outcome := await asyncio.to_thread(studio.ended_line, run_name)) is None:
+        while await asyncio.to_thread(studio.is_active, run_name):
             await asyncio.sleep(POLL_SECONDS)
-        return outcome
+        return studio.ended_line(run_name) or gr.skip()
 
     async def settle_job(job_id, message):
         """The same for a press in the Queue: the job's run is watched."""
