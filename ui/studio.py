@@ -28,7 +28,6 @@ from trainer.errors import ConfigError, ImageError, UserError
 from trainer.dataset_check import (CaptionReader, Finding, ImageFacts, check_captions, check_images, check_uncaptioned,
                                    file_facts, load_caption_reader, token_count)
 from trainer import housekeeping
-from trainer.housekeeping import RunUsage, human_bytes, run_usage
 from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer.lora_file import check_lora_file
 from trainer import events as ev
@@ -43,6 +42,7 @@ from trainer.presets import list_presets, resolve_config
 from ui import caption_tools, choices, store
 from ui.captions import caption_run
 from ui.run_exports import EXPORT_FIELDS, RunExports  # noqa: F401 (EXPORT_FIELDS: the Export tab)
+from ui.run_space import RunSpace
 from ui.mixdesk import (MAX_GRID_CELLS, FileColumn, MixDesk, MixResult, MixSlot, default_guidance,  # noqa: F401
                          default_steps, is_demo, lora_weight, parse_weights, prompt_with_trigger,
                          spread)  # (MixResult, is_demo: for the tabs)
@@ -132,7 +132,7 @@ def cuda_free_bytes() -> Optional[int]:
     return int(torch.cuda.mem_get_info()[0])
 
 
-class Studio(RunExports):
+class Studio(RunExports, RunSpace):
     """Everything the page does, for one server process.
 
     Args:
@@ -308,82 +308,6 @@ class Studio(RunExports):
             state = "finished" if r.state == "done" else r.state  # the queue's word for it
             out.append((f"{r.name} — {state} at {where}" + (" · resumable" if r.resumable else ""), r.name))
         return out
-
-    # ---- disk space (trainer.housekeeping) ---------------------------------------------------
-    def disk_usage(self, run: str) -> RunUsage:
-        return run_usage(self.run_dir(run))
-
-    def _idle_run_dir(self, run: str, doing: str) -> Path:
-        """The folder of ``run`` when no job trains it or waits to (those own their files)."""
-        run_dir = self.run_dir(run)
-        job = self._job_for(run_dir)
-        if job is not None and job.state in ("queued", "running", "stopping"):
-            how = "take it out of the queue (Stop)" if job.state == "queued" else "stop it and wait until it has"
-            raise UserError(f"'{run_dir.name}' is {job.state}: {how} before {doing}")
-        return run_dir
-
-    def prune_question(self, run: str) -> str:
-        """What "Delete earlier checkpoints" would delete, asked before it does: the steps, their size, and
-        which of them have no exported LoRA (those are gone for good with their checkpoint).
-
-        Raises:
-            UserError: the run trains or waits, or it has no earlier checkpoint.
-        """
-        run_dir = self._idle_run_dir(run, "deleting its checkpoints")
-        doomed, size = housekeeping.prunable(run_dir)
-        if not doomed:
-            raise UserError(f"'{run_dir.name}' has no earlier checkpoints to delete (its last one stays, so it can "
-                            "train on)")
-        steps = [checkpoint_step(p) for p in doomed]
-        unexported = [s for s in steps if s not in exported_step_files(run_dir)]
-        one = len(unexported) == 1
-        lost = (f" Step {', '.join(map(str, unexported))} {'has' if one else 'have'} no exported LoRA: pick "
-                f"{'it' if one else 'them'} on the Export tab first to keep {'its file' if one else 'their files'}."
-                if unexported else " Every one of them was exported: their LoRA files stay.")
-        return f"Delete the checkpoints of step {', '.join(map(str, steps))} ({human_bytes(size)})?" + lost
-
-    def prune_checkpoints(self, run: str) -> str:
-        """Delete all but the run's last checkpoint (that one lets it train on); one line saying what went."""
-        run_dir = self._idle_run_dir(run, "deleting its checkpoints")
-        steps, freed = housekeeping.prune_checkpoints(run_dir, keep=1)
-        if not steps:
-            return f"'{run_dir.name}' has no earlier checkpoints to delete (its last one stays, so it can train on)."
-        kept = checkpoint_dirs(run_dir)
-        return (f"Deleted the checkpoints of step {', '.join(map(str, steps))} ({human_bytes(freed)}); the last one"
-                + (f" (step {checkpoint_step(kept[-1])})" if kept else "") + " stays, so the run can train on. "
-                "Steps exported before keep their files on the Export tab.")
-
-    def check_deletable(self, run: str) -> Path:
-        """The run's folder, if it may be deleted now.
-
-        Raises:
-            UserError: no such run, or it is training or waiting in the queue.
-        """
-        run_dir = self._idle_run_dir(run, "deleting it")
-        if run_dir.name not in self.run_names():  # a folder without a dataset or a training is not the app's
-            raise UserError(f"'{run_dir.name}' has no folder to delete")
-        return run_dir
-
-    def delete_run(self, run: str) -> str:
-        """Delete the run's folder (dataset, checkpoints, LoRA files, samples) and its jobs in the queue.
-
-        Raises:
-            UserError: as :meth:`check_deletable`.
-        """
-        run_dir = self.check_deletable(run)
-        size = run_usage(run_dir).total
-        for lora in run_dir.rglob("*.safetensors"):  # a preview may hold its LoRA files as adapters
-            self.mix.forget_file(str(lora.resolve()))
-        hidden = housekeeping.hide_run_folder(run_dir)  # first: a folder that cannot move keeps its jobs too
-        try:
-            self.queue.forget(run_dir)  # refuses if a job was queued since the check above
-        except UserError:
-            os.replace(hidden, run_dir)
-            raise
-        if not housekeeping.remove_hidden(hidden):
-            return (f"Deleted '{run_dir.name}' from the list; some of its files are held open elsewhere and go when "
-                    "the app next starts.")
-        return f"Deleted '{run_dir.name}' and its files ({human_bytes(size)})."
 
     # ---- dataset ----------------------------------------------------------------------------
     def import_uploads(self, run: str, paths: list[str]) -> store.ImportReport:
