@@ -9,6 +9,7 @@ reopening the page shows it again, and a server restart resumes it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pandas as pd
 import gradio as gr
@@ -191,26 +192,34 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         except UserError as err:
             return f"⚠ {err}"
 
-    async def settle(run_name, message):
+    # per page (gradio session): the newest wait and the run it watches. A newer press, or another run shown,
+    # ends an older wait (gradio's `cancels` raced the press's own new wait on a slow machine)
+    watching: dict[str, tuple[int, str]] = {}
+    tokens = itertools.count(1)
+
+    async def settle(run_name, message, request: gr.Request):
         """The line under Start/Stop answers a press with what will happen ("Training …", "Stopping …",
         "Resuming …", "queued at position 2"); once the run has ended it says how, else it would read
         "Stopping" or "Resuming" long after. Waits on the event loop (no thread held, however long the run
-        trains); the next press cancels it."""
+        trains) until the run is no longer active, or a newer press or another run takes over the line."""
+        page, mine = getattr(request, "session_hash", "") or "", (next(tokens), run_name or "")
+        watching[page] = mine
         if not run_name or f"'{run_name}'" not in str(message or "") or str(message).startswith("⚠"):
             return gr.skip()
-        if not studio.is_active(run_name):  # nothing to wait for ("Took 'r2' out of the queue")
-            return gr.skip()
-        while await asyncio.to_thread(studio.is_active, run_name):
+        while watching.get(page) == mine and await asyncio.to_thread(studio.is_active, run_name):
             await asyncio.sleep(POLL_SECONDS)
+        if watching.get(page) != mine:
+            return gr.skip()
+        watching.pop(page, None)
         return studio.ended_line(run_name) or gr.skip()
 
-    async def settle_job(job_id, message):
+    async def settle_job(job_id, message, request: gr.Request):
         """The same for a press in the Queue: the job's run is watched."""
         try:
             run_name = studio.job_run(int(job_id))
         except (UserError, ValueError, TypeError):
-            return gr.skip()
-        return await settle(run_name, message)
+            run_name = ""
+        return await settle(run_name, message, request)
 
     settles = [stop.click(on_stop, run, status, concurrency_id="train-control", concurrency_limit=1)]
 
@@ -247,13 +256,17 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
     unseen = gr.Markdown(visible=False)
     quiet = {"show_progress": "hidden", "show_progress_on": [unseen], "concurrency_id": "train-settle",
              "concurrency_limit": None}
-    waits = [press.then(settle, [run, status], status, **quiet) for press in (started, *settles)]
-    waits += [press.then(settle_job, [job_pick, status], status, **quiet) for press in job_presses]
-    for button in (start, stop, resume, cancel_job, resume_job):  # a new answer: the old one's wait ends
-        button.click(None, None, None, cancels=waits)
+    for press in (started, *settles):
+        press.then(settle, [run, status], status, **quiet)
+    for press in job_presses:
+        press.then(settle_job, [job_pick, status], status, **quiet)
 
-    def on_other_run(run_name, message):
-        """A line about another run (or a warning about none) goes when the Run box changes."""
+    def on_other_run(run_name, message, request: gr.Request):
+        """A line about another run (or a warning about none) goes when the Run box changes, and so does a wait
+        for another run's outcome."""
+        page = getattr(request, "session_hash", "") or ""
+        if watching.get(page, (0, run_name))[1] != run_name:
+            watching.pop(page, None)
         return "" if message and f"'{run_name}'" not in message else gr.skip()
 
     run.change(on_other_run, [run, status], status, show_progress="hidden")
