@@ -307,6 +307,9 @@ def test_the_dataset_tab_check_finds_an_uploaded_copy_through_the_thumbnails(tmp
     assert findings[-1].problem.startswith("7 picture(s) without a caption: each trains on words from its file name")
     for item in studio.items("r1"):
         studio.set_caption("r1", item.name, "a pastel shape")
+    (tmp_path / "outputs" / "r1" / "dataset" / "copy.txt").write_bytes(b"\xff\xfe not UTF-8 \x81")
+    assert studio.dataset_check("r1", 512)[0][-1].files == ("copy.png",)  # training falls back to its file name
+    studio.set_caption("r1", "copy.png", "a pastel shape")
     findings, pictures = studio.dataset_check("r1", 512)
     assert pictures == 7
     assert [f.files for f in findings] == [("copy.png", f"{pics[4].stem}.jpg"), ("copy.png (×1.7)",)]

@@ -397,7 +397,7 @@ class Studio(RunExports, RunSpace):
             facts.append(found)
         self._facts.update(known)  # pictures unchanged since the last look are not opened again
         findings = check_images(facts, resolution)
-        uncaptioned = {i.name for i in items if not Path(i.path).with_suffix(".txt").is_file()}
+        uncaptioned = {i.name for i in items if not store.has_caption_file(Path(i.path))}
         findings += check_uncaptioned(sorted(uncaptioned))
         reader = self._caption_reader(base) if base and items else None
         if reader is not None:
