@@ -19,6 +19,7 @@ from typing import Callable, Optional
 from trainer import events as ev
 from trainer.config import TrainConfig, load_config
 from trainer.errors import JobBusyError, UserError
+from trainer.paths import newest_first
 
 Runner = Callable[[TrainConfig, ev.Emit, threading.Event, bool], object]
 
@@ -306,13 +307,7 @@ def list_runs(outputs_dir: str | Path, states: Optional[dict[str, str]] = None) 
     runs: list[RunInfo] = []
     if not outputs_dir.is_dir():
         return runs
-    def newest_first(path: Path) -> float:
-        try:
-            return -path.stat().st_mtime
-        except OSError:  # removed while listing (a run being deleted)
-            return 0.0
-
-    for run_dir in sorted(outputs_dir.iterdir(), key=newest_first):
+    for run_dir in newest_first(outputs_dir.iterdir()):
         if run_dir.name.startswith((".", "_")) or not (run_dir / "config.yaml").is_file():
             continue  # hidden: a run on its way out (trainer.housekeeping), the uploads folder
         history = ev.read_jsonl(run_dir / "events.jsonl")

@@ -17,8 +17,9 @@ MAX_HEADER_BYTES = 100 * 2**20  # what the safetensors format itself allows
 _LORA_KEY = re.compile(r"(lora[_.](down|up|A|B)|lora_linear_layer\.(down|up))(\.|$)", re.IGNORECASE)
 
 
-def header_keys(path: str | Path) -> list[str]:
-    """The tensor names in a ``.safetensors`` header (the 8-byte length, then JSON), without reading tensors.
+def header_keys(path: str | Path, shown_name: str = "") -> list[str]:
+    """The tensor names in a ``.safetensors`` header (the 8-byte length, then JSON), without reading tensors;
+    ``shown_name``: what the user calls the file (an upload sits under a temp name).
 
     Raises:
         LoraFormatError: the file cannot be read or is no safetensors file.
@@ -33,7 +34,8 @@ def header_keys(path: str | Path) -> list[str]:
         if not isinstance(header, dict):
             raise ValueError("no safetensors header")
     except (OSError, ValueError) as err:
-        raise LoraFormatError(f"{path.name} is not a LoRA file: it is damaged, or not a .safetensors file at all "
+        raise LoraFormatError(f"{shown_name or path.name} is not a LoRA file: it is damaged, or not a .safetensors "
+                              "file at all "
                               f"({str(err) if isinstance(err, OSError) else 'its header cannot be read'})") from None
     return [k for k in header if k != "__metadata__"]
 
@@ -45,10 +47,7 @@ def check_lora_file(path: str | Path, shown_name: str = "") -> None:
         LoraFormatError: with what the file is not, in plain words.
     """
     name = shown_name or Path(path).name
-    try:
-        keys = header_keys(path)
-    except LoraFormatError as err:
-        raise LoraFormatError(str(err).replace(Path(path).name, name, 1)) from None
+    keys = header_keys(path, name)
     if not any(_LORA_KEY.search(key) for key in keys):
         raise LoraFormatError(f"{name} holds no LoRA weights ({len(keys)} tensors, none a LoRA down/up pair): it may "
                               "be a full model checkpoint, or a LyCORIS LoHa/LoKr file, which this app does not mix")

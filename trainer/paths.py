@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -23,3 +24,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def newest_first(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` by modification time, newest first; one removed while listing (a run being deleted) goes last."""
+    def mtime(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    return sorted(paths, key=mtime, reverse=True)

@@ -39,14 +39,14 @@ class DatasetScan:
     warnings: tuple[str, ...]
 
 
-def _read_caption(path: Path, warnings: list[str]) -> str | None:
+def read_caption(path: Path) -> str | None:
+    """The caption training reads from the ``.txt`` file ``path``; None without one, or when it is not UTF-8
+    text (training then uses the file name: :func:`caption_from_filename`)."""
     if not path.is_file():
         return None
-    raw = path.read_bytes()
     try:
-        return raw.decode("utf-8-sig").strip()
+        return path.read_bytes().decode("utf-8-sig").strip()
     except UnicodeDecodeError:
-        warnings.append(f"{path.name}: caption is not UTF-8 text; using the image's file name instead (re-save it as UTF-8)")
         return None
 
 
@@ -65,7 +65,11 @@ def _scan_folder(folder: Path, root: Path, repeats: int, group: str, items: list
         if not is_inside(path, root):
             skipped.append((path.name, "links outside the data folder"))
             continue
-        caption = _read_caption(path.with_suffix(".txt"), warnings)
+        text = path.with_suffix(".txt")
+        caption = read_caption(text)
+        if caption is None and text.is_file():
+            warnings.append(f"{text.name}: caption is not UTF-8 text; using the image's file name instead (re-save it "
+                            "as UTF-8)")
         items.append(Item(path=path, caption=caption if caption is not None else caption_from_filename(path),
                           repeats=repeats, group=group, from_file_name=caption is None))
 

@@ -35,12 +35,10 @@ def parse_step_file(path: str | Path) -> tuple[Path, int] | None:
 
 def exported_step_files(run: str | Path) -> dict[int, Path]:
     """step → its kohya-layout file, for the steps exported so far (their checkpoints may be gone)."""
-    run = Path(run)
-    pattern = re.compile(rf"^{re.escape(run.name)}-step(\d{{6,}})\.safetensors$")  # step_file's name, no other
-    folder = run / "export"
+    folder = Path(run) / "export"
     if not folder.is_dir():
         return {}
-    return dict(sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name)) and p.is_file()))
+    return dict(sorted((parsed[1], p) for p in folder.iterdir() if (parsed := parse_step_file(p)) and p.is_file()))
 
 
 def exported_steps(run: str | Path) -> list[int]:

@@ -83,14 +83,17 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
     def one(path):
         return gr.update(value=path, interactive=True) if path else gr.update(value=None, interactive=False)
 
-    def buttons(run_name, paths: dict, zip_path):
-        """The downloads of ``paths`` (named after the run: see ``Studio.download_file``); Pack packs the kohya one."""
+    def served(run_name, paths: dict) -> dict:
+        """What the browser saves for ``paths``: the final files named after the run (``Studio.download_file``)."""
+        return {key: studio.download_file(run_name, path) for key, path in paths.items()}
+
+    def buttons(run_name, paths: dict, zip_path, downloads: dict):
+        """The downloads (``downloads``: :func:`served` of ``paths``); Pack packs the kohya file of ``paths``."""
         try:  # a .zip packed before for exactly these files; Pack makes one
             bundle = studio.webui_bundle(run_name, paths.get("kohya"), write=False)
         except UserError:
             bundle = None
-        served = {key: studio.download_file(run_name, path) for key, path in paths.items()}
-        return (one(served.get("kohya")), one(bundle), one(served.get("diffusers")), one(zip_path),
+        return (one(downloads.get("kohya")), one(bundle), one(downloads.get("diffusers")), one(zip_path),
                 paths.get("kohya"))
 
     def show(run_name, step_value):
@@ -102,18 +105,18 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             sampled_at, samples = (None, studio.samples(run_name)) if chosen is None \
                 else studio.step_samples(run_name, chosen)
         except UserError as err:
-            return (f"⚠ {err}", "", *[gr.skip()] * len(EXPORT_FIELDS), *buttons(run_name, {}, None), [], "")
+            return (f"⚠ {err}", "", *[gr.skip()] * len(EXPORT_FIELDS), *buttons(run_name, {}, None, {}), [], "")
         applied = studio.applied_export(run_name, chosen)
         if applied is not None:  # what was applied last, and the copies it wrote
             paths, meta = {**paths, **applied["files"]}, applied["meta"]
-        text = files_line(run_name, chosen, {k: studio.download_file(run_name, p) for k, p in paths.items()},
-                          applied is not None)
+        downloads = served(run_name, paths)
+        text = files_line(run_name, chosen, downloads, applied is not None)
         if chosen is not None and sampled_at != chosen:
             text += f" (no samples were rendered at step {chosen}" + \
                     (f"; showing step {sampled_at}'s)" if sampled_at is not None else ")")
         zip_path = studio.samples_zip(run_name)  # None without samples
         shown = samples if chosen is not None else samples[-SHOWN_SAMPLES:]
-        return (text, "", *[meta.get(f, "") for f in EXPORT_FIELDS], *buttons(run_name, paths, zip_path),
+        return (text, "", *[meta.get(f, "") for f in EXPORT_FIELDS], *buttons(run_name, paths, zip_path, downloads),
                 [(p, fmt.sample_caption(p)) for p in shown], "")
 
     def on_show(run_name, prompts_text, filled_for):
@@ -143,7 +146,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         except UserError as err:
             return (f"⚠ {err}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
         names = ", ".join(fmt.md_code(Path(p).name) for p in prepared.values())
-        kohya_u, webui_u, diffusers_u, _, kohya_path = buttons(run_name, prepared, None)
+        kohya_u, webui_u, diffusers_u, _, kohya_path = buttons(run_name, prepared, None, served(run_name, prepared))
         return (f"Metadata written to {names}; the buttons now download these copies.", kohya_u, webui_u,
                 diffusers_u, kohya_path, files_line(run_name, _step(step_value), prepared, True),
                 "Pack again for A1111 / Forge to put these copies in the .zip.")

@@ -41,12 +41,9 @@ def build(studio: Studio, run: gr.Dropdown) -> gr.Markdown:
                 elem_id="run-folder-hint")
     armed = gr.State(None)  # {"run", "action", "at"}: what the first press of a button asked about, and when
 
-    def shown(run_name):
-        return usage_line(studio, run_name)
-
     def on_run(run_name, asked):
         """Another run shown: its size; a pending "delete?" question was about the other one, so it goes."""
-        return (shown(run_name), ("" if asked else gr.skip()), None, gr.update(value=DELETE_LABEL),
+        return (usage_line(studio, run_name), ("" if asked else gr.skip()), None, gr.update(value=DELETE_LABEL),
                 gr.update(value=PRUNE_LABEL))
 
     def confirmed(asked, run_name, action):
@@ -65,15 +62,15 @@ def build(studio: Studio, run: gr.Dropdown) -> gr.Markdown:
             message = studio.prune_checkpoints(run_name)
         except UserError as err:
             message = f"⚠ {err}"
-        return message, shown(run_name), None, gr.update(value=PRUNE_LABEL), gr.skip()
+        return message, usage_line(studio, run_name), None, gr.update(value=PRUNE_LABEL), gr.skip()
 
     def on_delete(run_name, asked):
         if not run_name:
             return "⚠ pick a run first", gr.skip(), None, gr.update(value=DELETE_LABEL), gr.skip(), gr.skip()
         try:
             if not confirmed(asked, run_name, "delete"):
-                size = studio.disk_usage(run_name).total
                 studio.check_deletable(run_name)
+                size = studio.disk_usage(run_name).total
                 return (f"Delete {fmt.md_code(run_name)} with its images, captions, checkpoints, LoRA files and "
                         f"samples ({human_bytes(size)})? This cannot be undone: press the button again within "
                         f"{CONFIRM_SECONDS} s to delete it.", gr.skip(),

@@ -239,16 +239,6 @@ def read_caption(run_dir: Path, name: str) -> str:
         return ""
 
 
-def has_caption_file(image: Path) -> bool:
-    """Whether training reads a caption for ``image``: a ``.txt`` beside it that is UTF-8 text (else training
-    falls back to the file name, see trainer.scan)."""
-    try:
-        image.with_suffix(".txt").read_bytes().decode("utf-8-sig")
-        return True
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
 def write_caption(run_dir: Path, name: str, text: str) -> None:
     """Write ``<stem>.txt`` next to image ``name`` atomically (one line, stripped)."""
     caption = " ".join(str(text).split())

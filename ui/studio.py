@@ -32,7 +32,8 @@ from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer.lora_file import check_lora_file
 from trainer import events as ev
 from trainer.objective import Objective, check_objective
-from trainer.scan import caption_from_filename
+from trainer.paths import newest_first
+from trainer.scan import caption_from_filename, read_caption
 from trainer.trigger import with_trigger
 from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
@@ -130,6 +131,11 @@ def cuda_free_bytes() -> Optional[int]:
     if not torch.cuda.is_available():
         return None
     return int(torch.cuda.mem_get_info()[0])
+
+
+def _safetensors_in(folder: Path) -> list[Path]:
+    """The ``.safetensors`` files in ``folder`` (resolved, sorted by name); none when it does not exist."""
+    return [p.resolve() for p in sorted(folder.glob("*.safetensors"))] if folder.is_dir() else []
 
 
 class Studio(RunExports, RunSpace):
@@ -233,13 +239,7 @@ class Studio(RunExports, RunSpace):
         runs = [p for p in self.outputs_dir.iterdir()
                 if p.is_dir() and not p.name.startswith(("_", "."))
                 and ((p / "dataset").is_dir() or (p / "config.yaml").is_file())]
-        def mtime(path: Path) -> float:
-            try:
-                return path.stat().st_mtime
-            except OSError:  # deleted while listing
-                return 0.0
-
-        return [p.name for p in sorted(runs, key=mtime, reverse=True)]
+        return [p.name for p in newest_first(runs)]
 
     def active_run(self) -> Optional[str]:
         """The run the worker is training now (None while the queue is idle)."""
@@ -397,7 +397,7 @@ class Studio(RunExports, RunSpace):
             facts.append(found)
         self._facts.update(known)  # pictures unchanged since the last look are not opened again
         findings = check_images(facts, resolution)
-        uncaptioned = {i.name for i in items if not store.has_caption_file(Path(i.path))}
+        uncaptioned = {i.name for i in items if read_caption(Path(i.path).with_suffix(".txt")) is None}
         findings += check_uncaptioned(sorted(uncaptioned))
         reader = self._caption_reader(base) if base and items else None
         if reader is not None:
@@ -766,9 +766,7 @@ class Studio(RunExports, RunSpace):
                     found.append((f"run: {name} @ step {step} (checkpoint)", str(step_file(self.outputs_dir / name,
                                                                                          step))))
         for folder, tag in ((self.loras_dir, "loras"), (self.outputs_dir / LORA_UPLOADS, "uploaded")):
-            if folder.is_dir():
-                for path in sorted(folder.glob("*.safetensors")):
-                    found.append((f"{tag}: {path.name}", str(path.resolve())))
+            found += [(f"{tag}: {path.name}", str(path)) for path in _safetensors_in(folder)]
         return found
 
     def add_lora_upload(self, path: str, shown_name: str = "") -> str:
@@ -788,8 +786,7 @@ class Studio(RunExports, RunSpace):
 
     def lora_uploads(self) -> list[tuple[str, str]]:
         """(file name, path) of the LoRA files uploaded on the Mix tab."""
-        folder = self.outputs_dir / LORA_UPLOADS
-        return [(p.name, str(p.resolve())) for p in sorted(folder.glob("*.safetensors"))] if folder.is_dir() else []
+        return [(p.name, str(p)) for p in _safetensors_in(self.outputs_dir / LORA_UPLOADS)]
 
     def delete_lora_upload(self, path: str) -> str:
         """Delete an uploaded LoRA file (only those: never a run's own or one in the loras folder).

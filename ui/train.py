@@ -181,10 +181,9 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         return gr.update(choices=choices, value=used), message, None
 
     started = start.click(on_start, [run, base, preset, steps, lr, resolution, batch, precision, seed, sample_prompt,
-                           sample_every, sample_steps, checkpoint_every, trigger, rank, alpha, noise_offset, snr_gamma,
-                           flip, timestep_sampling, eval_every, keep_checkpoints],
-                [run, status, last],
-                concurrency_id="train-control", concurrency_limit=1)
+                                     sample_every, sample_steps, checkpoint_every, trigger, rank, alpha, noise_offset,
+                                     snr_gamma, flip, timestep_sampling, eval_every, keep_checkpoints],
+                          [run, status, last], concurrency_id="train-control", concurrency_limit=1)
 
     def on_stop(run_name):
         try:
@@ -221,7 +220,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
             run_name = ""
         return await settle(run_name, message, request)
 
-    settles = [stop.click(on_stop, run, status, concurrency_id="train-control", concurrency_limit=1)]
+    stopped = stop.click(on_stop, run, status, concurrency_id="train-control", concurrency_limit=1)
 
     def on_resume(run_name, steps, lr):
         try:
@@ -229,8 +228,9 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         except UserError as err:
             return f"⚠ {err}", gr.skip()
 
-    settles.append(resume.click(on_resume, [run, continue_to, continue_lr], [status, last],
-                                concurrency_id="train-control", concurrency_limit=1))
+    resumed = resume.click(on_resume, [run, continue_to, continue_lr], [status, last], concurrency_id="train-control",
+                           concurrency_limit=1)
+
     def recipe_of(name):
         return fmt.recipe(name, studio.recipe(name), studio.lr_history(name))
 
@@ -256,7 +256,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
     unseen = gr.Markdown(visible=False)
     quiet = {"show_progress": "hidden", "show_progress_on": [unseen], "concurrency_id": "train-settle",
              "concurrency_limit": None}
-    for press in (started, *settles):
+    for press in (started, stopped, resumed):
         press.then(settle, [run, status], status, **quiet)
     for press in job_presses:
         press.then(settle_job, [job_pick, status], status, **quiet)
