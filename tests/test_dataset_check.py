@@ -191,14 +191,19 @@ def test_a_run_logs_the_check_at_its_start(base_dirs, scene_dir, tmp_path, arch)
     first = sorted(data.glob("*.png"))[0]
     resized_copy(first, data / "copy.jpg", 128)
     (data / "copy.txt").write_text("a scene, " + ", ".join(f"with a red circle number {i}" for i in range(40)))
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(data / "uncaptioned.png")  # a picture of its own, with no caption file
     seen = []
     from trainer.loop import run_training
 
     run_training(tiny_config(str(base_dirs[arch]), data, tmp_path / "run", steps=1), emit=seen.append)
     checks = [e.message for e in seen if isinstance(e, ev.Log) and e.message.startswith("dataset check: ")]
-    assert len(checks) == 2, checks
+    assert len(checks) == 3, checks
     assert checks[0].endswith(f"keep one of: copy.jpg, {first.name}")
-    assert "copy.jpg (" in checks[1] and "tokens" in checks[1]
+    assert checks[1].startswith("dataset check: 1 picture(s) without a caption") and checks[1].endswith("uncaptioned.png")
+    assert "copy.jpg (" in checks[2] and "tokens" in checks[2]
     on_disk = [e.message for e in ev.read_jsonl(tmp_path / "run" / "events.jsonl") if isinstance(e, ev.Log)]
     assert checks == [m for m in on_disk if m.startswith("dataset check: ")]
     resumed = []  # training on: the data was looked over when the run started

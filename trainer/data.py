@@ -36,6 +36,7 @@ class Example:
     source: str
     excess_width: int = 0  # columns the crop cut from the resized image (left + right)
     fingerprint: bytes = b""  # trainer.images.fingerprint of the whole picture, before the crop
+    caption_from_file_name: bool = False  # no caption was given (trainer.scan.Item.from_file_name)
 
     @property
     def mirrored_crop_top_left(self) -> tuple[int, int]:
@@ -82,7 +83,8 @@ def prepare(scan: DatasetScan, resolution: int, center_crop: bool, trigger: str,
         cropped, crop, excess_width = fit_to_bucket(img, bucket, center_crop, rng)
         examples.append(Example(pixels=to_tensor(cropped), caption=with_trigger(item.caption, trigger), bucket=bucket,
                                 original_size=(img.height, img.width), crop_top_left=crop, repeats=item.repeats,
-                                source=str(item.path), excess_width=excess_width, fingerprint=fingerprint(img)))
+                                source=str(item.path), excess_width=excess_width, fingerprint=fingerprint(img),
+                                caption_from_file_name=item.from_file_name))
     if not examples:
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped[:10])
         raise DataError(f"no usable images ({len(skipped)} skipped: {reasons})")

@@ -212,7 +212,9 @@ def check_prepared(examples: Sequence["Example"], resolution: int, root: str | P
              for name, e in zip(names, examples)]
     captions = list(zip(names, (e.caption for e in examples)))
     count = partial(token_count, reader.tokenizer)
-    return check_images(facts, resolution) + check_captions(captions, count, reader.limit, reader.encoder)
+    uncaptioned = [name for name, e in zip(names, examples) if e.caption_from_file_name]
+    return (check_images(facts, resolution) + check_uncaptioned(uncaptioned)
+            + check_captions(captions, count, reader.limit, reader.encoder))
 
 
 def file_facts(name: str, path: str | Path, thumbnail: str | Path | None = None,
