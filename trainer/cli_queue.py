@@ -19,6 +19,7 @@ from pathlib import Path
 
 from trainer import events as ev
 from trainer.errors import UserError
+from trainer.job import TRAINING
 from trainer.queue import JobQueue, QueueError, QueuedJob, default_group, run_worker
 
 
@@ -92,7 +93,7 @@ def _add(queue: JobQueue, args: argparse.Namespace) -> int:
         config = replace(config, out=str(Path(args.outputs) / Path(config.data).resolve().name))
     job = queue.add(config, resume=args.resume, group=args.group)
     print(f"queued job {job.id} at position {job.position}: {job.run_dir}")
-    if not any(j.state in ("running", "stopping") for j in queue.list()):
+    if not any(j.state in TRAINING for j in queue.list()):
         print(f"start a worker with: python -m trainer queue run --outputs {args.outputs}", file=sys.stderr)
     return 0
 

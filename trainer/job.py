@@ -23,6 +23,9 @@ from trainer.paths import newest_first
 
 Runner = Callable[[TrainConfig, ev.Emit, threading.Event, bool], object]
 
+TRAINING = ("running", "stopping")  # a job that holds the accelerator now
+LIVE = ("queued", *TRAINING)  # a job that will still train or write files: its run is not to be touched
+
 
 def _default_runner(config: TrainConfig, emit: ev.Emit, stop: threading.Event, resume: bool):
     from trainer.loop import run_training  # imported lazily: torch is heavy and the UI starts fast
@@ -151,7 +154,7 @@ class Job:
             return self._state
 
     def is_active(self) -> bool:
-        return self.state in ("queued", "running", "stopping")
+        return self.state in LIVE
 
     def start(self) -> "Job":
         if self.resume:  # show the losses and samples from before the interruption too

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
 
-from trainer.job import JobSnapshot
+from trainer.job import LIVE, TRAINING, JobSnapshot
 from trainer.steps import parse_sample_name
 
 STATE_LABELS = {
@@ -54,7 +54,7 @@ def progress_line(snap: JobSnapshot) -> str:
     finishing = snap.state == "running" and snap.total_steps and snap.step >= snap.total_steps
     if finishing:  # the last samples, checkpoint and exports take a while on a CPU: say so, not a frozen bar
         parts.append("writing the last samples, checkpoint and LoRA files…")
-    elif snap.state in ("running", "stopping") and snap.eta_s:
+    elif snap.state in TRAINING and snap.eta_s:
         parts.append(f"ETA {duration(snap.eta_s)}")
     if snap.losses:
         parts.append(f"loss {snap.losses[-1][1]:.4f}")
@@ -217,7 +217,7 @@ QUEUE_STATES = {"queued": "waiting", "running": "training", "stopping": "stoppin
 def queue_html(jobs, limit: int = 20) -> str:
     """The training queue as a table: id, run, state, position, error; the newest ``limit`` jobs, with
     the active ones first. Each row carries ``data-*`` attributes (tests and scripts read them)."""
-    active = [j for j in jobs if j.state in ("running", "stopping", "queued")]
+    active = [j for j in jobs if j.state in LIVE]
     active.sort(key=lambda j: (j.state == "queued", j.position or 0))
     rest = [j for j in reversed(jobs) if j not in active][:max(0, limit - len(active))]
     if not active and not rest:
@@ -240,6 +240,6 @@ def queue_choices(jobs) -> list[tuple[str, int]]:
     """(label, id) of the jobs a person can act on (cancel or resume), newest first."""
     out = []
     for j in reversed(jobs):
-        if j.state in ("queued", "running", "stopping") or j.resumable:
+        if j.state in LIVE or j.resumable:
             out.append((f"job {j.id} — {Path(j.run_dir).name}", j.id))  # stable label: the state is in the table
     return out

@@ -14,6 +14,7 @@ from trainer import housekeeping
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
 from trainer.errors import UserError
 from trainer.housekeeping import RunUsage, human_bytes, run_usage
+from trainer.job import LIVE
 from trainer.steps import exported_step_files
 
 
@@ -27,7 +28,7 @@ class RunSpace:
         """The folder of ``run`` when no job trains it or waits to (those own their files)."""
         run_dir = self.run_dir(run)
         job = self._job_for(run_dir)
-        if job is not None and job.state in ("queued", "running", "stopping"):
+        if job is not None and job.state in LIVE:
             how = "take it out of the queue (Stop)" if job.state == "queued" else "stop it and wait until it has"
             raise UserError(f"'{run_dir.name}' is {job.state}: {how} before {doing}")
         return run_dir

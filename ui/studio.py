@@ -35,7 +35,7 @@ from trainer.objective import Objective, check_objective
 from trainer.paths import newest_first
 from trainer.scan import caption_from_filename, read_caption
 from trainer.trigger import with_trigger
-from trainer.job import JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
+from trainer.job import LIVE, TRAINING, JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
 from trainer.steps import exported_step_files, exported_steps, learning_rate_history, parse_step_file, step_file
@@ -243,7 +243,7 @@ class Studio(RunExports, RunSpace):
 
     def active_run(self) -> Optional[str]:
         """The run the worker is training now (None while the queue is idle)."""
-        job = next((j for j in self.jobs() if j.state in ("running", "stopping")), None)
+        job = next((j for j in self.jobs() if j.state in TRAINING), None)
         return Path(job.run_dir).name if job is not None else None
 
     def _preview_device(self, base: str) -> dict:
@@ -538,9 +538,9 @@ class Studio(RunExports, RunSpace):
         says which one trains and how to stop it. ``run=None``: whatever is training now.
         """
         jobs = self.jobs()
-        training = next((j for j in jobs if j.state in ("running", "stopping")), None)
+        training = next((j for j in jobs if j.state in TRAINING), None)
         job = training if run is None else self._job_for(self.run_dir(run), jobs)
-        if job is not None and job.state in ("running", "stopping"):
+        if job is not None and job.state in TRAINING:
             self.queue.cancel(job.id)
             return (f"Stopping '{Path(job.run_dir).name}' after the current step; a final checkpoint and the exports "
                     "are saved.")
@@ -559,7 +559,7 @@ class Studio(RunExports, RunSpace):
     def is_active(self, run: str) -> bool:
         """Whether a job of ``run`` is queued, training or stopping."""
         job = self._job_for(self.run_dir(run))
-        return job is not None and job.state in ("queued", "running", "stopping")
+        return job is not None and job.state in LIVE
 
     def ended_line(self, run: str) -> Optional[str]:
         """How the run's last job ended, in one line; None while it waits or trains, or when it never ran."""
@@ -567,7 +567,7 @@ class Studio(RunExports, RunSpace):
         if job is not None and job.state == "cancelled":
             return f"'{self.run_dir(run).name}' was taken out of the queue (job {job.id}); it did not train."
         snap = self.snapshot(run)
-        if snap is None or snap.state in ("queued", "running", "stopping"):
+        if snap is None or snap.state in LIVE:
             return None
         name = Path(snap.run_dir).name
         if snap.state == "stopped":
@@ -588,7 +588,7 @@ class Studio(RunExports, RunSpace):
         before = self.queue.get(int(job_id))
         after = self.queue.cancel(int(job_id))
         name = Path(after.run_dir).name
-        if before.state in ("running", "stopping"):
+        if before.state in TRAINING:
             return f"Stopping job {after.id} ('{name}') after the current step; a final checkpoint is saved."
         return f"Cancelled job {after.id} ('{name}'); it will not run."
 
@@ -618,7 +618,7 @@ class Studio(RunExports, RunSpace):
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"'{run}' has not been trained yet: press Start")
         job = self._job_for(run_dir)
-        if job is not None and job.state in ("queued", "running", "stopping"):
+        if job is not None and job.state in LIVE:
             raise UserError(f"'{run_dir.name}' is already {job.state} (job {job.id})")
         info = next((r for r in self.runs() if r.name == run_dir.name), None)
         total = self._continue_to(steps, info)
@@ -937,7 +937,7 @@ class Studio(RunExports, RunSpace):
             job = self._job_for(self.run_dir(run))
         except UserError:
             return None
-        if job is not None and job.state in ("queued", "running", "stopping"):
+        if job is not None and job.state in LIVE:
             try:
                 return make_config(yaml.safe_load(job.config_yaml))
             except (UserError, yaml.YAMLError, TypeError):

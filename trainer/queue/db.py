@@ -38,11 +38,12 @@ from trainer.bases import parse_base
 from trainer.config import TrainConfig, dump_yaml, make_config
 from trainer.checkpoint import checkpoint_dirs
 from trainer.errors import DataError, UserError
+from trainer.job import LIVE
 
 DB_NAME = "queue.sqlite3"
 SCHEMA_VERSION = 1
 STATES = ("queued", "running", "stopping", "done", "failed", "stopped", "cancelled", "interrupted")
-ACTIVE = ("queued", "running", "stopping", "interrupted")  # states that own their run folder
+ACTIVE = (*LIVE, "interrupted")  # states that own their run folder
 RESUMABLE = ("interrupted", "stopped", "failed")
 AUTO_RESUME_LIMIT = 3  # after more crashes than this a job waits for a person (it may be what kills its worker)
 HOST = socket.gethostname()
