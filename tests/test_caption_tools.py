@@ -1,4 +1,4 @@
-"""Edits across all captions at once: find & replace, add the trigger, undo, tag counts (ui.caption_tools)."""
+"""Edits across all captions at once: find & replace, add the trigger, undo, tag and word counts (ui.caption_tools)."""
 
 from __future__ import annotations
 
@@ -124,6 +124,16 @@ def test_tag_counts_count_each_tag_once_per_caption(run):
     assert counts[:2] == [("a tree", 2), ("zkstyle", 2)]  # by count, then alphabetically
     assert dict(counts)["a painting of a red circle"] == 1
     assert caption_tools.tag_counts(run, top=1) == ([("a tree", 2)], 4)
+
+
+def test_word_counts_count_each_content_word_once_per_caption(run):
+    """For sentence captions: words of three letters or more, in any case, not function words ("the", "with")."""
+    (store.dataset_dir(run) / "d.txt").write_text("The painting, with the painting's 3 trees\n")
+    counts = dict(caption_tools.word_counts(run))
+    assert counts["painting"] == 3  # a, b (any case) and d; "paintings" (c) is another word
+    assert counts["tree"] == 1 and counts["trees"] == 1 and counts["painting's"] == 1
+    assert not {"the", "with", "of", "a", "3"} & counts.keys()
+    assert caption_tools.word_counts(run, top=1) == [("painting", 3)]
 
 
 def test_the_trainer_ignores_the_undo_record(run):

@@ -176,3 +176,18 @@ def test_sample_captions_name_the_step_and_prompt(path, caption):
 ])
 def test_tag_list_is_one_safe_markdown_line(counts, images, line):
     assert fmt.tag_list(counts, images) == line
+
+
+@pytest.mark.parametrize("words,shown", [
+    ([("painting", 3), ("`ink`", 2), ("circle", 1)], "Words in several: `painting` ×3 · `'ink'` ×2. A word in nearly "
+     "every caption shares the style with the trigger"),
+    ([("circle", 1)], "; find & replace above still edits them all."),  # no word in two captions: nothing to say
+])
+def test_sentence_captions_show_the_words_found_in_several(words, shown):
+    line = fmt.tag_list([("a red circle on blue", 1), ("a painting of ink", 1)], 3, words)
+    assert line.startswith("No tag repeats across the 3 captions") and shown in line and "circle`" not in line
+    assert "\n" not in line
+
+
+def test_words_are_not_shown_where_tags_repeat():
+    assert "Words" not in fmt.tag_list([("zkstyle", 3)], 3, [("zkstyle", 3)])

@@ -904,6 +904,7 @@ def test_caption_tools_report_in_one_line_and_keep_the_trigger(studio, tmp_path)
     assert studio.settings("r1")["trigger"] == "zk ink"  # the tab's trigger box shows it from now on
     assert studio.add_trigger_to_captions("r1", "zk ink") == "All 3 captions already hold 'zk ink'."
     assert studio.tag_counts("r1") == ([("a red thing", 3), ("zk ink", 3)], 3)
+    assert studio.word_counts("r1") == [("ink", 3), ("red", 3), ("thing", 3)]  # "zk": under three letters
     assert studio.undo_captions("r1") == "Undone: 3 caption(s) are back as they were."
     assert {item.caption for item in studio.items("r1")} == {"a red thing"}
     with pytest.raises(UserError, match="nothing to undo"):

@@ -1,4 +1,5 @@
-"""Edits across all captions of a run at once, without gradio: find & replace, add the trigger, undo, tag counts.
+"""Edits across all captions of a run at once, without gradio: find & replace, add the trigger, undo, tag and word
+counts.
 
 An auto-captioner says "a painting of" in every caption, or misses the trigger word;
 fixing 80 captions one box at a time is what artists complain about. Every edit first
@@ -120,6 +121,24 @@ def undo(run_dir: Path) -> tuple[int, int]:
 
 def can_undo(run_dir: Path) -> bool:
     return (store.dataset_dir(run_dir) / UNDO_FILE).is_file()
+
+
+# words too common in English to say anything about a dataset; every other word of three letters or more counts
+FUNCTION_WORDS = frozenset(
+    "the and with its are was were has have had for from this that these those there their them they into onto "
+    "over under near next than then who whom which while what where when she her his him you your our out off "
+    "not but all any some each both very also just can".split())
+
+
+def word_counts(run_dir: Path, top: int = 15) -> list[tuple[str, int]]:
+    """The ``top`` words found in the most captions (each counted once per caption), for sentence captions,
+    where no tag repeats: a word in nearly every caption ("painting", "watercolor") shares the style with the
+    trigger, and a prompt without it then shows less of the style."""
+    counts: Counter[str] = Counter()
+    for text in _captions(run_dir).values():
+        counts.update({word for word in re.findall(r"[^\W\d_][\w'-]*", text.lower())
+                       if len(word) >= 3 and word not in FUNCTION_WORDS})
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
 
 
 def tag_counts(run_dir: Path, top: int = 30) -> tuple[list[tuple[str, int]], int]:

@@ -129,7 +129,9 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
 
     def tags_of(run_name):
         try:
-            return fmt.tag_list(*studio.tag_counts(run_name))
+            counts, images = studio.tag_counts(run_name)
+            words = [] if any(n > 1 for _, n in counts) else studio.word_counts(run_name)
+            return fmt.tag_list(counts, images, words)
         except UserError:
             return ""
 

@@ -126,17 +126,23 @@ def sample_caption(path: str) -> str:
     return f"step {parsed[0]} · prompt {parsed[1] + 1}" if parsed else Path(path).name
 
 
-def tag_list(counts: list[tuple[str, int]], images: int) -> str:
+def tag_list(counts: list[tuple[str, int]], images: int, words: list[tuple[str, int]] = ()) -> str:
     """The captions' most common tags as one Markdown line: ``zkstyle`` ×20 · ``red circle`` ×3 …; a tag found in
-    one caption only is left out (sentence captions would list every sentence once)."""
+    one caption only is left out. Sentence captions would list every sentence once, so where no tag repeats the
+    line shows the ``words`` found in several captions instead."""
     if not counts:
         return "No captions yet."
     repeated = [(tag, n) for tag, n in counts if n > 1]
-    if not repeated:
-        return (f"No tag repeats across the {images} captions (they read as sentences, not comma-separated tags); "
-                "find & replace above still edits them all.")
-    shown = " · ".join(f"{md_code(_clip(tag, 60))} ×{n}" for tag, n in repeated)
-    return f"Most common tags (of {images} captions): {shown}"
+    if repeated:
+        shown = " · ".join(f"{md_code(_clip(tag, 60))} ×{n}" for tag, n in repeated)
+        return f"Most common tags (of {images} captions): {shown}"
+    line = f"No tag repeats across the {images} captions (they read as sentences, not comma-separated tags)"
+    several = [(word, n) for word, n in words if n > 1]
+    if not several:
+        return line + "; find & replace above still edits them all."
+    shown = " · ".join(f"{md_code(word)} ×{n}" for word, n in several)
+    return (f"{line}. Words in several: {shown}. A word in nearly every caption shares the style with the "
+            "trigger (a prompt without it shows less of it); find & replace above edits them all.")
 
 
 def _clip(text: str, most: int) -> str:

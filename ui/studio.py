@@ -375,6 +375,10 @@ class Studio(RunExports, RunSpace):
         """The captions' ``top`` most common tags, and how many captions there are."""
         return caption_tools.tag_counts(self.run_dir(run), top)
 
+    def word_counts(self, run: str) -> list[tuple[str, int]]:
+        """The words found in the most captions (for sentence captions, where no tag repeats)."""
+        return caption_tools.word_counts(self.run_dir(run))
+
     def dataset_check(self, run: str, resolution: int, base: str = "",
                       trigger: Optional[str] = None) -> tuple[list[Finding], int]:
         """What in ``run``'s dataset would make a LoRA trained at ``resolution`` on ``base`` (with ``trigger``
