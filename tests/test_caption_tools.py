@@ -63,6 +63,7 @@ def test_undo_puts_back_the_last_bulk_change_once(run):
     after_replace = {**before, "a.png": "a red circle, zkstyle", "b.png": "a blue square"}
     assert caption_tools.undo(run) == (3, 0)  # b, c and d had no trigger
     assert captions(run) == after_replace
+    assert not (store.dataset_dir(run) / "d.txt").exists()  # d had no caption file: it has none again
     with pytest.raises(UserError, match="nothing to undo"):
         caption_tools.undo(run)  # one level
 
@@ -78,7 +79,7 @@ def test_add_trigger_only_where_it_is_missing(run):
     assert caption_tools.add_trigger(run, " zkstyle ") == (3, 4)
     assert captions(run) == {"a.png": "a painting of a red circle, zkstyle",
                              "b.png": "zkstyle, A Painting of a blue square",
-                             "c.png": "zkstyle, paintings of, a tree", "d.png": "zkstyle"}
+                             "c.png": "zkstyle, paintings of, a tree", "d.png": "zkstyle, d"}  # d: its file name
     assert caption_tools.add_trigger(run, "ZKSTYLE") == (0, 4)  # found whatever the case
     from trainer.trigger import with_trigger
 
@@ -86,6 +87,26 @@ def test_add_trigger_only_where_it_is_missing(run):
     assert caption_tools.add_trigger(run, "zkstyle") == (0, 4)
     # training finds it where the tools do (no second trigger), spelled as typed: T5 tells the cases apart
     assert with_trigger(store.read_caption(run, "d.png"), "zkstyle") == "zkstyle, a tree"
+
+
+def test_bulk_edits_keep_what_training_reads_and_undo_loses_nothing(run):
+    """A picture without a caption trains on words from its file name: adding the trigger keeps them, and Undo
+    takes the file away again. A caption file that is not UTF-8 text is left as it is (training would read the
+    file name for it; only a person can say what it meant)."""
+    data = store.dataset_dir(run)
+    Image.new("RGB", (8, 8)).save(data / "red_fox-01.png")
+    Image.new("RGB", (8, 8)).save(data / "cafe.png")
+    latin1 = "café au lait, zkstyle\n".encode("latin-1")
+    (data / "cafe.txt").write_bytes(latin1)
+    assert caption_tools.unreadable(run) == ["cafe.txt"]
+    assert caption_tools.add_trigger(run, "zkstyle") == (4, 6)  # b, c, d and the fox; not the café
+    assert store.read_caption(run, "red_fox-01.png") == "zkstyle, red fox"
+    assert caption_tools.replace_in_captions(run, "au lait", "noir") == (0, 6)
+    assert (data / "cafe.txt").read_bytes() == latin1
+    assert caption_tools.undo(run) == (4, 0)
+    assert not (data / "red_fox-01.txt").exists() and not (data / "d.txt").exists()
+    assert (data / "cafe.txt").read_bytes() == latin1
+    assert caption_tools.tag_counts(run)[1] == 3  # the three captions there are: a, b, c
 
 
 def test_undo_keeps_hand_edits_and_removed_images_and_a_damaged_record_is_one_line(run):

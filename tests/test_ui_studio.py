@@ -892,6 +892,16 @@ def test_spread_keeps_the_last_and_spaces_the_rest(values, k, expected):
     assert spread(values, k) == expected
 
 
+def test_caption_tools_name_the_caption_files_they_cannot_read(studio, tmp_path):
+    names = add_images(studio, "r1", tmp_path)
+    txt = (studio.run_dir("r1") / "dataset" / names[0]).with_suffix(".txt")
+    txt.write_bytes("café".encode("latin-1"))
+    line = studio.add_trigger_to_captions("r1", "zk")
+    assert line.startswith("Added 'zk' to 2 of 3 captions") and "\n" not in line
+    assert f"Left alone 1 caption file(s) that are not UTF-8 text ({txt.name}): re-save them as UTF-8" in line
+    assert txt.read_bytes() == "café".encode("latin-1")
+
+
 def test_caption_tools_report_in_one_line_and_keep_the_trigger(studio, tmp_path):
     names = add_images(studio, "r1", tmp_path)
     for name in names:

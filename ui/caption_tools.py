@@ -18,20 +18,42 @@ from pathlib import Path
 from trainer.atomic import write_text
 from trainer.errors import UserError
 from trainer.images import is_image_name
+from trainer.scan import caption_from_filename
 from trainer.trigger import has_trigger
 from ui import store
 
 UNDO_FILE = ".captions-undo.json"  # hidden: the trainer reads only images and their .txt sidecars
 
 
-def _captions(run_dir: Path) -> dict[str, str]:
-    """image name → caption, for the dataset's images (no thumbnails built: only the text is needed)."""
+def _image_names(run_dir: Path) -> list[str]:
     data = store.dataset_dir(run_dir)
     if not data.is_dir():
-        return {}
-    names = sorted((p.name for p in data.iterdir() if p.is_file() and not p.name.startswith(".")
-                    and is_image_name(p.name)), key=str.lower)
-    return {name: store.read_caption(run_dir, name) for name in names}
+        return []
+    return sorted((p.name for p in data.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and is_image_name(p.name)), key=str.lower)
+
+
+def _captions(run_dir: Path) -> dict[str, str | None]:
+    """image name → its caption, None for an image without a caption file (training reads words from its file
+    name). Caption files that are not UTF-8 text are left out: no tool reads or overwrites them
+    (:func:`unreadable` names them)."""
+    captions = {}
+    for name in _image_names(run_dir):
+        txt = (store.dataset_dir(run_dir) / name).with_suffix(".txt")
+        if not txt.is_file():
+            captions[name] = None
+            continue
+        try:
+            captions[name] = txt.read_bytes().decode("utf-8-sig").strip()
+        except (UnicodeDecodeError, OSError):
+            continue
+    return captions
+
+
+def unreadable(run_dir: Path) -> list[str]:
+    """The caption files of the dataset's images that are not UTF-8 text, which the bulk edits leave alone."""
+    readable = _captions(run_dir)
+    return [str(Path(name).with_suffix(".txt")) for name in _image_names(run_dir) if name not in readable]
 
 
 def tidy(caption: str) -> str:
@@ -40,12 +62,12 @@ def tidy(caption: str) -> str:
     return ", ".join(part for part in parts if part)
 
 
-def _apply(run_dir: Path, old: dict[str, str], new: dict[str, str]) -> int:
-    """Write the captions of ``new`` that differ from ``old``, after recording them before and after for
-    :func:`undo`; returns how many changed."""
+def _apply(run_dir: Path, old: dict[str, str | None], new: dict[str, str]) -> int:
+    """Write the captions of ``new`` that differ from ``old``, after recording them before (None: there was no
+    caption file) and after for :func:`undo`; returns how many changed."""
     changed = {name: text for name, text in new.items() if text != old.get(name)}
     if changed:
-        record = {"before": {name: old[name] for name in changed}, "after": changed}
+        record = {"before": {name: old.get(name) for name in changed}, "after": changed}
         write_text(store.dataset_dir(run_dir) / UNDO_FILE, json.dumps(record, ensure_ascii=False, indent=1))
         for name, text in changed.items():
             store.write_caption(run_dir, name, text)
@@ -69,11 +91,13 @@ def replace_in_captions(run_dir: Path, find: str, replace: str, whole_words: boo
     if not (find or "").strip():
         raise UserError("type the text to find (the replacement may be empty, which deletes it)")
     captions = _captions(run_dir)
-    if not captions:
+    total = len(_image_names(run_dir))
+    if not total:
         raise UserError("the dataset is empty: add images first")
     pattern = _pattern(find.strip(), whole_words, match_case)
-    new = {name: tidy(pattern.sub(lambda _: replace.strip(), text)) for name, text in captions.items()}
-    return _apply(run_dir, captions, {n: t for n, t in new.items() if pattern.search(captions[n])}), len(captions)
+    new = {name: tidy(pattern.sub(lambda _: replace.strip(), text)) for name, text in captions.items()
+           if text is not None and pattern.search(text)}
+    return _apply(run_dir, captions, new), total
 
 
 def add_trigger(run_dir: Path, trigger: str) -> tuple[int, int]:
@@ -86,10 +110,13 @@ def add_trigger(run_dir: Path, trigger: str) -> tuple[int, int]:
     if not trigger:
         raise UserError("type the trigger word first (e.g. zkstyle)")
     captions = _captions(run_dir)
-    if not captions:
+    total = len(_image_names(run_dir))
+    if not total:
         raise UserError("the dataset is empty: add images first")
-    new = {name: tidy(f"{trigger}, {text}") for name, text in captions.items() if not has_trigger(text, trigger)}
-    return _apply(run_dir, captions, new), len(captions)
+    # a picture without a caption file trained on words from its file name: they stay, after the trigger
+    texts = {name: caption_from_filename(name) if text is None else text for name, text in captions.items()}
+    new = {name: tidy(f"{trigger}, {text}") for name, text in texts.items() if not has_trigger(text, trigger)}
+    return _apply(run_dir, captions, new), total
 
 
 def undo(run_dir: Path) -> tuple[int, int]:
@@ -111,7 +138,10 @@ def undo(run_dir: Path) -> tuple[int, int]:
     restored = kept = 0
     for name, text in after.items():
         if name in current and current[name] == text and name in before:
-            store.write_caption(run_dir, name, str(before[name]))
+            if before[name] is None:  # there was no caption file: the picture trains on its file name again
+                (store.dataset_dir(run_dir) / name).with_suffix(".txt").unlink(missing_ok=True)
+            else:
+                store.write_caption(run_dir, name, str(before[name]))
             restored += 1
         else:
             kept += 1
@@ -135,7 +165,7 @@ def word_counts(run_dir: Path, top: int = 15) -> list[tuple[str, int]]:
     where no tag repeats: a word in nearly every caption ("painting", "watercolor") shares the style with the
     trigger, and a prompt without it then shows less of the style."""
     counts: Counter[str] = Counter()
-    for text in _captions(run_dir).values():
+    for text in filter(None, _captions(run_dir).values()):
         counts.update({word for word in re.findall(r"[^\W\d_][\w'-]*", text.lower())
                        if len(word) >= 3 and word not in FUNCTION_WORDS})
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
@@ -145,7 +175,7 @@ def tag_counts(run_dir: Path, top: int = 30) -> tuple[list[tuple[str, int]], int
     """The ``top`` most common comma-separated tags (or whole sentences) in the captions, each counted once per
     caption (the same split as the exports' ``ss_tag_frequency``), and the number of captions."""
     counts: Counter[str] = Counter()
-    captions = _captions(run_dir)
-    for text in captions.values():
+    captions = [text for text in _captions(run_dir).values() if text]
+    for text in captions:
         counts.update({tag.strip().lower() for tag in text.split(",") if tag.strip()})
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top], len(captions)

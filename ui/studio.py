@@ -351,18 +351,26 @@ class Studio(RunExports, RunSpace):
                             match_case: bool = False) -> str:
         changed, total = caption_tools.replace_in_captions(self.run_dir(run), find, replace, whole_words, match_case)
         if not changed:
-            return f"{find.strip()!r} is in none of the {total} captions: nothing changed."
+            return f"{find.strip()!r} is in none of the {total} captions: nothing changed." + self._unreadable_note(run)
         return (f"Replaced {find.strip()!r} with {replace.strip()!r} in {changed} of {total} captions "
-                "(Undo takes it back)." + self.dataset_note(run))
+                "(Undo takes it back)." + self._unreadable_note(run) + self.dataset_note(run))
 
     def add_trigger_to_captions(self, run: str, trigger: str) -> str:
         changed, total = caption_tools.add_trigger(self.run_dir(run), trigger)
         if trigger.strip():
             self.save_settings(run, trigger=" ".join(trigger.split()))
         if not changed:
-            return f"All {total} captions already hold {trigger.strip()!r}."
+            return f"All {total} captions already hold {trigger.strip()!r}." + self._unreadable_note(run)
         return (f"Added {trigger.strip()!r} to {changed} of {total} captions (Undo takes it back)."
-                + self.dataset_note(run))
+                + self._unreadable_note(run) + self.dataset_note(run))
+
+    def _unreadable_note(self, run: str) -> str:
+        names = caption_tools.unreadable(self.run_dir(run))
+        if not names:
+            return ""
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return (f" Left alone {len(names)} caption file(s) that are not UTF-8 text ({shown}): re-save them as UTF-8 "
+                "(training reads their pictures' file names instead).")
 
     def undo_captions(self, run: str) -> str:
         restored, kept = caption_tools.undo(self.run_dir(run))
