@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from captioning.folder import write_caption
-from trainer.atomic import atomic_path, same_file_as, write_bytes, write_text
+from trainer.atomic import atomic_path, copy_new, same_file_as, write_bytes, write_text
+from trainer.errors import WriteError
 
 
 def umask() -> int:
@@ -64,3 +65,28 @@ def test_same_file_as_follows_a_file_that_is_replaced(tmp_path, monkeypatch, lin
     write_bytes(src, b"second!")
     assert same_file_as(src, dst).read_bytes() == b"second!" and dst.stat().st_ino != made
     assert sorted(p.name for p in dst.parent.iterdir()) == ["r1.safetensors"]  # no temp names left behind
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-links-here"])
+def test_copy_new_never_replaces_a_file_nor_leaves_half_a_copy(tmp_path, monkeypatch, links):
+    if not links:
+        def refuse(src, dst):
+            raise OSError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", refuse)
+    src = tmp_path / "upload.bin"
+    src.write_bytes(b"x" * 3_000_000)
+    dst = tmp_path / "dataset" / "a.png"
+    dst.parent.mkdir()
+    assert copy_new(src, dst).read_bytes() == src.read_bytes() and mode(dst) == 0o666 & ~umask()
+    with pytest.raises(FileExistsError):
+        copy_new(tmp_path / "upload.bin", dst)
+    assert dst.read_bytes() == src.read_bytes()
+
+    def disk_full(fin, fout, length=0):
+        fout.write(fin.read(50))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("shutil.copyfileobj", disk_full)
+    with pytest.raises(WriteError, match=r"copying to b.png failed \(No space left on device\); the disk may be full"):
+        copy_new(src, dst.with_name("b.png"))
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["a.png"]  # no b.png, no temp file

@@ -142,6 +142,47 @@ def test_caption_sidecars_uploaded_together(tmp_path):
     assert [n for n, _ in report.rejected] == ["orphan.txt"]
 
 
+def test_an_upload_the_disk_cannot_hold_is_one_line_and_leaves_no_stub(tmp_path, monkeypatch):
+    """A full disk midway through a copy: that picture is rejected with the reason, nothing half-written stays
+    in the dataset under its name (training would refuse it later), and the report still covers the batch."""
+    import shutil
+
+    up = tmp_path / "up"
+    files = [png(up / "a.png"), png(up / "b.png", color=(0, 90, 0))]
+    (up / "b.txt").write_text("a green square\n", encoding="utf-8")
+    real = shutil.copyfileobj
+
+    def fail_on_a(fin, fout, length=0):
+        if fin.name.endswith("a.png"):
+            fout.write(fin.read(50))
+            raise OSError(28, "No space left on device")
+        return real(fin, fout, length)
+
+    monkeypatch.setattr(shutil, "copyfileobj", fail_on_a)
+    run = tmp_path / "run"
+    report = store.import_uploads([*files, up / "b.txt"], run)
+    assert report.accepted == ["b.png"] and report.captions == 1
+    assert report.rejected == [("a.png", "copying to a.png failed (No space left on device); the disk may be full. "
+                                          "Nothing half-written was left behind; free space and try again")]
+    assert sorted(p.name for p in store.dataset_dir(run).iterdir()) == ["b.png", "b.txt"]
+
+
+def test_a_caption_the_disk_cannot_hold_is_named_as_such_not_as_bad_text(tmp_path, monkeypatch):
+    from trainer.errors import WriteError
+
+    up = tmp_path / "up"
+    img = png(up / "a.png")
+    (up / "a.txt").write_text("a red square\n", encoding="utf-8")
+
+    def full(*args):
+        raise WriteError("writing a.txt failed (No space left on device); the disk may be full")
+
+    monkeypatch.setattr(store, "write_caption", full)
+    report = store.import_uploads([img, up / "a.txt"], tmp_path / "run")
+    assert report.accepted == ["a.png"]
+    assert report.rejected == [("a.txt", "writing a.txt failed (No space left on device); the disk may be full")]
+
+
 def test_captions_round_trip_and_names_from_the_page_are_checked(tmp_path):
     run = tmp_path / "run"
     store.import_uploads([png(tmp_path / "a.png")], run)

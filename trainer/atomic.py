@@ -97,3 +97,39 @@ def same_file_as(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         with atomic_path(dst) as copy:  # no links here (or src vanished: copy2 then says so)
             shutil.copy2(src, copy)
     return dst
+
+
+
+def copy_new(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst``, which must not exist yet: never replaces a file, and a failure midway (a full
+    disk) leaves no part of the copy under ``dst``'s name.
+
+    Raises:
+        FileExistsError: ``dst`` exists (a file someone else put there first).
+        WriteError: the copy failed; nothing was left behind.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise FileExistsError(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        tmp.unlink(missing_ok=True)  # left by a crash of a process with the same pid
+        with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.chmod(tmp, file_mode_for(dst))
+        try:  # a link fails where dst appeared meanwhile, where a rename would replace it
+            os.link(tmp, dst)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system: the check above is what guards dst
+            os.replace(tmp, dst)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        raise WriteError(f"copying to {dst.name} failed ({err.strerror or err}); the disk may be full. "
+                         "Nothing half-written was left behind; free space and try again") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst

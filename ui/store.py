@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -28,8 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from trainer.atomic import write_text
-from trainer.errors import ImageError, UserError
+from trainer.atomic import atomic_path, copy_new, write_text
+from trainer.errors import ImageError, UserError, WriteError
 from trainer.images import DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, is_image_name, open_image
 from trainer.paths import is_inside, sha256_file
 
@@ -110,19 +109,16 @@ def _unique_name(name: str, taken: set[str]) -> str:
     return f"{candidate}.{ext}"
 
 
-def _copy_exclusive(src: Path, dst: Path) -> None:
-    """Copy without ever replacing an existing file (``x`` mode fails if ``dst`` exists)."""
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-
-
 def _write_thumb(img: Image.Image, path: Path) -> None:
+    """A small JPEG for the page; where it cannot be written now (a full disk), :func:`list_items` makes it
+    later."""
     thumb = img.copy()
     thumb.thumbnail((THUMB_SIZE, THUMB_SIZE))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    thumb.save(tmp, format="JPEG", quality=85)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            thumb.save(tmp, format="JPEG", quality=85)
+    except WriteError:
+        pass
 
 
 @dataclass
@@ -193,7 +189,12 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
         if not is_inside(dst, data):  # cannot happen after safe_upload_name; kept as a last guard
             report.rejected.append((shown, "unsafe file name"))
             continue
-        _copy_exclusive(src, dst)
+        try:
+            copy_new(src, dst)
+        except (WriteError, FileExistsError) as err:
+            report.rejected.append((shown, str(err) if isinstance(err, WriteError) else
+                                    f"{stored} appeared in the dataset meanwhile; add it again"))
+            continue
         _write_thumb(img, thumb_path(run_dir, stored))
         known[digest] = stored
         report.accepted.append(stored)
@@ -211,8 +212,12 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
         try:
             write_caption(run_dir, stored, src.read_bytes().decode("utf-8-sig"))
             report.captions += 1
-        except (UnicodeDecodeError, UserError, OSError):
+        except UnicodeDecodeError:
             report.rejected.append((f"{stem}.txt", "caption is not UTF-8 text (re-save it as UTF-8)"))
+        except UserError as err:  # WriteError: a full disk, a read-only folder
+            report.rejected.append((f"{stem}.txt", str(err)))
+        except OSError as err:
+            report.rejected.append((f"{stem}.txt", f"could not be read ({err.strerror or err}); upload it again"))
     return report
 
 

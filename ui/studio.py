@@ -21,10 +21,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from trainer.atomic import copy_new
 from trainer.bases import base_sampling_defaults, list_bases, parse_base, weight_bytes
 from trainer.config import Precision
 from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES, write_style_set  # noqa: F401 (DEMO_STYLES: the tab)
-from trainer.errors import ConfigError, ImageError, UserError
+from trainer.errors import ConfigError, ImageError, UserError, WriteError
 from trainer.dataset_check import (CaptionReader, Finding, ImageFacts, check_captions, check_images, check_uncaptioned,
                                    file_facts, load_caption_reader, token_count)
 from trainer import housekeeping
@@ -537,11 +538,16 @@ class Studio(RunExports, RunSpace):
         while (target := run_dir.with_name(f"{run_dir.name}-{n}")).exists():
             n += 1
         target.mkdir(parents=True)
-        for sub in ("dataset", "thumbs"):
-            if (run_dir / sub).is_dir():
-                shutil.copytree(run_dir / sub, target / sub)
-        if (run_dir / "studio.json").is_file():
-            shutil.copy2(run_dir / "studio.json", target / "studio.json")
+        try:
+            for sub in ("dataset", "thumbs"):
+                if (run_dir / sub).is_dir():
+                    shutil.copytree(run_dir / sub, target / sub)
+            if (run_dir / "studio.json").is_file():
+                shutil.copy2(run_dir / "studio.json", target / "studio.json")
+        except OSError as err:  # a half copy would list as a run with half the dataset
+            shutil.rmtree(target, ignore_errors=True)
+            raise WriteError(f"copying {run_dir.name}'s dataset to {target.name} failed ({err.strerror or err}); "
+                             "the disk may be full: free space and press Start again") from None
         return target
 
     def stop(self, run: Optional[str] = None) -> str:
@@ -792,8 +798,10 @@ class Studio(RunExports, RunSpace):
         folder.mkdir(parents=True, exist_ok=True)
         taken = {p.stem.lower() for p in folder.iterdir()}
         dst = folder / store._unique_name(name, taken)
-        with open(path, "rb") as fin, open(dst, "xb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
+        try:
+            copy_new(path, dst)
+        except FileExistsError:
+            raise UserError(f"{dst.name} appeared in {folder} meanwhile; upload it again") from None
         return str(dst)
 
     def lora_uploads(self) -> list[tuple[str, str]]:
