@@ -215,6 +215,35 @@ def test_failures_are_recorded_and_the_worker_goes_on(tmp_path):
         queue.resume(ended[0].id)
 
 
+def test_a_database_hiccup_neither_ends_the_worker_nor_leaves_a_job_running(tmp_path, monkeypatch):
+    """A lock held too long (or a full disk) while the worker looks for work or records a job's end: it tries
+    again. Before, the worker thread died and the finished job stayed 'running' under the live server, so
+    every later job waited on it until a restart."""
+    queue = JobQueue(tmp_path / "outputs")
+    for name in ("a", "b"):
+        queue.add(light_config(tmp_path, name))
+    failures = {"claim_next": 1, "finish": 2}
+
+    def flaky(method):
+        real = getattr(queue, method)
+
+        def call(*args, **kwargs):
+            if failures[method]:
+                failures[method] -= 1
+                raise QueueError("queue database: database is locked (another process holds it)")
+            return real(*args, **kwargs)
+        return call
+
+    for method in failures:
+        monkeypatch.setattr(queue, method, flaky(method))
+    ran = []
+    ended = run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
+    assert failures == {"claim_next": 0, "finish": 0}
+    assert ran == [("a", False), ("b", False)]
+    assert [j.state for j in ended] == ["done", "done"]
+    assert [j.state for j in queue.list()] == ["done", "done"]
+
+
 def test_one_job_at_a_time_per_device_group(tmp_path):
     queue = JobQueue(tmp_path / "outputs")
     a, b, c = (queue.add(light_config(tmp_path, n)) for n in "abc")

@@ -96,6 +96,26 @@ def studio(tmp_path):
     s.shutdown(10)
 
 
+def test_the_in_app_worker_starts_again_after_the_queue_database_failed_it(tmp_path, monkeypatch):
+    import ui.studio as studio_module
+    from trainer.queue import QueueError
+
+    calls = []
+
+    def worker_that_fails_once(queue, stop, poll, runner):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise QueueError("cannot use the queue database (disk I/O error)")
+        stop.set()  # the second start is the one this test waits for
+        return []
+
+    monkeypatch.setattr(studio_module, "run_worker", worker_that_fails_once)
+    monkeypatch.setattr(studio_module, "WORKER_RESTART_S", 0.05)
+    s = Studio(tmp_path / "outputs", default_base="demo-random:sd15", runner=FakeLoop(), mix_engine=ENGINE)
+    s.start_worker().join(10)
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.05
+
+
 def release_after_stop(gate: threading.Semaphore) -> None:
     """The worker turns a cancel into the loop's stop flag at its next heartbeat: let it see it first."""
     time.sleep(0.3)

@@ -57,6 +57,7 @@ PREVIEW_MARGIN = 1.2
 PREVIEW_ACTIVATIONS = 2 * 2**30
 LORA_UPLOADS = "_loras"  # outputs/_loras: LoRA files uploaded on the Mix tab (never a run: no config.yaml)
 MAX_TRAIN_ON = 10_000  # "Train on to step" accepts up to this or 10 × the steps trained, whichever is more
+WORKER_RESTART_S = 5.0  # after the queue database failed the in-app worker (locked, full disk), it tries again
 
 
 @dataclass
@@ -206,10 +207,12 @@ class Studio(RunExports, RunSpace):
             self._worker.join(timeout)
 
     def _work(self) -> None:
-        try:
-            run_worker(self.queue, stop=self.worker_stop, poll=self.worker_poll, runner=self._run)
-        except Exception:  # the queue database went away: say so in the log, the page keeps working
-            log.exception("the training queue worker stopped")
+        while not self.worker_stop.is_set():
+            try:
+                run_worker(self.queue, stop=self.worker_stop, poll=self.worker_poll, runner=self._run)
+            except Exception:  # the queue database went away: say so in the log, the page keeps working
+                log.exception("the training queue worker stopped; it starts again in %s s", WORKER_RESTART_S)
+                self.worker_stop.wait(WORKER_RESTART_S)
 
     def _run(self, config, emit, stop, resume):
         return (self.runner or _default_runner)(config, emit, stop, resume)

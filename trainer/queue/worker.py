@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from typing import Callable, Optional
 
 from trainer import events as ev
@@ -62,7 +63,12 @@ def run_worker(queue: JobQueue, group: Optional[str] = None, once: bool = False,
         queue.recover()
     finished = []
     while not stop.is_set():
-        job = queue.claim_next(group)
+        try:
+            job = queue.claim_next(group)
+        except QueueError as err:  # a long lock elsewhere, a full disk: the worker waits and looks again
+            log.warning("could not look at the queue: %s", err)
+            stop.wait(poll)
+            continue
         if job is None:
             if once:
                 break
@@ -118,9 +124,31 @@ def _run_job(queue: JobQueue, job: QueuedJob, runner: Runner, worker_stop: threa
     finally:
         ended.set()
         watcher.join()
-        if not queue.finish(job.id, state, error, token=job.token):
+        if not _record(queue, job, state, error, worker_stop, poll):
             log.warning("job %s was taken over while it ran (its worker was thought dead); its result is not recorded", job.id)
-    done = queue.get(job.id)
+    try:
+        done = queue.get(job.id)
+    except QueueError:
+        done = replace(job, state=state, error=error)
     if on_job is not None:
         on_job(done)
     return done
+
+
+def _record(queue: JobQueue, job: QueuedJob, state: str, error: str, worker_stop: threading.Event,
+            poll: float) -> bool:
+    """``queue.finish``, tried again while the database is locked or full: a job left ``running`` under a live
+    worker would hold its device group, and every later job would wait on it. Gives up after a few tries once
+    the worker is shutting down (the next worker then recovers the job as ``interrupted``)."""
+    wait, tries = min(poll, 0.5), 0
+    while True:
+        try:
+            return queue.finish(job.id, state, error, token=job.token)
+        except QueueError as err:
+            tries += 1
+            if worker_stop.is_set() and tries >= 3:
+                log.error("job %s: its end (%s) could not be recorded: %s", job.id, state, err)
+                return True
+            log.warning("job %s: recording its end failed, trying again: %s", job.id, err)
+            time.sleep(wait)
+            wait = min(wait * 2, 10.0)
