@@ -1,11 +1,9 @@
-"""Mixing math on tiny bases: weights, exact and SVD bakes, fuse/unfuse, grids, and what a slider costs."""
+"""Mixing math on tiny bases: weights, exact and SVD bakes, fuse/unfuse, grids (what they cost: benchmarks/)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import statistics
-import time
 
 from pathlib import Path
 
@@ -339,64 +337,3 @@ def test_bake_from_files_needs_no_loaded_base(arch, sessions, base_dirs, tmp_pat
         torch.testing.assert_close(one[key], two[key])
     with pytest.raises(UserError, match="weight 0"):
         bake([a.path], [0.0], tmp_path / "none.safetensors", base=str(base_dirs[arch]))
-
-
-@pytest.mark.parametrize("mixer", ["sd15"], indirect=True)
-def test_measure_render_cost_of_adapters(mixer, base_dirs, tmp_path, capsys):
-    """No timing assertion: prints what mixing costs over plain sampling (recorded in docs/mixing.md).
-
-    Configurations are interleaved and the minimum of the repeats is kept, so other jobs on a shared
-    machine disturb the comparison as little as possible.
-    """
-    from trainer.models import load_base
-
-    session, _ = mixer
-    plain = load_base(str(base_dirs["sd15"]), device="cpu")  # no peft wrapping at all
-    steps, repeats = 4, 3
-    names = [session.add_lora(write_lora(tmp_path / f"l{i}.safetensors", style_weights(session, 8, 8.0, seed=i),
-                                         "kohya", "sd15")).name for i in range(3)]
-    configs = {
-        "plain pipeline (no LoRA code)": None,
-        "3 loaded, all weights 0": {},
-        "1 active": {names[0]: 0.8},
-        "3 active": {n: 0.5 for n in names},
-        "3 active, fused": "fused",
-    }
-
-    def render(config):
-        if config is None:
-            generator = torch.Generator("cpu").manual_seed(SEED)
-            return lambda: plain.pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, width=64,
-                                      height=64, generator=generator)
-        if config == "fused":
-            session.set_weights({n: 0.5 for n in names})
-            session.fuse()
-        else:
-            session.set_weights(config)
-        return lambda: session.render(PROMPT, SEED, steps, GUIDANCE)
-
-    times = {label: [] for label in configs}
-    for _ in range(repeats + 1):  # the first round warms up
-        for label, config in configs.items():
-            call = render(config)
-            t0 = time.perf_counter()
-            call()
-            times[label].append((time.perf_counter() - t0) * 1000)
-    best = {label: min(values[1:]) for label, values in times.items()}
-    set_times = []
-    for i in range(20):
-        t0 = time.perf_counter()
-        session.set_weights({n: 0.05 * (i % 7) + 0.1 * j for j, n in enumerate(names)})
-        set_times.append((time.perf_counter() - t0) * 1000)
-    t0 = time.perf_counter()
-    session.fuse()
-    fuse_ms = (time.perf_counter() - t0) * 1000
-    reference = best["plain pipeline (no LoRA code)"]
-    with capsys.disabled():
-        print(f"\nmix render cost, tiny sd15 on CPU ({torch.get_num_threads()} thread), 64 px, {steps} steps, "
-              f"CFG on, rank-8 LoRAs on 22 layers (min of {repeats}):")
-        for label, ms in best.items():
-            print(f"  {label:30s} {ms:8.1f} ms  ({100 * (ms / reference - 1):+5.1f} %)")
-        print(f"  set_weights, 3 adapters      {statistics.median(set_times):8.2f} ms (median of 20)")
-        print(f"  fuse, 3 adapters             {fuse_ms:8.2f} ms")
-    assert all(v > 0 for v in best.values())
