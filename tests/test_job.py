@@ -1,8 +1,8 @@
-"""JobManager / Job without a browser or torch: start, stop, one-at-a-time, resume, errors.
+"""What the app reads from a run's events without a browser or torch: progress, curves, ETA, how it ended.
 
-The runner is injected: :class:`FakeLoop` behaves like ``trainer.loop.run_training``
-as far as the job can see (events on ``emit`` *and* in ``events.jsonl``,
-``config.yaml``, a checkpoint folder per save, a stop flag checked between steps).
+:class:`FakeLoop` (used by the app's tests too) behaves like ``trainer.loop.run_training`` as far as the
+queue's worker and the app can see (events on ``emit`` *and* in ``events.jsonl``, ``config.yaml``, a
+checkpoint folder per save, a stop flag checked between steps).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 
 from trainer import events as ev
 from trainer.config import dump_yaml, make_config
-from trainer.errors import DataError, JobBusyError, UserError
-from trainer.job import Job, JobManager, disk_state, eta_seconds, summarize
+from trainer.errors import UserError
+from trainer.job import disk_state, eta_seconds, list_runs, summarize
 
 
 class FakeLoop:
@@ -94,102 +94,6 @@ def wait_for(predicate, timeout: float = 10.0):
     raise AssertionError("condition not reached in time")
 
 
-def test_job_runs_to_done_and_snapshot_has_progress(tmp_path):
-    manager = JobManager(tmp_path / "outputs", runner=FakeLoop())
-    job = manager.start(config_for(tmp_path))
-    assert job.wait(10)
-    snap = job.snapshot()
-    assert snap.state == "done"
-    assert (snap.step, snap.total_steps) == (5, 5)
-    assert [s for s, _ in snap.losses] == [1, 2, 3, 4, 5]
-    assert snap.exports and snap.checkpoint.endswith("step-000005")
-    assert snap.it_per_s > 0 and snap.eta_s == 0
-    assert any("done at step 5" in line for line in snap.log)
-
-
-def test_stop_midway_leaves_a_final_checkpoint(tmp_path):
-    gate = threading.Semaphore(0)
-    manager = JobManager(tmp_path / "outputs", runner=FakeLoop(gate=gate))
-    job = manager.start(config_for(tmp_path, steps=50))
-    gate.release(3)
-    wait_for(lambda: job.snapshot().step == 3)
-    job.stop()
-    assert job.state == "stopping"
-    gate.release(100)
-    assert job.wait(10)
-    snap = job.snapshot()
-    assert snap.state == "stopped"
-    assert snap.step < 50
-    assert snap.checkpoint.endswith(f"step-{snap.step:06d}")
-    assert Path(snap.checkpoint).is_dir()
-
-
-def test_second_start_is_refused_while_a_job_runs(tmp_path):
-    gate = threading.Semaphore(0)
-    manager = JobManager(tmp_path / "outputs", runner=FakeLoop(gate=gate))
-    first = manager.start(config_for(tmp_path, name="a", steps=3))
-    with pytest.raises(JobBusyError, match="already in progress.*stop it or wait"):
-        manager.start(config_for(tmp_path, name="b", steps=3))
-    assert manager.current() is first
-    gate.release(10)
-    assert first.wait(10)
-    second = manager.start(config_for(tmp_path, name="b", steps=2))  # free again once the first is done
-    gate.release(10)
-    assert second.wait(10) and second.state == "done"
-
-
-def test_user_error_is_one_line_and_the_manager_stays_usable(tmp_path):
-    runner = FakeLoop(fail_at=1, error=DataError("no images found in data; add images first"))
-    manager = JobManager(tmp_path / "outputs", runner=runner)
-    job = manager.start(config_for(tmp_path))
-    assert job.wait(10)
-    snap = job.snapshot()
-    assert snap.state == "failed"
-    assert snap.error == "no images found in data; add images first"
-    assert "\n" not in snap.error
-    manager._runner = FakeLoop()  # the next start works: a failed job never blocks the app
-    assert manager.start(config_for(tmp_path, name="run2")).wait(10)
-
-
-def test_internal_error_keeps_traceback_in_log_not_in_the_error_line(tmp_path):
-    manager = JobManager(tmp_path / "outputs", runner=FakeLoop(fail_at=2, error=RuntimeError("boom")))
-    job = manager.start(config_for(tmp_path))
-    assert job.wait(10)
-    snap = job.snapshot()
-    assert snap.state == "failed"
-    assert snap.error.startswith("internal error: RuntimeError: boom")
-    assert "\n" not in snap.error
-    assert any("Traceback" in line for line in snap.log)
-
-
-def test_list_runs_and_resume_an_interrupted_run(tmp_path):
-    gate = threading.Semaphore(0)
-    manager = JobManager(tmp_path / "outputs", runner=FakeLoop(gate=gate))
-    job = manager.start(config_for(tmp_path, steps=8))
-    gate.release(4)
-    wait_for(lambda: job.snapshot().step == 4)
-    job.stop()
-    gate.release(100)
-    assert job.wait(10)
-
-    # a new process (server restart) sees the run on disk
-    runner = FakeLoop()
-    fresh = JobManager(tmp_path / "outputs", runner=runner)
-    [info] = fresh.list_runs()
-    assert (info.name, info.state, info.step, info.total_steps, info.resumable) == ("run1", "stopped", 4, 8, True)
-    snap = fresh.snapshot(tmp_path / "outputs" / "run1")
-    assert snap.state == "stopped" and snap.step == 4
-
-    resumed = fresh.resume("run1")
-    assert resumed.wait(10)
-    assert runner.calls == [(str((tmp_path / "outputs" / "run1").resolve()), True)]
-    snap = resumed.snapshot()
-    assert snap.state == "done" and snap.step == 8
-    assert [s for s, _ in snap.losses] == list(range(1, 9))  # history from before the stop is kept
-    [info] = fresh.list_runs()
-    assert (info.state, info.resumable) == ("done", False)
-
-
 def test_run_killed_without_a_final_event_is_interrupted(tmp_path):
     run = tmp_path / "outputs" / "crashed"
     (run / "checkpoints" / "step-000002").mkdir(parents=True)
@@ -199,7 +103,7 @@ def test_run_killed_without_a_final_event_is_interrupted(tmp_path):
         ev.append_jsonl(run / "events.jsonl", e)
     with open(run / "events.jsonl", "a") as f:
         f.write('{"event": "step", "st')  # torn last line from a killed process
-    [info] = JobManager(tmp_path / "outputs").list_runs()
+    [info] = list_runs(tmp_path / "outputs")
     assert (info.state, info.step, info.resumable) == ("interrupted", 1, True)
 
 
@@ -210,16 +114,6 @@ def test_disk_state_uses_the_last_session():
     assert disk_state([start, ev.Done(step=4, exports=()), replace(start), ev.Error(message="x")]) == "failed"
     assert disk_state([ev.Error(message="bad data")]) == "failed"
     assert disk_state([]) == "interrupted"
-
-
-def test_run_path_refuses_names_outside_outputs(tmp_path):
-    (tmp_path / "outputs").mkdir()
-    (tmp_path / "secret").mkdir()
-    (tmp_path / "secret" / "config.yaml").write_text("steps: 1\n")
-    manager = JobManager(tmp_path / "outputs")
-    for name in ("../secret", "..", "/etc", "a/../../secret"):
-        with pytest.raises(UserError):
-            manager.run_path(name)
 
 
 def test_an_error_from_an_earlier_session_is_cleared_by_a_resume():
@@ -234,14 +128,6 @@ def test_summarize_eta_and_speed():
     snap = summarize("r", "running", events)
     assert snap.it_per_s == pytest.approx(2.0)
     assert snap.eta_s == pytest.approx(3.0)
-
-
-def test_job_without_manager_can_be_stopped_before_first_step(tmp_path):
-    job = Job(config_for(tmp_path), runner=FakeLoop(step_seconds=0.05))
-    job.stop()  # stop requested before start: the loop exits at its first check
-    job.start()
-    assert job.wait(10)
-    assert job.snapshot().state == "stopped"
 
 
 def test_a_resumed_run_shows_each_step_once():

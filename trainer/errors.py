@@ -45,9 +45,5 @@ class TrainingDiverged(UserError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
-class JobBusyError(UserError):
-    """Another training job already owns the GPU."""
-
-
 class WriteError(UserError):
     """A file could not be written (disk full, read-only folder); nothing half-written was left behind."""

@@ -1,36 +1,22 @@
-"""A training run in the background: start, stop (a flag), and a queue of events.
+"""What the app and the CLI know about a run from its ``events.jsonl``: progress, loss curves, ETA and how
+it ended (:func:`summarize`, :func:`disk_state`), the runs on disk (:func:`list_runs`), and the names of the
+job states that own a run.
 
-The web app and the CLI both drive training through :class:`Job`; the UI never
-touches the loop. The loop checks the stop flag between steps, then writes a
-final checkpoint and the exports (OneTrainer's ``get_stop_command`` pattern).
-:class:`JobManager` makes sure only one job owns the accelerator at a time and
-lists the runs on disk so a reopened page can show or resume them.
+Training itself runs in the queue's worker (``trainer.queue``); the UI reads what it writes and talks to it
+only through the queue (a cancel is the loop's stop flag).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from trainer import events as ev
-from trainer.config import TrainConfig, load_config
-from trainer.errors import JobBusyError, UserError
 from trainer.paths import newest_first
-
-Runner = Callable[[TrainConfig, ev.Emit, threading.Event, bool], object]
 
 TRAINING = ("running", "stopping")  # a job that holds the accelerator now
 LIVE = ("queued", *TRAINING)  # a job that will still train or write files: its run is not to be touched
-
-
-def _default_runner(config: TrainConfig, emit: ev.Emit, stop: threading.Event, resume: bool):
-    from trainer.loop import run_training  # imported lazily: torch is heavy and the UI starts fast
-
-    return run_training(config, emit=emit, stop=stop, resume=resume)
 
 
 @dataclass(frozen=True)
@@ -126,97 +112,6 @@ def summarize(run_dir: str, state: str, events: list[ev.Event]) -> JobSnapshot:
                    it_per_s=it_per_s, eta_s=eta)
 
 
-class Job:
-    """One training run on a background thread.
-
-    Args:
-        config: the validated run config; ``config.out`` is the run folder.
-        resume: continue from the run folder's last checkpoint.
-        runner: the training function (tests inject fakes; default is ``trainer.loop.run_training``).
-    """
-
-    def __init__(self, config: TrainConfig, resume: bool = False, runner: Optional[Runner] = None):
-        self.config = config
-        self.resume = resume
-        self.run_dir = Path(config.out)
-        self.events: "queue.Queue[ev.Event]" = queue.Queue()
-        self._runner = runner or _default_runner
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._history: list[ev.Event] = []
-        self._lock = threading.Lock()
-        self._state = "queued"
-        self.result = None
-
-    @property
-    def state(self) -> str:
-        with self._lock:
-            return self._state
-
-    def is_active(self) -> bool:
-        return self.state in LIVE
-
-    def start(self) -> "Job":
-        if self.resume:  # show the losses and samples from before the interruption too
-            self._history = ev.read_jsonl(self.run_dir / "events.jsonl")
-        self._thread = threading.Thread(target=self._run, name=f"train:{self.run_dir.name}", daemon=True)
-        with self._lock:
-            self._state = "running"
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Ask the loop to stop at the next step boundary (it saves before it exits)."""
-        self._stop.set()
-        with self._lock:
-            if self._state == "running":
-                self._state = "stopping"
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return not self.is_active()
-
-    def _emit(self, event: ev.Event) -> None:
-        self.events.put(event)
-
-    def _run(self) -> None:
-        final = "done"
-        try:
-            self.result = self._runner(self.config, self._emit, self._stop, self.resume)
-            if self._stop.is_set():
-                final = "stopped"
-        except UserError as err:
-            final = "failed"
-            self._emit(ev.Error(message=str(err)))
-        except Exception as err:  # a bug: keep the app alive, show one line, keep the traceback in the log
-            final = "failed"
-            self._emit(ev.Error(message=f"internal error: {type(err).__name__}: {err} "
-                                            "(the full traceback is in the log; please report it)"))
-            self._emit(ev.Log(message=traceback.format_exc()))
-        with self._lock:
-            self._state = final
-
-    def drain(self) -> list[ev.Event]:
-        """Move queued events into the job's history; returns the new ones."""
-        new = []
-        while True:
-            try:
-                new.append(self.events.get_nowait())
-            except queue.Empty:
-                break
-        with self._lock:
-            self._history.extend(new)
-        return new
-
-    def snapshot(self) -> JobSnapshot:
-        self.drain()
-        with self._lock:
-            history = list(self._history)
-            state = self._state
-        return summarize(str(self.run_dir), state, history)
-
-
 def disk_state(history: list[ev.Event]) -> str:
     """How a run that is not running ended, from the events after its last start (a resumed run
     that was stopped earlier and then finished is ``done``)."""
@@ -242,67 +137,11 @@ class RunInfo:
     resumable: bool
 
 
-class JobManager:
-    """Owns the single accelerator: at most one active job; lists runs under ``outputs_dir``."""
-
-    def __init__(self, outputs_dir: str | Path, runner: Optional[Runner] = None):
-        self.outputs_dir = Path(outputs_dir)
-        self._runner = runner
-        self._job: Optional[Job] = None
-        self._lock = threading.Lock()
-
-    def current(self) -> Optional[Job]:
-        with self._lock:
-            return self._job
-
-    def start(self, config: TrainConfig, resume: bool = False) -> Job:
-        """Start a job, or raise :class:`JobBusyError` while another one runs."""
-        with self._lock:
-            if self._job is not None and self._job.is_active():
-                raise JobBusyError(
-                    f"a training run is already in progress ({self._job.run_dir.name}); "
-                    "stop it or wait for it to finish before starting another"
-                )
-            self._job = Job(config, resume=resume, runner=self._runner).start()
-            return self._job
-
-    def resume(self, run_name: str) -> Job:
-        run_dir = self.run_path(run_name)
-        config = load_config(run_dir / "config.yaml")
-        return self.start(replace(config, out=str(run_dir)), resume=True)
-
-    def snapshot(self, run_dir: str | Path) -> Optional[JobSnapshot]:
-        """The live snapshot if ``run_dir`` is the current job's folder, else one read from its
-        ``events.jsonl`` (``None`` when the folder has no events yet)."""
-        run_dir = Path(run_dir)
-        job = self.current()
-        if job is not None and job.run_dir.resolve() == run_dir.resolve():
-            return job.snapshot()
-        history = ev.read_jsonl(run_dir / "events.jsonl")
-        if not history:
-            return None
-        return summarize(str(run_dir), disk_state(history), history)
-
-    def run_path(self, run_name: str) -> Path:
-        """The folder of run ``run_name``; names that would escape ``outputs_dir`` are refused."""
-        candidate = (self.outputs_dir / run_name).resolve()
-        if candidate.parent != self.outputs_dir.resolve() or not (candidate / "config.yaml").is_file():
-            raise UserError(f"no run named {run_name!r} under {self.outputs_dir}")
-        return candidate
-
-    def list_runs(self) -> list[RunInfo]:
-        current = self.current()
-        live = {}
-        if current is not None and current.is_active():
-            live[str(current.run_dir.resolve())] = "running"
-        return list_runs(self.outputs_dir, live)
-
-
 def list_runs(outputs_dir: str | Path, states: Optional[dict[str, str]] = None) -> list[RunInfo]:
     """Every run folder (one with a ``config.yaml``) under ``outputs_dir``, newest first.
 
     Args:
-        states: ``{absolute run folder: state}`` from whoever runs jobs (the job manager, the queue);
+        states: ``{absolute run folder: state}`` from whoever runs jobs (the queue);
             it overrides the state read from ``events.jsonl``. Only a run in state interrupted,
             stopped or failed with a checkpoint is resumable.
     """

@@ -36,8 +36,8 @@ from trainer.objective import Objective, check_objective
 from trainer.paths import newest_first
 from trainer.scan import caption_from_filename, read_caption
 from trainer.trigger import with_trigger
-from trainer.job import LIVE, TRAINING, JobSnapshot, RunInfo, Runner, _default_runner, disk_state, list_runs, summarize
-from trainer.queue import ACTIVE, JobQueue, QueuedJob, run_worker
+from trainer.job import LIVE, TRAINING, JobSnapshot, RunInfo, disk_state, list_runs, summarize
+from trainer.queue import ACTIVE, JobQueue, QueuedJob, Runner, default_runner, run_worker
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
 from trainer.steps import exported_step_files, exported_steps, learning_rate_history, parse_step_file, step_file
 from trainer.presets import list_presets, resolve_config
@@ -215,7 +215,7 @@ class Studio(RunExports, RunSpace):
                 self.worker_stop.wait(WORKER_RESTART_S)
 
     def _run(self, config, emit, stop, resume):
-        return (self.runner or _default_runner)(config, emit, stop, resume)
+        return (self.runner or default_runner)(config, emit, stop, resume)
 
     def jobs(self) -> list[QueuedJob]:
         """Every job in the queue, oldest first."""

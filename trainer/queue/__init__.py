@@ -7,7 +7,7 @@ until a worker has a job, so the web app can enqueue and list cheaply.
 
 from trainer.queue.db import (ACTIVE, AUTO_RESUME_LIMIT, DB_NAME, RESUMABLE, STATES, JobQueue, QueuedJob, QueueError,
                               last_checkpoint)
-from trainer.queue.worker import default_group, run_worker
+from trainer.queue.worker import Runner, default_group, default_runner, run_worker
 
 __all__ = ["ACTIVE", "AUTO_RESUME_LIMIT", "DB_NAME", "RESUMABLE", "STATES", "JobQueue", "QueuedJob", "QueueError",
-           "default_group", "last_checkpoint", "run_worker"]
+           "Runner", "default_group", "default_runner", "last_checkpoint", "run_worker"]

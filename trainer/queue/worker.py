@@ -30,7 +30,7 @@ def default_group() -> str:
     return os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "") or "default"
 
 
-def _default_runner(config: TrainConfig, emit: ev.Emit, stop: threading.Event, resume: bool):
+def default_runner(config: TrainConfig, emit: ev.Emit, stop: threading.Event, resume: bool):
     from trainer.loop import run_training  # torch is imported only by a worker that has work
 
     return run_training(config, emit=emit, stop=stop, resume=resume)
@@ -74,7 +74,7 @@ def run_worker(queue: JobQueue, group: Optional[str] = None, once: bool = False,
                 break
             stop.wait(poll)
             continue
-        finished.append(_run_job(queue, job, runner or _default_runner, stop, poll, emit, on_job))
+        finished.append(_run_job(queue, job, runner or default_runner, stop, poll, emit, on_job))
     return finished
 
 
