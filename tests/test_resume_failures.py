@@ -149,8 +149,11 @@ def test_a_run_stopped_before_its_first_step_writes_nothing(base_dirs, scene_dir
 def test_unwritable_run_folder_is_a_clear_error(base_dirs, scene_dir, tmp_path):
     blocker = tmp_path / "file-not-folder"
     blocker.write_text("x")
-    with pytest.raises((WriteError, OSError)):
+    with pytest.raises(WriteError, match=r"run folder .*file-not-folder/run cannot be created \(Not a directory\); "
+                                         r"pick another --out"):
         run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, blocker / "run", steps=1))
+    with pytest.raises(WriteError, match=r"run folder .*file-not-folder is a file; pick another --out"):
+        run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, blocker, steps=1))
 
 
 @pytest.mark.slow
