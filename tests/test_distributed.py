@@ -81,6 +81,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(base_dirs, scene_dir
     assert proc.returncode == 0, err[-2000:]
     assert out.count("done at step 6") == 1  # only the main process reports and writes
     assert read_lora(tmp_path / "ddp" / "lora.safetensors")[1]["ss_total_batch_size"] == "2"  # 1 × 2 processes
+    assert not (tmp_path / "ddp" / "cache.pt").exists()  # the shared cache file goes once every process read it
     ddp_config = load_config(tmp_path / "ddp" / "config.yaml")
     single = replace(ddp_config, out=str(tmp_path / "single"), batch_size=2)
     run_training(single)

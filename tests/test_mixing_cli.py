@@ -125,6 +125,20 @@ def test_user_errors_exit_2_with_one_line(loras, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: wrong.safetensors: no LoRA weights found")
 
 
+def test_an_image_that_cannot_be_written_is_one_line(loras, tmp_path, capsys):
+    """--out under a file (not a folder): one line, exit 2, and no half-written picture anywhere."""
+    from trainer.__main__ import main
+
+    base, ink, _ = loras
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    assert main(["mix", "--base", base, "--lora", f"{ink}:1", "--out", str(blocker / "mix.png"), "--steps", "1",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write ") and "mix.png" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]
+
+
 def test_python_m_trainer_mix_subprocess(loras, tmp_path):
     base, ink, paper = loras
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -133,3 +133,20 @@ def copy_new(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return dst
+
+
+def save_image(image, path: str | os.PathLike) -> Path:
+    """Save a PIL image atomically, in the format its name ends with (``.png``, ``.jpg``, ``.webp`` …).
+
+    Raises:
+        WriteError: the name ends in no image type PIL writes, or the write failed (nothing half-written is left).
+    """
+    from PIL import Image
+
+    path = Path(path)
+    kind = Image.registered_extensions().get(path.suffix.lower())
+    if kind is None or kind not in Image.SAVE:
+        raise WriteError(f"{path.name}: not an image type that can be written; end the name with .png, .jpg or .webp")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=kind)
+    return path

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.atomic import save_image
 from trainer.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -174,20 +175,17 @@ def run(args: argparse.Namespace) -> int:
         if args.fuse:
             session.fuse()
         image = session.render(args.prompt, args.seed, steps, guidance, size=args.size)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        image.save(args.out)
+        save_image(image, args.out)
         print(f"wrote {args.out} ({image.width}x{image.height}, seed {args.seed}, {steps} steps)")
     if plan.grid:
         second = (names[1], plan.grid_second) if plan.grid_second else None
         grid = comparison_grid(session, names[0], plan.grid, args.prompt, args.seed, steps, guidance, second=second)
-        plan.grid_out.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(plan.grid_out)
+        save_image(grid, plan.grid_out)
         print(f"wrote {plan.grid_out} ({len(plan.grid)} x {len(plan.grid_second or [0])} renders)")
     if plan.grid_each:
         prompts = args.grid_prompt or [args.prompt]
         grid = side_by_side(session, columns, prompts, args.seed, steps, guidance)
-        plan.grid_out.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(plan.grid_out)
+        save_image(grid, plan.grid_out)
         print(f"wrote {plan.grid_out} ({len(columns)} columns x {len(prompts)} prompts)")
     if args.bake:
         Path(args.bake).parent.mkdir(parents=True, exist_ok=True)

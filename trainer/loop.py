@@ -124,10 +124,14 @@ def shared_cache(base: LoadedBase, examples: list[Example], run_dir: Path, dist:
     path = run_dir / "cache.pt"
     if dist.is_main:
         cache = build_cache(base, examples, mirrored=mirrored)
-        torch.save({f.name: getattr(cache, f.name) for f in fields(cache)}, path)  # asdict would copy every tensor
+        with atomic_path(path) as tmp:  # asdict would copy every tensor
+            torch.save({f.name: getattr(cache, f.name) for f in fields(cache)}, tmp)
     dist.barrier()
     if not dist.is_main:
         cache = Cache(**torch.load(path, map_location="cpu", weights_only=True))
+    dist.barrier()  # every process holds it now: the file (all latents and embeddings) would only fill the disk
+    if dist.is_main:
+        path.unlink(missing_ok=True)
     return cache
 
 

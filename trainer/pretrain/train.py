@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.atomic import atomic_path
 from trainer.errors import UserError
 from trainer.pretrain import models
 from trainer.pretrain.data import augment_caption, render_pool, to_pixels
@@ -56,7 +57,8 @@ def scene_latents(work: Path, vae, n: int, seed: int, device: str, log=print) ->
     if pool is None or len(pool["captions"]) < n:
         log(f"rendering {n} scenes ...")
         images, captions = render_pool(n, seed=seed + 7)
-        torch.save({"images": images, "captions": captions}, pool_path)
+        with atomic_path(pool_path) as tmp:
+            torch.save({"images": images, "captions": captions}, tmp)
     else:
         images, captions = pool["images"][:n], pool["captions"][:n]
     log(f"encoding {n} scenes ...")
@@ -67,7 +69,8 @@ def scene_latents(work: Path, vae, n: int, seed: int, device: str, log=print) ->
             x = to_pixels(images[start:start + 256]).to(device)
             chunks.append(vae.encode(x).latent_dist.mode().cpu().half())
     latents = torch.cat(chunks)
-    torch.save({"latents": latents, "captions": captions}, path)
+    with atomic_path(path) as tmp:
+        torch.save({"latents": latents, "captions": captions}, tmp)
     return latents.float(), captions
 
 
@@ -172,9 +175,10 @@ def pretrain(arch: str, out: Path, work: Path, minutes: float, device: str = "cp
     budget = minutes * 60
     warmup = 30
 
-    def save():
-        torch.save({"model": trainable.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": spent,
-                    "generator": generator.get_state()}, state_path)
+    def save():  # atomically: a second Ctrl-C or a full disk mid-save must not cost the only resume state
+        with atomic_path(state_path) as tmp:
+            torch.save({"model": trainable.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "seconds": spent, "generator": generator.get_state()}, tmp)
 
     bar = tqdm(total=int(budget), initial=int(min(spent, budget)), unit="s", desc=f"{arch} ({minutes:g} min)",
                dynamic_ncols=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from trainer.atomic import atomic_path
 from trainer.pretrain import models
 from trainer.pretrain.data import render_pool, to_pixels
 
@@ -117,11 +118,10 @@ def train_vae(out: Path, minutes: float, device: str = "cpu", seed: int = 0, bat
             with open(out / "vae_log.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "seconds": round(spent, 1), "loss": loss.item()}) + "\n")
         if time.time() - last_save > 120 or spent >= budget:
-            torch.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": spent},
-                       state_path)
+            _save_state(vae, opt, step, spent, state_path)
             last_save = time.time()
     bar.close()
-    torch.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": spent}, state_path)
+    _save_state(vae, opt, step, spent, state_path)
     vae = vae.cpu().eval()
     value = psnr(vae, held_out)
     mean, std = latent_stats(vae, images[:2048])
@@ -134,6 +134,12 @@ def train_vae(out: Path, minutes: float, device: str = "cpu", seed: int = 0, bat
     (out / "vae_summary.json").write_text(json.dumps(summary, indent=2))
     log(f"vae: {summary}")
     return summary
+
+
+def _save_state(vae, opt, step: int, spent: float, state_path: Path) -> None:
+    """The resume state, atomically: an interrupted save must not cost the only copy."""
+    with atomic_path(state_path) as tmp:
+        torch.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": spent}, tmp)
 
 
 def load_trained_vae(out: Path):
