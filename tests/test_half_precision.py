@@ -76,8 +76,7 @@ def test_only_fp16_gets_a_scaler():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp16_lora_gradients_match_the_fp32_base(tmp_path, arch):
     """On the trained demo bases (random tiny weights hide the effect) at 512 px, one batch, the same draws."""
-    if not (DEMO_MODELS / arch / "model_index.json").is_file():
-        pytest.skip(f"demo_models/{arch} is not shipped in this checkout")
+    assert (DEMO_MODELS / arch / "model_index.json").is_file(), f"demo_models/{arch} is missing (it is committed)"
     exact = lora_gradients(f"demo:{arch}", "fp32", False, tmp_path)
     scaled = relative_error(lora_gradients(f"demo:{arch}", "fp16", True, tmp_path), exact)
     unscaled = relative_error(lora_gradients(f"demo:{arch}", "fp16", False, tmp_path), exact)

@@ -96,10 +96,14 @@ def test_metadata(runs, arch):
 def test_export_loads_in_diffusers_and_reproduces_sample(runs, arch, file_name, diffusers_warnings):
     config, result, _ = runs[arch]
     run_dir = result.exports[0].rsplit("/", 1)[0]
-    if arch == "flux" and file_name == "lora.safetensors":
-        pytest.skip("diffusers' FLUX fused-layout converter hard-codes FLUX.1's 3072/12288 dims, so a tiny model's "
-                    "fused file cannot load; test_flux_fused_layout_converts_exactly_at_real_dims covers it")
     base = load_base(config.base, device="cpu")
+    if arch == "flux" and file_name == "lora.safetensors":
+        # diffusers' FLUX fused-layout converter asserts FLUX.1's 3072/12288 dims, so a tiny model's fused file
+        # cannot load (test_flux_fused_layout_converts_exactly_at_real_dims covers the layout at real dims).
+        # The day diffusers drops that assumption this fails: then delete this branch and the case runs in full.
+        with pytest.raises(AssertionError):
+            base.pipe.load_lora_weights(f"{run_dir}/{file_name}")
+        return
     base.pipe.load_lora_weights(f"{run_dir}/{file_name}")
     problems = [m for m in diffusers_warnings.messages if HARMLESS not in m]
     assert problems == []

@@ -46,13 +46,6 @@ pytestmark = [
 FLOW: dict = {}  # what earlier stages produced (run name, files), for the later stages
 
 
-def engine(module: str, name: str | None = None) -> None:
-    """Skip (not fail) while the engine module (or the name in it) is not importable yet."""
-    mod = pytest.importorskip(module, reason=f"engine not yet available ({module} does not import)")
-    if name is not None and not hasattr(mod, name):
-        pytest.skip(f"engine not yet available ({module}.{name} is missing)")
-
-
 @dataclass
 class Server:
     url: str
@@ -305,7 +298,6 @@ def test_caption_tools_replace_in_all_captions_then_undo(page, server):
 
 # ---- 3. train, watch, queue a second start, stop ----------------------------------------------
 def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page, server):
-    engine("trainer.loop", "run_training")
     open_tab(page, "2 · Train")
     pick(page, "preset", "tone")
     wait_until(page, lambda: "rank 1" in page.locator("#preset-info").inner_text(), 10, "the preset summary")
@@ -481,7 +473,6 @@ def settled_preview(page) -> str:
 
 
 def test_mix_two_loras_toggles_and_a_slider_rerender_without_reloading(page, server, tmp_path):
-    engine("trainer.mixing", "MixSession")
     if "stopped_at" not in FLOW:
         pytest.skip("needs the trained LoRA from the training test")
     other = second_lora(server.outputs / FLOW["run"] / "lora.safetensors", tmp_path / "ink_wash.safetensors")
@@ -534,7 +525,6 @@ def test_mix_two_loras_toggles_and_a_slider_rerender_without_reloading(page, ser
 
 
 def test_bake_the_mix_and_download_it(page, server, tmp_path):
-    engine("trainer.mixing", "bake")
     if "stopped_at" not in FLOW:
         pytest.skip("needs the trained LoRA from the training test")
     from safetensors import safe_open
@@ -556,7 +546,6 @@ def test_bake_the_mix_and_download_it(page, server, tmp_path):
 
 
 def test_comparison_grid_is_shown_and_downloads(page, server, tmp_path):
-    engine("trainer.mixing", "comparison_grid")
     if "stopped_at" not in FLOW:
         pytest.skip("needs the trained LoRA from the training test")
     from PIL import Image
@@ -751,7 +740,6 @@ def test_compare_the_kept_steps_side_by_side(page, server):
 
 # ---- 6. a job that fails ---------------------------------------------------------------------------
 def test_a_failing_job_shows_one_line_and_the_app_keeps_working(page, server):
-    engine("trainer.loop", "run_training")
     if "stopped_at" not in FLOW:
         pytest.skip("needs the trained run from the training test")
     open_tab(page, "2 · Train")
@@ -817,7 +805,6 @@ def test_a_demo_style_set_fills_a_new_run_with_captioned_images(page, server):
 def test_quick_start_trains_without_opening_advanced_settings(page, server):
     """The README's path: a freshly loaded page, Train tab, Start. The collapsed accordion's fields reach the
     server as None; the run must start on the preset's values (it once failed on the empty sample prompt)."""
-    engine("trainer.loop", "run_training")
     if "hatch" not in FLOW:
         pytest.skip("needs the demo style set run")
     logged = len(server.log.read_bytes())
@@ -984,7 +971,6 @@ def test_a_style_trained_in_the_browser_visibly_changes_the_demo_base(page, serv
     mean colour moves towards the style set's (blue background -> sepia brown: 93 % of the way when
     measured); the issue's 32-scene histogram criterion is test_demo_bases' learning test.
     """
-    engine("trainer.mixing", "MixSession")
     import numpy as np
     from PIL import Image
 
