@@ -45,10 +45,17 @@ def good(path, color=(200, 40, 40), size=(64, 64)):
     (10000, 10000, "100 megapixels is over the limit of 67 megapixels"),   # Pillow's warning, made an error
     (9000, 8000, "9000x8000 pixels is over the limit of 67 megapixels"),   # our limit, below Pillow's
 ])
-def test_bomb_is_refused_before_decoding_with_its_size(tmp_path, width, height, message):
-    """A large scan is told its size and the limit, whichever check catches it."""
+def test_bomb_is_refused_before_decoding_with_its_size(tmp_path, width, height, message, monkeypatch):
+    """A large scan is told its size and the limit, whichever check catches it, and its pixels are never
+    decoded (that is what would take the gigabytes)."""
+    from PIL import ImageFile
+
     from trainer.errors import ImageError
 
+    def no_decoding(self):
+        raise AssertionError("the bomb's pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     path = tmp_path / "bomb.png"
     path.write_bytes(png_bomb(width, height))
     assert path.stat().st_size < 1_000_000
