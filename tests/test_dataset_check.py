@@ -322,7 +322,7 @@ def test_the_dataset_tab_check_finds_an_uploaded_copy_through_the_thumbnails(tmp
     assert text.splitlines()[0] == "**Dataset check** (for training at 512 px, set on the Train tab):"
     assert f"keep one of: `copy.png`, `{pics[4].stem}.jpg`" in text
     opened = []
-    monkeypatch.setattr("ui.studio.file_facts", lambda *args: opened.append(args[0]) or file_facts(*args))
+    monkeypatch.setattr("ui.run_dataset.file_facts", lambda *args: opened.append(args[0]) or file_facts(*args))
     at_256, _ = studio.dataset_check("r1", 256)
     assert opened == []  # nothing changed since the last look: no picture is opened again
     assert [f.files for f in at_256] == [("copy.png", f"{pics[4].stem}.jpg")]  # 300 px is large enough at 256
