@@ -912,6 +912,18 @@ def test_spread_keeps_the_last_and_spaces_the_rest(values, k, expected):
     assert spread(values, k) == expected
 
 
+def test_leaving_a_caption_box_unchanged_writes_nothing(studio, tmp_path):
+    """The page saves on blur: a click in and out of an empty box must not give a picture without a caption an
+    empty one (it would train on no words instead of its file name's, and the check would stop naming it)."""
+    names = add_images(studio, "r1", tmp_path)
+    txt = (studio.run_dir("r1") / "dataset" / names[0]).with_suffix(".txt")
+    assert not txt.exists()
+    assert studio.set_caption("r1", names[0], "  ") is False and not txt.exists()
+    assert studio.set_caption("r1", names[0], " a  red thing ") is True and txt.read_text() == "a red thing\n"
+    assert studio.set_caption("r1", names[0], "a red thing") is False
+    assert studio.set_caption("r1", names[0], "") is True and txt.read_text() == "\n"  # emptied on purpose
+
+
 def test_caption_tools_name_the_caption_files_they_cannot_read(studio, tmp_path):
     names = add_images(studio, "r1", tmp_path)
     txt = (studio.run_dir("r1") / "dataset" / names[0]).with_suffix(".txt")

@@ -169,7 +169,8 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
 
                     def save(text, edits, run_name=run_name, name=item.name):
                         try:
-                            studio.set_caption(run_name, name, text)
+                            if not studio.set_caption(run_name, name, text):
+                                return gr.skip(), gr.skip()  # unchanged: nothing written
                         except UserError as err:
                             return f"⚠ {err}", edits
                         return f"Saved caption of {fmt.md_code(name)}." + studio.dataset_note(run_name), edits + 1

@@ -45,8 +45,15 @@ class RunDataset:
     def items(self, run: str) -> list[store.Item]:
         return store.list_items(self.run_dir(run))
 
-    def set_caption(self, run: str, name: str, text: str) -> None:
-        store.write_caption(self.run_dir(run), name, text)
+    def set_caption(self, run: str, name: str, text: str) -> bool:
+        """Write the caption of picture ``name``; False (nothing written) when ``text`` is what it says already.
+        The page saves when a caption box loses focus: a click in and out of the empty box of a picture without
+        a caption would otherwise make it train on no words instead of its file name's."""
+        run_dir = self.run_dir(run)
+        if " ".join(str(text).split()) == store.read_caption(run_dir, name):
+            return False
+        store.write_caption(run_dir, name, text)
+        return True
 
     def remove_image(self, run: str, name: str) -> None:
         store.remove_item(self.run_dir(run), name)
