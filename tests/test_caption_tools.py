@@ -51,7 +51,7 @@ def captions(run_dir) -> dict[str, str]:
       "c.png": "paintings of, a tree", "d.png": ""}, 1),
 ])
 def test_replace_in_all_captions(run, find, replace, whole, case, expected, changed):
-    assert caption_tools.replace_in_captions(run, find, replace, whole, case) == (changed, 4)
+    assert caption_tools.replace_in_captions(run, find, replace, whole, case) == (changed, 3)  # d has no caption
     assert captions(run) == expected
     assert (store.dataset_dir(run) / "notes.txt").read_text() == "not a caption\n"
 
@@ -61,26 +61,28 @@ def test_undo_puts_back_the_last_bulk_change_once(run):
     caption_tools.replace_in_captions(run, "a painting of", "")
     caption_tools.add_trigger(run, "zkstyle")
     after_replace = {**before, "a.png": "a red circle, zkstyle", "b.png": "a blue square"}
-    assert caption_tools.undo(run) == (3, 0)  # b, c and d had no trigger
+    assert caption_tools.undo(run) == (2, 0)  # b and c had no trigger (d has no caption file: left alone)
     assert captions(run) == after_replace
-    assert not (store.dataset_dir(run) / "d.txt").exists()  # d had no caption file: it has none again
+    assert not (store.dataset_dir(run) / "d.txt").exists()
     with pytest.raises(UserError, match="nothing to undo"):
         caption_tools.undo(run)  # one level
 
 
 def test_a_change_that_matches_nothing_keeps_the_undo_record(run):
     caption_tools.replace_in_captions(run, "a painting of", "")
-    assert caption_tools.replace_in_captions(run, "watercolor", "ink") == (0, 4)
+    assert caption_tools.replace_in_captions(run, "watercolor", "ink") == (0, 3)
     assert caption_tools.can_undo(run)
     assert caption_tools.undo(run) == (2, 0) and captions(run)["b.png"] == "A Painting of a blue square"
 
 
 def test_add_trigger_only_where_it_is_missing(run):
-    assert caption_tools.add_trigger(run, " zkstyle ") == (3, 4)
+    assert caption_tools.add_trigger(run, " zkstyle ") == (2, 3)
     assert captions(run) == {"a.png": "a painting of a red circle, zkstyle",
                              "b.png": "zkstyle, A Painting of a blue square",
-                             "c.png": "zkstyle, paintings of, a tree", "d.png": "zkstyle, d"}  # d: its file name
-    assert caption_tools.add_trigger(run, "ZKSTYLE") == (0, 4)  # found whatever the case
+                             "c.png": "zkstyle, paintings of, a tree", "d.png": ""}
+    assert not (store.dataset_dir(run) / "d.txt").exists()  # training puts the trigger before its file name's words
+    assert caption_tools.uncaptioned(run) == ["d.png"]
+    assert caption_tools.add_trigger(run, "ZKSTYLE") == (0, 3)  # found whatever the case
     from trainer.trigger import with_trigger
 
     store.write_caption(run, "d.png", "ZKstyle, a tree")
@@ -89,23 +91,19 @@ def test_add_trigger_only_where_it_is_missing(run):
     assert with_trigger(store.read_caption(run, "d.png"), "zkstyle") == "zkstyle, a tree"
 
 
-def test_bulk_edits_keep_what_training_reads_and_undo_loses_nothing(run):
-    """A picture without a caption trains on words from its file name: adding the trigger keeps them, and Undo
-    takes the file away again. A caption file that is not UTF-8 text is left as it is (training would read the
-    file name for it; only a person can say what it meant)."""
+def test_a_caption_file_that_is_not_utf8_is_left_alone(run):
+    """Training reads the file name for such a picture; only a person can say what the file meant, so no bulk
+    edit reads or overwrites it, and Undo never touches it."""
     data = store.dataset_dir(run)
-    Image.new("RGB", (8, 8)).save(data / "red_fox-01.png")
     Image.new("RGB", (8, 8)).save(data / "cafe.png")
-    latin1 = "café au lait, zkstyle\n".encode("latin-1")
+    latin1 = "café au lait, a painting of\n".encode("latin-1")
     (data / "cafe.txt").write_bytes(latin1)
     assert caption_tools.unreadable(run) == ["cafe.txt"]
-    assert caption_tools.add_trigger(run, "zkstyle") == (4, 6)  # b, c, d and the fox; not the café
-    assert store.read_caption(run, "red_fox-01.png") == "zkstyle, red fox"
-    assert caption_tools.replace_in_captions(run, "au lait", "noir") == (0, 6)
+    assert caption_tools.add_trigger(run, "zkstyle") == (2, 3)  # b and c; not the café, not d (no caption)
+    assert caption_tools.replace_in_captions(run, "a painting of", "") == (2, 3)
     assert (data / "cafe.txt").read_bytes() == latin1
-    assert caption_tools.undo(run) == (4, 0)
-    assert not (data / "red_fox-01.txt").exists() and not (data / "d.txt").exists()
-    assert (data / "cafe.txt").read_bytes() == latin1
+    assert caption_tools.undo(run) == (2, 0)
+    assert (data / "cafe.txt").read_bytes() == latin1 and not (data / "d.txt").exists()
     assert caption_tools.tag_counts(run)[1] == 3  # the three captions there are: a, b, c
 
 
@@ -164,4 +162,6 @@ def test_the_trainer_ignores_the_undo_record(run):
     caption_tools.add_trigger(run, "zkstyle")
     scan = scan_dataset(store.dataset_dir(run))
     assert sorted(item.path.name for item in scan.items) == ["a.png", "b.png", "c.png", "d.png"]
-    assert all("zkstyle" in item.caption for item in scan.items)
+    captions = {item.path.name: item.caption for item in scan.items}
+    assert all("zkstyle" in captions[n] for n in ("a.png", "b.png", "c.png"))
+    assert captions["d.png"] == "d"  # no caption file: its file name's words (training puts the trigger first)

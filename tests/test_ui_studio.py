@@ -924,12 +924,25 @@ def test_leaving_a_caption_box_unchanged_writes_nothing(studio, tmp_path):
     assert studio.set_caption("r1", names[0], "") is True and txt.read_text() == "\n"  # emptied on purpose
 
 
+def test_adding_the_trigger_leaves_pictures_without_a_caption_and_says_so(studio, tmp_path):
+    names = add_images(studio, "r1", tmp_path)
+    assert studio.add_trigger_to_captions("r1", "zk") == (
+        "No picture has a caption yet. 3 picture(s) without a caption were left as they are: training puts 'zk' "
+        "before the words of their file names (the check above names them).")
+    studio.set_caption("r1", names[0], "a red thing")
+    assert studio.add_trigger_to_captions("r1", "zk").startswith(
+        "Added 'zk' to 1 of 1 captions (Undo takes it back). 2 picture(s) without a caption were left as they are")
+    assert studio.add_trigger_to_captions("r1", "zk").startswith("All 1 captions already hold 'zk'. 2 picture(s)")
+
+
 def test_caption_tools_name_the_caption_files_they_cannot_read(studio, tmp_path):
     names = add_images(studio, "r1", tmp_path)
+    for name in names[1:]:
+        studio.set_caption("r1", name, "a red thing")
     txt = (studio.run_dir("r1") / "dataset" / names[0]).with_suffix(".txt")
     txt.write_bytes("café".encode("latin-1"))
     line = studio.add_trigger_to_captions("r1", "zk")
-    assert line.startswith("Added 'zk' to 2 of 3 captions") and "\n" not in line
+    assert line.startswith("Added 'zk' to 2 of 2 captions") and "\n" not in line
     assert f"Left alone 1 caption file(s) that are not UTF-8 text ({txt.name}): re-save them as UTF-8" in line
     assert txt.read_bytes() == "café".encode("latin-1")
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from trainer.atomic import write_text
 from trainer.errors import UserError
 from trainer.images import is_image_name
-from trainer.scan import caption_from_filename
 from trainer.trigger import has_trigger
 from ui import store
 
@@ -62,12 +61,12 @@ def tidy(caption: str) -> str:
     return ", ".join(part for part in parts if part)
 
 
-def _apply(run_dir: Path, old: dict[str, str | None], new: dict[str, str]) -> int:
-    """Write the captions of ``new`` that differ from ``old``, after recording them before (None: there was no
-    caption file) and after for :func:`undo`; returns how many changed."""
-    changed = {name: text for name, text in new.items() if text != old.get(name)}
+def _apply(run_dir: Path, old: dict[str, str], new: dict[str, str]) -> int:
+    """Write the captions of ``new`` that differ from ``old``, after recording them before and after for
+    :func:`undo`; returns how many changed."""
+    changed = {name: text for name, text in new.items() if text != old[name]}
     if changed:
-        record = {"before": {name: old.get(name) for name in changed}, "after": changed}
+        record = {"before": {name: old[name] for name in changed}, "after": changed}
         write_text(store.dataset_dir(run_dir) / UNDO_FILE, json.dumps(record, ensure_ascii=False, indent=1))
         for name, text in changed.items():
             store.write_caption(run_dir, name, text)
@@ -90,14 +89,13 @@ def replace_in_captions(run_dir: Path, find: str, replace: str, whole_words: boo
     """
     if not (find or "").strip():
         raise UserError("type the text to find (the replacement may be empty, which deletes it)")
-    captions = _captions(run_dir)
-    total = len(_image_names(run_dir))
-    if not total:
+    if not _image_names(run_dir):
         raise UserError("the dataset is empty: add images first")
+    captions = {name: text for name, text in _captions(run_dir).items() if text is not None}
     pattern = _pattern(find.strip(), whole_words, match_case)
     new = {name: tidy(pattern.sub(lambda _: replace.strip(), text)) for name, text in captions.items()
-           if text is not None and pattern.search(text)}
-    return _apply(run_dir, captions, new), total
+           if pattern.search(text)}
+    return _apply(run_dir, captions, new), len(captions)
 
 
 def add_trigger(run_dir: Path, trigger: str) -> tuple[int, int]:
@@ -109,14 +107,17 @@ def add_trigger(run_dir: Path, trigger: str) -> tuple[int, int]:
     trigger = " ".join((trigger or "").split())
     if not trigger:
         raise UserError("type the trigger word first (e.g. zkstyle)")
-    captions = _captions(run_dir)
-    total = len(_image_names(run_dir))
-    if not total:
+    if not _image_names(run_dir):
         raise UserError("the dataset is empty: add images first")
-    # a picture without a caption file trained on words from its file name: they stay, after the trigger
-    texts = {name: caption_from_filename(name) if text is None else text for name, text in captions.items()}
-    new = {name: tidy(f"{trigger}, {text}") for name, text in texts.items() if not has_trigger(text, trigger)}
-    return _apply(run_dir, captions, new), total
+    # a picture without a caption file is left as it is: training puts the trigger before its file name's words
+    captions = {name: text for name, text in _captions(run_dir).items() if text is not None}
+    new = {name: tidy(f"{trigger}, {text}") for name, text in captions.items() if not has_trigger(text, trigger)}
+    return _apply(run_dir, captions, new), len(captions)
+
+
+def uncaptioned(run_dir: Path) -> list[str]:
+    """The dataset's images without a caption file (training reads words from their file names)."""
+    return [name for name, text in _captions(run_dir).items() if text is None]
 
 
 def undo(run_dir: Path) -> tuple[int, int]:
@@ -138,10 +139,7 @@ def undo(run_dir: Path) -> tuple[int, int]:
     restored = kept = 0
     for name, text in after.items():
         if name in current and current[name] == text and name in before:
-            if before[name] is None:  # there was no caption file: the picture trains on its file name again
-                (store.dataset_dir(run_dir) / name).with_suffix(".txt").unlink(missing_ok=True)
-            else:
-                store.write_caption(run_dir, name, str(before[name]))
+            store.write_caption(run_dir, name, str(before[name]))
             restored += 1
         else:
             kept += 1

@@ -81,11 +81,15 @@ class RunDataset:
 
     def add_trigger_to_captions(self, run: str, trigger: str) -> str:
         changed, total = caption_tools.add_trigger(self.run_dir(run), trigger)
-        if trigger.strip():
-            self.save_settings(run, trigger=" ".join(trigger.split()))
+        trigger = " ".join(trigger.split())
+        self.save_settings(run, trigger=trigger)
+        missing = len(caption_tools.uncaptioned(self.run_dir(run)))
+        left = (f" {missing} picture(s) without a caption were left as they are: training puts {trigger!r} before "
+                "the words of their file names (the check above names them)." if missing else "")
         if not changed:
-            return f"All {total} captions already hold {trigger.strip()!r}." + self._unreadable_note(run)
-        return (f"Added {trigger.strip()!r} to {changed} of {total} captions (Undo takes it back)."
+            head = f"All {total} captions already hold {trigger!r}." if total else "No picture has a caption yet."
+            return head + left + self._unreadable_note(run)
+        return (f"Added {trigger!r} to {changed} of {total} captions (Undo takes it back)." + left
                 + self._unreadable_note(run) + self.dataset_note(run))
 
     def _unreadable_note(self, run: str) -> str:
