@@ -282,6 +282,22 @@ def test_cli_prints_the_findings_and_exits_1_then_0_once_fixed(tmp_path):
     assert missing.returncode == 2 and missing.stderr.startswith("error: data folder") and "Traceback" not in missing.stderr
 
 
+@pytest.mark.parametrize("args,error", [
+    (("--resolution", "63"), "error: --resolution 63: must be a multiple of 64, at least 64 (train takes the same)"),
+    (("--resolution", "0"), "error: --resolution 0: must be a multiple of 64, at least 64 (train takes the same)"),
+    (("--resolution", "100"), "error: --resolution 100: must be a multiple of 64, at least 64 (train takes the same)"),
+    (("--base", "./no-such-base"), "error: base model './no-such-base' does not exist: give a diffusers folder"),
+])
+def test_cli_refuses_what_train_would_refuse_in_one_line(tmp_path, args, error):
+    """A resolution training refuses crashed the check (or judged crops at it); a base that does not exist
+    was only 'captions not checked'."""
+    data = tmp_path / "data"
+    write_style_set("hatch", data, n=6)
+    found = cli("--data", str(data), *args, cwd=tmp_path)
+    assert found.returncode == 2 and found.stdout == "", found.stdout
+    assert found.stderr.strip().startswith(error) and len(found.stderr.strip().splitlines()) == 1, found.stderr
+
+
 def test_cli_without_a_base_answers_without_loading_torch_or_diffusers(tmp_path):
     """A look before training should take a second, not the ten a torch and diffusers import take on a laptop."""
     data = tmp_path / "data"

@@ -505,6 +505,11 @@ def test_mix_two_loras_toggles_and_a_slider_rerender_without_reloading(page, ser
     assert float(page.locator("#mix-weight-0 input[type=number]").input_value()) < 0
     assert "Base loaded 1×, LoRA files read 2×" in mix_info(page)  # a slider change reloads nothing
     number = page.locator("#mix-weight-0 input[type=number]")
+    number.fill("5")  # out of range: rendered at the end the box then shows, not an error toast over the old preview
+    number.press("Enter")
+    second = wait_until(page, lambda: "× 2" in mix_info(page) and (s := preview_src(page)) != second and s, 120,
+                        "the preview re-rendered at the weight's upper end")
+    assert number.input_value() == "2" and page.locator(".toast-body").count() == 0
     number.fill("0.5")  # a weight typed into the box re-renders on Enter, as a drag does on release
     number.press("Enter")
     second = wait_until(page, lambda: (s := preview_src(page)) != first and s != second and s, 120,

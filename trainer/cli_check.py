@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from trainer.config import TrainConfig
+from trainer.bases import parse_base
+from trainer.config import RESOLUTION_RULE, TrainConfig, valid_resolution
 from trainer.dataset_check import (check_captions, check_images, check_uncaptioned, file_facts, load_caption_reader,
                                    shown_name, token_count)
-from trainer.errors import ImageError
+from trainer.errors import ImageError, UserError
 from trainer.scan import scan_dataset
 from trainer.trigger import with_trigger
 
@@ -26,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not valid_resolution(args.resolution):
+        raise UserError(f"--resolution {args.resolution}: must be {RESOLUTION_RULE} (train takes the same)")
+    if args.base:
+        parse_base(args.base)  # a base that does not exist is the error train would give, not "captions not checked"
     scan = scan_dataset(args.data)
     facts, unreadable = [], list(scan.skipped)
     for item in scan.items:

@@ -110,6 +110,14 @@ def field_help() -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
 
 
+RESOLUTION_RULE = "a multiple of 64, at least 64"  # latents are 1/8 of the pixels; the buckets step by 64 px
+
+
+def valid_resolution(value) -> bool:
+    """Whether ``value`` can be a training resolution (the config check, check-data and the Dataset tab ask)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 64 and value % 64 == 0
+
+
 def validate(cfg: TrainConfig) -> list[str]:
     """Every problem with ``cfg``, each naming the field, the value and what is allowed."""
     problems = []
@@ -132,7 +140,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(isinstance(cfg.warmup_steps, int) and cfg.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
     need(isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, "batch_size", "an integer >= 1")
     need(isinstance(cfg.grad_accum, int) and cfg.grad_accum >= 1, "grad_accum", "an integer >= 1")
-    need(isinstance(cfg.resolution, int) and cfg.resolution >= 64 and cfg.resolution % 64 == 0, "resolution", "a multiple of 64, at least 64")
+    need(valid_resolution(cfg.resolution), "resolution", RESOLUTION_RULE)
     need(finite(cfg.caption_dropout) and 0 <= cfg.caption_dropout < 1, "caption_dropout", "in [0, 1)")
     need(finite(cfg.noise_offset) and 0 <= cfg.noise_offset <= 1, "noise_offset", "in [0, 1] (0 = off)")
     need(finite(cfg.snr_gamma) and cfg.snr_gamma >= 0, "snr_gamma", "a number >= 0 (0 = off)")

@@ -11,6 +11,7 @@ import threading
 
 import gradio as gr
 
+from trainer.config import RESOLUTION_RULE, valid_resolution
 from trainer.errors import UserError
 from ui import format as fmt
 from ui.studio import DEMO_STYLES, DEMO_TRIGGER, Studio
@@ -215,9 +216,10 @@ def wire_check(studio: Studio, run: gr.Dropdown, version: gr.State, resolution: 
         try:
             res = int(res)
         except (TypeError, ValueError):
-            return ""
-        if res < 64 or res % 64:
-            return ""  # the Train tab says what the resolution must be
+            res = None
+        if not valid_resolution(res):
+            return (f"⚠ The Train tab's resolution must be {RESOLUTION_RULE}; the dataset check waits for one "
+                    "(training would refuse it too).")
         try:
             findings, pictures = studio.dataset_check(run_name, res, base_name or "", trig or "")
         except UserError:

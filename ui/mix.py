@@ -27,6 +27,22 @@ _RENDER = {"concurrency_id": "mix", "concurrency_limit": 1, "trigger_mode": "alw
 _ONE = {"concurrency_id": "mix", "concurrency_limit": 1}
 
 
+def weight_slider(value: float, elem_id: str) -> gr.Slider:
+    """A weight slider (-1…2) whose box takes a typed value out of range, or an emptied box, as the page then
+    shows it (the nearest end, or 0) instead of gradio's "Value 5 is greater than maximum value 2.0" error toast
+    and a preview that kept the old weight under the new number. (Set on the instance: a gradio component
+    subclass would write a .pyi stub next to this file at import.)"""
+    slider = gr.Slider(-1.0, 2.0, value=value, step=0.05, label="Weight", elem_id=elem_id, scale=4)
+
+    def clamped(payload: float | None) -> float:
+        if payload is None or payload == "":
+            return 0.0
+        return min(max(float(payload), slider.minimum), slider.maximum)
+
+    slider.preprocess = clamped
+    return slider
+
+
 def _internal(what: str, err: Exception) -> str:
     """A bug must not take the page down: one line here, the traceback in the server log."""
     log.exception("%s failed", what)
@@ -54,8 +70,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             with gr.Column(min_width=220, elem_classes=["mix-slot"]):
                 pickers.append(gr.Dropdown(label=f"LoRA {i + 1}", choices=[], value=None, elem_id=f"mix-lora-{i}"))
                 with gr.Row(equal_height=True):
-                    sliders.append(gr.Slider(-1.0, 2.0, value=1.0 if i == 0 else 0.5, step=0.05, label="Weight",
-                                             elem_id=f"mix-weight-{i}", scale=4))
+                    sliders.append(weight_slider(1.0 if i == 0 else 0.5, f"mix-weight-{i}"))
                     toggles.append(gr.Checkbox(True, label="On", elem_id=f"mix-on-{i}", scale=1, min_width=60))
                 lines.append(gr.Markdown(elem_id=f"mix-line-{i}", elem_classes=["mix-line"]))
     with gr.Row():
