@@ -55,6 +55,22 @@ def test_shipped_base_is_small_fp16_and_loads_offline(arch):
         assert str(base.denoiser.dtype) == "torch.float32"
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shipped_base_draws_with_plain_diffusers(arch):
+    """An engineer's first try, with no dtype given: every part loads in one dtype and the pipeline draws
+    (transformers 5 loads a text encoder in the dtype its config names; the weights themselves are fp16)."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(shipped(arch)))
+    dtypes = {c.dtype for c in pipe.components.values() if isinstance(c, torch.nn.Module)}
+    assert dtypes == {torch.float32}, dtypes
+    image = pipe("a red circle on a blue background", num_inference_steps=1, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
 def test_missing_or_damaged_weights_say_how_to_rebuild(tmp_path, monkeypatch):
     """Works on a random tiny base standing in for the shipped one, so it runs in every checkout."""
     import trainer.models as models

@@ -292,6 +292,17 @@ def handler_denoiser(pipe, arch: str):
     return pipe.transformer if arch == "flux" else pipe.unet
 
 
+def load_in_fp32_by_default(folder: Path) -> None:
+    """The weights stay fp16 on disk (half the size), but a plain ``from_pretrained`` of the folder must load in
+    one dtype: diffusers loads the UNet/transformer and VAE in fp32, while transformers 5 loads a text encoder in
+    the dtype its config names, and the pipeline then fails on fp16 text features meeting fp32 layers."""
+    for config in sorted(folder.glob("text_encoder*/config.json")):
+        values = json.loads(config.read_text())
+        if values.get("dtype") not in (None, "float32"):
+            values["dtype"] = "float32"
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
 def export(arch: str, pipe, out: Path, work: Path, steps: int, seconds: float, seed: int) -> dict:
     """Save ``pipe`` as an fp16 diffusers folder plus ``studio.json`` (sampling defaults, provenance)."""
     import shutil
@@ -307,6 +318,7 @@ def export(arch: str, pipe, out: Path, work: Path, steps: int, seconds: float, s
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to("cpu", torch.float16).save_pretrained(tmp, safe_serialization=True)
     pipe.to(torch.float32)
+    load_in_fp32_by_default(tmp)
     vae_summary = {}
     for name in ("vae_summary.json", "vae_decoder_summary.json"):  # the decoder's PSNR, when fine-tuned, wins
         if (work / name).is_file():
