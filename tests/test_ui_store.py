@@ -80,8 +80,15 @@ def test_import_never_overwrites_and_keeps_stems_unique(tmp_path):
                                    png(tmp_path / "c" / "cat.jpg", color=(4, 5, 6))], run)
     assert first.accepted == ["cat.png"]
     assert second.accepted == ["cat-2.png", "cat-3.jpg"]  # cat.jpg would share cat.txt with cat.png
+    assert first.renamed == [] and second.renamed == [("cat.png", "cat-2.png"), ("cat.jpg", "cat-3.jpg")]
     data = run / "dataset"
     assert Image.open(data / "cat.png").getpixel((0, 0)) == (200, 30, 30)
+    from ui import format as fmt
+
+    assert fmt.upload_report(2, [], 0, second.renamed).splitlines() == [
+        "Added **2** image(s).",
+        "Stored 2 new picture(s) under another name, since a picture in the dataset has theirs: `cat.png` as "
+        "`cat-2.png`, `cat.jpg` as `cat-3.jpg`."]
 
 
 def test_import_rejects_duplicates(tmp_path):

@@ -75,7 +75,7 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
             report_ = studio.import_uploads(run_name, [str(f) for f in files])
         except UserError as err:
             return None, f"⚠ {err}", ver, gr.skip()
-        text = fmt.upload_report(len(report_.accepted), report_.rejected, report_.captions)
+        text = fmt.upload_report(len(report_.accepted), report_.rejected, report_.captions, report_.renamed)
         text += studio.dataset_note(run_name) if report_.accepted else ""
         choices = gr.update(choices=studio.run_names()) if studio.run_names() != names else gr.skip()
         return None, text, ver + 1, choices
@@ -89,7 +89,7 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
             report_ = studio.add_demo_images(run_name, style)
         except UserError as err:
             return f"⚠ {err}", ver, gr.skip(), gr.skip()
-        text = fmt.upload_report(len(report_.accepted), report_.rejected, report_.captions)
+        text = fmt.upload_report(len(report_.accepted), report_.rejected, report_.captions, report_.renamed)
         text += studio.dataset_note(run_name) if report_.accepted else ""
         choices = gr.update(choices=studio.run_names()) if studio.run_names() != names else gr.skip()
         return text, ver + 1, choices, DEMO_TRIGGER

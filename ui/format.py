@@ -195,9 +195,11 @@ def dataset_check(findings, pictures: int, resolution: int, base: str = "") -> s
     return "\n".join([head, "", *bullets])
 
 
-def upload_report(accepted: int, rejected: list[tuple[str, str]], captions: int = 0) -> str:
+def upload_report(accepted: int, rejected: list[tuple[str, str]], captions: int = 0,
+                  renamed: list[tuple[str, str]] = ()) -> str:
     """What an upload added and what it refused, each refusal with its reason; pictures that were in the
-    dataset already (a set added twice) are one line, not one per file."""
+    dataset already (a set added twice) are one line, not one per file; so are new pictures stored under
+    another name because theirs was taken."""
     from ui.store import ALREADY_IN, CAPTION_OF_DUPLICATE
 
     head = f"Added **{accepted}** image(s)" + (f" and {captions} caption file(s)" if captions else "") + "."
@@ -205,6 +207,11 @@ def upload_report(accepted: int, rejected: list[tuple[str, str]], captions: int 
     again_captions = sum(reason == CAPTION_OF_DUPLICATE for _, reason in rejected)
     refused = [(n, r) for n, r in rejected if not r.startswith(ALREADY_IN) and r != CAPTION_OF_DUPLICATE]
     lines = [head]
+    if renamed:
+        shown = ", ".join(f"{md_code(a)} as {md_code(b)}" for a, b in renamed[:3]) + \
+            (f" and {len(renamed) - 3} more" if len(renamed) > 3 else "")
+        lines.append(f"Stored {len(renamed)} new picture(s) under another name, since a picture in the dataset "
+                     f"has theirs: {shown}.")
     if again:
         shown = ", ".join(md_code(n) for n in again[:3]) + (f" and {len(again) - 3} more" if len(again) > 3 else "")
         lines.append(f"Skipped {len(again)} picture(s) already in the dataset (the same files)"

@@ -126,6 +126,7 @@ class ImportReport:
     accepted: list[str] = field(default_factory=list)  # stored names inside dataset/
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (uploaded name, reason)
     captions: int = 0  # .txt sidecars imported together with their images
+    renamed: list[tuple[str, str]] = field(default_factory=list)  # (uploaded name, stored name): the name was taken
 
     def summary(self) -> str:
         parts = [f"added {len(self.accepted)} image(s)"]
@@ -184,7 +185,8 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
             report.rejected.append((shown, f"{ALREADY_IN} {known[digest]}"))
             duplicate_of[shown.rpartition(".")[0].lower()] = known[digest]
             continue
-        stored = _unique_name(safe_upload_name(shown), taken)
+        safe = safe_upload_name(shown)
+        stored = _unique_name(safe, taken)
         dst = data / stored
         if not is_inside(dst, data):  # cannot happen after safe_upload_name; kept as a last guard
             report.rejected.append((shown, "unsafe file name"))
@@ -198,6 +200,8 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
         _write_thumb(img, thumb_path(run_dir, stored))
         known[digest] = stored
         report.accepted.append(stored)
+        if stored != safe:
+            report.renamed.append((shown, stored))
         stored_by_stem[shown.rpartition(".")[0].lower()] = stored
     for stem, src in texts.items():
         stored = stored_by_stem.get(stem)
