@@ -1053,6 +1053,12 @@ def test_a_removed_picture_comes_back_then_the_run_is_deleted_in_two_presses(pag
     page.click("#delete-run")
     status = page.locator("#run-folder-status")
     wait_until(page, lambda: "This cannot be undone" in status.inner_text(), 20, "the question")
+    # not answered in time: the button reads as before and the line says so (it kept "Press again" for ever)
+    wait_until(page, lambda: page.locator("#delete-run").inner_text().strip() == "Delete this run…", 30,
+               "the button back after the question's time")
+    assert status.inner_text().startswith("Nothing was deleted: the button was not pressed again within 20 s")
+    page.click("#delete-run")
+    wait_until(page, lambda: "This cannot be undone" in status.inner_text(), 20, "the question asked again")
     assert (server.outputs / run / "dataset").is_dir()  # asked, not deleted
     assert page.locator("#delete-run").inner_text().strip() == f"Press again to delete '{run}'"
     page.click("#delete-run")

@@ -40,6 +40,7 @@ def build(studio: Studio, run: gr.Dropdown) -> gr.Markdown:
                 "so the run can train on. Export the steps you like first: exported steps keep their files.",
                 elem_id="run-folder-hint")
     armed = gr.State(None)  # {"run", "action", "at"}: what the first press of a button asked about, and when
+    expiry = gr.Timer(1.0, active=False)  # on while a question waits: puts the buttons back when its time is up
 
     def on_run(run_name, asked):
         """Another run shown: its size; a pending "delete?" question was about the other one, so it goes."""
@@ -58,15 +59,16 @@ def build(studio: Studio, run: gr.Dropdown) -> gr.Markdown:
                 question = studio.prune_question(run_name)
                 return (f"{question} Press the button again within {CONFIRM_SECONDS} s to delete them.", gr.skip(),
                         {"run": run_name, "action": "prune", "at": time.time()},
-                        gr.update(value="Press again to delete them"), gr.update(value=DELETE_LABEL))
+                        gr.update(value="Press again to delete them"), gr.update(value=DELETE_LABEL),
+                        gr.Timer(active=True))
             message = studio.prune_checkpoints(run_name)
         except UserError as err:
             message = f"⚠ {err}"
-        return message, usage_line(studio, run_name), None, gr.update(value=PRUNE_LABEL), gr.skip()
+        return message, usage_line(studio, run_name), None, gr.update(value=PRUNE_LABEL), gr.skip(), gr.skip()
 
     def on_delete(run_name, asked):
         if not run_name:
-            return "⚠ pick a run first", gr.skip(), None, gr.update(value=DELETE_LABEL), gr.skip(), gr.skip()
+            return "⚠ pick a run first", gr.skip(), None, gr.update(value=DELETE_LABEL), gr.skip(), gr.skip(), gr.skip()
         try:
             if not confirmed(asked, run_name, "delete"):
                 studio.check_deletable(run_name)
@@ -76,17 +78,28 @@ def build(studio: Studio, run: gr.Dropdown) -> gr.Markdown:
                         f"{CONFIRM_SECONDS} s to delete it.", gr.skip(),
                         {"run": run_name, "action": "delete", "at": time.time()},
                         gr.update(value=f"Press again to delete '{run_name}'"), gr.skip(),
-                        gr.update(value=PRUNE_LABEL))
+                        gr.update(value=PRUNE_LABEL), gr.Timer(active=True))
             message = studio.delete_run(run_name)
         except UserError as err:
-            return f"⚠ {err}", gr.skip(), None, gr.update(value=DELETE_LABEL), gr.skip(), gr.skip()
+            return f"⚠ {err}", gr.skip(), None, gr.update(value=DELETE_LABEL), gr.skip(), gr.skip(), gr.skip()
         names = studio.run_names()  # shown next: the newest run left, else a new one (never the deleted name)
         return (message, "", None, gr.update(value=DELETE_LABEL),
-                gr.update(choices=names, value=names[0] if names else studio.new_run(avoid=run_name)), gr.skip())
+                gr.update(choices=names, value=names[0] if names else studio.new_run(avoid=run_name)), gr.skip(),
+                gr.skip())
+
+    def on_expiry(asked):
+        """A question not answered in time: the buttons read as before and the line says nothing was deleted
+        (a late second press would only ask again)."""
+        if asked and time.time() - asked.get("at", 0) < CONFIRM_SECONDS:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        line = (f"Nothing was deleted: the button was not pressed again within {CONFIRM_SECONDS} s." if asked
+                else gr.skip())
+        return line, None, gr.update(value=DELETE_LABEL), gr.update(value=PRUNE_LABEL), gr.Timer(active=False)
 
     run.change(on_run, [run, armed], [usage, status, armed, delete, prune])
-    prune.click(on_prune, [run, armed], [status, usage, armed, prune, delete], concurrency_id="train-control",
+    prune.click(on_prune, [run, armed], [status, usage, armed, prune, delete, expiry], concurrency_id="train-control",
                 concurrency_limit=1)
-    delete.click(on_delete, [run, armed], [status, usage, armed, delete, run, prune], concurrency_id="train-control",
-                 concurrency_limit=1)
+    delete.click(on_delete, [run, armed], [status, usage, armed, delete, run, prune, expiry],
+                 concurrency_id="train-control", concurrency_limit=1)
+    expiry.tick(on_expiry, armed, [status, armed, delete, prune, expiry], show_progress="hidden")
     return usage
