@@ -114,6 +114,9 @@ def test_progress_html_shows_step_speed_eta_and_escapes_errors():
     assert "Interrupted" in fmt.progress_line(snap(state="interrupted"))
     last = fmt.progress_line(snap(state="running", step=60, total_steps=60, eta_s=3.0))
     assert "step 60/60 · 2.0 s/it · writing the last samples, checkpoint and LoRA files…" in last and "ETA" not in last
+    stopping = fmt.progress_line(snap(state="stopping"))  # no ETA to an end the run will not reach
+    assert "step 3/10 · 2.0 s/it · finishing the step (or sample) under way, then writing a checkpoint" in stopping
+    assert "ETA" not in stopping
 
 
 def test_duration_points_and_reports():
@@ -128,7 +131,9 @@ def test_duration_points_and_reports():
     report = fmt.upload_report(2, [("a`b\n.png", "not an image Pillow can read")])
     assert "`a'b .png` — not an image Pillow can read" in report and "Added **2**" in report
     assert fmt.checkpoint_line(snap(state="stopped", checkpoint="/o/r/checkpoints/step-000004")) == \
-        "Last checkpoint (final): `checkpoints/step-000004`"
+        "Last checkpoint (Resume continues from it): `checkpoints/step-000004`"  # not "final": it stopped early
+    assert fmt.checkpoint_line(snap(state="done", step=10, checkpoint="/o/r/checkpoints/step-000010")) == \
+        "Last checkpoint (final): `checkpoints/step-000010`"
 
 
 def queued(id_, state, run, position=None, error="", last_checkpoint=""):

@@ -17,7 +17,7 @@ from trainer.steps import parse_sample_name
 STATE_LABELS = {
     "queued": "Queued",
     "running": "Training",
-    "stopping": "Stopping after this step…",
+    "stopping": "Stopping",
     "done": "Finished",
     "stopped": "Stopped",
     "failed": "Failed",
@@ -54,6 +54,8 @@ def progress_line(snap: JobSnapshot) -> str:
     finishing = snap.state == "running" and snap.total_steps and snap.step >= snap.total_steps
     if finishing:  # the last samples, checkpoint and exports take a while on a CPU: say so, not a frozen bar
         parts.append("writing the last samples, checkpoint and LoRA files…")
+    elif snap.state == "stopping":  # no ETA to the end of a run that will not get there
+        parts.append("finishing the step (or sample) under way, then writing a checkpoint and the LoRA files…")
     elif snap.state in TRAINING and snap.eta_s:
         parts.append(f"ETA {duration(snap.eta_s)}")
     if snap.losses:
@@ -111,7 +113,7 @@ def checkpoint_line(snap: Optional[JobSnapshot]) -> str:
         return ""
     where = Path(snap.checkpoint)
     label = f"{where.parent.name}/{where.name}" if where.parent.name else where.name
-    final = " (final)" if snap.state in ("stopped", "done") else ""
+    final = {"done": " (final)", "stopped": " (Resume continues from it)"}.get(snap.state, "")
     return f"Last checkpoint{final}: `{label}`"
 
 
