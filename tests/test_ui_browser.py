@@ -348,7 +348,7 @@ def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page
     assert done["state"] == "stopped", done["text"]
     assert done["step"] < 400
     checkpoint_line = page.locator("#train-checkpoint").inner_text()
-    assert f"step-{done['step']:06d}" in checkpoint_line and "final" in checkpoint_line
+    assert f"step-{done['step']:06d}" in checkpoint_line and "Resume continues from it" in checkpoint_line
     run_dir = server.outputs / FLOW["run"]
     assert (run_dir / "checkpoints" / f"step-{done['step']:06d}").is_dir()
     assert (run_dir / "lora.safetensors").is_file() and (run_dir / "lora_diffusers.safetensors").is_file()
