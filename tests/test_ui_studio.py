@@ -707,6 +707,30 @@ def test_comparison_grid_over_one_or_two_loras(studio, tmp_path):
                          "p", 1, 4, 5.0)
 
 
+def test_an_upload_that_does_not_fit_the_loaded_base_is_refused_at_once(studio, tmp_path, monkeypatch):
+    """With the Mix base loaded, an upload is read into the mix right away: one that does not fit is refused
+    (and not kept) instead of "Added" and a refusal at the first preview."""
+    up = tmp_path / "upload.bin"
+    write_lora(up)
+    assert Path(studio.add_lora_upload(str(up), "early.safetensors", base="demo-random:sd15")).is_file()
+    assert FakeMix.instances == []  # no base loaded yet: nothing is loaded just for the check
+    studio.render_mix("demo-random:sd15", [], "a circle", 0, 2, 1.0)
+    mix = FakeMix.instances[-1]
+    stored = studio.add_lora_upload(str(up), "fits.safetensors", base="demo-random:sd15")
+    assert [Path(path).name for path, _ in mix.added] == ["fits.safetensors"]
+
+    def misfit(path, name=None):
+        raise LoraFormatError(f"{Path(path).name}: key 'lora_unet_x.lora_down.weight': its shape is (4, 99) but "
+                              "the base needs (4, 64)")
+
+    monkeypatch.setattr(mix, "add_lora", misfit)
+    with pytest.raises(UserError, match=r"^wrong\.safetensors: key .* its shape is \(4, 99\) .*\(not added\)$"):
+        studio.add_lora_upload(str(up), "wrong.safetensors", base="demo-random:sd15")
+    assert sorted(name for name, _ in studio.lora_uploads()) == ["early.safetensors", "fits.safetensors"]
+    assert studio.add_lora_upload(str(up), "other.safetensors", base="demo-random:sdxl")  # another base: later
+    assert Path(stored).is_file()
+
+
 def test_lora_files_and_uploads(studio, tmp_path):
     run = studio.outputs_dir / "r1"
     run.mkdir(parents=True)

@@ -157,11 +157,11 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             text += f" (a {image.width // factor} px image, shown {factor}× larger)"
         return image, text, *result.lines
 
-    def on_upload(file, *current):
+    def on_upload(file, base_name, *current):
         if not file:
             return gr.skip(), gr.skip(), gr.skip(), *[gr.skip()] * SLOTS
         try:
-            stored = studio.add_lora_upload(str(file))
+            stored = studio.add_lora_upload(str(file), base=base_name or "")
         except UserError as err:
             return None, f"⚠ {err}", gr.skip(), *[gr.skip()] * SLOTS
         options = choices()
@@ -208,7 +208,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
     slot_inputs = [*pickers, *sliders, *toggles]
     inputs = [base, prompt, seed, steps, guidance, fuse, *slot_inputs]
     outputs = [preview, info, *lines]
-    upload.upload(on_upload, [upload, *pickers], [upload, info, uploads, *pickers])
+    upload.upload(on_upload, [upload, base, *pickers], [upload, info, uploads, *pickers], **_ONE)
     delete_upload.click(on_delete_upload, [uploads, *pickers], [info, uploads, *pickers], **_ONE)
     base.change(lambda name: (default_steps(name or ""), default_guidance(name or "")), [base],
                 [steps, guidance])  # each base's tuned values

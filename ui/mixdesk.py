@@ -232,6 +232,19 @@ class MixDesk:
             for key in [k for k in mixer.refused if k[0] == path]:
                 mixer.refused.pop(key)
 
+    def load_if_ready(self, base: str, path: str) -> bool:
+        """Read LoRA ``path`` into the mix now when ``base`` is the base already loaded (it would be read at the
+        next preview anyway); False when another or no base is loaded (it is checked at the first preview).
+
+        Raises:
+            UserError: it does not fit the base (another architecture, shapes), named as a preview would.
+        """
+        with self._lock:
+            if self._loaded is None or self._loaded.base != base:
+                return False
+            self._adapter(self._loaded, path)
+            return True
+
     def _session(self, base: str) -> _Loaded:
         if self._loaded is None or self._loaded.base != base:
             self._loaded = None  # drop the old pipeline before loading another

@@ -655,8 +655,10 @@ class Studio(RunDataset, RunExports, RunSpace):
             found += [(f"{tag}: {path.name}", str(path)) for path in _safetensors_in(folder)]
         return found
 
-    def add_lora_upload(self, path: str, shown_name: str = "") -> str:
-        """Keep an uploaded LoRA under ``outputs/_loras/``; returns its stored path."""
+    def add_lora_upload(self, path: str, shown_name: str = "", base: str = "") -> str:
+        """Keep an uploaded LoRA under ``outputs/_loras/``; returns its stored path. With the Mix tab's ``base``
+        loaded it is read into the mix at once, and one that does not fit it is refused now, not at the first
+        preview (and not kept)."""
         name = store.safe_upload_name(shown_name or Path(path).name)
         if not name.lower().endswith(".safetensors"):
             raise UserError(f"{shown_name or Path(path).name}: only .safetensors LoRA files are accepted "
@@ -670,6 +672,12 @@ class Studio(RunDataset, RunExports, RunSpace):
             copy_new(path, dst)
         except FileExistsError:
             raise UserError(f"{dst.name} appeared in {folder} meanwhile; upload it again") from None
+        if base:
+            try:
+                self.mix.load_if_ready(base, str(dst))
+            except UserError as err:
+                dst.unlink(missing_ok=True)
+                raise UserError(f"{err} (not added)") from None
         return str(dst)
 
     def lora_uploads(self) -> list[tuple[str, str]]:
