@@ -215,6 +215,24 @@ def test_failures_are_recorded_and_the_worker_goes_on(tmp_path):
         queue.resume(ended[0].id)
 
 
+def flaky(queue: JobQueue, failures: dict, error: QueueError):
+    """Make the queue's methods named in ``failures`` raise ``error`` that many times first."""
+    def wrap(method):
+        real = getattr(queue, method)
+
+        def call(*args, **kwargs):
+            if failures[method]:
+                failures[method] -= 1
+                raise error
+            return real(*args, **kwargs)
+        return call
+
+    return {method: wrap(method) for method in failures}
+
+
+LOCKED = QueueError("queue database is locked by another process", transient=True)
+
+
 def test_a_database_hiccup_neither_ends_the_worker_nor_leaves_a_job_running(tmp_path, monkeypatch):
     """A lock held too long (or a full disk) while the worker looks for work or records a job's end: it tries
     again. Before, the worker thread died and the finished job stayed 'running' under the live server, so
@@ -223,25 +241,36 @@ def test_a_database_hiccup_neither_ends_the_worker_nor_leaves_a_job_running(tmp_
     for name in ("a", "b"):
         queue.add(light_config(tmp_path, name))
     failures = {"claim_next": 1, "finish": 2}
+    for method, call in flaky(queue, failures, LOCKED).items():
+        monkeypatch.setattr(queue, method, call)
+    ran, stop = [], threading.Event()
+    worker = threading.Thread(target=run_worker, args=(queue,), kwargs={"poll": 0.05, "stop": stop,
+                                                                        "runner": fake_runner(ran)})
+    worker.start()
+    wait_for(lambda: [j.state for j in queue.list()] == ["done", "done"], 10, "both jobs recorded as done")
+    stop.set()
+    worker.join(10)
+    assert failures == {"claim_next": 0, "finish": 0} and ran == [("a", False), ("b", False)]
 
-    def flaky(method):
-        real = getattr(queue, method)
 
-        def call(*args, **kwargs):
-            if failures[method]:
-                failures[method] -= 1
-                raise QueueError("queue database: database is locked (another process holds it)")
-            return real(*args, **kwargs)
-        return call
+@pytest.mark.parametrize("error, once", [(LOCKED, True), (QueueError("queue database is corrupt"), False)])
+def test_a_database_error_that_will_not_clear_or_a_one_shot_worker_ends_with_its_message(tmp_path, monkeypatch,
+                                                                                         error, once):
+    """`queue run --once` answers a locked database with the lock's one line (it used to wait for ever), and
+    a corrupt one ends any worker with the message that says how to fix it."""
+    queue = JobQueue(tmp_path / "outputs")
+    queue.add(light_config(tmp_path, "a"))
+    monkeypatch.setattr(queue, "claim_next", flaky(queue, {"claim_next": 100}, error)["claim_next"])
+    with pytest.raises(QueueError, match=str(error)):
+        run_worker(queue, once=once, poll=0.01, stop=threading.Event(), runner=fake_runner([]))
 
-    for method in failures:
-        monkeypatch.setattr(queue, method, flaky(method))
-    ran = []
-    ended = run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
-    assert failures == {"claim_next": 0, "finish": 0}
-    assert ran == [("a", False), ("b", False)]
-    assert [j.state for j in ended] == ["done", "done"]
-    assert [j.state for j in queue.list()] == ["done", "done"]
+
+def test_a_claim_that_commits_always_reaches_its_worker(tmp_path, monkeypatch):
+    queue = JobQueue(tmp_path / "outputs")
+    queue.add(light_config(tmp_path, "a"))
+    monkeypatch.setattr(queue, "get", lambda job_id: pytest.fail("the claim read its job in another transaction"))
+    claimed = queue.claim_next("default")
+    assert claimed.state == "running" and claimed.token and claimed.worker_pid == os.getpid()
 
 
 def test_one_job_at_a_time_per_device_group(tmp_path):

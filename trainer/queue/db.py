@@ -78,7 +78,12 @@ _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 5, 6, 8
 
 
 class QueueError(UserError):
-    """The queue database cannot be used (corrupt, locked, unwritable) or a request does not fit a job's state."""
+    """The queue database cannot be used (corrupt, locked, unwritable) or a request does not fit a job's state.
+    ``transient``: it may clear by itself (a lock held by another process, a full disk), so a worker tries again."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -195,12 +200,12 @@ class JobQueue:
             return QueueError(
                 f"queue database is locked by another process ({self.path}; waited {self.busy_timeout:g} s). "
                 "Another queue command or worker is writing to it; try again in a moment, or find the process "
-                f"holding it with `fuser {self.path}`")
+                f"holding it with `fuser {self.path}`", transient=True)
         if code in (_CORRUPT, _NOTADB) or "malformed" in text or "not a database" in text:
             return self._corrupt(text)
         if code in (_CANTOPEN, _READONLY, _IOERR, _FULL):
             return QueueError(f"cannot use the queue database {self.path} ({text}); check that the outputs folder "
-                              "is writable and the disk is not full")
+                              "is writable and the disk is not full", transient=code in (_IOERR, _FULL))
         return QueueError(f"queue database {self.path}: {text}")
 
     def _corrupt(self, detail: str) -> QueueError:
@@ -449,7 +454,9 @@ class JobQueue:
                          "finished_at = NULL, worker_host = ?, worker_pid = ?, worker_start = ?, claim = ?, error = '' "
                          "WHERE id = ?", (group, now, now, HOST, os.getpid(), (_proc_stat(os.getpid()) or ("", ""))[1],
                                           uuid.uuid4().hex, row["id"]))
-        return self.get(row["id"])
+            # read in the same transaction: a claim that commits always reaches its worker (a separate read that
+            # failed would leave the job 'running' under a live process, holding its device group)
+            return self._job(conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
 
     def heartbeat(self, job_id: int, token: str) -> Optional[str]:
         """Record that the worker holding claim ``token`` is alive; returns the job's state (``stopping``

@@ -65,8 +65,10 @@ def run_worker(queue: JobQueue, group: Optional[str] = None, once: bool = False,
     while not stop.is_set():
         try:
             job = queue.claim_next(group)
-        except QueueError as err:  # a long lock elsewhere, a full disk: the worker waits and looks again
-            log.warning("could not look at the queue: %s", err)
+        except QueueError as err:
+            if once or not err.transient:  # a corrupt or unwritable database: its message says what to do
+                raise
+            log.warning("could not look at the queue, trying again: %s", err)  # a long lock elsewhere, a full disk
             stop.wait(poll)
             continue
         if job is None:
@@ -146,9 +148,12 @@ def _record(queue: JobQueue, job: QueuedJob, state: str, error: str, worker_stop
             return queue.finish(job.id, state, error, token=job.token)
         except QueueError as err:
             tries += 1
-            if worker_stop.is_set() and tries >= 3:
+            if not err.transient or (worker_stop.is_set() and tries >= 3):
                 log.error("job %s: its end (%s) could not be recorded: %s", job.id, state, err)
                 return True
             log.warning("job %s: recording its end failed, trying again: %s", job.id, err)
-            time.sleep(wait)
+            if worker_stop.is_set():
+                time.sleep(min(wait, 1.0))  # shutting down: a few quick tries, then the next worker recovers it
+            else:
+                worker_stop.wait(wait)
             wait = min(wait * 2, 10.0)
