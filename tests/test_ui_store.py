@@ -87,7 +87,7 @@ def test_import_never_overwrites_and_keeps_stems_unique(tmp_path):
 
     assert fmt.upload_report(2, [], 0, second.renamed).splitlines() == [
         "Added **2** image(s).",
-        "Stored 2 new picture(s) under another name, since a picture in the dataset has theirs: `cat.png` as "
+        "Stored 2 new picture(s) under another name, since theirs was taken in the dataset: `cat.png` as "
         "`cat-2.png`, `cat.jpg` as `cat-3.jpg`."]
 
 
@@ -156,6 +156,7 @@ def test_an_upload_the_disk_cannot_hold_is_one_line_and_leaves_no_stub(tmp_path,
 
     up = tmp_path / "up"
     files = [png(up / "a.png"), png(up / "b.png", color=(0, 90, 0))]
+    (up / "a.txt").write_text("a red square\n", encoding="utf-8")
     (up / "b.txt").write_text("a green square\n", encoding="utf-8")
     real = shutil.copyfileobj
 
@@ -167,11 +168,30 @@ def test_an_upload_the_disk_cannot_hold_is_one_line_and_leaves_no_stub(tmp_path,
 
     monkeypatch.setattr(shutil, "copyfileobj", fail_on_a)
     run = tmp_path / "run"
-    report = store.import_uploads([*files, up / "b.txt"], run)
+    report = store.import_uploads([*files, up / "a.txt", up / "b.txt"], run)
     assert report.accepted == ["b.png"] and report.captions == 1
     assert report.rejected == [("a.png", "copying to a.png failed (No space left on device); the disk may be full. "
-                                          "Nothing half-written was left behind; free space and try again")]
+                                          "Nothing half-written was left behind; free space and try again"),
+                               ("a.txt", "its picture could not be stored (see above)")]
     assert sorted(p.name for p in store.dataset_dir(run).iterdir()) == ["b.png", "b.txt"]
+
+
+def test_a_thumbnail_the_disk_cannot_hold_shows_the_picture_itself(tmp_path, monkeypatch):
+    """The card (and the dataset check, which reads thumbnails) use the picture until a thumbnail can be made."""
+    from trainer.errors import WriteError
+
+    run = tmp_path / "run"
+
+    def full(*args):
+        raise WriteError("writing a.jpg failed (No space left on device)")
+
+    monkeypatch.setattr(store, "atomic_path", full)
+    assert store.import_uploads([png(tmp_path / "a.png")], run).accepted == ["a.png"]
+    [item] = store.list_items(run)
+    assert item.thumb == item.path == str(store.dataset_dir(run) / "a.png")
+    monkeypatch.undo()
+    [item] = store.list_items(run)  # space again: made now
+    assert item.thumb == str(store.thumb_path(run, "a.png")) and Path(item.thumb).is_file()
 
 
 def test_a_caption_the_disk_cannot_hold_is_named_as_such_not_as_bad_text(tmp_path, monkeypatch):

@@ -246,6 +246,21 @@ def test_a_refused_start_of_a_trained_run_leaves_no_copy_behind(studio, tmp_path
         with pytest.raises(UserError, match="cannot start"):
             studio.start("r1", bad)
     assert studio.run_names() == ["r1"]  # no r1-2, r1-3 … each holding a copy of the dataset
+    import shutil
+
+    real = shutil.copytree
+
+    def disk_full(src, dst, **options):  # copytree copies what it can, then lists every failed file
+        real(src, dst, **options)
+        raise shutil.Error([(str(src / "a.png"), str(dst / "a.png"), "[Errno 28] No space left on device")] * 20)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shutil, "copytree", disk_full)
+        with pytest.raises(UserError) as err:
+            studio.start("r1", form())
+    assert str(err.value) == ("copying r1's dataset to r1-2 failed ([Errno 28] No space left on device); the disk "
+                              "may be full: free space and press Start again")
+    assert studio.run_names() == ["r1"] and not (studio.outputs_dir / "r1-2").exists()  # no half copy listed
     used, message = studio.start("r1", form())
     assert used == "r1-2" and "copied" in message
     wait_ended(studio, "r1-2")

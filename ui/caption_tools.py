@@ -39,13 +39,15 @@ def _captions(run_dir: Path) -> dict[str, str | None]:
     captions = {}
     for name in _image_names(run_dir):
         txt = (store.dataset_dir(run_dir) / name).with_suffix(".txt")
-        if not txt.is_file():
-            captions[name] = None
-            continue
         try:
             captions[name] = txt.read_bytes().decode("utf-8-sig").strip()
-        except (UnicodeDecodeError, OSError):
+        except FileNotFoundError:
+            captions[name] = None
+        except UnicodeDecodeError:
             continue
+        except OSError as err:  # a locked or unreadable file: nothing may be decided for it
+            raise UserError(f"cannot read the caption {txt.name} ({err.strerror or err}); nothing was changed") \
+                from None
     return captions
 
 

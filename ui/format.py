@@ -212,8 +212,8 @@ def upload_report(accepted: int, rejected: list[tuple[str, str]], captions: int 
     if renamed:
         shown = ", ".join(f"{md_code(a)} as {md_code(b)}" for a, b in renamed[:3]) + \
             (f" and {len(renamed) - 3} more" if len(renamed) > 3 else "")
-        lines.append(f"Stored {len(renamed)} new picture(s) under another name, since a picture in the dataset "
-                     f"has theirs: {shown}.")
+        lines.append(f"Stored {len(renamed)} new picture(s) under another name, since theirs was taken in the "
+                     f"dataset: {shown}.")
     if again:
         shown = ", ".join(md_code(n) for n in again[:3]) + (f" and {len(again) - 3} more" if len(again) > 3 else "")
         lines.append(f"Skipped {len(again)} picture(s) already in the dataset (the same files)"

@@ -109,16 +109,17 @@ def _unique_name(name: str, taken: set[str]) -> str:
     return f"{candidate}.{ext}"
 
 
-def _write_thumb(img: Image.Image, path: Path) -> None:
-    """A small JPEG for the page; where it cannot be written now (a full disk), :func:`list_items` makes it
-    later."""
+def _write_thumb(img: Image.Image, path: Path) -> bool:
+    """A small JPEG for the page; False where it cannot be written now (a full disk): :func:`list_items` shows
+    the picture itself meanwhile and tries again next time."""
     thumb = img.copy()
     thumb.thumbnail((THUMB_SIZE, THUMB_SIZE))
     try:
         with atomic_path(path) as tmp:
             thumb.save(tmp, format="JPEG", quality=85)
     except WriteError:
-        pass
+        return False
+    return True
 
 
 @dataclass
@@ -164,6 +165,7 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
     texts: dict[str, Path] = {}
     stored_by_stem: dict[str, str] = {}
     duplicate_of: dict[str, str] = {}  # uploaded stem -> the picture with the same bytes in the dataset
+    not_stored: set[str] = set()  # uploaded stems whose picture could not be copied in
     for src, shown in zip(map(Path, paths), names):
         shown = re.split(r"[\\/]", str(shown))[-1] or "(unnamed)"
         if shown.lower().endswith(".txt"):
@@ -196,6 +198,7 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
         except (WriteError, FileExistsError) as err:
             report.rejected.append((shown, str(err) if isinstance(err, WriteError) else
                                     f"{stored} appeared in the dataset meanwhile; add it again"))
+            not_stored.add(shown.rpartition(".")[0].lower())
             continue
         _write_thumb(img, thumb_path(run_dir, stored))
         known[digest] = stored
@@ -211,7 +214,8 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
                 continue
             stored = duplicate_of[stem]  # uploaded without one before: this caption is its first
         if stored is None:
-            report.rejected.append((f"{stem}.txt", "caption file without an image of the same name in this upload"))
+            report.rejected.append((f"{stem}.txt", "its picture could not be stored (see above)" if stem in not_stored
+                                    else "caption file without an image of the same name in this upload"))
             continue
         try:
             write_caption(run_dir, stored, src.read_bytes().decode("utf-8-sig"))
@@ -335,7 +339,8 @@ def list_items(run_dir: Path) -> list[Item]:
         thumb = thumb_path(run_dir, path.name)
         if not thumb.is_file():
             try:
-                _write_thumb(open_image(path), thumb)
+                if not _write_thumb(open_image(path), thumb):
+                    thumb = path
             except ImageError:
                 thumb = path
         items.append(Item(name=path.name, path=str(path), thumb=str(thumb), caption=read_caption(run_dir, path.name)))

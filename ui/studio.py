@@ -405,8 +405,8 @@ class Studio(RunDataset, RunExports, RunSpace):
         n = 2
         while (target := run_dir.with_name(f"{run_dir.name}-{n}")).exists():
             n += 1
-        target.mkdir(parents=True)
         try:
+            target.mkdir(parents=True)
             for sub in ("dataset", "thumbs"):
                 if (run_dir / sub).is_dir():
                     shutil.copytree(run_dir / sub, target / sub)
@@ -414,8 +414,11 @@ class Studio(RunDataset, RunExports, RunSpace):
                 shutil.copy2(run_dir / "studio.json", target / "studio.json")
         except OSError as err:  # a half copy would list as a run with half the dataset
             shutil.rmtree(target, ignore_errors=True)
-            raise WriteError(f"copying {run_dir.name}'s dataset to {target.name} failed ({err.strerror or err}); "
-                             "the disk may be full: free space and press Start again") from None
+            # copytree goes on past a failed file and then lists them all (shutil.Error): the first reason is enough
+            first = err.args[0][0][2] if isinstance(err, shutil.Error) and err.args and err.args[0] else None
+            reason = first or err.strerror or err
+            raise WriteError(f"copying {run_dir.name}'s dataset to {target.name} failed ({reason}); the disk may be "
+                             "full: free space and press Start again") from None
         return target
 
     def stop(self, run: Optional[str] = None) -> str:
