@@ -2,8 +2,9 @@
 it ended (:func:`summarize`, :func:`disk_state`), the runs on disk (:func:`list_runs`), and the names of the
 job states that own a run.
 
-Training itself runs in the queue's worker (``trainer.queue``); the UI reads what it writes and talks to it
-only through the queue (a cancel is the loop's stop flag).
+The web app trains through the queue's worker (``trainer.queue``) and talks to a run only through the queue
+(a cancel is the loop's stop flag); ``python -m trainer train`` runs the loop in its own process. Both write
+the events read here.
 """
 
 from __future__ import annotations

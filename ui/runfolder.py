@@ -101,5 +101,6 @@ def build(studio: Studio, run: gr.Dropdown) -> gr.Markdown:
                 concurrency_limit=1)
     delete.click(on_delete, [run, armed], [status, usage, armed, delete, run, prune, expiry],
                  concurrency_id="train-control", concurrency_limit=1)
-    expiry.tick(on_expiry, armed, [status, armed, delete, prune, expiry], show_progress="hidden")
+    expiry.tick(on_expiry, armed, [status, armed, delete, prune, expiry], show_progress="hidden",
+                concurrency_id="train-control", concurrency_limit=1)  # never beside the press that answers it
     return usage
