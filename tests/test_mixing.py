@@ -228,6 +228,20 @@ def test_fuse_then_unfuse_restores_the_base_weights(mixer, tmp_path):
     assert abs(pixels(session.render(PROMPT, SEED, STEPS, GUIDANCE)) - mixed).max() <= 1
 
 
+@pytest.mark.parametrize("prompt, label", [
+    ("a street", "a street"),
+    ("zkstyle, a red circle on a blue background", "zkstyle, a red circle on\na blue background"),
+    ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen",
+     "one two three four five\nsix seven eight nine ten\neleven twelve thirteen\nfourteen fifteen..."),
+])
+def test_a_prompt_beside_its_grid_row_wraps_before_it_is_cut(prompt, label):
+    """Row labels of side-by-side grids (compare steps) were cut at 40 characters, mid-prompt."""
+    from trainer.mixing.grid import ROW_LABEL_LINES, ROW_LABEL_WIDTH, _row_label
+
+    assert _row_label(prompt) == label
+    assert all(len(line) <= ROW_LABEL_WIDTH for line in label.splitlines()) and label.count("\n") < ROW_LABEL_LINES
+
+
 @pytest.mark.parametrize("mixer", ["sd15"], indirect=True)
 def test_sliders_never_reread_files_or_reload_the_base(mixer, tmp_path, monkeypatch):
     import trainer.mixing.session as session_module

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
@@ -11,7 +12,7 @@ from trainer.errors import UserError
 
 MIN_CELL = 128  # tiny 64 px renders are scaled up (nearest) so labels and pixels stay legible
 PAD = 6
-MAX_ROW_LABEL = 40  # characters of a prompt shown as a row label; the full prompts are in the caller's report
+ROW_LABEL_WIDTH, ROW_LABEL_LINES = 24, 4  # a prompt as a row label: wrapped to this many characters and lines
 
 
 class Column(NamedTuple):
@@ -54,8 +55,9 @@ def label_grid(cells: list[list[Image.Image]], col_labels: list[str], row_labels
         draw.text((left + PAD + j * (side + PAD) + max(0, (side - w) // 2), PAD + line), label, fill="black", font=font)
     for i, row in enumerate(cells):
         y = top + i * (side + PAD)
-        if row_labels:
-            draw.text((PAD, y + side // 2 - line // 2), row_labels[i], fill="black", font=font)
+        if row_labels:  # centred on the row, one line or several
+            height = _text_size(draw, row_labels[i], font)[1] if row_labels[i] else 0
+            draw.multiline_text((PAD, y + max(0, (side - height) // 2)), row_labels[i], fill="black", font=font)
         for j, cell in enumerate(row):
             image = cell.convert("RGB")
             if image.size != (side, side):
@@ -115,8 +117,14 @@ def comparison_grid(session, lora_name: str, weights: list[float], prompt: str, 
     return label_grid(cells, col_labels, row_labels, title)
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= MAX_ROW_LABEL else text[:MAX_ROW_LABEL - 3].rstrip() + "..."
+def _row_label(prompt: str) -> str:
+    """``prompt`` over a few lines beside its row; past the last line it is cut with "..." (the caller's report
+    has the full prompts)."""
+    lines = textwrap.wrap(" ".join(prompt.split()), ROW_LABEL_WIDTH, break_long_words=True) or [""]
+    if len(lines) > ROW_LABEL_LINES:  # the last line takes the rest, cut at a word
+        rest = " ".join(lines[ROW_LABEL_LINES - 1:])
+        lines = lines[:ROW_LABEL_LINES - 1] + [textwrap.shorten(rest, ROW_LABEL_WIDTH, placeholder="...")]
+    return "\n".join(lines)
 
 
 def render_alone(session, columns: list[Column], prompts: list[str], seed: int, steps: int,
@@ -151,4 +159,4 @@ def side_by_side(session, columns: list[Column], prompts: list[str], seed: int, 
     col_labels = [column.label for column in columns]
     if len(prompts) == 1:  # one row: the prompt goes in the title, in full
         return label_grid(cells, col_labels, None, f"{prompts[0]!r} · {title}")
-    return label_grid(cells, col_labels, [_short(p) for p in prompts], title)
+    return label_grid(cells, col_labels, [_row_label(p) for p in prompts], title)
