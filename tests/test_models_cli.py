@@ -397,6 +397,37 @@ def test_hub_id_loads_from_the_local_cache_offline(base_dirs, tmp_path, monkeypa
     assert base.arch == "sd15" and base.ref.kind == "hub"
 
 
+@pytest.mark.parametrize("pipeline, unet_size, vae_levels, expected", [
+    ("StableDiffusionPipeline", 64, 4, 512),
+    ("StableDiffusionXLPipeline", 128, 4, 1024),  # the UI used to offer 512 for SDXL (blurrier, a 512 target size)
+    ("FluxPipeline", None, 4, 1024),
+])
+def test_a_base_trains_at_its_own_size_by_default(tmp_path, monkeypatch, pipeline, unet_size, vae_levels, expected):
+    """What the Train tab shows and `train` uses without --resolution: read from the configs of a folder or a
+    cached hub snapshot; 64 for the demo bases."""
+    import json
+
+    from huggingface_hub import constants
+
+    from trainer.bases import default_resolution
+
+    def write(folder):
+        (folder / "vae").mkdir(parents=True)
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+        (folder / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [8] * vae_levels,
+                                                                  "sample_size": 1024}))
+        if unet_size:
+            (folder / "unet").mkdir()
+            (folder / "unet" / "config.json").write_text(json.dumps({"sample_size": unet_size}))
+
+    write(tmp_path / "folder")
+    assert default_resolution(str(tmp_path / "folder")) == expected
+    write(tmp_path / "hub" / "models--org--base" / "snapshots" / ("0" * 40))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert default_resolution("org/base") == expected
+    assert default_resolution("demo:sdxl") == default_resolution("demo-random:flux") == 64
+
+
 def test_demo_bases_bring_their_own_sampling_defaults(tmp_path, scene_dir):
     """studio.json steps/guidance become the sample defaults unless the user gives them."""
     import argparse

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from trainer.errors import ModelNotFoundError, UserError
@@ -181,6 +181,25 @@ def native_resolution(ref: BaseRef, folder: Path | None = None) -> int:
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return fallback
+
+
+DEMO_RESOLUTION = 64  # the tiny demo bases' native size
+
+
+def default_resolution(base: str) -> int:
+    """The size to train ``base`` at unless told otherwise: the size it was trained at (64 for the demo bases,
+    512 SD1.5, 1024 SDXL), read from its configs where they are at hand (a folder, a cached hub snapshot).
+
+    Raises:
+        ModelNotFoundError: ``base`` does not exist.
+    """
+    ref = parse_base(base)
+    if ref.kind in ("demo", "demo-random"):
+        return DEMO_RESOLUTION
+    found = config_folder(base)
+    if found is not None:
+        return native_resolution(replace(ref, arch=found[1]), found[0])
+    return native_resolution(ref)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

@@ -10,7 +10,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.bases import base_sampling_defaults, native_resolution, parse_base
+from trainer.bases import base_sampling_defaults, default_resolution
 from trainer.config import Precision, TrainConfig, load_config, load_yaml, validate
 from trainer.errors import ConfigError, UserError
 from trainer.presets import resolve_config
@@ -130,16 +130,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--num-processes", type=int, default=1,
                    help="train on N processes (one per GPU; CPU uses gloo) by relaunching under torchrun")
-
-
-def default_resolution(base: str) -> int:
-    """The base's own training size (64 for the tiny demo bases, 512 SD1.5, 1024 SDXL)."""
-    ref = parse_base(base)
-    if ref.kind in ("demo", "demo-random"):
-        from trainer.models.tiny import RESOLUTION
-
-        return RESOLUTION
-    return native_resolution(ref)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:

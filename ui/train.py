@@ -14,15 +14,15 @@ import itertools
 import pandas as pd
 import gradio as gr
 
+from trainer.bases import default_resolution
 from trainer.config import TrainConfig, field_help
 from trainer.errors import UserError
 from trainer.objective import TIMESTEP_SAMPLINGS
 from trainer.presets import preset_lr
 from ui import format as fmt, runfolder
-from ui.studio import Studio, TrainForm, is_demo
+from ui.studio import Studio, TrainForm
 
 POLL_SECONDS = 1.0
-DEMO_RESOLUTION = 64  # the demo bases are 64 px models
 
 
 def _preset_fields(studio: Studio, preset: str, base: str) -> tuple:
@@ -37,10 +37,13 @@ def _preset_fields(studio: Studio, preset: str, base: str) -> tuple:
             values.get("alpha", 2 * rank))
 
 
-def _resolution_for(base: str, current) -> int:
-    if is_demo(base):
-        return DEMO_RESOLUTION
-    return TrainConfig.resolution if not current or int(current) <= DEMO_RESOLUTION else int(current)
+def _resolution_for(base: str) -> int:
+    """The resolution shown for a base just picked: its own training size (SDXL 1024; 512 would train it blurrier
+    and teach it a 512 px target size), as the command line defaults to."""
+    try:
+        return default_resolution(base)
+    except UserError:  # a base that does not exist: Start names it
+        return TrainConfig.resolution
 
 
 def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
@@ -64,7 +67,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         with gr.Row():
             steps = gr.Number(steps0, label="Steps", precision=0, elem_id="steps", info=helps["steps"])
             lr = gr.Number(lr0, label="Learning rate", elem_id="lr", info=helps["lr"])
-            resolution = gr.Number(_resolution_for(studio.default_base, None), label="Resolution", precision=0,
+            resolution = gr.Number(_resolution_for(studio.default_base), label="Resolution", precision=0,
                                    step=64, elem_id="resolution", info=helps["resolution"])
             batch = gr.Number(batch0, label="Batch size", precision=0, elem_id="batch",
                               info=helps["batch_size"])
@@ -144,8 +147,8 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         disk = runfolder.build(studio, run)
     last = gr.State(None)  # what the page shows now, so a poll only sends what changed
 
-    base.change(lambda b, r, p: (studio.describe_base(b), _resolution_for(b, r), _preset_fields(studio, p, b)[1]),
-                [base, resolution, preset], [base_info, resolution, lr])
+    base.change(lambda b, p: (studio.describe_base(b), _resolution_for(b), _preset_fields(studio, p, b)[1]),
+                [base, preset], [base_info, resolution, lr])
     preset.change(lambda p, b: (studio.describe_preset(p), *_preset_fields(studio, p, b)), [preset, base],
                   [preset_info, steps, lr, batch, rank, alpha])
     rank.input(lambda r: 2 * r if isinstance(r, (int, float)) and r > 0 else gr.skip(), rank, alpha)  # α = 2r

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from trainer.bases import ARCHS
+from trainer.bases import ARCHS, DEMO_RESOLUTION
 
 _CHARS = string.ascii_lowercase + string.digits + ",.'-!?:;()"
-RESOLUTION = 64  # pixel side of the tiny models' native size
+RESOLUTION = DEMO_RESOLUTION  # pixel side of the tiny models' native size
 
 
 def clip_tokenizer():
