@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.export import LoraWeights, adapter_metadata, kohya_name, save_safetensors, to_diffusers, to_flux_fused, to_kohya
+from trainer.export import LoraWeights, kohya_name, save_safetensors, to_flux_fused, to_kohya
 from trainer.targets import resolve
 
 PROMPT, SEED, STEPS, GUIDANCE = "a red circle on a blue square", 3, 2, 4.0
@@ -102,12 +102,14 @@ def layout_tensors(weights: LoraWeights, layout: str, arch: str, flux_dims=None,
             tensors[f"{prefix}.{block}.processor.{proj}_lora.down.weight"] = a * (weights.alpha / weights.rank)
             tensors[f"{prefix}.{block}.processor.{proj}_lora.up.weight"] = b  # no alpha in this layout: folded
         return tensors, meta
-    elif layout == "peft":
-        tensors = to_diffusers(weights, prefix)
-        config = json.loads(adapter_metadata(weights, prefix))
-        for component, w in te.items():
-            tensors.update(to_diffusers(w, component))
-            config.update(json.loads(adapter_metadata(w, component)))
+    elif layout == "peft":  # as diffusers' save_lora_weights writes it: alpha only in lora_adapter_metadata
+        tensors, config = {}, {}
+        for component, w in {prefix: weights, **te}.items():
+            for module, (a, b) in w.modules.items():
+                tensors[f"{component}.{module}.lora_A.weight"] = a
+                tensors[f"{component}.{module}.lora_B.weight"] = b
+            config.update({f"{component}.r": w.rank, f"{component}.lora_alpha": w.alpha,
+                           f"{component}.target_modules": sorted(w.modules)})
         meta["lora_adapter_metadata"] = json.dumps(config)
         return tensors, meta
     elif layout in ("comfy-dm", "comfy-sgm"):  # ComfyUI's own saves: diffusion_model.<module>

@@ -123,20 +123,21 @@ def test_kohya_delta_equals_peft_delta(runs, arch):
     kohya, _ = read_lora(result.exports[0])
     peft_tensors, meta = read_lora(result.exports[1])
     prefix = "unet."
-    weights = from_peft_state_dict({k[len(prefix):]: v for k, v in peft_tensors.items()}, config.rank, config.alpha)
+    # alpha/rank is folded into lora_B (loaders that read no lora_adapter_metadata apply B·A as it is)
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == config.rank != config.alpha
+    weights = from_peft_state_dict({k[len(prefix):]: v for k, v in peft_tensors.items()}, config.rank, config.rank)
     expected = peft_deltas(weights)
     got = kohya_deltas(kohya)
     assert len(got) == len(expected) > 0
     for module, delta in expected.items():
         torch.testing.assert_close(got["lora_unet_" + module.replace(".", "_")], delta)
-    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == config.alpha
 
 
 def test_flux_fused_delta_equals_peft_delta(runs):
     config, result, _ = runs["flux"]
     fused, _ = read_lora(result.exports[0])
     peft_tensors, _ = read_lora(result.exports[1])
-    weights = from_peft_state_dict({k[len("transformer."):]: v for k, v in peft_tensors.items()}, config.rank, config.alpha)
+    weights = from_peft_state_dict({k[len("transformer."):]: v for k, v in peft_tensors.items()}, config.rank, config.rank)
     expected = peft_deltas(weights)
     got = kohya_deltas(fused)
     inner = 32

@@ -122,16 +122,22 @@ def to_flux_fused(weights: LoraWeights, inner_dim: int, mlp_dim: int) -> dict[st
 
 
 def to_diffusers(weights: LoraWeights, prefix: str) -> dict[str, torch.Tensor]:
+    """PEFT keys (``<prefix>.<module>.lora_A/B.weight``) with alpha/rank folded into ``lora_B``: ComfyUI (and
+    diffusers before ``lora_adapter_metadata``) read no alpha from such a file and apply B·A as it is, so an
+    unfolded alpha = 2r file loaded there at half strength. With :func:`adapter_metadata`'s lora_alpha = r,
+    diffusers applies the same ΔW."""
+    scale = weights.alpha / weights.rank
     out = {}
     for module, (a, b) in weights.modules.items():
         out[f"{prefix}.{module}.lora_A.weight"] = a
-        out[f"{prefix}.{module}.lora_B.weight"] = b
+        out[f"{prefix}.{module}.lora_B.weight"] = (b * scale).to(b.dtype) if scale != 1 else b
     return out
 
 
 def adapter_metadata(weights: LoraWeights, prefix: str) -> str:
-    """diffusers' ``lora_adapter_metadata``: the minimal LoraConfig fields, prefixed by component."""
-    config = {"r": weights.rank, "lora_alpha": weights.alpha, "target_modules": sorted(weights.modules)}
+    """diffusers' ``lora_adapter_metadata``: the minimal LoraConfig fields, prefixed by component; lora_alpha is
+    the rank, as :func:`to_diffusers` folds the scale into the weights."""
+    config = {"r": weights.rank, "lora_alpha": weights.rank, "target_modules": sorted(weights.modules)}
     return json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
 
 
