@@ -96,11 +96,13 @@ def test_an_overflowing_fp16_step_is_skipped_not_called_divergence(base_dirs, tm
     assert not torch.isfinite(torch.tensor(norm)) and seen == [(loss, 0.0)]
     assert all(torch.equal(a, p) for a, p in zip(before, parts.params))  # the update was skipped
     assert scaler.get_scale() == 2.0 ** 28
+    assert parts.lr_scheduler.last_epoch == 0  # and the schedule did not move: no warmup spent without an update
     for step in range(1, 6):  # the scale comes down until a step goes through
         train_step(parts, fetch, step, check=lambda loss, norm: None)
         if not all(torch.equal(a, p) for a, p in zip(before, parts.params)):
             break
     assert scaler.get_scale() < 2.0 ** 28 and not all(torch.equal(a, p) for a, p in zip(before, parts.params))
+    assert parts.lr_scheduler.last_epoch == 1  # the one step that went through
 
     def diverged(loss, norm):
         raise AssertionError(f"loss {loss}")

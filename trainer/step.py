@@ -112,7 +112,10 @@ def _step(parts: StepParts, fetch: Callable[[int], Batch], step: int,
         check(total, grad_norm if math.isfinite(grad_norm) else 0.0)
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
-    with warnings.catch_warnings():  # a skipped fp16 step still advances the schedule, as accelerate's loop does
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-        parts.lr_scheduler.step()
+    if parts.scaler is None or math.isfinite(grad_norm):
+        # a step the scaler skipped (fp16 overflow) leaves the schedule where it is, as accelerate's scheduler
+        # wrapper does: else the scaler's first calibration steps would use up warmup without an update
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            parts.lr_scheduler.step()
     return total, grad_norm
