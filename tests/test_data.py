@@ -228,14 +228,19 @@ def test_nearest_bucket_keeps_aspect(size, expected):
     assert nearest_bucket(*size, buckets(512)) == expected
 
 
-def test_center_crop_off_by_default_and_crops_are_seeded(tmp_path):
+def test_center_crop_by_default_and_random_crops_are_seeded(tmp_path):
+    """Latents are cached, so a "random" crop is drawn once per picture: centred is the default (kohya refuses
+    random crops with a latent cache); --random-crop still draws a seeded one."""
+    from trainer.config import TrainConfig
+
+    assert TrainConfig.center_crop is True
     arr = np.zeros((64, 192, 3), dtype=np.uint8)
     arr[:, :, 0] = np.arange(192, dtype=np.uint8)[None, :]  # horizontal gradient shows the crop offset
     Image.fromarray(arr).save(tmp_path / "wide.png")
     scan = scan_dataset(tmp_path)
     offsets = {seed: prepare(scan, 64, False, "", seed=seed)[0][0].crop_top_left for seed in range(6)}
     assert offsets[1] == prepare(scan, 64, False, "", seed=1)[0][0].crop_top_left  # seeded: reproducible
-    assert len(set(offsets.values())) > 1  # random by default, not centered
+    assert len(set(offsets.values())) > 1  # random when asked for, not centred
     center = prepare(scan, 64, True, "", seed=1)[0][0]
     assert center.bucket == (64, 64) and center.crop_top_left == (0, 64)
     left_edge = (center.pixels[0, 0, 0].item() + 1) * 127.5

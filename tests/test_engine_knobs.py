@@ -153,6 +153,11 @@ def test_cli_flags_reach_the_config(tmp_path, scene_dir):
     config, _ = cli_train.config_from_args(args)
     assert (config.gradient_checkpointing, config.compile, config.channels_last, config.attention,
             config.offload_frozen) == ("on", "regional", True, "flash", False)
+    assert config.center_crop is True  # the default
+    crops = [cli_train.config_from_args(parser.parse_args(["--data", str(scene_dir), "--out", str(tmp_path / "r"),
+                                                            *flag]))[0].center_crop
+             for flag in (["--random-crop"], ["--center-crop"])]
+    assert crops == [False, True]
 
 
 def test_xformers_missing_names_the_gpu_requirements(monkeypatch):

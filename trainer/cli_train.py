@@ -21,7 +21,7 @@ _FLAGS = ("base", "base_config", "data", "out", "rank", "alpha", "targets", "pre
           "trigger", "optimizer", "seed",
           "checkpoint_every", "sample_every", "eval_every", "sample_steps", "sample_guidance", "init_lora", "device", "title",
           "license", "description", "adapter_dtype", "keep_checkpoints", "gradient_checkpointing", "compile",
-          "channels_last", "attention", "offload_frozen")
+          "channels_last", "attention", "offload_frozen", "center_crop")
 # speed/memory knobs: they change how a step runs, not what it computes, so a resumed run may change them
 _KNOBS = ("gradient_checkpointing", "compile", "channels_last", "attention", "offload_frozen")
 # what else a resumed run may change: its length, where it runs, what it writes, and the learning rate (the
@@ -95,7 +95,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--resolution", type=int, help="default: the base's native size (64 demo bases, 512 SD1.5, 1024 SDXL)")
-    p.add_argument("--center-crop", action="store_true", default=None)
+    p.add_argument("--center-crop", dest="center_crop", action="store_true", default=None,
+                   help="crop each picture to its bucket around its centre (the default)")
+    p.add_argument("--random-crop", dest="center_crop", action="store_false",
+                   help="one seeded random crop per picture instead (drawn once: latents are cached)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="mirror images left-right at random (default off)")
     p.add_argument("--caption-dropout", type=float)
@@ -135,9 +138,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     """Defaults ← preset ← --config file ← flags; a resumed run reuses its saved config."""
     flags = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
-    for name in ("center_crop",):
-        if getattr(args, name):
-            flags[name] = True
     if args.sample_prompts:
         flags["sample_prompts"] = tuple(args.sample_prompts)
     if args.resume:

@@ -64,7 +64,9 @@ class TrainConfig:
     batch_size: int = _help("Images per step.", default=1)
     grad_accum: int = _help("Micro-batches accumulated per optimizer step.", default=1)
     resolution: int = _help("Training side length; buckets keep about resolution² pixels (multiples of 64).", default=512)
-    center_crop: bool = _help("Center-crop to the bucket instead of a random (seeded) crop.", default=False)
+    center_crop: bool = _help("Center-crop each picture to its bucket (off: one seeded random crop per picture, "
+                              "drawn once, since latents are cached; kohya refuses random crops with a latent cache).",
+                              default=True)
     flip: bool = _help("Mirror images left-right at random: each step shows each image flipped or not, half and "
                        "half (both are cached). Leave off for lettering or one-sided motifs.", default=False)
     caption_dropout: float = _help("Probability of training on the empty caption (keeps CFG working).", default=0.0)
