@@ -69,7 +69,7 @@ def test_metadata(runs, arch):
     config, result, _ = runs[arch]
     for path in result.exports:
         _, meta = read_lora(path)
-        assert meta["ss_network_module"] == "networks.lora"
+        assert meta["ss_network_module"] == ("networks.lora_flux" if arch == "flux" else "networks.lora")
         assert meta["ss_network_dim"] == str(config.rank) and meta["ss_network_alpha"] == f"{config.alpha:g}"
         assert meta["ss_steps"] == "5"
         assert meta["modelspec.sai_model_spec"] == "1.0.0"

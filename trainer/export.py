@@ -242,7 +242,7 @@ def training_record(config, processes: int | None = None) -> dict[str, str]:
 def build_metadata(info: ExportInfo, weights: LoraWeights) -> dict[str, str]:
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     return {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora_flux" if info.arch == "flux" else "networks.lora",  # as sd-scripts names them
         "ss_network_dim": str(weights.rank),
         "ss_network_alpha": f"{weights.alpha:g}",
         "ss_base_model_version": info.base_model_version,
