@@ -364,6 +364,8 @@ def test_a_second_start_queues_behind_the_running_one_and_runs_after_it(studio, 
     used, message = studio.start("r2", form(steps=2))
     assert used == "r2" and "queued at position 1" in message and "'r1' is training" in message
     assert studio.snapshot("r2").state == "queued"
+    # listed while it waits, though it has no config.yaml before its first start
+    assert studio.run_list() == [("r2 — queued (2 steps)", "r2"), ("r1 — running (3 steps)", "r1")]
     assert "Queued at position 1" in studio.queue_note("r2")
     assert [(Path(j.run_dir).name, j.state, j.position) for j in studio.jobs()] == \
         [("r1", "running", None), ("r2", "queued", 1)]

@@ -129,6 +129,14 @@ def cuda_free_bytes() -> Optional[int]:
     return int(torch.cuda.mem_get_info()[0])
 
 
+def _planned_steps(job: QueuedJob) -> int:
+    """The steps a queued job will train (0 when its stored config no longer reads: the worker says why)."""
+    try:
+        return job.config.steps
+    except (UserError, ValueError):
+        return 0
+
+
 def _safetensors_in(folder: Path) -> list[Path]:
     """The ``.safetensors`` files in ``folder`` (resolved, sorted by name); none when it does not exist."""
     return [p.resolve() for p in sorted(folder.glob("*.safetensors"))] if folder.is_dir() else []
@@ -290,12 +298,20 @@ class Studio(RunDataset, RunExports, RunSpace):
         return store.new_run_name(self.outputs_dir, avoid=avoid)
 
     def runs(self) -> list[RunInfo]:
-        """Trained runs on disk, with the queue's word on their state where it has one."""
+        """Trained runs on disk, with the queue's word on their state where it has one, after the runs that wait
+        in the queue for their first start (newest first; their folder has no config.yaml before it)."""
+        jobs = self.jobs()
         states = {}
-        for job in self.jobs():  # oldest first: the newest job of a folder wins
+        for job in jobs:  # oldest first: the newest job of a folder wins
             if job.state != "cancelled":
                 states[job.run_dir] = job.state
-        return list_runs(self.outputs_dir, states)
+        trained = list_runs(self.outputs_dir, states)
+        listed = {r.name for r in trained}
+        waiting = [RunInfo(name=Path(j.run_dir).name, path=j.run_dir, state="queued", step=0,
+                           total_steps=_planned_steps(j), resumable=False)
+                   for j in reversed(jobs) if j.state == "queued" and Path(j.run_dir).name not in listed
+                   and Path(j.run_dir).parent == self.outputs_dir.resolve()]
+        return waiting + trained
 
     def run_list(self) -> list[tuple[str, str]]:
         """(label, run name) of every trained run, newest first: ``r1 — stopped at 3/10 · resumable``."""
