@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -426,6 +427,33 @@ def test_a_base_trains_at_its_own_size_by_default(tmp_path, monkeypatch, pipelin
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert default_resolution("org/base") == expected
     assert default_resolution("demo:sdxl") == default_resolution("demo-random:flux") == 64
+
+
+def test_a_run_started_with_relative_paths_resumes_from_any_folder(tmp_path, scene_dir, monkeypatch):
+    """config.yaml stores absolute paths; a run saved with relative ones (before) says how to resume it."""
+    import argparse
+    import shutil
+
+    from trainer import cli_train
+    from trainer.config import dump_yaml
+
+    parser = argparse.ArgumentParser()
+    cli_train.add_arguments(parser)
+    work = tmp_path / "work"
+    shutil.copytree(scene_dir, work / "data")
+    monkeypatch.chdir(work)
+    config, _ = cli_train.config_from_args(parser.parse_args(["--data", "data", "--out", "runs/z"]))
+    assert (config.data, config.out) == (str(work / "data"), str(work / "runs" / "z"))
+    (work / "runs" / "z").mkdir(parents=True)
+    (work / "runs" / "z" / "config.yaml").write_text(dump_yaml(replace(config, data="data", out="runs/z")))
+    monkeypatch.chdir(tmp_path)  # elsewhere: the saved relative path means nothing here
+    resume = ["--out", str(work / "runs" / "z"), "--resume"]
+    with pytest.raises(UserError, match=r"^data was saved as 'data', relative to the folder the run was started in, "
+                                        r"and is not found from here: run the command from that folder, or pass "
+                                        r"--data with the full path$"):
+        cli_train.config_from_args(parser.parse_args(resume))
+    resumed, _ = cli_train.config_from_args(parser.parse_args([*resume, "--data", str(work / "data")]))
+    assert (resumed.data, resumed.out) == (str(work / "data"), str(work / "runs" / "z"))
 
 
 def test_demo_bases_bring_their_own_sampling_defaults(tmp_path, scene_dir):

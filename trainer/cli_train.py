@@ -49,6 +49,14 @@ def resumed_config(args: argparse.Namespace, flags: dict) -> TrainConfig:
     if not saved_path.is_file():
         raise UserError(f"nothing to resume: {saved_path} does not exist (start the run without --resume first)")
     config = load_config(saved_path)
+    for name in _PATHS:  # runs saved before paths were stored absolute: relative to the folder they started in
+        saved = str(getattr(config, name) or "")
+        if saved and not Path(saved).expanduser().is_absolute() and not Path(saved).expanduser().exists():
+            if name not in flags:
+                raise UserError(f"{name} was saved as {saved!r}, relative to the folder the run was started in, and "
+                                f"is not found from here: run the command from that folder, or pass "
+                                f"--{name.replace('_', '-')} with the full path")
+            config = replace(config, **{name: str(Path(flags[name]).expanduser().resolve())})  # written from here
     changed = [name for name, value in flags.items()
                if name not in _RESUMABLE and name != "out" and not _same(name, value, getattr(config, name))]
     if args.preset or args.config or changed:
@@ -58,7 +66,7 @@ def resumed_config(args: argparse.Namespace, flags: dict) -> TrainConfig:
                         "Leave those out, or start a new run with another --out (--init-lora "
                         f"{Path(args.out) / 'lora.safetensors'} starts it from this run's weights)")
     allowed = {k: v for k, v in flags.items() if k in _RESUMABLE}
-    resumed = replace(config, out=args.out, **allowed)
+    resumed = replace(config, out=str(Path(args.out).expanduser().resolve()), **allowed)
     problems = validate(resumed)  # replace() skips the checks make_config runs
     if problems:
         raise ConfigError(problems)
@@ -149,6 +157,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
         raise UserError("--data is required: a folder of images (with optional <name>.txt captions)")
     values.setdefault("base", "demo:sd15")
     values.setdefault("out", str(Path("outputs") / Path(values["data"]).resolve().name))
+    # stored absolute in config.yaml: a --resume (or an export) from another folder finds them again
+    for name in (*_PATHS, "out"):
+        if values.get(name):
+            values[name] = str(Path(str(values[name])).expanduser().resolve())
+    if Path(str(values["base"])).expanduser().exists():  # a local base folder or file, not a hub id or demo:
+        values["base"] = str(Path(str(values["base"])).expanduser().resolve())
     if "resolution" not in values:
         values["resolution"] = default_resolution(values["base"])
     for key, value in base_sampling_defaults(values["base"]).items():
