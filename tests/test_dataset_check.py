@@ -251,6 +251,8 @@ def test_cli_counts_caption_tokens_in_the_bases_tokenizer_with_the_trigger(tmp_p
                                             "matters first: hatch-0002.png (34 tokens)")
     unknown = cli(*args[:4], "--base", "org/not-cached", cwd=tmp_path)
     assert unknown.stdout.startswith("captions not checked: no tokenizer of org/not-cached at hand")
+    own_size = cli("--data", str(data), "--base", "demo:sd15", cwd=tmp_path)  # no --resolution: the base's, as train
+    assert "looked over for training at 64 px" in own_size.stdout and "enlarged" not in own_size.stdout, own_size.stdout
 
 
 def test_cli_names_pictures_in_kohya_repeat_folders_by_their_folder(tmp_path):

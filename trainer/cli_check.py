@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from trainer.bases import parse_base
+from trainer.bases import default_resolution, parse_base
 from trainer.config import RESOLUTION_RULE, TrainConfig, valid_resolution
 from trainer.dataset_check import (check_captions, check_images, check_uncaptioned, file_facts, load_caption_reader,
                                    shown_name, token_count)
@@ -16,8 +16,9 @@ from trainer.trigger import with_trigger
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="the folder you would pass to train --data")
-    parser.add_argument("--resolution", type=int, default=TrainConfig.resolution,
-                        help="the training resolution to judge picture sizes against (default %(default)s)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="the training resolution to judge picture sizes against (default: --base's own size, "
+                             "as train uses; without --base %d)" % TrainConfig.resolution)
     parser.add_argument("--base", default="", help="also count caption tokens in this base's tokenizer (a demo "
                                                    "base, a diffusers folder or a cached hub id)")
     parser.add_argument("--trigger", default="", help="the trigger word training puts first in captions")
@@ -27,10 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not valid_resolution(args.resolution):
-        raise UserError(f"--resolution {args.resolution}: must be {RESOLUTION_RULE} (train takes the same)")
     if args.base:
         parse_base(args.base)  # a base that does not exist is the error train would give, not "captions not checked"
+    if args.resolution is None:
+        args.resolution = default_resolution(args.base) if args.base else TrainConfig.resolution
+    if not valid_resolution(args.resolution):
+        raise UserError(f"--resolution {args.resolution}: must be {RESOLUTION_RULE} (train takes the same)")
     scan = scan_dataset(args.data)
     facts, unreadable = [], list(scan.skipped)
     for item in scan.items:
