@@ -456,6 +456,26 @@ def test_a_run_started_with_relative_paths_resumes_from_any_folder(tmp_path, sce
     assert (resumed.data, resumed.out) == (str(work / "data"), str(work / "runs" / "z"))
 
 
+def test_a_trigger_the_captions_carry_but_no_flag_names_is_a_warning(tmp_path):
+    """The exports' trigger phrase and the A1111 card's activation text come from --trigger: a CLI run on the
+    demo set without it shipped a card that adds no trigger to prompts."""
+    import argparse
+
+    from trainer import cli_train
+    from trainer.demo_data import write_style_set
+
+    write_style_set("hatch", tmp_path / "data", n=4, trigger="zkstyle")
+    parser = argparse.ArgumentParser()
+    cli_train.add_arguments(parser)
+    untold = cli_train.config_from_args(parser.parse_args(["--data", str(tmp_path / "data")]))[0]
+    assert cli_train.untold_trigger(untold) == ["every caption starts with 'zkstyle' but no --trigger was given: the "
+                                                "LoRA files will name no trigger phrase (pass --trigger zkstyle)"]
+    told = cli_train.config_from_args(parser.parse_args(["--data", str(tmp_path / "data"), "--trigger", "zkstyle"]))[0]
+    assert cli_train.untold_trigger(told) == []
+    (tmp_path / "data" / "hatch-0001.txt").write_text("a red circle, zkstyle")  # not every caption: no guess
+    assert cli_train.untold_trigger(untold) == []
+
+
 def test_demo_bases_bring_their_own_sampling_defaults(tmp_path, scene_dir):
     """studio.json steps/guidance become the sample defaults unless the user gives them."""
     import argparse

@@ -14,6 +14,8 @@ from trainer.bases import base_sampling_defaults, default_resolution
 from trainer.config import Precision, TrainConfig, load_config, load_yaml, validate
 from trainer.errors import ConfigError, UserError
 from trainer.presets import resolve_config
+from trainer.scan import scan_dataset
+from trainer.trigger import shared_first_tag
 
 # CLI flag -> TrainConfig field, for flags whose names differ only by dashes
 _FLAGS = ("base", "base_config", "data", "out", "rank", "alpha", "targets", "precision", "steps", "lr", "lr_scheduler", "warmup_steps",
@@ -170,6 +172,23 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     return resolve_config(preset, values)
 
 
+def untold_trigger(config: TrainConfig) -> list[str]:
+    """A warning when every caption starts with the same word but no --trigger was given: the exports' trigger
+    phrase and the A1111 card's activation text would be empty (the web app fills the trigger box for a demo
+    set)."""
+    if config.trigger:
+        return []
+    try:
+        scan = scan_dataset(config.data)
+    except UserError:
+        return []  # the run says what is wrong with the folder
+    word = shared_first_tag([item.caption for item in scan.items if not item.from_file_name])
+    if word is None:
+        return []
+    return [f"every caption starts with {word!r} but no --trigger was given: the LoRA files will name no trigger "
+            f"phrase (pass --trigger {word})"]
+
+
 def relaunch_distributed(processes: int, argv: list[str]) -> int:
     """Run this same command on ``processes`` local processes (``trainer.distributed.launch``), minus --num-processes."""
     from trainer.distributed import launch
@@ -197,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
     config, warnings = config_from_args(args)
     if not args.resume:
         refuse_used_folder(config.out)
+        warnings += untold_trigger(config)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     stop = threading.Event()

@@ -25,3 +25,13 @@ def with_trigger(caption: str, trigger: str) -> str:
     if has_trigger(caption, trigger):
         return _pattern(trigger, re.IGNORECASE).sub(lambda _: trigger, caption)
     return f"{trigger}, {caption}" if caption else trigger
+
+
+def shared_first_tag(captions: list[str]) -> str | None:
+    """The one word every caption starts with (``zkstyle, a red circle`` …): a trigger the captions carry
+    though none was given; None when they do not agree, or there are fewer than two."""
+    firsts = {caption.split(",", 1)[0].strip() for caption in captions}
+    if len(captions) < 2 or len(firsts) != 1:
+        return None
+    word = firsts.pop()
+    return word if re.fullmatch(r"[\w-]+", word) else None
