@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from trainer.bases import base_sampling_defaults, default_resolution
-from trainer.config import Precision, TrainConfig, load_config, load_yaml, validate
+from trainer.config import Precision, TrainConfig, field_help, load_config, load_yaml, validate
 from trainer.errors import ConfigError, UserError
 from trainer.presets import resolve_config
 from trainer.scan import scan_dataset
@@ -143,6 +143,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--num-processes", type=int, default=1,
                    help="train on N processes (one per GPU; CPU uses gloo) by relaunching under torchrun")
+    helps, presetted = field_help(), {"rank", "alpha", "steps", "lr", "batch_size"}
+    for action in p._actions:  # a flag without its own help says what the config field's does (the Train tab's)
+        if action.help is None and action.dest in helps and helps[action.dest]:
+            action.help = helps[action.dest].replace("%", "%%") + (" (default: the preset's)" if action.dest in presetted else "")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
