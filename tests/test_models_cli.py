@@ -456,6 +456,22 @@ def test_a_run_started_with_relative_paths_resumes_from_any_folder(tmp_path, sce
     assert (resumed.data, resumed.out) == (str(work / "data"), str(work / "runs" / "z"))
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["train", "--steps", "abc"], "error: argument --steps: invalid int value: 'abc' (`python -m trainer train "
+                                  "--help` lists the options)"),
+    (["export", "--run", "r", "--format", "onnx"], "error: argument --format: invalid choice: 'onnx'"),
+    (["frobnicate"], "error: argument command: invalid choice: 'frobnicate'"),
+    (["queue", "cancel", "abc"], "error: argument id: invalid int value: 'abc'"),
+])
+def test_a_wrong_flag_is_one_error_line_not_the_whole_usage(capsys, argv, line):
+    from trainer.__main__ import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ended.value.code == 2 and len(err) == 1 and err[0].startswith(line), err
+
+
 def test_a_trigger_the_captions_carry_but_no_flag_names_is_a_warning(tmp_path):
     """The exports' trigger phrase and the A1111 card's activation text come from --trigger: a CLI run on the
     demo set without it shipped a card that adds no trigger to prompts."""

@@ -79,10 +79,18 @@ COMMANDS = {
 LIGHT_COMMANDS = {"check-data", "demo-data"}  # answer in a second: no torch, no diffusers
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A wrong or missing flag is one ``error:`` line and exit code 2, as every other user error (argparse prints
+    the whole usage first); ``--help`` still shows it all. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train, mix and export style LoRAs.")
+    parser = OneLineParser(prog="python -m trainer", description="Train, mix and export style LoRAs.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         try:

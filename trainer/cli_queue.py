@@ -169,10 +169,11 @@ def _work(queue: JobQueue, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (``python -m trainer queue`` calls :func:`run`): user errors are one line and exit 2."""
-    parser = argparse.ArgumentParser(prog="python -m trainer queue", description="A durable queue of training runs.")
+    from trainer.__main__ import OneLineParser, _quiet_libraries, run_command
+
+    parser = OneLineParser(prog="python -m trainer queue", description="A durable queue of training runs.")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    from trainer.__main__ import _quiet_libraries, run_command
 
     if args.queue_action == "run":  # the worker loads diffusers/transformers; their chatter is not for artists
         _quiet_libraries()
