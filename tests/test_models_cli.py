@@ -343,8 +343,8 @@ def test_export_of_a_chosen_step_is_that_steps_lora(base_dirs, scene_dir, tmp_pa
 
     assert main(["export", "--run", str(run), "--step", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: ink has no checkpoint at step 1; it kept steps 2, 3, 4 (raise keep_checkpoints to keep "
-                   "more of a run's steps)"]
+    assert err == ["error: ink has no checkpoint at step 1; it kept steps 2, 3, 4 (a run writes one every "
+                   "--checkpoint-every steps and keeps the last --keep-checkpoints)"]
     # a run still training has no files of its own: a step's metadata comes from what the run recorded at its start
     final_meta = read_lora(run / "lora.safetensors")[1]
     for own_file in run.glob("lora*.safetensors"):

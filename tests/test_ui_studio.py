@@ -559,6 +559,7 @@ def test_mixing_loads_base_and_files_once_and_only_reweights(studio, tmp_path):
     assert session.weights == [{"a": 1.0, "b": 0.5}, {"a": 0.2, "b": 0.5}, {"a": 0.2, "b": 0.0}]
     assert r1.image.getpixel((0, 0)) != r2.image.getpixel((0, 0))
     assert "Base loaded 1×, LoRA files read 2×" in r3.info
+    assert "; loading the base took " in r1.info and "; re-weighting took " in r2.info  # not a 10 s "re-weight"
     assert r1.lines == ["a: kohya, SD1.5, rank 1, alpha 2, 4 modules", "b: kohya, SD1.5, rank 1, alpha 2, 4 modules"]
     os.utime(a, (1, 1))  # the file was rewritten (e.g. a resumed run exported again)
     studio.render_mix("demo-random:sd15", [MixSlot(str(a), 1.0)], "p", 1, 4, 5.0)
@@ -674,6 +675,8 @@ def test_bake_writes_the_mix_into_the_runs_export_folder(studio, tmp_path):
         studio.bake_mix("", "demo-random:sd15", slots, None)
     with pytest.raises(UserError, match="whole number"):
         studio.bake_mix("r1", "demo-random:sd15", slots, 2.5)
+    with pytest.raises(UserError, match="^nothing to bake: pick a LoRA in a slot first"):  # not "weight 0"
+        studio.bake_mix("r1", "demo-random:sd15", [MixSlot("", 1.0), MixSlot("", 0.5)], None)
     (tmp_path / "loras" / "f.safetensors").write_bytes(b"flux")
     with pytest.raises(UserError, match="cannot bake: f.safetensors"):
         studio.bake_mix("r1", "demo-random:sd15", [MixSlot(str(tmp_path / "loras" / "f.safetensors"), 1)], None)

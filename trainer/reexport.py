@@ -68,8 +68,8 @@ def _pick(run: Path, checkpoints: list[Path], step: int | None) -> Path:
         if checkpoint_step(path) == step:
             return path
     kept = ", ".join(str(checkpoint_step(p)) for p in checkpoints)
-    raise UserError(f"{run.name} has no checkpoint at step {step}; it kept steps {kept} (raise keep_checkpoints "
-                    "to keep more of a run's steps)")
+    raise UserError(f"{run.name} has no checkpoint at step {step}; it kept steps {kept} (a run writes one every "
+                    "--checkpoint-every steps and keeps the last --keep-checkpoints)")
 
 
 def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:

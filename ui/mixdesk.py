@@ -325,7 +325,7 @@ class MixDesk:
         """Render ``prompt`` with the weighted LoRAs (refused files are left out, with their reason)."""
         seed, steps, guidance = sampling_values(seed, steps, guidance)
         with self._lock:
-            t0 = time.perf_counter()
+            t0, loads = time.perf_counter(), self.base_loads
             mixer, names, lines = self._prepare(base, slots, fuse)
             t1 = time.perf_counter()
             image = mixer.session.render(prompt or "", seed=int(seed), steps=int(steps), guidance=float(guidance))
@@ -333,8 +333,10 @@ class MixDesk:
         used = [f"{slot_label(s.path)} × {s.effective:g}" + ("" if s.enabled else " (off)")
                 for s, n in zip(slots, names) if n is not None]
         refused = sum(1 for line in lines if line.startswith("⚠"))
+        prepared = (f"loading the base took {t1 - t0:.1f} s" if self.base_loads != loads
+                    else f"re-weighting took {(t1 - t0) * 1000:.0f} ms")
         info = (f"{', '.join(used) or 'no LoRA (base model only)'} — rendered in {t2 - t1:.1f} s"
-                f"{' (fused)' if fuse else ''}; re-weighting took {(t1 - t0) * 1000:.0f} ms. "
+                f"{' (fused)' if fuse else ''}; {prepared}. "
                 f"Base loaded {self.base_loads}×, LoRA files read {mixer.adapter_reads}×.")
         if refused:
             info += f" {refused} LoRA file(s) refused: see the line under each."
@@ -348,6 +350,8 @@ class MixDesk:
         """
         if rank is not None and (int(rank) != rank or rank < 1):
             raise UserError(f"bake rank must be a whole number of at least 1, got {rank:g}")
+        if not any(slot.path for slot in slots):
+            raise UserError("nothing to bake: pick a LoRA in a slot first (a trained run's, or upload one)")
         with self._lock:
             mixer, names, lines = self._prepare(base, slots, fuse=False)
             problems = [line for slot, line in zip(slots, lines) if slot.enabled and line.startswith("⚠")]
