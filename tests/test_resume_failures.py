@@ -235,9 +235,12 @@ def test_a_run_resumed_at_another_rate_says_so_in_its_files(base_dirs, scene_dir
 
     run = tmp_path / "run"
     run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=2, checkpoint_every=2, lr=3e-3))
+    began = read_lora(run / "lora.safetensors")[1]["ss_training_started_at"]
     resumed = tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=4, checkpoint_every=2, lr=1.5e-3)
+    time.sleep(1.1)  # a resume a second later must still say when the run began
     run_training(resumed, resume=True)
     meta = read_lora(run / "lora.safetensors")[1]
+    assert meta["ss_training_started_at"] == began
     assert (meta["ss_learning_rate"], meta["ss_unet_lr"]) == ("0.0015", "0.0015")
     assert meta["studio.learning_rates"] == learning_rate_history(run) == "0.003 for steps 1-2, 0.0015 from step 3"
     early = read_lora(reexport(run, "kohya", 2)[0])[1]

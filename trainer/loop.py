@@ -405,6 +405,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                                      config.lr, start_step)
             if history:
                 info = replace(info, training={**info.training, LR_HISTORY: history})
+            if earlier is not None and earlier.started_at:  # ss_training_started_at: when the run began, not resumed
+                info = replace(info, started_at=earlier.started_at)
         save_export_info(run_dir, info)
     saved_at = start_step if resume else None  # the same on every process: deciding from the disk would race
     # chunks of the global batch: no more memory than a training step, and the same draws on any number of processes
