@@ -35,6 +35,12 @@ def test_demo_model_command_writes_a_loadable_diffusers_folder(tmp_path):
     assert (tmp_path / "m" / "model_index.json").is_file()
     assert parse_base(str(tmp_path / "m")).arch == "sdxl"
     assert str(tmp_path / "m") in list_bases(tmp_path)
+    # what cannot be a base is left out of the list, not offered and refused when picked
+    (tmp_path / "bogus").mkdir()
+    (tmp_path / "bogus" / "model_index.json").write_text("{ not json")
+    (tmp_path / "random.safetensors").write_bytes(b"\xff" * 100)
+    (tmp_path / "notes.txt").write_text("x")
+    assert list_bases(tmp_path) == ["demo:sd15", "demo:sdxl", "demo:flux", str(tmp_path / "m")]
 
 
 @pytest.mark.parametrize("precision,dtype", [(Precision.BF16, torch.bfloat16), (Precision.FP16, torch.float16)])

@@ -105,12 +105,24 @@ def parse_base(base: str) -> BaseRef:
 
 
 def list_bases(models_dir: str | Path | None = None) -> list[str]:
-    """Demo aliases plus every diffusers folder and .safetensors checkpoint directly under ``models_dir``."""
+    """Demo aliases plus every diffusers folder and .safetensors checkpoint directly under ``models_dir`` that
+    can be a base: a folder whose model_index.json names a supported pipeline, a file whose header reads (read
+    without torch; a damaged download is left out of the list, not offered and refused when picked)."""
+    from trainer.lora_file import header_keys
+
     found = [f"demo:{a}" for a in ARCHS]
     if models_dir and Path(models_dir).is_dir():
         for entry in sorted(Path(models_dir).iterdir()):
-            if (entry / "model_index.json").is_file() or entry.suffix.lower() == ".safetensors":
-                found.append(str(entry))
+            try:
+                if (entry / "model_index.json").is_file():
+                    arch_of_folder(entry)
+                elif entry.suffix.lower() == ".safetensors" and entry.is_file():
+                    header_keys(entry)
+                else:
+                    continue
+            except UserError:  # LoraFormatError and ModelNotFoundError are UserErrors
+                continue
+            found.append(str(entry))
     return found
 
 
