@@ -232,6 +232,12 @@ def test_a_trained_run_folder_is_continued_never_overwritten(base_dirs, scene_di
     assert [e.lr for e in events if isinstance(e, ev.Step)][-1] == pytest.approx(5e-3)
     assert "lr: 0.005" in (out / "config.yaml").read_text()
     capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume"]) == 0  # finished: says how to train on, trains nothing
+    assert capsys.readouterr().out.strip() == f"{out} already trained all 4 steps; to train on, pass --steps with " \
+        "more (e.g. --steps 8)"
+    (out / "lora.safetensors").unlink()  # killed while it wrote its exports: a resume writes them
+    assert main(["train", "--out", str(out), "--resume"]) == 0 and (out / "lora.safetensors").is_file()
+    capsys.readouterr()
 
     edited = (out / "config.yaml").read_text().replace("rank: 4", "rank: 8")
     (out / "config.yaml").write_text(edited)

@@ -176,6 +176,22 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     return resolve_config(preset, values)
 
 
+def finished_at(config: TrainConfig) -> int | None:
+    """The step a run to resume already finished at, when it is at or past ``config.steps`` and its LoRA files
+    were written after that checkpoint (a run killed while exporting resumes to write them)."""
+    from trainer.checkpoint import checkpoint_dirs, checkpoint_step
+
+    checkpoints = checkpoint_dirs(Path(config.out))
+    if not checkpoints or checkpoint_step(checkpoints[-1]) < config.steps:
+        return None
+    exports = [Path(config.out) / name for name in ("lora.safetensors", "lora_diffusers.safetensors")]
+    try:
+        written = min(path.stat().st_mtime for path in exports)
+        return checkpoint_step(checkpoints[-1]) if written >= checkpoints[-1].stat().st_mtime else None
+    except OSError:
+        return None
+
+
 def untold_trigger(config: TrainConfig) -> list[str]:
     """A warning when every caption starts with the same word but no --trigger was given: the exports' trigger
     phrase and the A1111 card's activation text would be empty (the web app fills the trigger box for a demo
@@ -221,6 +237,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume:
         refuse_used_folder(config.out)
         warnings += untold_trigger(config)
+    elif (done := finished_at(config)) is not None:
+        print(f"{config.out} already trained all {done} steps; to train on, pass --steps with more (e.g. "
+              f"--steps {2 * done})")
+        return 0
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     stop = threading.Event()
