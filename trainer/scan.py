@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import DataError
-from trainer.images import is_image_name
+from trainer.images import IMAGE_EXTENSIONS, is_image_name
 from trainer.paths import is_inside
 
 _REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
@@ -119,6 +119,6 @@ def scan_dataset(data_dir: str | Path) -> DatasetScan:
             if match:
                 _scan_folder(sub, root, max(1, int(match.group(1))), match.group(2), items, skipped, warnings)
     if not items:
-        raise DataError(f"no images found in {root} (looked for {', '.join(('jpg', 'png', 'webp', 'bmp', 'gif'))} "
-                        f"files, N_name subfolders or metadata.jsonl)")
+        kinds = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+        raise DataError(f"no images found in {root} (looked for {kinds} files, N_name subfolders or metadata.jsonl)")
     return DatasetScan(items=tuple(items), skipped=tuple(skipped), warnings=tuple(warnings))
