@@ -197,6 +197,11 @@ def dataset_check(findings, pictures: int, resolution: int, base: str = "") -> s
     return "\n".join([head, "", *bullets])
 
 
+def first_few(shown: list[str], most: int = 3) -> str:
+    """``a, b, c and 4 more``: the first ``most`` of a list already written for the page, and how many are left."""
+    return ", ".join(shown[:most]) + (f" and {len(shown) - most} more" if len(shown) > most else "")
+
+
 def upload_report(accepted: int, rejected: list[tuple[str, str]], captions: int = 0,
                   renamed: list[tuple[str, str]] = ()) -> str:
     """What an upload added and what it refused, each refusal with its reason; pictures that were in the
@@ -210,12 +215,11 @@ def upload_report(accepted: int, rejected: list[tuple[str, str]], captions: int 
     refused = [(n, r) for n, r in rejected if not r.startswith(ALREADY_IN) and r != CAPTION_OF_DUPLICATE]
     lines = [head]
     if renamed:
-        shown = ", ".join(f"{md_code(a)} as {md_code(b)}" for a, b in renamed[:3]) + \
-            (f" and {len(renamed) - 3} more" if len(renamed) > 3 else "")
+        shown = first_few([f"{md_code(a)} as {md_code(b)}" for a, b in renamed])
         lines.append(f"Stored {len(renamed)} new picture(s) under another name, since theirs was taken in the "
                      f"dataset: {shown}.")
     if again:
-        shown = ", ".join(md_code(n) for n in again[:3]) + (f" and {len(again) - 3} more" if len(again) > 3 else "")
+        shown = first_few([md_code(n) for n in again])
         lines.append(f"Skipped {len(again)} picture(s) already in the dataset (the same files)"
                      + (f" with their {again_captions} caption file(s)" if again_captions else "") + f": {shown}.")
     if refused:

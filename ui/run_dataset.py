@@ -21,6 +21,7 @@ from trainer.errors import ImageError, UserError
 from trainer.scan import caption_from_filename, read_caption
 from trainer.trigger import with_trigger
 from ui import caption_tools, choices, store
+from ui.format import first_few
 from ui.captions import caption_run
 
 
@@ -96,9 +97,8 @@ class RunDataset:
         names = caption_tools.unreadable(self.run_dir(run))
         if not names:
             return ""
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return (f" Left alone {len(names)} caption file(s) that are not UTF-8 text ({shown}): re-save them as UTF-8 "
-                "(training reads their pictures' file names instead).")
+        return (f" Left alone {len(names)} caption file(s) that are not UTF-8 text ({first_few(names)}): re-save "
+                "them as UTF-8 (training reads their pictures' file names instead).")
 
     def undo_captions(self, run: str) -> str:
         restored, kept = caption_tools.undo(self.run_dir(run))
