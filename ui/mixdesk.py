@@ -225,10 +225,7 @@ class MixDesk:
             mixer = self._loaded
             if mixer is None:
                 return
-            for key in [k for k in mixer.loaded if k[0] == path]:
-                name = mixer.loaded.pop(key)
-                mixer.session.remove_lora(name)
-                mixer.infos.pop(name, None)
+            self._unload(mixer, path)
             for key in [k for k in mixer.refused if k[0] == path]:
                 mixer.refused.pop(key)
 
@@ -244,6 +241,14 @@ class MixDesk:
                 return False
             self._adapter(self._loaded, path)
             return True
+
+    @staticmethod
+    def _unload(mixer: _Loaded, path: str) -> None:
+        """Take every adapter read from file ``path`` (any version of it) out of the loaded base."""
+        for key in [k for k in mixer.loaded if k[0] == path]:
+            name = mixer.loaded.pop(key)
+            mixer.session.remove_lora(name)
+            mixer.infos.pop(name, None)
 
     def _session(self, base: str) -> _Loaded:
         if self._loaded is None or self._loaded.base != base:
@@ -265,10 +270,7 @@ class MixDesk:
         if key in mixer.refused:  # a slider move must not re-read a file that was already refused
             raise UserError(mixer.refused[key])
         if key not in mixer.loaded:
-            for stale in [k for k in mixer.loaded if k[0] == key[0]]:  # rewritten (a resumed run): drop the old one
-                old = mixer.loaded.pop(stale)
-                mixer.session.remove_lora(old)
-                mixer.infos.pop(old, None)
+            self._unload(mixer, key[0])  # rewritten (a resumed run): drop the old one
             name = self._new_name(mixer, slot_label(path))
             try:
                 info = mixer.session.add_lora(str(p), name=name)
