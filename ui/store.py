@@ -30,6 +30,7 @@ from PIL import Image
 from trainer.atomic import atomic_path, copy_new, write_text
 from trainer.errors import ImageError, UserError, WriteError
 from trainer.images import DEFAULT_LIMITS, IMAGE_EXTENSIONS, ImageLimits, is_image_name, open_image
+from trainer import scan
 from trainer.paths import is_inside, sha256_file
 
 THUMB_SIZE = 256
@@ -243,13 +244,8 @@ def _item_path(run_dir: Path, name: str) -> Path:
 
 
 def read_caption(run_dir: Path, name: str) -> str:
-    txt = _item_path(run_dir, name).with_suffix(".txt")
-    try:
-        return txt.read_bytes().decode("utf-8-sig").strip()
-    except FileNotFoundError:
-        return ""
-    except UnicodeDecodeError:
-        return ""
+    """The caption of dataset image ``name`` as training reads it; "" without one (or when it is not UTF-8)."""
+    return scan.read_caption(_item_path(run_dir, name).with_suffix(".txt")) or ""
 
 
 def write_caption(run_dir: Path, name: str, text: str) -> None:
