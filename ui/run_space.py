@@ -17,6 +17,8 @@ from trainer.housekeeping import RunUsage, human_bytes, run_usage
 from trainer.job import LIVE
 from trainer.steps import exported_step_files
 
+NO_EARLIER_CHECKPOINTS = "'{}' has no earlier checkpoints to delete (its last one stays, so it can train on)"
+
 
 class RunSpace:
     """Disk space of runs in ``outputs/`` (see the module docstring)."""
@@ -43,8 +45,7 @@ class RunSpace:
         run_dir = self._idle_run_dir(run, "deleting its checkpoints")
         doomed, size = housekeeping.prunable(run_dir)
         if not doomed:
-            raise UserError(f"'{run_dir.name}' has no earlier checkpoints to delete (its last one stays, so it can "
-                            "train on)")
+            raise UserError(NO_EARLIER_CHECKPOINTS.format(run_dir.name))
         steps = [checkpoint_step(p) for p in doomed]
         unexported = [s for s in steps if s not in exported_step_files(run_dir)]
         one = len(unexported) == 1
@@ -58,7 +59,7 @@ class RunSpace:
         run_dir = self._idle_run_dir(run, "deleting its checkpoints")
         steps, freed = housekeeping.prune_checkpoints(run_dir, keep=1)
         if not steps:
-            return f"'{run_dir.name}' has no earlier checkpoints to delete (its last one stays, so it can train on)."
+            return NO_EARLIER_CHECKPOINTS.format(run_dir.name) + "."
         kept = checkpoint_dirs(run_dir)
         return (f"Deleted the checkpoints of step {', '.join(map(str, steps))} ({human_bytes(freed)}); the last one"
                 + (f" (step {checkpoint_step(kept[-1])})" if kept else "") + " stays, so the run can train on. "
