@@ -99,7 +99,6 @@ def same_file_as(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
-
 def copy_new(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy ``src`` to ``dst``, which must not exist yet: never replaces a file, and a failure midway (a full
     disk) leaves no part of the copy under ``dst``'s name.
