@@ -225,7 +225,9 @@ def test_a_trained_run_folder_is_continued_never_overwritten(base_dirs, scene_di
     assert f"it cannot change --base (saved: {base}), --rank (saved: 4)." in refused and "--init-lora" in refused
     for bad in (["--lr", "-1"], ["--lr", "nan"], ["--keep-checkpoints", "0"], ["--steps", "0"]):
         assert "error: " in one_error(["train", "--out", str(out), "--resume", *bad])  # validated as a new run is
+    capsys.readouterr()
     assert main([*first, "--resume", "--steps", "3"]) == 0  # the same flags again: nothing changes, it continues
+    assert "note: resumed at step 2: " in capsys.readouterr().err  # where it goes on from, in one line
     assert main(["train", "--out", str(out), "--resume", "--steps", "4", "--lr", "5e-3"]) == 0
     events = ev.read_jsonl(out / "events.jsonl")
     assert any(isinstance(e, ev.Log) and "learning rate changed on resume: 0.01 -> 0.005" in e.message for e in events)

@@ -275,8 +275,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_notable(event) -> None:
-    """Log lines (skipped files, warnings) go to stderr; steps are shown by the progress bar."""
+    """What the run trains with, where it resumes, and log lines (skipped files, warnings) go to stderr; steps are
+    shown by the progress bar."""
     from trainer import events as ev
 
-    if isinstance(event, ev.Log):
+    if isinstance(event, (ev.Log, ev.Start)):
         print(f"note: {event.message}", file=sys.stderr)
