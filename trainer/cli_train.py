@@ -78,9 +78,10 @@ def resumed_config(args: argparse.Namespace, flags: dict) -> TrainConfig:
 def refuse_used_folder(out: str) -> None:
     """A new run never writes into a folder that holds a trained run (its checkpoints would be pruned)."""
     from trainer.checkpoint import checkpoint_dirs
+    from trainer.steps import FILE_NAMES
 
     run_dir = Path(out)
-    held = checkpoint_dirs(run_dir) or [p for p in (run_dir / "lora.safetensors",) if p.is_file()]
+    held = checkpoint_dirs(run_dir) or [p for p in (run_dir / FILE_NAMES["kohya"],) if p.is_file()]
     if held:
         raise UserError(f"run folder {out} already holds a trained run ({held[-1].name}); continue it with --resume, "
                         "or pick a new --out")
@@ -180,11 +181,12 @@ def finished_at(config: TrainConfig) -> int | None:
     """The step a run to resume already finished at, when it is at or past ``config.steps`` and its LoRA files
     were written after that checkpoint (a run killed while exporting resumes to write them)."""
     from trainer.checkpoint import checkpoint_dirs, checkpoint_step
+    from trainer.steps import FILE_NAMES
 
     checkpoints = checkpoint_dirs(Path(config.out))
     if not checkpoints or checkpoint_step(checkpoints[-1]) < config.steps:
         return None
-    exports = [Path(config.out) / name for name in ("lora.safetensors", "lora_diffusers.safetensors")]
+    exports = [Path(config.out) / FILE_NAMES[key] for key in ("kohya", "diffusers")]
     try:
         written = min(path.stat().st_mtime for path in exports)
         return checkpoint_step(checkpoints[-1]) if written >= checkpoints[-1].stat().st_mtime else None

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from trainer.atomic import atomic_path
 from trainer.errors import LoraFormatError
-from trainer.steps import EXPORT_INFO, LR_HISTORY  # noqa: F401 (LR_HISTORY: the loop and reexport use it from here)
+from trainer.steps import EXPORT_INFO, FILE_NAMES, LR_HISTORY  # noqa: F401 (LR_HISTORY: the loop and reexport use it from here)
 
 TOOL_NAME = "style-adapter-studio"
 TOOL_VERSION = "0.1.0"
@@ -289,9 +289,9 @@ def export_lora(out_dir: str | Path, weights: LoraWeights, info: ExportInfo, pef
     out_dir = Path(out_dir)
     metadata = build_metadata(info, weights)
     shared = to_flux_fused(weights, *flux_dims) if info.arch == "flux" else to_kohya(weights)
-    kohya_path = save_safetensors(out_dir / "lora.safetensors", shared, metadata)
+    kohya_path = save_safetensors(out_dir / FILE_NAMES["kohya"], shared, metadata)
     diffusers_meta = {**metadata, "lora_adapter_metadata": adapter_metadata(weights, peft_prefix)}
-    diffusers_path = save_safetensors(out_dir / "lora_diffusers.safetensors", to_diffusers(weights, peft_prefix), diffusers_meta)
+    diffusers_path = save_safetensors(out_dir / FILE_NAMES["diffusers"], to_diffusers(weights, peft_prefix), diffusers_meta)
     return kohya_path, diffusers_path
 
 

@@ -25,11 +25,8 @@ from trainer.export import (LR_HISTORY, ExportInfo, adapter_metadata, build_meta
                             load_export_info, rates_until, read_metadata, save_safetensors, to_diffusers,
                             to_flux_fused, to_kohya, training_record)
 from trainer.models import ARCH_HANDLERS, demo_folder
-from trainer.steps import checkpoint_mtime, preview_image, step_file
+from trainer.steps import FILE_NAMES, checkpoint_mtime, preview_image, step_file
 from trainer.webui_bundle import bundle_path, current_bundle, write_bundle
-
-FILE_NAMES = {"kohya": "lora.safetensors", "diffusers": "lora_diffusers.safetensors", "comfy": "lora_comfy.safetensors"}
-
 
 def _flux_dims(base: str) -> tuple[int, int]:
     ref = parse_base(base)
@@ -86,7 +83,7 @@ def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
     checkpoints = checkpoint_dirs(run)
     if config is None or not checkpoints:
         raise UserError(f"{run} is not a run folder with a checkpoint (expected config.yaml and checkpoints/step-*)")
-    arch = parse_base(config.base).arch or _previous_metadata(run / "lora.safetensors").get("studio.arch", "")
+    arch = parse_base(config.base).arch or _previous_metadata(run / FILE_NAMES["kohya"]).get("studio.arch", "")
     if arch not in ARCH_HANDLERS:
         raise UserError(f"cannot tell the architecture of {run}'s base {config.base!r}")
     chosen = _pick(run, checkpoints, step)
@@ -107,7 +104,7 @@ def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
     weights = from_peft_state_dict(state, config.rank, config.alpha)
     handler = ARCH_HANDLERS[arch]
     steps = checkpoint_step(chosen)
-    metadata = _previous_metadata(run / "lora.safetensors")
+    metadata = _previous_metadata(run / FILE_NAMES["kohya"])
     if not metadata:  # no (readable) export yet: a run still training or interrupted
         info = load_export_info(run) or ExportInfo(  # what the run recorded at its start, else its config
             arch=arch, modelspec_architecture=handler.modelspec_architecture,

@@ -15,6 +15,8 @@ from trainer.checkpoint import checkpoint_dirs, checkpoint_path, checkpoint_step
 
 EXPORT_INFO = "export_info.json"  # a run's ExportInfo, written at its start: a step exported mid-run records it too
 LR_HISTORY = "studio.learning_rates"  # its metadata key for the peak rates of a run resumed at another rate
+# a run's final LoRA files, by layout (``comfy`` is written only when asked for: trainer.reexport)
+FILE_NAMES = {"kohya": "lora.safetensors", "diffusers": "lora_diffusers.safetensors", "comfy": "lora_comfy.safetensors"}
 STEP_SUFFIXES = {"kohya": "", "diffusers": "_diffusers", "comfy": "_comfy"}
 _SAMPLE = re.compile(r"^step-(\d+)-(\d+)\.png$")
 

@@ -18,7 +18,7 @@ from typing import Optional
 from trainer.atomic import atomic_path, same_file_as
 from trainer.errors import UserError
 from trainer.paths import is_inside
-from trainer.steps import checkpoint_mtime, exported_steps, samples_near
+from trainer.steps import FILE_NAMES, checkpoint_mtime, exported_steps, samples_near
 from ui import store
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class RunExports:
     def final_step(self, run: str) -> Optional[int]:
         """The step of the run's own files (their ``ss_steps``) while they hold that step's checkpoint; None
         without them, or while a resumed run trains past a step it retrains (its checkpoint is newer)."""
-        path = self.run_dir(run) / "lora.safetensors"
+        path = self.run_dir(run) / FILE_NAMES["kohya"]
         if not path.is_file():
             return None
         from trainer.export import read_metadata
@@ -60,8 +60,8 @@ class RunExports:
 
             return {key: str(path) if path else None for key, path in step_exports(run_dir, int(step), formats).items()}
         found = {}
-        for key, name in (("kohya", "lora.safetensors"), ("diffusers", "lora_diffusers.safetensors")):
-            path = run_dir / name
+        for key in ("kohya", "diffusers"):
+            path = run_dir / FILE_NAMES[key]
             found[key] = str(path) if path.is_file() else None
         return found
 
@@ -73,8 +73,8 @@ class RunExports:
         if not path:
             return None
         run_dir = self.run_dir(run)
-        names = {"lora.safetensors": f"{run_dir.name}.safetensors",
-                 "lora_diffusers.safetensors": f"{run_dir.name}_diffusers.safetensors"}
+        names = {FILE_NAMES["kohya"]: f"{run_dir.name}.safetensors",
+                 FILE_NAMES["diffusers"]: f"{run_dir.name}_diffusers.safetensors"}
         source = Path(path)
         if source.parent != run_dir or source.name not in names or not source.is_file():
             return str(path)

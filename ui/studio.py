@@ -33,7 +33,7 @@ from trainer.paths import newest_first
 from trainer.job import LIVE, TRAINING, JobSnapshot, RunInfo, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, Runner, default_runner, run_worker
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
-from trainer.steps import exported_step_files, exported_steps, learning_rate_history, parse_step_file, step_file
+from trainer.steps import FILE_NAMES, exported_step_files, exported_steps, learning_rate_history, parse_step_file, step_file
 from trainer.presets import list_presets, resolve_config
 from ui import choices, store
 from ui.run_exports import EXPORT_FIELDS, RunExports  # noqa: F401 (EXPORT_FIELDS: the Export tab)
@@ -659,7 +659,7 @@ class Studio(RunDataset, RunExports, RunSpace):
         """(label, path) of every LoRA the Mix tab can load: trained runs, the loras folder, uploads."""
         found = []
         for name in self.run_names():
-            path = self.outputs_dir / name / "lora.safetensors"
+            path = self.outputs_dir / name / FILE_NAMES["kohya"]
             if path.is_file():
                 found.append((f"run: {name}", str(path)))
             exported = exported_step_files(self.outputs_dir / name)
