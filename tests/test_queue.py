@@ -215,6 +215,23 @@ def test_failures_are_recorded_and_the_worker_goes_on(tmp_path):
         queue.resume(ended[0].id)
 
 
+def test_a_done_job_trains_on_only_with_more_steps(tmp_path):
+    """Its style came out faint: ``queue resume ID --steps N`` trains the same job on from its last checkpoint."""
+    queue = JobQueue(tmp_path / "outputs")
+    job = queue.add(light_config(tmp_path, "faint", steps=4))
+    ran = []
+    run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
+    fake_checkpoint(Path(job.run_dir), 4)
+    for steps in (None, 4, 3):
+        with pytest.raises(QueueError, match="job 1 is done: it trained all 4 steps; to train it on, pass --steps "
+                                             "with more \\(e.g. --steps 8\\)"):
+            queue.resume(job.id, steps=steps)
+    again = queue.resume(job.id, steps=6)
+    assert (again.state, again.config.steps, again.resume) == ("queued", 6, True)
+    run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
+    assert ran == [("faint", False), ("faint", True)] and [j.state for j in queue.list()] == ["done"]
+
+
 def flaky(queue: JobQueue, failures: dict, error: QueueError):
     """Make the queue's methods named in ``failures`` raise ``error`` that many times first."""
     def wrap(method):

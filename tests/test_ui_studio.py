@@ -399,8 +399,11 @@ def test_cancel_a_queued_job_and_resume_a_stopped_one_by_id(studio, tmp_path):
     studio.runner = FakeLoop()
     assert "Resuming 'r1' from checkpoint step-000002" in studio.resume_job(r1.id)
     assert wait_ended(studio, "r1").state == "done" and studio.snapshot("r1").step == 6
-    with pytest.raises(UserError, match="only interrupted, stopped, failed"):
+    with pytest.raises(UserError, match=f"job {r1.id} is done: to train it on, select its run, set “Train on to "
+                                        "step” above its steps and press Resume selected run"):
         studio.resume_job(r1.id)
+    with pytest.raises(UserError, match="only interrupted, stopped, failed"):
+        studio.resume_job(r2.id)  # cancelled: it never ran
 
 
 def test_training_an_already_trained_run_copies_it(studio, tmp_path):
@@ -454,6 +457,7 @@ def test_stop_then_resume_from_the_run_list(studio, tmp_path):
     wait_for(lambda: job_of(studio, "r1").state == "done" and studio.snapshot("r1").step == 14)
     assert studio.run_list() == [("r1 — finished at 14/14", "r1")]
     assert studio.runner.calls[-1] == (str(studio.outputs_dir / "r1"), True)  # resumed, not started over
+    assert len([job for job in studio.jobs() if Path(job.run_dir).name == "r1"]) == 1  # its one job trained on
     add_images(studio, "fresh", tmp_path)
     with pytest.raises(UserError, match="not been trained"):
         studio.resume("fresh")

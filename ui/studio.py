@@ -504,6 +504,9 @@ class Studio(RunDataset, RunExports, RunSpace):
             UserError: the job is not resumable (the queue says why).
         """
         active = self.active_run()
+        if self.queue.get(int(job_id)).state == "done":  # the queue's own refusal names the CLI's --steps
+            raise UserError(f"job {job_id} is done: to train it on, select its run, set “Train on to step” above "
+                            "its steps and press Resume selected run")
         job = self.queue.resume(int(job_id))
         where = f"checkpoint {job.last_checkpoint}" if job.last_checkpoint else "step 0 (it had no checkpoint yet)"
         return self._queued_message(job, active, f"Resuming '{Path(job.run_dir).name}' from {where}.")
@@ -536,12 +539,12 @@ class Studio(RunDataset, RunExports, RunSpace):
         saved = self.run_config(run)
         message = self._resuming(run_dir.name, total, new_lr, saved.lr if saved else None)
         note = self._rotation_note(run, total) if total is not None else ""
-        if job is not None and job.resumable and not finished:
+        if job is not None and (job.resumable or job.state == "done"):  # a done job trains on with more steps
             if total is None and new_lr is None:
                 return self.resume_job(job.id)
             active = self.active_run()  # before queuing: the worker may claim the job at once
             return self._queued_message(self.queue.resume(job.id, steps=total, lr=new_lr), active, message + note)
-        from trainer.config import load_config  # a finished run, or one trained before the queue existed
+        from trainer.config import load_config  # a run trained before the queue existed (or outside it)
 
         active = self.active_run()
         config = replace(load_config(run_dir / "config.yaml"), out=str(run_dir))

@@ -36,7 +36,7 @@ import yaml
 
 from trainer.bases import parse_base
 from trainer.config import TrainConfig, dump_yaml, make_config
-from trainer.checkpoint import checkpoint_dirs
+from trainer.checkpoint import checkpoint_dirs, checkpoint_step
 from trainer.errors import DataError, UserError
 from trainer.job import LIVE
 
@@ -388,7 +388,8 @@ class JobQueue:
 
     def resume(self, job_id: int, steps: Optional[int] = None, lr: Optional[float] = None) -> QueuedJob:
         """Queue an interrupted, stopped or failed job again (at the back), continuing from its last checkpoint;
-        an interrupted job without a checkpoint restarts from step 0.
+        an interrupted job without a checkpoint restarts from step 0. A done job trains on when ``steps`` is more
+        than it trained (its style came out faint).
 
         Args:
             steps: a new total step count (as ``train --resume --steps``).
@@ -401,8 +402,14 @@ class JobQueue:
             self._recover(conn)
             row = self._row(conn, job_id)
             ckpt = last_checkpoint(row["run_dir"])
-            if row["state"] not in RESUMABLE:
-                raise QueueError(f"job {job_id} is {row['state']}; only {', '.join(RESUMABLE)} jobs can be resumed")
+            if row["state"] == "done" and ckpt:
+                trained = checkpoint_step(Path(ckpt))
+                if steps is None or steps <= trained:
+                    raise QueueError(f"job {job_id} is done: it trained all {trained} steps; to train it on, pass "
+                                     f"--steps with more (e.g. --steps {2 * trained})")
+            elif row["state"] not in RESUMABLE:
+                raise QueueError(f"job {job_id} is {row['state']}; only {', '.join(RESUMABLE)} jobs can be resumed"
+                                 + (", and done ones with more --steps" if row["state"] == "done" else ""))
             if not ckpt and row["state"] != "interrupted":
                 raise QueueError(f"job {job_id} has no checkpoint in {row['run_dir']} to resume from; "
                                  "queue the run again with `queue add`")
