@@ -1,4 +1,5 @@
-"""Command line: ``python -m trainer {train,demo-model,demo-data,check-data,caption,export,mix,bench}``.
+"""Command line: ``python -m trainer COMMAND``: train, demo-model, demo-data, check-data, caption, export, mix,
+bench, queue, pretrain-demo.
 
 User errors print one line on stderr and exit with code 2 — never a traceback.
 """
