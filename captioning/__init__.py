@@ -16,9 +16,6 @@ from captioning.folder import (
     caption_path,
     find_images,
     read_caption,
-    read_captions,
-    tag_frequency,
-    tag_frequency_by_folder,
     write_caption,
 )
 from captioning.postprocess import CaptionOptions, postprocess
@@ -42,8 +39,5 @@ __all__ = [
     "get_captioner",
     "postprocess",
     "read_caption",
-    "read_captions",
-    "tag_frequency",
-    "tag_frequency_by_folder",
     "write_caption",
 ]

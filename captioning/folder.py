@@ -9,21 +9,18 @@ atomically so an interrupted run leaves no half-written caption.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import threading
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable
 
 from captioning.base import SOURCE_PATH_KEY, Captioner
 from captioning.errors import CaptionFileError
 from captioning.postprocess import CaptionOptions, postprocess
 from captioning.registry import available_captioners, get_captioner
-from trainer.atomic import file_mode_for
-from trainer.errors import ConfigError, DataError, ImageError
+from trainer.atomic import write_text
+from trainer.errors import ConfigError, DataError, ImageError, WriteError
 from trainer.images import IMAGE_EXTENSIONS, is_image_name, open_image
 from trainer.paths import is_inside
 
@@ -98,61 +95,12 @@ def read_caption(path: str | Path) -> str:
 
 
 def write_caption(path: str | Path, text: str) -> None:
-    """Write one caption atomically: a temp file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text.strip() + "\n")
-        os.chmod(tmp, file_mode_for(path))  # mkstemp's 0600 would hide the caption from other users' tools
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write one caption atomically (``trainer.atomic``: a crash or a full disk leaves the old caption).
 
-
-def read_captions(data_dir: str | Path) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
-    """Existing captions of every image: ``({relative image: caption}, ((caption file, reason), ...))``.
-
-    Images without a caption file are left out; unreadable caption files are
-    listed with a reason instead of raising (for the editor and for exports).
+    Raises:
+        WriteError: it could not be written (read-only folder, full disk).
     """
-    root = Path(data_dir).expanduser()
-    captions, problems = {}, []
-    for image in find_images(root):
-        sidecar = caption_path(image)
-        if not sidecar.is_file():
-            continue
-        try:
-            captions[_rel(image, root)] = read_caption(sidecar)
-        except (CaptionFileError, OSError) as err:
-            problems.append((_rel(sidecar, root), str(err)))
-    return captions, tuple(problems)
-
-
-def tag_frequency(captions: Mapping[str, str] | Iterable[str]) -> dict[str, int]:
-    """Count comma-separated tags as kohya does for ``ss_tag_frequency`` (stripped, lower-cased).
-
-    Accepts ``{image: caption}`` or plain caption strings; most frequent first.
-    """
-    texts = captions.values() if isinstance(captions, Mapping) else captions
-    counts = Counter(tag.strip().lower() for text in texts for tag in text.split(",") if tag.strip())
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def tag_frequency_by_folder(data_dir: str | Path) -> dict[str, dict[str, int]]:
-    """kohya's full ``ss_tag_frequency`` shape: ``{image folder name: {tag: count}}``.
-
-    Top-level images count under the data folder's own name, images in
-    ``10_style`` under ``"10_style"``. ``json.dumps`` it into the metadata.
-    """
-    root = Path(data_dir).expanduser()
-    captions, _ = read_captions(root)
-    by_folder: dict[str, list[str]] = {}
-    for rel, text in captions.items():
-        folder = rel.rpartition("/")[0] or root.resolve().name
-        by_folder.setdefault(folder, []).append(text)
-    return {folder: tag_frequency(texts) for folder, texts in sorted(by_folder.items())}
+    write_text(path, text.strip() + "\n")
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -210,8 +158,8 @@ def _caption_batch(captioner, batch, root, options, written, skipped) -> None:
         sidecar = caption_path(image)
         try:
             write_caption(sidecar, postprocess(text, options))
-        except OSError as err:  # read-only folder, disk full: report it, keep going
-            skipped.append((_rel(image, root), f"could not write {sidecar.name}: {err.strerror or err}"))
+        except WriteError as err:  # read-only folder, disk full: report it, keep going
+            skipped.append((_rel(image, root), str(err)))
             continue
         written.append(_rel(image, root))
 

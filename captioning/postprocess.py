@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from trainer.errors import ConfigError
+from trainer.trigger import has_trigger, with_trigger
 
 # Leading filler, matched case-insensitively and stripped repeatedly
 # ("The image shows a picture of a cat" -> "a cat").
@@ -111,19 +112,14 @@ def truncate_words(text: str, max_words: int) -> str:
 
 
 def add_trigger(text: str, trigger: str, position: str) -> str:
+    """``trigger`` first or last, unless the caption already holds it anywhere as a whole word in any case
+    (then written as typed): the rule training and the caption tools apply (``trainer.trigger``)."""
     trigger = " ".join(trigger.split())
-    if not trigger:
-        return text
-    if not text:
-        return trigger
-    lowered, key = text.lower(), trigger.lower()
-    if position == "prepend":
-        if re.match(re.escape(key) + r"(?!\w)", lowered):
-            return text
-        return f"{trigger}, {text}"
-    if re.search(r"(?<!\w)" + re.escape(key) + r"$", lowered):
-        return text
-    return f"{text}, {trigger}"
+    if not trigger or not text:
+        return text or trigger
+    if has_trigger(text, trigger):
+        return with_trigger(text, trigger)
+    return f"{trigger}, {text}" if position == "prepend" else f"{text}, {trigger}"
 
 
 def postprocess(text: str, options: CaptionOptions) -> str:

@@ -90,3 +90,22 @@ def test_copy_new_never_replaces_a_file_nor_leaves_half_a_copy(tmp_path, monkeyp
     with pytest.raises(WriteError, match=r"copying to b.png failed \(No space left on device\); the disk may be full"):
         copy_new(src, dst.with_name("b.png"))
     assert sorted(p.name for p in dst.parent.iterdir()) == ["a.png"]  # no b.png, no temp file
+
+
+@pytest.mark.parametrize("error, advice", [
+    (OSError(28, "No space left on device"), "the disk may be full. Nothing half-written was left behind; free "
+                                              "space and try again"),
+    (PermissionError(13, "Permission denied"), "check that {folder} is writable. Nothing half-written was left "
+                                               "behind"),
+    (OSError(30, "Read-only file system"), "check that {folder} is writable. Nothing half-written was left behind"),
+])
+def test_a_failed_write_says_what_to_do_about_its_cause(tmp_path, monkeypatch, error, advice):
+    """A full disk asks for space; a refusal names the folder to fix, not a disk that has room."""
+    def refuse(src, dst):
+        raise error
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(WriteError) as caught:
+        write_text(tmp_path / "config.yaml", "rank: 8\n")
+    assert str(caught.value) == f"writing config.yaml failed ({error.strerror}); " + advice.format(folder=tmp_path)
+    assert list(tmp_path.iterdir()) == []

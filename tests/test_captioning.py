@@ -26,13 +26,10 @@ from captioning import (
     find_images,
     get_captioner,
     postprocess,
-    read_captions,
-    tag_frequency,
-    tag_frequency_by_folder,
     write_caption,
 )
 from captioning import cli
-from trainer.errors import ConfigError, DataError, UserError
+from trainer.errors import ConfigError, DataError, UserError, WriteError
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_IDS = {
@@ -72,7 +69,9 @@ def _png(path: Path, color=(200, 40, 40)) -> Path:
     ("a very long first phrase here, b", CaptionOptions(max_length=2), "a very"),
     ("a cat", CaptionOptions(trigger="sks"), "sks, a cat"),
     ("a cat", CaptionOptions(trigger="sks", trigger_position="append"), "a cat, sks"),
-    ("sks, a cat", CaptionOptions(trigger="SKS"), "sks, a cat"),  # not added twice
+    ("sks, a cat", CaptionOptions(trigger="SKS"), "SKS, a cat"),  # not added twice; written as typed, as trained
+    ("a cat, sks", CaptionOptions(trigger="sks"), "a cat, sks"),  # already there, anywhere
+    ("a sks painting of a cat", CaptionOptions(trigger="sks", trigger_position="append"), "a sks painting of a cat"),
     ("a cat, sks", CaptionOptions(trigger="sks", trigger_position="append"), "a cat, sks"),
     ("sksy cat", CaptionOptions(trigger="sks"), "sks, sksy cat"),  # a prefix of a word is not the trigger
     ("", CaptionOptions(trigger="my style"), "my style"),
@@ -114,27 +113,6 @@ def test_filename_captioner_reads_the_source_path():
     assert captioner.caption([tagged, plain]) == ["old oak tree", ""]
 
 
-# ---- tag frequency (ss_tag_frequency) -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("captions", [
-    {"a.png": "sks, Red Sky, tree", "b.png": "sks, tree,, ", "c.png": "sks"},
-    ["sks, Red Sky, tree", "sks, tree,, ", "sks"],
-])
-def test_tag_frequency(captions):
-    assert tag_frequency(captions) == {"sks": 3, "tree": 2, "red sky": 1}
-    assert list(tag_frequency(captions)) == ["sks", "tree", "red sky"]
-
-
-def test_tag_frequency_by_folder_uses_kohya_folder_names(tmp_path):
-    data = tmp_path / "mystyle"
-    _png(data / "top.png")
-    _png(data / "10_style" / "a.png")
-    (data / "top.txt").write_text("sks, cat")
-    (data / "10_style" / "a.txt").write_text("sks, dog")
-    assert tag_frequency_by_folder(data) == {"10_style": {"dog": 1, "sks": 1}, "mystyle": {"cat": 1, "sks": 1}}
-
-
 # ---- finding images and writing captions ----------------------------------------------------------
 
 
@@ -154,7 +132,7 @@ def test_write_caption_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="writing a.txt failed \\(disk full\\)"):
         write_caption(target, "new caption")
     assert target.read_text(encoding="utf-8") == "old caption\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # no temp file left behind
@@ -233,7 +211,9 @@ def test_unwritable_caption_is_reported(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", refuse)
     report = caption_folder(tmp_path, "filename")
-    assert report.written == () and report.skipped == (("a.png", "could not write a.txt: Permission denied"),)
+    assert report.written == () and report.skipped == (
+        ("a.png", f"writing a.txt failed (Permission denied); check that {tmp_path} is writable. Nothing "
+                  "half-written was left behind"),)
 
 
 def test_two_images_sharing_one_caption_file(tmp_path):
@@ -297,12 +277,6 @@ def test_batch_size_must_be_positive(tmp_path):
     _png(tmp_path / "a.png")
     with pytest.raises(ConfigError, match="batch_size"):
         caption_folder(tmp_path, "filename", batch_size=0)
-
-
-def test_read_captions_reports_bad_files(dataset):
-    captions, problems = read_captions(dataset)
-    assert captions == {"captioned_one.png": "my own words"}
-    assert [name for name, _ in problems] == ["latin1_caption.txt"]
 
 
 # ---- registry and offline behaviour ---------------------------------------------------------------

@@ -8,6 +8,7 @@ would hide an export from ComfyUI or A1111 running as another user or in a conta
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -37,11 +38,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp_path, file_mode_for(path))
         os.replace(tmp_path, path)
     except OSError as err:
-        raise WriteError(f"writing {path.name} failed ({err.strerror or err}); the disk may be full. "
-                         f"Nothing half-written was left behind; free space and try again") from None
+        raise WriteError(f"writing {path.name} failed ({err.strerror or err}); {what_to_do(err, path.parent)}") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def what_to_do(err: OSError, folder: Path) -> str:
+    """The advice after a failed write: permissions for a refusal, else space (what a failed write mostly is)."""
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"check that {folder} is writable. Nothing half-written was left behind"
+    return "the disk may be full. Nothing half-written was left behind; free space and try again"
 
 
 def file_mode_for(path: Path) -> int:
@@ -127,8 +134,7 @@ def copy_new(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     except FileExistsError:
         raise
     except OSError as err:
-        raise WriteError(f"copying to {dst.name} failed ({err.strerror or err}); the disk may be full. "
-                         "Nothing half-written was left behind; free space and try again") from None
+        raise WriteError(f"copying to {dst.name} failed ({err.strerror or err}); {what_to_do(err, dst.parent)}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return dst
