@@ -9,7 +9,7 @@ See docs/captioning.md.
 
 from captioning.base import BackendOptions, Captioner
 from captioning.errors import CaptionerUnavailable, CaptionFileError, UnknownCaptioner
-from captioning.filename import FilenameCaptioner, caption_from_name
+from captioning.filename import FilenameCaptioner
 from captioning.folder import (
     CaptionReport,
     caption_folder,
@@ -33,7 +33,6 @@ __all__ = [
     "available_captioners",
     "backend_for_folder",
     "caption_folder",
-    "caption_from_name",
     "caption_path",
     "find_images",
     "get_captioner",

@@ -22,7 +22,6 @@ from captioning import (
     UnknownCaptioner,
     available_captioners,
     caption_folder,
-    caption_from_name,
     find_images,
     get_captioner,
     postprocess,
@@ -86,23 +85,6 @@ def test_caption_options_report_every_problem_at_once():
         CaptionOptions(trigger_position="middle", max_length=-1, trigger="a, b")
     assert len(err.value.problems) == 3
     assert "trigger_position" in str(err.value) and "max_length" in str(err.value)
-
-
-# ---- file-name captions ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name, expected", [
-    ("misty_harbor_at_dawn.png", "misty harbor at dawn"),
-    ("Misty-Harbor-03 (2).jpg", "misty harbor"),
-    ("IMG_1234.JPG", ""),
-    ("DSC00042_red-barn_v2.png", "red barn"),
-    ("oldLighthouse.webp", "old lighthouse"),
-    ("sunset 1920x1080 final.png", "sunset"),
-    ("forest_3f9a2b7c1d.png", "forest"),
-    ("3d_render.png", "3d render"),
-])
-def test_caption_from_name(name, expected):
-    assert caption_from_name(name) == expected
 
 
 def test_filename_captioner_reads_the_source_path():

@@ -270,8 +270,14 @@ def test_trigger_word(caption, trigger, expected):
     assert with_trigger(caption, trigger) == expected
 
 
-@pytest.mark.parametrize("name,caption", [("red_circle-01 (2).png", "red circle"), ("IMG_0042.jpg", "IMG"),
-                                          ("a.b-c_d.webp", "a b c d"), ("123.png", "")])
+@pytest.mark.parametrize("name,caption", [
+    ("red_circle-01 (2).png", "red circle"), ("a.b-c_d.webp", "a b c d"), ("123.png", ""),
+    ("misty_harbor_at_dawn.png", "misty harbor at dawn"), ("Misty-Harbor-03 (2).jpg", "misty harbor"),
+    ("oldLighthouse.webp", "old lighthouse"), ("3d_render.png", "3d render"),
+    # camera names, sizes, versions, hashes and counters say nothing about the picture
+    ("IMG_1234.JPG", ""), ("DSC00042_red-barn_v2.png", "red barn"), ("sunset 1920x1080 final.png", "sunset"),
+    ("forest_3f9a2b7c1d.png", "forest"),
+])
 def test_a_picture_without_a_caption_trains_on_words_from_its_file_name(name, caption):
     assert caption_from_filename(name) == caption
 

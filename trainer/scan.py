@@ -39,6 +39,18 @@ class DatasetScan:
     warnings: tuple[str, ...]
 
 
+# file-name words that carry no meaning for a caption (compared lower-case)
+NAME_NOISE_WORDS = frozenset(
+    {"img", "dsc", "dscf", "dscn", "pxl", "mvimg", "screenshot", "scan", "copy", "final", "edit", "untitled"})
+_NAME_NOISE = (
+    re.compile(r"^\d+$"),  # counters, dates
+    re.compile(r"^(?:img|dsc[fn]?|pxl|mvimg|p)\d+$"),  # camera names: DSC00042, PXL20240101
+    re.compile(r"^\d+x\d+$"),  # sizes: 1024x768
+    re.compile(r"^v\d+$"),  # versions: v2
+    re.compile(r"^(?=.*\d)[0-9a-f]{8,}$"),  # hashes
+)
+
+
 def read_caption(path: Path) -> str | None:
     """The caption training reads from the ``.txt`` file ``path``; None without one, or when it is not UTF-8
     text (training then uses the file name: :func:`caption_from_filename`)."""
@@ -51,11 +63,13 @@ def read_caption(path: Path) -> str | None:
 
 
 def caption_from_filename(path: str | Path) -> str:
-    """A readable caption from a file name: ``red_circle-01 (2).png`` → ``red circle`` (what training uses for
-    an image without a caption file; the web app shows the same)."""
-    stem = re.sub(r"[_\-.]+", " ", Path(path).stem)
-    stem = re.sub(r"\(\d+\)|\b\d+\b", " ", stem)
-    return re.sub(r"\s+", " ", stem).strip()
+    """Readable words from a file name: ``Misty_Harbor-03 (2).png`` → ``misty harbor`` (what training uses for
+    an image without a caption file, the web app shows, and the ``filename`` captioner writes). Camera names
+    (IMG_1234), counters, sizes, versions and hashes say nothing about the picture, so they are dropped."""
+    stem = re.sub(r"\(\d+\)", " ", Path(path).stem)  # "(2)" duplicate markers
+    stem = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", stem)  # camelCase
+    words = [w.lower() for w in re.split(r"[\s_\-.+,;()\[\]{}]+", stem) if w]
+    return " ".join(w for w in words if w not in NAME_NOISE_WORDS and not any(p.match(w) for p in _NAME_NOISE))
 
 
 def _scan_folder(folder: Path, root: Path, repeats: int, group: str, items: list, skipped: list, warnings: list) -> None:
