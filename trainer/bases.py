@@ -59,12 +59,12 @@ def arch_of_folder(path: Path) -> str:
 
 def arch_of_checkpoint(path: Path) -> str:
     """Guess the architecture of a single-file checkpoint from its tensor names."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
-    except Exception as err:  # safetensors raises its own error types for bad headers
+    except (SafetensorError, OSError) as err:
         raise UserError(f"{path.name} is not a readable .safetensors checkpoint ({err})") from None
     joined = "\n".join(keys[:5000])
     if "double_blocks." in joined or "single_transformer_blocks." in joined:

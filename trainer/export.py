@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from trainer.atomic import atomic_path
@@ -313,7 +313,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as err:  # safetensors raises its own error types for damaged files
+    except (SafetensorError, OSError) as err:
         raise LoraFormatError(f"{path.name} is not a readable .safetensors file ({err})") from None
 
 
@@ -323,7 +323,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
-    except Exception as err:
+    except (SafetensorError, OSError) as err:
         raise LoraFormatError(f"{path.name} is not a readable .safetensors file ({err})") from None
 
 

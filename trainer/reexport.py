@@ -15,6 +15,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from trainer.bases import parse_base
@@ -92,7 +93,7 @@ def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
     except FileNotFoundError:  # the run is still training and its rotation deleted that checkpoint just now
         raise UserError(f"{run.name}'s checkpoint {chosen.name} was deleted while being read (the run keeps "
                         f"{config.keep_checkpoints}); pick a newer step") from None
-    except Exception as err:  # safetensors raises its own error type for a truncated or corrupt file
+    except (SafetensorError, OSError) as err:  # a truncated or corrupt file
         others = [str(checkpoint_step(p)) for p in checkpoints if p != chosen]
         if step is not None:
             advice = f"; pick another step (kept: {', '.join(others)})" if others else "; the run kept no other step"

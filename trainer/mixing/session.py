@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from trainer.config import Precision
 from trainer.errors import LoraFormatError, UserError
@@ -59,7 +60,7 @@ def read_lora_once(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str],
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_len])
         tensors = load_bytes(data)
-    except Exception as err:  # safetensors raises its own error types for damaged files
+    except (SafetensorError, ValueError) as err:  # ValueError: a header that is not JSON
         raise LoraFormatError(f"{path.name} is not a readable .safetensors file ({err})") from None
     metadata = {k: str(v) for k, v in (header.get("__metadata__") or {}).items() if k != "format"}
     return tensors, metadata, hashlib.sha256(data).hexdigest()
