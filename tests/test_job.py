@@ -107,6 +107,27 @@ def test_run_killed_without_a_final_event_is_interrupted(tmp_path):
     assert (info.state, info.step, info.resumable) == ("interrupted", 1, True)
 
 
+def test_an_unreadable_line_inside_the_events_is_skipped_with_a_warning(tmp_path, caplog):
+    """A torn last line is what a kill leaves: skipped quietly. Any other line that does not read (an event of a
+    newer version, an edit by hand) is skipped too, but the log says so instead of losing it silently."""
+    path = tmp_path / "events.jsonl"
+    step = ev.Step(step=1, total_steps=5, loss=0.5, lr=1e-4, seconds=1.0)
+    ev.append_jsonl(path, step)
+    with open(path, "a") as f:
+        f.write('{"event": "teleport", "step": 1}\n')
+    ev.append_jsonl(path, replace(step, step=2))
+    with caplog.at_level("WARNING", logger="trainer.events"):
+        assert [e.step for e in ev.read_jsonl(path)] == [1, 2]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: skipped 1 line(s) that are not events this version reads (line 2)"]
+    caplog.clear()
+    steps_only = path.read_text().splitlines()[::2]
+    path.write_text("\n".join(steps_only) + "\n" + '{"event": "step", "st')  # and a torn last line
+    with caplog.at_level("WARNING", logger="trainer.events"):
+        assert [e.step for e in ev.read_jsonl(path)] == [1, 2]
+    assert caplog.records == []
+
+
 def test_disk_state_uses_the_last_session():
     start = ev.Start(run_dir="r", total_steps=4, start_step=0, images=1, arch="sd15")
     assert disk_state([start, ev.Stopped(step=2), replace(start, start_step=2), ev.Done(step=4, exports=())]) == "done"

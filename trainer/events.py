@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -137,15 +140,22 @@ def append_jsonl(path: Path, event: Event) -> None:
 
 
 def read_jsonl(path: Path) -> list[Event]:
-    """Read a run's events; a torn last line (killed process) is ignored."""
+    """Read a run's events; a torn last line (killed process) is ignored. Any other line that does not read (an
+    edit by hand, an event of a newer version) is skipped too, with a warning in the log: a run's progress
+    stays readable."""
     events = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return events
-    for line in lines:
+    unread = []
+    for number, line in enumerate(lines, 1):
         try:
             events.append(from_dict(json.loads(line)))
         except (ValueError, KeyError, TypeError):
-            continue
+            if number < len(lines):
+                unread.append(number)
+    if unread:
+        log.warning("%s: skipped %d line(s) that are not events this version reads (line %s)", path, len(unread),
+                    ", ".join(map(str, unread[:5])) + (" …" if len(unread) > 5 else ""))
     return events
