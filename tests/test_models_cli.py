@@ -22,6 +22,17 @@ from trainer.models import load_base
 REPO = Path(__file__).resolve().parent.parent
 
 
+def test_a_command_whose_package_is_missing_says_so_in_one_line(monkeypatch, capsys):
+    """A half-installed environment: the command is listed, and using it is one line naming the fix."""
+    from trainer import __main__ as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "mix", ("trainer.not_installed_here", "preview a mix"))
+    assert main(["mix", "--base", "demo:sd15", "--lora", "a.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: `python -m trainer mix` cannot start (No module named 'trainer.not_installed_here'); "
+                   "install the requirements: pip install -r requirements.txt\n")
+
+
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "flux"])
 def test_folder_and_demo_alias_load_the_same_architecture(base_dirs, arch):
     for source in (str(base_dirs[arch]), f"demo:{arch}"):

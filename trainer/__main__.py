@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         try:
             importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text))
-        except ImportError as err:
-            sub.add_parser(name, help=f"(unavailable: {err})")
+        except ImportError as err:  # a package missing: said in one line when the command is used
+            why = f"`python -m trainer {name}` cannot start ({err}); install the requirements: pip install -r requirements.txt"
+            sub.add_parser(name, help=f"(unavailable: {err})").set_defaults(unavailable=why)
 
     demo = sub.add_parser("demo-model", help="write a tiny base model as a diffusers folder")
     demo.add_argument("--arch", choices=("sd15", "sdxl", "flux"), required=True)
@@ -120,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "unavailable", None):  # its flags are unknown: the module that defines them did not import
+        print(f"error: {args.unavailable}", file=sys.stderr)
+        return 2
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command not in LIGHT_COMMANDS:
         _quiet_progress_bars()
     handlers = {"demo-model": _demo_model, "export": _export}
