@@ -86,7 +86,8 @@ def test_bake_rank_compresses_and_reports_the_error(loras, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--lora", "x.safetensors:heavy", "--out", "a.png"], "weight after ':' must be a number"),
+    (["--lora", "x.safetensors:heavy", "--out", "a.png"], "the weight after ':': 'heavy' is not a number"),
+    (["--lora", "x.safetensors:nan", "--out", "a.png"], "the weight after ':': 'nan' is not a finite number"),
     (["--lora", "style.pt", "--out", "a.png"], "only .safetensors"),
     (["--lora", "missing.safetensors", "--out", "a.png"], "file not found"),
     ([], "nothing to do"),
@@ -94,7 +95,9 @@ def test_bake_rank_compresses_and_reports_the_error(loras, tmp_path, capsys):
     (["--out", "a.png/"], "image file name"),
     (["--out", "a.png", "--bake-rank", "4"], "--bake-rank needs --bake"),
     (["--out", "a.png", "--bake", "mix.ckpt"], "must end in .safetensors"),
-    (["--out", "a.png", "--grid", "0,x"], "comma-separated numbers"),
+    (["--out", "a.png", "--grid", "0,x"], "--grid: 'x' is not a number"),
+    (["--out", "a.png", "--grid", "0,inf"], "--grid: 'inf' is not a finite number"),
+    (["--out", "a.png", "--grid", "0 0.5;1", "--grid-second", ","], "--grid-second: give at least one weight"),
     (["--grid-each", "--grid-out", "g.png"], "--grid-each needs at least one --lora"),
     (["--out", "a.png", "--grid-prompt", "a cat"], "--grid-prompt is a row of --grid-each"),
     (["--out", "a.png", "--grid-each", "--grid", "0,1"], "two kinds of grid"),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from trainer.atomic import save_image
 from trainer.errors import UserError
+from trainer.mix_weights import parse_weight, parse_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -33,21 +34,8 @@ def parse_lora(text: str) -> LoraArg:
     path, weight = text, 1.0
     head, sep, tail = text.rpartition(":")
     if sep and head and "/" not in tail and "\\" not in tail:
-        try:
-            path, weight = head, float(tail)
-        except ValueError:
-            raise UserError(f"--lora {text}: the weight after ':' must be a number, e.g. {head}:0.7") from None
+        path, weight = head, parse_weight(tail, f"--lora {text}: the weight after ':'")
     return LoraArg(Path(path), weight)
-
-
-def parse_weights(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text}: give comma-separated numbers, e.g. 0,0.25,0.5,0.75,1") from None
-    if not values:
-        raise UserError(f"{flag} needs at least one weight, e.g. 0,0.5,1")
-    return values
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -156,27 +156,6 @@ def spread(values: list[int], k: int) -> list[int]:
     return [values[i] for i in sorted(picks)]
 
 
-def parse_weights(text: str, what: str = "weights") -> list[float]:
-    """``"0, 0.5, 1"`` (commas and/or spaces) -> ``[0.0, 0.5, 1.0]``.
-
-    Raises:
-        UserError: an empty list or a value that is not a number (named).
-    """
-    parts = [p for p in re.split(r"[,\s;]+", str(text or "").strip()) if p]
-    if not parts:
-        raise UserError(f"{what}: give at least one weight, e.g. 0, 0.5, 1")
-    out = []
-    for part in parts:
-        try:
-            value = float(part)
-        except ValueError:
-            raise UserError(f"{what}: {part!r} is not a number (write them like 0, 0.5, 1)") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise UserError(f"{what}: {part!r} is not a finite number")
-        out.append(value)
-    return out
-
-
 class MixDesk:
     """Mixing for one server process (one base loaded at a time, guarded by a lock).
 

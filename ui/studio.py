@@ -33,6 +33,7 @@ from trainer.paths import newest_first
 from trainer.job import LIVE, TRAINING, JobSnapshot, RunInfo, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, Runner, default_runner, run_worker
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
+from trainer.mix_weights import parse_weights
 from trainer.steps import FILE_NAMES, exported_step_files, exported_steps, learning_rate_history, parse_step_file, step_file
 from trainer.presets import list_presets, resolve_config
 from ui import choices, store
@@ -40,7 +41,7 @@ from ui.run_exports import EXPORT_FIELDS, RunExports  # noqa: F401 (EXPORT_FIELD
 from ui.run_dataset import RunDataset
 from ui.run_space import RunSpace
 from ui.mixdesk import (MAX_GRID_CELLS, FileColumn, MixDesk, MixResult, MixSlot, default_guidance,  # noqa: F401
-                         default_steps, is_demo, lora_weight, parse_weights, prompt_with_trigger,
+                         default_steps, is_demo, lora_weight, prompt_with_trigger,
                          spread)  # (MixResult, is_demo: for the tabs)
 
 log = logging.getLogger(__name__)
