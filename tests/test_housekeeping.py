@@ -9,7 +9,7 @@ import pytest
 
 from trainer.checkpoint import checkpoint_dirs, checkpoint_path
 from trainer.errors import UserError
-from trainer.housekeeping import (delete_run_folder, hide_run_folder, human_bytes, prune_checkpoints, run_usage,
+from trainer.housekeeping import (hide_run_folder, human_bytes, prune_checkpoints, remove_hidden, run_usage,
                                   sweep_deleted)
 from trainer.steps import step_file
 
@@ -60,7 +60,7 @@ def test_pruning_keeps_the_last_checkpoint_and_the_exported_steps(tmp_path):
 def test_a_deleted_run_leaves_nothing_and_an_undeletable_one_is_one_line(tmp_path, monkeypatch):
     run = fake_run(tmp_path / "outputs" / "r1")
     fill(tmp_path / "outputs" / "r2" / "dataset" / "b.png", 10)
-    assert delete_run_folder(run) is True
+    assert remove_hidden(hide_run_folder(run)) is True
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["r2"]  # no hidden leftovers either
     # a file held open elsewhere (Windows) leaves a hidden rest: not listed, not in the way of the next
     # delete of that name, and swept at the next start
@@ -68,7 +68,7 @@ def test_a_deleted_run_leaves_nothing_and_an_undeletable_one_is_one_line(tmp_pat
     hidden = hide_run_folder(again)
     assert hidden.name.startswith(".deleted-r1-") and not again.exists()
     fake_run(tmp_path / "outputs" / "r1")
-    assert delete_run_folder(tmp_path / "outputs" / "r1") is True and hidden.is_dir()
+    assert remove_hidden(hide_run_folder(tmp_path / "outputs" / "r1")) is True and hidden.is_dir()
     from trainer.job import list_runs
 
     (hidden / "config.yaml").write_text("steps: 1\n")
@@ -81,7 +81,7 @@ def test_a_deleted_run_leaves_nothing_and_an_undeletable_one_is_one_line(tmp_pat
 
     monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(UserError, match="cannot delete 'r2' \\(Device or resource busy\\); close programs"):
-        delete_run_folder(tmp_path / "outputs" / "r2")
+        remove_hidden(hide_run_folder(tmp_path / "outputs" / "r2"))
     assert (tmp_path / "outputs" / "r2" / "dataset" / "b.png").is_file()
 
 

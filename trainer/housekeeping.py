@@ -127,11 +127,6 @@ def sweep_deleted(outputs_dir: str | Path) -> None:
                 shutil.rmtree(hidden, ignore_errors=True)
 
 
-def delete_run_folder(run_dir: str | Path) -> bool:
-    """Hide, then remove a run folder; False if something was left behind (hidden, swept later)."""
-    return remove_hidden(hide_run_folder(run_dir))
-
-
 def human_bytes(n: int) -> str:
     """``1536`` → ``1.5 KB`` (powers of 1024, as the rest of the app counts MB and GB)."""
     size = float(n)

@@ -15,7 +15,6 @@ from trainer.config import TrainConfig, alpha_ratio_warning, load_yaml, make_con
 from trainer.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-META_KEYS = ("description",)  # preset-only keys that are not TrainConfig fields
 
 
 @dataclass(frozen=True)

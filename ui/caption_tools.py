@@ -149,10 +149,6 @@ def undo(run_dir: Path) -> tuple[int, int]:
     return restored, kept
 
 
-def can_undo(run_dir: Path) -> bool:
-    return (store.dataset_dir(run_dir) / UNDO_FILE).is_file()
-
-
 # words too common in English to say anything about a dataset; every other word of three letters or more counts
 FUNCTION_WORDS = frozenset(
     "the and with its are was were has have had for from this that these those there their them they into onto "

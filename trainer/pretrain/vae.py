@@ -142,12 +142,6 @@ def _save_state(vae, opt, step: int, spent: float, state_path: Path) -> None:
         torch.save({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": spent}, tmp)
 
 
-def load_trained_vae(out: Path):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL.from_pretrained(Path(out) / "vae")
-
-
 def finetune_decoder(work: Path, minutes: float, device: str = "cpu", seed: int = 0, batch: int = 16,
                      pool: int = 4000, lr: float = 1e-3, log=print) -> dict:
     """Keep training only the decoder (``work/vae_decoder``), with the encoder frozen.
