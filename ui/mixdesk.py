@@ -163,14 +163,14 @@ class MixDesk:
         default_base: base used when the tab sends none.
         engine: an object with ``MixSession``, ``bake``, ``comparison_grid``, ``side_by_side`` and ``Column``
             (tests inject fakes; default :mod:`trainer.mixing`, imported on first use).
-        session_kwargs: ``base -> kwargs`` for ``MixSession`` (device choice).
+        device_for: ``base -> device`` the ``MixSession`` loads it on (default "cpu", as MixSession).
     """
 
     def __init__(self, default_base: str, engine: Any = None,
-                 session_kwargs: Optional[Callable[[str], dict]] = None):
+                 device_for: Optional[Callable[[str], str]] = None):
         self.default_base = default_base
         self._engine = engine
-        self._session_kwargs = session_kwargs or (lambda base: {})
+        self._device_for = device_for or (lambda base: "cpu")
         self._loaded: Optional[_Loaded] = None
         self._lock = threading.Lock()
         self.base_loads = 0
@@ -232,7 +232,7 @@ class MixDesk:
     def _session(self, base: str) -> _Loaded:
         if self._loaded is None or self._loaded.base != base:
             self._loaded = None  # drop the old pipeline before loading another
-            session = self.engine.MixSession(base, **self._session_kwargs(base))
+            session = self.engine.MixSession(base, device=self._device_for(base))
             self.base_loads += 1
             self._loaded = _Loaded(base=base, session=session)
         return self._loaded

@@ -18,39 +18,30 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from trainer.atomic import copy_new
-from trainer.bases import base_sampling_defaults, list_bases, parse_base, weight_bytes
+from trainer.bases import base_sampling_defaults, list_bases, parse_base
 from trainer.config import Precision
 from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES  # noqa: F401 (the Dataset tab)
 from trainer.errors import ConfigError, UserError, WriteError
 from trainer.dataset_check import CaptionReader, ImageFacts
 from trainer import housekeeping
 from trainer.images import DEFAULT_LIMITS, ImageLimits
-from trainer.lora_file import check_lora_file
 from trainer import events as ev
 from trainer.objective import Objective, check_objective
 from trainer.paths import newest_first
 from trainer.job import LIVE, TRAINING, JobSnapshot, RunInfo, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, Runner, default_runner, run_worker
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
-from trainer.mix_weights import parse_weights
-from trainer.steps import FILE_NAMES, exported_step_files, exported_steps, learning_rate_history, parse_step_file, step_file
+from trainer.steps import exported_step_files, learning_rate_history
 from trainer.presets import list_presets, resolve_config
 from ui import choices, store
 from ui.run_exports import EXPORT_FIELDS, RunExports  # noqa: F401 (EXPORT_FIELDS: the Export tab)
 from ui.run_dataset import RunDataset
 from ui.run_space import RunSpace
-from ui.mixdesk import (MAX_GRID_CELLS, FileColumn, MixDesk, MixResult, MixSlot, default_guidance,  # noqa: F401
-                         default_steps, is_demo, lora_weight, prompt_with_trigger,
-                         spread)  # (MixResult, is_demo: for the tabs)
+from ui.run_mix import RunMix, cuda_free_bytes
+from ui.mixdesk import MixDesk, MixSlot  # noqa: F401 (MixSlot: the Mix tab)
 
 log = logging.getLogger(__name__)
 MAX_SAMPLE_PROMPTS = 8
-# A preview beside a training run needs its base's weights (× a margin for the pipeline's buffers) plus room to
-# render one image; measured figures are owed by the GPU benchmarks (docs/benchmarks.md), these are cautious.
-PREVIEW_MARGIN = 1.2
-PREVIEW_ACTIVATIONS = 2 * 2**30
-LORA_UPLOADS = "_loras"  # outputs/_loras: LoRA files uploaded on the Mix tab (never a run: no config.yaml)
 MAX_TRAIN_ON = 10_000  # "Train on to step" accepts up to this or 10 × the steps trained, whichever is more
 WORKER_RESTART_S = 5.0  # after the queue database failed the in-app worker (locked, full disk), it tries again
 
@@ -121,15 +112,6 @@ class TrainForm:
         return values
 
 
-def cuda_free_bytes() -> Optional[int]:
-    """Bytes free on the current CUDA device; None without CUDA (torch is imported only when asked)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return int(torch.cuda.mem_get_info()[0])
-
-
 def _planned_steps(job: QueuedJob) -> int:
     """The steps a queued job will train (0 when its stored config no longer reads: the worker says why)."""
     try:
@@ -138,12 +120,7 @@ def _planned_steps(job: QueuedJob) -> int:
         return 0
 
 
-def _safetensors_in(folder: Path) -> list[Path]:
-    """The ``.safetensors`` files in ``folder`` (resolved, sorted by name); none when it does not exist."""
-    return [p.resolve() for p in sorted(folder.glob("*.safetensors"))] if folder.is_dir() else []
-
-
-class Studio(RunDataset, RunExports, RunSpace):
+class Studio(RunDataset, RunExports, RunSpace, RunMix):
     """Everything the page does, for one server process.
 
     Args:
@@ -159,8 +136,9 @@ class Studio(RunDataset, RunExports, RunSpace):
 
     Training goes through the durable queue in ``outputs/queue.sqlite3`` (:mod:`trainer.queue`), the same one
     ``python -m trainer queue`` uses; :meth:`start_worker` runs its one worker on a daemon thread. The dataset
-    (:class:`ui.run_dataset.RunDataset`), exports (:class:`ui.run_exports.RunExports`) and disk space
-    (:class:`ui.run_space.RunSpace`) sides live in mixins of their own.
+    (:class:`ui.run_dataset.RunDataset`), exports (:class:`ui.run_exports.RunExports`), disk space
+    (:class:`ui.run_space.RunSpace`) and LoRA files and mixing (:class:`ui.run_mix.RunMix`) sides live in mixins
+    of their own.
 
     Raises:
         QueueError: the queue database cannot be used (the message says how to fix it).
@@ -182,7 +160,7 @@ class Studio(RunDataset, RunExports, RunSpace):
         self.worker_stop = threading.Event()
         self._worker: Optional[threading.Thread] = None
         self.gpu_free = gpu_free or cuda_free_bytes  # tests stand in for a GPU
-        self.mix = MixDesk(default_base, engine=mix_engine, session_kwargs=self._preview_device)
+        self.mix = MixDesk(default_base, engine=mix_engine, device_for=self._preview_device)
         self._nf4: Optional[tuple[bool, str]] = None
         self._snapshots: dict[Path, tuple[tuple, Optional[JobSnapshot]]] = {}
         self._facts: dict[str, tuple[tuple, ImageFacts]] = {}  # dataset check: picture path -> (its stat, facts)
@@ -254,34 +232,6 @@ class Studio(RunDataset, RunExports, RunSpace):
         """The run the worker is training now (None while the queue is idle)."""
         job = next((j for j in self.jobs() if j.state in TRAINING), None)
         return Path(job.run_dir).name if job is not None else None
-
-    def _preview_device(self, base: str) -> dict:
-        """Where the Mix and Export tabs load ``base`` for previews: demo bases on the CPU; others on the GPU,
-        except where that would take memory a training run needs.
-
-        The run trains in this process, on the same GPU: a second copy of a large base beside it can run
-        either out of memory. While a run trains on the GPU, a base is loaded there only when its weights
-        (plus a margin for activations) fit in what is free.
-
-        Raises:
-            UserError: a run trains on the GPU and the base does not fit beside it (the message says what to do).
-        """
-        if is_demo(base):
-            return {"device": "cpu"}
-        active = self.active_run()
-        config = self.recipe(active) if active else None
-        if config is None or config.device == "cpu":
-            return {"device": "auto"}
-        free = self.gpu_free()
-        if free is None:  # no GPU: the run trains on the CPU too
-            return {"device": "auto"}
-        need = weight_bytes(base)
-        if need is not None and need * PREVIEW_MARGIN + PREVIEW_ACTIVATIONS <= free:
-            return {"device": "auto"}
-        size = f"about {need * PREVIEW_MARGIN / 2**30:.1f} GB" if need is not None else "an unknown amount"
-        raise UserError(f"'{active}' is training on the GPU, which has {free / 2**30:.1f} GB free; previewing "
-                        f"{base} would load it there too ({size}) and could run the training out of memory. "
-                        "Preview once the run is done, or stop it (it keeps a checkpoint and resumes)")
 
     def dataset_note(self, run: str) -> str:
         """A sentence for a dataset change made while ``run`` trains ("" otherwise): the running job works
@@ -657,177 +607,6 @@ class Studio(RunDataset, RunExports, RunSpace):
         if job is None or job.state != "queued":
             return ""
         return f"Queued at position {job.position} (job {job.id})."
-
-    # ---- LoRA files -------------------------------------------------------------------------
-    def lora_files(self) -> list[tuple[str, str]]:
-        """(label, path) of every LoRA the Mix tab can load: trained runs, the loras folder, uploads."""
-        found = []
-        for name in self.run_names():
-            path = self.outputs_dir / name / FILE_NAMES["kohya"]
-            if path.is_file():
-                found.append((f"run: {name}", str(path)))
-            exported = exported_step_files(self.outputs_dir / name)
-            final = self.final_step(name)
-            for step in exported_steps(self.outputs_dir / name):
-                if step in exported:
-                    found.append((f"run: {name} @ step {step}", str(exported[step])))
-                elif step != final:  # a kept checkpoint: its LoRA file is written when a slot first uses it
-                    found.append((f"run: {name} @ step {step} (checkpoint)", str(step_file(self.outputs_dir / name,
-                                                                                         step))))
-        for folder, tag in ((self.loras_dir, "loras"), (self.outputs_dir / LORA_UPLOADS, "uploaded")):
-            found += [(f"{tag}: {path.name}", str(path)) for path in _safetensors_in(folder)]
-        return found
-
-    def add_lora_upload(self, path: str, shown_name: str = "", base: str = "") -> str:
-        """Keep an uploaded LoRA under ``outputs/_loras/``; returns its stored path. With the Mix tab's ``base``
-        loaded it is read into the mix at once, and one that does not fit it is refused now, not at the first
-        preview (and not kept)."""
-        name = store.safe_upload_name(shown_name or Path(path).name)
-        if not name.lower().endswith(".safetensors"):
-            raise UserError(f"{shown_name or Path(path).name}: only .safetensors LoRA files are accepted "
-                            "(pickled .pt/.ckpt/.bin files can run code)")
-        check_lora_file(path, shown_name or Path(path).name)  # refused now, in plain words, not at the first preview
-        folder = self.outputs_dir / LORA_UPLOADS
-        folder.mkdir(parents=True, exist_ok=True)
-        taken = {p.stem.lower() for p in folder.iterdir()}
-        dst = folder / store._unique_name(name, taken)
-        try:
-            copy_new(path, dst)
-        except FileExistsError:
-            raise UserError(f"{dst.name} appeared in {folder} meanwhile; upload it again") from None
-        if base:
-            try:
-                self.mix.load_if_ready(base, str(dst))
-            except UserError as err:
-                dst.unlink(missing_ok=True)
-                raise UserError(f"{err} (not added)") from None
-        return str(dst)
-
-    def lora_uploads(self) -> list[tuple[str, str]]:
-        """(file name, path) of the LoRA files uploaded on the Mix tab."""
-        return [(p.name, str(p)) for p in _safetensors_in(self.outputs_dir / LORA_UPLOADS)]
-
-    def delete_lora_upload(self, path: str) -> str:
-        """Delete an uploaded LoRA file (only those: never a run's own or one in the loras folder).
-
-        Raises:
-            UserError: not an uploaded file, or already gone.
-        """
-        file = Path(path or "")
-        if file.suffix != ".safetensors" or file.parent != (self.outputs_dir / LORA_UPLOADS).resolve():
-            raise UserError("pick an uploaded LoRA file first (a run's own files and the loras folder stay)")
-        if not file.is_file():
-            raise UserError(f"{file.name} was already deleted")
-        self.mix.forget_file(str(file))  # first: a file a preview still maps cannot be deleted on Windows
-        try:
-            file.unlink()
-        except OSError as err:
-            raise UserError(f"could not delete {file.name} ({err.strerror or err})") from None
-        return f"Deleted the upload {file.name}."
-
-    def run_base(self, run: str) -> str:
-        """The base a run was trained on (its config.yaml), else the page's default."""
-        try:
-            from trainer.config import load_config
-
-            return load_config(self.run_dir(run) / "config.yaml").base
-        except UserError:
-            return self.default_base
-
-    # ---- mixing (ui.mixdesk does the work) --------------------------------------------------
-    @property
-    def base_loads(self) -> int:
-        return self.mix.base_loads
-
-    def render_mix(self, base: str, slots: list[MixSlot], prompt: str, seed: int, steps: int,
-                   guidance: float, fuse: bool = False) -> MixResult:
-        """Render ``prompt`` with the weighted LoRAs (see :meth:`MixDesk.render`)."""
-        return self.mix.render(base, self._written(slots), prompt, seed, steps, guidance, fuse=fuse)
-
-    def _written(self, slots: list[MixSlot]) -> list[MixSlot]:
-        """``slots`` with the LoRA file of each kept checkpoint a slot picked written first (see lora_files)."""
-        for slot in slots:
-            parsed = parse_step_file(slot.path) if slot.path and not Path(slot.path).exists() else None
-            if parsed is not None and parsed[0].parent == self.outputs_dir:
-                from trainer.reexport import step_exports
-
-                step_exports(parsed[0], parsed[1], ("kohya",))
-        return slots
-
-    def _export_dir(self, run: str) -> Path:
-        if not str(run or "").strip():
-            raise UserError("pick a run first: baked mixes and grids are saved in its export folder")
-        return self.run_dir(run) / "export"
-
-    def bake_mix(self, run: str, base: str, slots: list[MixSlot], rank: Optional[float]) -> tuple[str, str]:
-        """Bake the mix into ``outputs/<run>/export/<run>_mix[_r<k>].safetensors``; returns (path, report)."""
-        folder = self._export_dir(run)
-        name = f"{folder.parent.name}_mix" + (f"_r{int(rank)}" if rank is not None and float(rank).is_integer() else "")
-        return self.mix.bake(base, self._written(slots), folder / f"{name}.safetensors", rank)
-
-    def make_grid(self, run: str, base: str, slots: list[MixSlot], axis: int, weights: str,
-                  second: Optional[int], second_weights: str, prompt: str, seed: int, steps: int,
-                  guidance: float) -> tuple[str, str]:
-        """A comparison grid saved as ``outputs/<run>/export/<run>_grid.png``; returns (path, info)."""
-        folder = self._export_dir(run)
-        first = parse_weights(weights, f"weights of LoRA {axis + 1}")
-        other = None
-        if second is not None and second >= 0:
-            other = (second, parse_weights(second_weights, f"weights of LoRA {second + 1}"))
-        return self.mix.grid(base, self._written(slots), axis, first, other, prompt, seed, steps, guidance,
-                             folder / f"{folder.parent.name}_grid.png")
-
-    def compare_steps(self, run: str, prompts: str, seed: Any, weight: Any = 1.0) -> tuple[str, str]:
-        """The base, then the LoRA of each step ``run`` can be exported at, alone, over ``prompts`` (one per line,
-        each starting with the run's trigger), at the run's sample settings; saved as
-        ``outputs/<run>/export/<run>_steps.png``. Returns (path, one line on what was rendered).
-
-        With more steps than fit one grid, evenly spread ones are shown, the last always among them; a step
-        whose file cannot be had (rotated away while training, damaged) is left out and named.
-
-        Raises:
-            UserError: no checkpoint yet, no prompt, a weight outside -1…2.
-        """
-        run_dir = self._export_dir(run).parent
-        w = lora_weight(weight)
-        final = self.final_step(run)
-        steps = sorted(set(exported_steps(run_dir)) | ({final} if final is not None else set()))
-        if not steps:
-            raise UserError(f"'{run}' has no checkpoint yet: train it (a checkpoint is written every "
-                            "'Checkpoint every N steps' and at the end) and come back")
-        config = self.run_config(run)
-        trigger = self.settings(run).get("trigger", "") or (config.trigger if config else "")
-        lines = [prompt_with_trigger(line.strip(), trigger) for line in str(prompts or "").splitlines() if line.strip()]
-        if not lines:
-            raise UserError("write at least one prompt (one per line)")
-        shown = spread(steps, MAX_GRID_CELLS - 1)  # the steps are the point: prompts give way first
-        fit = max(1, MAX_GRID_CELLS // (len(shown) + 1))
-        dropped = lines[fit:]
-        lines = lines[:fit]
-        columns = [FileColumn("base", None, 0.0)]
-        missing = []
-        for step in shown:
-            try:
-                path = self.exports(run, None if step == final else step, formats=("kohya",))["kohya"]
-            except UserError:
-                path = None
-            if path is None:
-                missing.append(str(step))
-            else:
-                columns.append(FileColumn(f"step {step} x{w:g}", path, w))
-        base = self.run_base(run)
-        sample_steps = config.sample_steps if config else default_steps(base)
-        guidance = config.sample_guidance if config else default_guidance(base)
-        path, info = self.mix.side_by_side(base, columns, lines, seed, sample_steps, guidance,
-                                           run_dir / "export" / f"{run_dir.name}_steps.png")
-        if len(shown) < len(steps):
-            info += f" {len(shown)} of the {len(steps)} kept steps are shown (one grid holds {MAX_GRID_CELLS} images)."
-        if dropped:
-            info += (f" Only the first {len(lines)} prompt(s) fit beside {len(shown)} steps in one grid of "
-                     f"{MAX_GRID_CELLS} images; {len(dropped)} left out.")
-        if missing:
-            info += f" Left out: step {', '.join(missing)} (its checkpoint is gone or damaged)."
-        return path, info
 
     def run_config(self, run: str):
         """The run's TrainConfig, None when it has none (never trained) or it is unreadable."""
