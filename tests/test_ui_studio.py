@@ -543,8 +543,14 @@ def test_caption_all_with_trigger(studio, tmp_path):
     assert captions["img0.png"] == "kept caption"
     assert captions["img1.png"].startswith("zkstyle")
     assert seen and seen[-1][0] == seen[-1][1]
-    studio.caption_all("r1", "filename", "zkstyle", overwrite=True)
+    caption_file = studio.run_dir("r1") / "dataset" / "img1.txt"
+    assert "Undone: 1 caption(s) are back" in studio.undo_captions("r1") and not caption_file.exists()  # had none
+    studio.caption_all("r1", "filename", "zkstyle", overwrite=False)
+    report = studio.caption_all("r1", "filename", "zkstyle", overwrite=True)
+    assert report.endswith("1 earlier caption(s) replaced (“Undo the last change to all captions” puts them back)")
     assert all(i.caption.startswith("zkstyle") for i in studio.items("r1"))
+    studio.undo_captions("r1")  # the hand-written caption an overwrite replaced comes back
+    assert {i.name: i.caption for i in studio.items("r1")} == {"img0.png": "kept caption", "img1.png": "zkstyle"}
     with pytest.raises(UserError, match="empty"):
         studio.caption_all("nothing", "filename", "", overwrite=False)
 

@@ -32,7 +32,7 @@ def _image_names(run_dir: Path) -> list[str]:
                    and is_image_name(p.name)), key=str.lower)
 
 
-def _captions(run_dir: Path) -> dict[str, str | None]:
+def captions_now(run_dir: Path) -> dict[str, str | None]:
     """image name → its caption, None for an image without a caption file (training reads words from its file
     name). Caption files that are not UTF-8 text are left out: no tool reads or overwrites them
     (:func:`unreadable` names them)."""
@@ -53,7 +53,7 @@ def _captions(run_dir: Path) -> dict[str, str | None]:
 
 def unreadable(run_dir: Path) -> list[str]:
     """The caption files of the dataset's images that are not UTF-8 text, which the bulk edits leave alone."""
-    readable = _captions(run_dir)
+    readable = captions_now(run_dir)
     return [str(Path(name).with_suffix(".txt")) for name in _image_names(run_dir) if name not in readable]
 
 
@@ -63,15 +63,22 @@ def tidy(caption: str) -> str:
     return ", ".join(part for part in parts if part)
 
 
-def _apply(run_dir: Path, old: dict[str, str], new: dict[str, str]) -> int:
-    """Write the captions of ``new`` that differ from ``old``, after recording them before and after for
-    :func:`undo`; returns how many changed."""
-    changed = {name: text for name, text in new.items() if text != old[name]}
+def record_change(run_dir: Path, old: dict[str, str | None], new: dict[str, str | None]) -> dict[str, str]:
+    """Record for :func:`undo` the captions of ``new`` that differ from ``old`` (None: no caption file), before
+    and after; returns those changed. Auto-captioning records what it wrote the same way, after writing."""
+    changed = {name: text for name, text in new.items() if name in old and text is not None and text != old[name]}
     if changed:
         record = {"before": {name: old[name] for name in changed}, "after": changed}
         write_text(store.dataset_dir(run_dir) / UNDO_FILE, json.dumps(record, ensure_ascii=False, indent=1))
-        for name, text in changed.items():
-            store.write_caption(run_dir, name, text)
+    return changed
+
+
+def _apply(run_dir: Path, old: dict[str, str], new: dict[str, str]) -> int:
+    """Write the captions of ``new`` that differ from ``old``, after recording them before and after for
+    :func:`undo`; returns how many changed."""
+    changed = record_change(run_dir, old, new)
+    for name, text in changed.items():
+        store.write_caption(run_dir, name, text)
     return len(changed)
 
 
@@ -93,7 +100,7 @@ def replace_in_captions(run_dir: Path, find: str, replace: str, whole_words: boo
         raise UserError("type the text to find (the replacement may be empty, which deletes it)")
     if not _image_names(run_dir):
         raise UserError("the dataset is empty: add images first")
-    captions = {name: text for name, text in _captions(run_dir).items() if text is not None}
+    captions = {name: text for name, text in captions_now(run_dir).items() if text is not None}
     pattern = _pattern(find.strip(), whole_words, match_case)
     new = {name: tidy(pattern.sub(lambda _: replace.strip(), text)) for name, text in captions.items()
            if pattern.search(text)}
@@ -112,14 +119,14 @@ def add_trigger(run_dir: Path, trigger: str) -> tuple[int, int]:
     if not _image_names(run_dir):
         raise UserError("the dataset is empty: add images first")
     # a picture without a caption file is left as it is: training puts the trigger before its file name's words
-    captions = {name: text for name, text in _captions(run_dir).items() if text is not None}
+    captions = {name: text for name, text in captions_now(run_dir).items() if text is not None}
     new = {name: tidy(f"{trigger}, {text}") for name, text in captions.items() if not has_trigger(text, trigger)}
     return _apply(run_dir, captions, new), len(captions)
 
 
 def uncaptioned(run_dir: Path) -> list[str]:
     """The dataset's images without a caption file (training reads words from their file names)."""
-    return [name for name, text in _captions(run_dir).items() if text is None]
+    return [name for name, text in captions_now(run_dir).items() if text is None]
 
 
 def undo(run_dir: Path) -> tuple[int, int]:
@@ -137,11 +144,14 @@ def undo(run_dir: Path) -> tuple[int, int]:
         raise UserError("nothing to undo: no bulk caption change was made since the last undo") from None
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"the undo record {UNDO_FILE} is unreadable; edit the captions by hand") from None
-    current = _captions(run_dir)
+    current = captions_now(run_dir)
     restored = kept = 0
     for name, text in after.items():
         if name in current and current[name] == text and name in before:
-            store.write_caption(run_dir, name, str(before[name]))
+            if before[name] is None:  # auto-captioned: it had no caption file
+                (store.dataset_dir(run_dir) / name).with_suffix(".txt").unlink(missing_ok=True)
+            else:
+                store.write_caption(run_dir, name, str(before[name]))
             restored += 1
         else:
             kept += 1
@@ -161,7 +171,7 @@ def word_counts(run_dir: Path, top: int = 15) -> list[tuple[str, int]]:
     where no tag repeats: a word in nearly every caption ("painting", "watercolor") shares the style with the
     trigger, and a prompt without it then shows less of the style."""
     counts: Counter[str] = Counter()
-    for text in filter(None, _captions(run_dir).values()):
+    for text in filter(None, captions_now(run_dir).values()):
         counts.update({word for word in re.findall(r"[^\W\d_][\w'-]*", text.lower())
                        if len(word) >= 3 and word not in FUNCTION_WORDS})
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
@@ -171,7 +181,7 @@ def tag_counts(run_dir: Path, top: int = 30) -> tuple[list[tuple[str, int]], int
     """The ``top`` most common comma-separated tags (or whole sentences) in the captions, each counted once per
     caption (the same split as the exports' ``ss_tag_frequency``), and the number of captions."""
     counts: Counter[str] = Counter()
-    captions = [text for text in _captions(run_dir).values() if text]
+    captions = [text for text in captions_now(run_dir).values() if text]
     for text in captions:
         counts.update({tag.strip().lower() for tag in text.split(",") if tag.strip()})
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top], len(captions)
