@@ -12,6 +12,7 @@ import re
 import threading
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +20,9 @@ import pytest
 from PIL import Image
 
 from tests.test_job import FakeLoop, wait_for
+from trainer.config import dump_yaml
 from trainer.errors import LoraFormatError, UserError
+from trainer.scan import scan_dataset
 from ui.studio import MixSlot, Studio, TrainForm
 
 
@@ -920,6 +923,12 @@ def test_compare_steps_renders_the_base_and_each_kept_step_alone(base_dirs, scen
                          trigger="zk", sample_steps=3, sample_guidance=4.0)
     run_training(config)
     assert real.compare_prompts("r1") == "a red circle"
+    cli_run = real.outputs_dir / "from-the-cli"  # no sample prompts, no dataset/: its data folder's captions
+    cli_run.mkdir()
+    (cli_run / "config.yaml").write_text(dump_yaml(replace(config, sample_prompts=(), out=str(cli_run))))
+    captions = [item.caption for item in scan_dataset(scene_dir).items]
+    assert real.compare_prompts("from-the-cli") == "\n".join(captions[:2]) and len(captions) > 2
+    real.save_settings("r1", trigger="renamed")  # the Dataset tab's box now; the LoRA was trained with "zk"
     with pytest.raises(UserError, match="at least one prompt"):
         real.compare_steps("r1", " \n ", 0)
     with pytest.raises(UserError, match="weight 'strong': give a number from -1 to 2"):

@@ -211,7 +211,8 @@ class RunMix:
             raise UserError(f"'{run}' has no checkpoint yet: train it (a checkpoint is written every "
                             "'Checkpoint every N steps' and at the end) and come back")
         config = self.run_config(run)
-        trigger = self.settings(run).get("trigger", "") or (config.trigger if config else "")
+        # the trigger the LoRA was trained with; the Dataset tab's box may hold a newer word since
+        trigger = config.trigger if config else self.settings(run).get("trigger", "")
         lines = [prompt_with_trigger(line.strip(), trigger) for line in str(prompts or "").splitlines() if line.strip()]
         if not lines:
             raise UserError("write at least one prompt (one per line)")

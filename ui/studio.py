@@ -33,6 +33,7 @@ from trainer.queue import ACTIVE, JobQueue, QueuedJob, Runner, default_runner, r
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
 from trainer.steps import exported_step_files, learning_rate_history
 from trainer.presets import list_presets, resolve_config
+from trainer.scan import scan_dataset
 from ui import choices, store
 from ui.run_exports import EXPORT_FIELDS, RunExports  # noqa: F401 (EXPORT_FIELDS: the Export tab)
 from ui.run_dataset import RunDataset
@@ -643,12 +644,15 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         return self.run_config(run)
 
     def compare_prompts(self, run: str) -> str:
-        """Prompts to start the step comparison with: the run's sample prompts, else its first two captions."""
+        """Prompts to start the step comparison with: the run's sample prompts, else its first two captions (of
+        its data folder when it was trained from the command line)."""
         config = self.run_config(run)
         prompts = list(config.sample_prompts) if config else []
         if not prompts:
             try:
                 prompts = [item.caption for item in self.items(run) if item.caption.strip()][:2]
+                if not prompts and config is not None:
+                    prompts = [item.caption for item in scan_dataset(config.data).items if item.caption.strip()][:2]
             except UserError:
                 prompts = []
         return "\n".join(" ".join(p.split()) for p in prompts)
