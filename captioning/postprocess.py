@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from trainer.errors import ConfigError
-from trainer.trigger import has_trigger, with_trigger
+from trainer.trigger import TRIGGER_RULE, has_trigger, valid_trigger, with_trigger
 
 # Leading filler, matched case-insensitively and stripped repeatedly
 # ("The image shows a picture of a cat" -> "a cat").
@@ -63,8 +63,8 @@ class CaptionOptions:
             problems.append(f"trigger_position {self.trigger_position!r} must be 'prepend' or 'append'")
         if self.max_length < 0:
             problems.append(f"max_length {self.max_length} must be 0 (unlimited) or a positive number of words")
-        if "\n" in self.trigger or "," in self.trigger:
-            problems.append(f"trigger {self.trigger!r} must be one phrase without commas or line breaks")
+        if not valid_trigger(self.trigger):
+            problems.append(f"trigger {self.trigger!r}: give {TRIGGER_RULE}")
         if problems:
             raise ConfigError(problems)
 

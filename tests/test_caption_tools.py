@@ -126,6 +126,8 @@ def test_undo_keeps_hand_edits_and_removed_images_and_a_damaged_record_is_one_li
 @pytest.mark.parametrize("call,why", [
     (lambda r: caption_tools.replace_in_captions(r, "  ", "x"), "type the text to find"),
     (lambda r: caption_tools.add_trigger(r, ""), "type the trigger word first"),
+    (lambda r: caption_tools.add_trigger(r, "zk, style"), "trigger word 'zk, style': give one word or phrase, "
+                                                          "without commas"),  # it would become two tags
     (lambda r: caption_tools.replace_in_captions(r.parent / "empty", "a", "b"), "the dataset is empty"),
     (lambda r: caption_tools.add_trigger(r.parent / "empty", "zk"), "the dataset is empty"),
 ])

@@ -556,6 +556,9 @@ def test_caption_all_with_trigger(studio, tmp_path):
     assert {i.name: i.caption for i in studio.items("r1")} == {"img0.png": "kept caption", "img1.png": "zkstyle"}
     with pytest.raises(UserError, match="empty"):
         studio.caption_all("nothing", "filename", "", overwrite=False)
+    with pytest.raises(UserError, match="trigger word 'zk, style': give one word or phrase, without commas"):
+        studio.caption_all("r1", "filename", "zk, style", overwrite=True)
+    assert studio.settings("r1")["trigger"] == "zkstyle"  # refused before it was saved as the run's trigger
 
 
 def test_mixing_loads_base_and_files_once_and_only_reweights(studio, tmp_path):

@@ -4,6 +4,28 @@ from __future__ import annotations
 
 import re
 
+from trainer.errors import UserError
+
+
+TRIGGER_RULE = "one word or phrase, without commas or line breaks (it becomes the first tag of every caption)"
+
+
+def valid_trigger(trigger: str) -> bool:
+    """Whether ``trigger`` can be one tag: a comma would make it two, in the captions, the tag counts and the A1111
+    card's activation text."""
+    return isinstance(trigger, str) and not any(c in trigger for c in ",\n\r")
+
+
+def check_trigger(trigger: str) -> str:
+    """``trigger`` with its spaces tidied.
+
+    Raises:
+        UserError: it holds a comma or a line break (:data:`TRIGGER_RULE`).
+    """
+    if not valid_trigger(trigger):
+        raise UserError(f"trigger word {trigger!r}: give {TRIGGER_RULE}")
+    return " ".join(trigger.split())
+
 
 def _pattern(trigger: str, flags: int = 0) -> re.Pattern:
     return re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)", flags)

@@ -18,7 +18,7 @@ from pathlib import Path
 from trainer.atomic import write_text
 from trainer.errors import UserError
 from trainer.images import is_image_name
-from trainer.trigger import has_trigger
+from trainer.trigger import check_trigger, has_trigger
 from ui import store
 
 UNDO_FILE = ".captions-undo.json"  # hidden: the trainer reads only images and their .txt sidecars
@@ -113,7 +113,7 @@ def add_trigger(run_dir: Path, trigger: str) -> tuple[int, int]:
     Raises:
         UserError: no trigger word, or no images.
     """
-    trigger = " ".join((trigger or "").split())
+    trigger = check_trigger(trigger or "")
     if not trigger:
         raise UserError("type the trigger word first (e.g. zkstyle)")
     if not _image_names(run_dir):

@@ -13,6 +13,7 @@ import gradio as gr
 
 from trainer.config import RESOLUTION_RULE, valid_resolution
 from trainer.errors import UserError
+from trainer.trigger import check_trigger
 from ui import format as fmt
 from ui.studio import DEMO_STYLES, DEMO_TRIGGER, Studio
 
@@ -141,9 +142,14 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
 
     def on_trigger(run_name, trig):
         try:
-            studio.save_settings(run_name, trigger=(trig or "").strip())
+            trig = check_trigger(trig or "")
+        except UserError as err:  # a comma would make it two tags: said now, not at Start (nothing is saved)
+            gr.Warning(str(err))
+            return
+        try:
+            studio.save_settings(run_name, trigger=trig)
         except UserError:
-            pass
+            pass  # no run picked yet
 
     trigger.blur(on_trigger, [run, trigger], None)
 

@@ -19,7 +19,7 @@ from trainer.dataset_check import (CaptionReader, Finding, check_captions, check
 from trainer.demo_data import DEMO_TRIGGER, write_style_set
 from trainer.errors import ImageError, UserError
 from trainer.scan import caption_from_filename, read_caption
-from trainer.trigger import with_trigger
+from trainer.trigger import check_trigger, with_trigger
 from ui import caption_tools, choices, store
 from ui.format import first_few
 from ui.captions import caption_run
@@ -165,5 +165,6 @@ class RunDataset:
         run_dir = self.run_dir(run)
         if not store.list_items(run_dir):
             raise UserError("the dataset is empty: add images first")
-        self.save_settings(run, trigger=trigger.strip())
-        return caption_run(run_dir, captioner, trigger.strip(), overwrite, progress, cancel or threading.Event())
+        trigger = check_trigger(trigger or "")  # refused before it is saved as the run's trigger
+        self.save_settings(run, trigger=trigger)
+        return caption_run(run_dir, captioner, trigger, overwrite, progress, cancel or threading.Event())
