@@ -561,6 +561,33 @@ def test_caption_all_with_trigger(studio, tmp_path):
     assert studio.settings("r1")["trigger"] == "zkstyle"  # refused before it was saved as the run's trigger
 
 
+def test_caption_all_stops_after_the_batch_at_hand_and_keeps_what_it_wrote(studio, tmp_path, monkeypatch):
+    """Florence-2 on a CPU over 200 pictures must be stoppable; it runs on the GPU when one is free of training."""
+    import ui.captions
+
+    add_images(studio, "r1", tmp_path, 10)
+    assert studio.stop_captioning("r1") == "Nothing is being captioned."
+    devices = []
+    real_caption_folder = ui.captions.caption_folder
+
+    def recording(*args, device, **kwargs):
+        devices.append(device)
+        return real_caption_folder(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(ui.captions, "caption_folder", recording)
+
+    def press_stop_at_first_batch(done, total):
+        if 0 < done < total:
+            assert studio.stop_captioning("r1") == "Stopping after the pictures at hand…"
+
+    report = studio.caption_all("r1", "filename", "zk", overwrite=False, progress=press_stop_at_first_batch)
+    assert report.startswith("4 caption(s) written") and "stopped (the captions written so far are kept)" in report
+    assert sum(bool(item.caption) for item in studio.items("r1")) == 4
+    studio.gpu_free = lambda: 8 << 30  # a GPU with room, and no run training on it
+    studio.caption_all("r1", "filename", "zk", overwrite=False)
+    assert devices == ["cpu", "cuda"] and all(item.caption for item in studio.items("r1"))
+
+
 def test_mixing_loads_base_and_files_once_and_only_reweights(studio, tmp_path):
     a = tmp_path / "loras" / "a.safetensors"
     b = tmp_path / "loras" / "b.safetensors"

@@ -11,14 +11,14 @@ from ui import caption_tools, store
 
 
 def caption_run(run_dir: Path, captioner: str, trigger: str, overwrite: bool,
-                progress: Callable[[int, int], None], cancel: threading.Event) -> str:
+                progress: Callable[[int, int], None], cancel: threading.Event, device: str = "cpu") -> str:
     """Write captions for every image of ``run_dir``; returns the one-line report the tab shows. What it wrote
     is recorded as the last bulk change, so "Undo the last change to all captions" takes it back (with
     overwrite on, it replaced captions written by hand)."""
     before = caption_tools.captions_now(run_dir)
     report = caption_folder(str(store.dataset_dir(run_dir)), captioner=captioner or "auto",
                             options=CaptionOptions(trigger=trigger, overwrite=overwrite),
-                            progress=progress, cancel=cancel)
+                            progress=progress, cancel=cancel, device=device)
     changed = caption_tools.record_change(run_dir, before, caption_tools.captions_now(run_dir))
     parts = [f"{len(report.written)} caption(s) written" + (f" with {report.backend}" if report.backend else "")]
     if report.kept:
@@ -28,7 +28,7 @@ def caption_run(run_dir: Path, captioner: str, trigger: str, overwrite: bool,
     if report.fallback_reason:
         parts.append(f"note: {report.fallback_reason}")
     if report.cancelled:
-        parts.append("cancelled")
+        parts.append("stopped (the captions written so far are kept)")
     replaced = sum(before.get(name) is not None for name in changed)
     if replaced:
         parts.append(f"{replaced} earlier caption(s) replaced (“Undo the last change to all captions” puts them back)")

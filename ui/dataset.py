@@ -7,7 +7,6 @@ it is accepted, a caption when its box loses focus), so a reload loses nothing.
 from __future__ import annotations
 
 import html
-import threading
 
 import gradio as gr
 
@@ -40,6 +39,7 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
                              info="A rare word you will put in prompts to call up the style.")
         overwrite = gr.Checkbox(label="Overwrite existing captions", value=False, elem_id="caption-overwrite", scale=1)
         caption_btn = gr.Button("Caption all", variant="primary", elem_id="caption-all", scale=0, min_width=160)
+        caption_stop = gr.Button("Stop", elem_id="caption-stop", scale=0, min_width=80)
     caption_status = gr.Markdown(elem_id="caption-status")
     with gr.Row(equal_height=True):
         saved = gr.Markdown(elem_id="caption-saved")
@@ -99,19 +99,25 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
                    concurrency_id="dataset", concurrency_limit=1)
 
     def on_caption_all(run_name, name, trig, over, ver, progress=gr.Progress()):
-        cancel = threading.Event()
-
         def step(done, total):
             progress((done, total), desc="Captioning", unit="images")
 
         try:
-            text = studio.caption_all(run_name, name, trig or "", bool(over), progress=step, cancel=cancel)
+            text = studio.caption_all(run_name, name, trig or "", bool(over), progress=step)
         except UserError as err:
             return f"⚠ {err}", ver
         return text, ver + 1
 
     caption_btn.click(on_caption_all, [run, captioner, trigger, overwrite, version], [caption_status, version],
                       concurrency_id="dataset", concurrency_limit=1)
+
+    def on_caption_stop(run_name):
+        try:
+            gr.Info(studio.stop_captioning(run_name))
+        except UserError as err:
+            gr.Warning(str(err))
+
+    caption_stop.click(on_caption_stop, run, None, show_progress="hidden")  # not queued behind Caption all
 
     def bulk(action):
         """Run a whole-dataset caption edit; the grid redraws from disk when it succeeded."""

@@ -1,8 +1,9 @@
 """The Studio's dataset side: pictures and their captions, bulk caption edits, auto-captioning and the
 dataset check. The files work is ``ui.store``'s, ``ui.caption_tools``' and ``trainer.dataset_check``'s.
 
-A mixin of :class:`ui.studio.Studio`: it uses ``run_dir``, ``limits``, ``dataset_note`` and the check's caches
-``_facts``, ``_readers`` and ``_readers_lock``.
+A mixin of :class:`ui.studio.Studio`: it uses ``run_dir``, ``limits``, ``dataset_note``, ``active_run``,
+``gpu_free``, the check's caches ``_facts``, ``_readers`` and ``_readers_lock``, and ``_captioning`` (each run's
+Caption all stop flag).
 """
 
 from __future__ import annotations
@@ -159,12 +160,30 @@ class RunDataset:
     captioners = staticmethod(choices.captioners)
 
     def caption_all(self, run: str, captioner: str, trigger: str, overwrite: bool,
-                    progress: Callable[[int, int], None] = lambda done, total: None,
-                    cancel: Optional[threading.Event] = None) -> str:
-        """Write captions for every image; returns a one-line report."""
+                    progress: Callable[[int, int], None] = lambda done, total: None) -> str:
+        """Write captions for every image (on the GPU when there is one and no run trains on it); returns a
+        one-line report. :meth:`stop_captioning` stops it after the batch at hand."""
         run_dir = self.run_dir(run)
         if not store.list_items(run_dir):
             raise UserError("the dataset is empty: add images first")
         trigger = check_trigger(trigger or "")  # refused before it is saved as the run's trigger
         self.save_settings(run, trigger=trigger)
-        return caption_run(run_dir, captioner, trigger, overwrite, progress, cancel or threading.Event())
+        stop = self._captioning[run_dir.name] = threading.Event()
+        try:
+            return caption_run(run_dir, captioner, trigger, overwrite, progress, stop, self._caption_device())
+        finally:
+            self._captioning.pop(run_dir.name, None)
+
+    def stop_captioning(self, run: str) -> str:
+        """Stop the run's Caption all after the batch at hand; the captions written so far stay."""
+        stop = self._captioning.get(self.run_dir(run).name)
+        if stop is None:
+            return "Nothing is being captioned."
+        stop.set()
+        return "Stopping after the pictures at hand…"
+
+    def _caption_device(self) -> str:
+        """cuda when a GPU is free of training (a captioner beside a run could take the memory it needs)."""
+        if self.active_run() is not None or self.gpu_free() is None:
+            return "cpu"
+        return "cuda"

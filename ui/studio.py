@@ -167,6 +167,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         self._facts: dict[str, tuple[tuple, ImageFacts]] = {}  # dataset check: picture path -> (its stat, facts)
         self._readers: dict[str, Optional[CaptionReader]] = {}  # dataset check: base -> its caption tokenizer
         self._readers_lock = threading.Lock()
+        self._captioning: dict[str, threading.Event] = {}  # run -> the stop flag of its Caption all
 
     # ---- the queue worker -------------------------------------------------------------------
     def start_worker(self, stop: Optional[threading.Event] = None) -> threading.Thread:
