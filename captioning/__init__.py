@@ -19,7 +19,7 @@ from captioning.folder import (
     write_caption,
 )
 from captioning.postprocess import CaptionOptions, postprocess
-from captioning.registry import available_captioners, backend_for_folder, get_captioner
+from captioning.registry import available_captioners, backend_for_folder, downloaded, get_captioner
 
 __all__ = [
     "BackendOptions",
@@ -31,6 +31,7 @@ __all__ = [
     "FilenameCaptioner",
     "UnknownCaptioner",
     "available_captioners",
+    "downloaded",
     "backend_for_folder",
     "caption_folder",
     "caption_path",

@@ -49,6 +49,18 @@ def available_captioners() -> list[str]:
     return ["auto", *BACKENDS]
 
 
+def downloaded(name: str) -> bool:
+    """Whether captioner ``name`` has its weights (and runtime) on this machine; file lookups only, nothing loads.
+    ``auto`` and ``filename`` always work."""
+    if name not in BACKENDS or name == "filename":
+        return name == "auto" or name == "filename"
+    try:
+        BACKENDS[name].create(BackendOptions()).close()
+    except CaptionerUnavailable:
+        return False
+    return True
+
+
 def backend_for_folder(folder: str | Path) -> str:
     """Which backend a model folder belongs to, from its files.
 
@@ -80,11 +92,8 @@ def _auto(options: BackendOptions, allow_fallback: bool) -> Captioner:
         except CaptionerUnavailable as err:
             missing.append(f"{name}: {err.summary}")
     found = "no captioner model is on this machine (" + "; ".join(missing) + ")"
-    how = (
-        f"to add one, run `hf download <model id>` on a connected machine and copy the cache to {hub_cache_dir()} "
-        "(the web app and the command line both find it there), or, on the command line, pass a model folder as "
-        "--captioner-model (see docs/captioning.md)"
-    )
+    how = (f"to add one, run `hf download <model id>` on a connected machine and copy the Hugging Face cache to "
+           f"{hub_cache_dir()} (docs/captioning.md lists the models and other folders)")
     if options.model_path:  # the user named a model: falling back would hide their mistake
         raise CaptionerUnavailable(
             f"--captioner-model {options.model_path} is neither a model folder nor a cached model "

@@ -25,7 +25,8 @@ from captioning.base import BackendOptions, one_line
 from captioning.errors import CaptionerUnavailable
 from captioning.weights import ModelSpec, find_weights, how_to_get
 
-WD14 = ModelSpec("wd14", "SmilingWolf/wd-v1-4-vit-tagger-v2", ("model.onnx", "selected_tags.csv"), "about 0.4 GB")
+WD14 = ModelSpec("wd14", "SmilingWolf/wd-v1-4-vit-tagger-v2", ("model.onnx", "selected_tags.csv"), "about 0.4 GB",
+                 only_required=True)
 ONNXRUNTIME_PIN = "onnxruntime==1.32.0"
 
 GENERAL, CHARACTER, RATING = 0, 4, 9  # categories in selected_tags.csv

@@ -26,12 +26,14 @@ class ModelSpec:
         repo_id: the default Hugging Face model id.
         required: files that must be in the model folder.
         size: rough download size, so the user knows what they are in for.
+        only_required: download just the ``required`` files (the repository holds more than the model needs).
     """
 
     backend: str
     repo_id: str
     required: tuple[str, ...]
     size: str
+    only_required: bool = False
 
 
 def hub_cache_dir() -> Path:
@@ -48,14 +50,12 @@ def hub_cache_dir() -> Path:
 
 
 def how_to_get(spec: ModelSpec, repo_id: str | None = None) -> str:
+    """Where to get the weights and where they go, in one sentence the web app and the command line both show."""
     repo_id = repo_id or spec.repo_id
-    return (
-        f"To add it ({spec.size}): on a connected machine run `hf download {repo_id}` "
-        f"(older huggingface_hub: `huggingface-cli download {repo_id}`) and copy the Hugging Face cache "
-        f"to {hub_cache_dir()} (the web app and the command line both find it there), or on the command line "
-        f"pass the model folder as --captioner-model PATH (model_path in Python). Until then the `filename` "
-        f"captioner captions from file names and works offline (see docs/captioning.md)."
-    )
+    files = "".join(f" {name}" for name in spec.required) if spec.only_required and repo_id == spec.repo_id else ""
+    return (f"To add it ({spec.size}): on a connected machine run `hf download {repo_id}{files}`, then copy the "
+            f"Hugging Face cache to {hub_cache_dir()}. Meanwhile `filename` captions from file names and works "
+            "offline (docs/captioning.md: other folders, older huggingface_hub).")
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -110,9 +110,8 @@ def find_weights(spec: ModelSpec, model_path: str | None = None) -> Path:
     folder = _from_cache(repo_id)
     if folder is None:
         raise CaptionerUnavailable(
-            f"captioner '{spec.backend}' needs the model {repo_id}, which is not on this machine "
-            f"(looked in the Hugging Face cache {hub_cache_dir()}; nothing is downloaded automatically). "
-            + how_to_get(spec, repo_id),
+            f"captioner '{spec.backend}' needs the model {repo_id}, which is not on this machine (nothing is "
+            "downloaded automatically). " + how_to_get(spec, repo_id),
             summary=f"{repo_id} not downloaded",
         )
     missing = _missing_files(folder, spec)

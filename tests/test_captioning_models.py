@@ -244,6 +244,9 @@ def test_weights_found_in_the_hf_cache(blip_dir, tmp_path):
     captioner.close()
     # auto prefers florence2 and blip2, which are absent, so it settles on blip
     assert get_captioner("auto").name == "blip"
+    from ui.choices import captioners  # the Dataset tab's list says which are there
+
+    assert ("blip", "blip") in captioners() and ("blip2 (not downloaded)", "blip2") in captioners()
 
 
 def test_other_hub_id_in_cache_via_model_path(blip_dir, tmp_path):

@@ -18,15 +18,12 @@ BASE_KINDS = {"demo": "tiny built-in demo model (64 px, works offline)",
               "hub": "hub id (downloaded on first use; needs network)"}
 
 
-def captioners() -> list[str]:
-    """The captioning backends this install can run; the file-name fallback always works."""
-    try:
-        import captioning
+def captioners() -> list[tuple[str, str]]:
+    """(label, name) of every captioner; those whose weights are not on this machine say so in their label (a
+    pick of one of them falls back to nothing: it tells what to download)."""
+    from captioning import available_captioners, downloaded
 
-        names = list(captioning.available_captioners())
-    except (ImportError, AttributeError):
-        names = []
-    return names or ["filename"]
+    return [(name if downloaded(name) else f"{name} (not downloaded)", name) for name in available_captioners()]
 
 
 def describe_base(base: str) -> str:

@@ -32,7 +32,7 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
     report = gr.Markdown(elem_id="upload-report")
     check = gr.Markdown(elem_id="dataset-check")
     with gr.Row():
-        captioner = gr.Dropdown(label="Captioner", choices=studio.captioners(), value=studio.captioners()[0],
+        captioner = gr.Dropdown(label="Captioner", choices=studio.captioners(), value="auto",
                                 elem_id="captioner", scale=2,
                                 info="Writes a description of each image; 'filename' works offline.")
         trigger = gr.Textbox(label="Trigger word", elem_id="trigger", scale=2, placeholder="e.g. zkstyle",
