@@ -221,7 +221,7 @@ def test_a_check_that_fails_is_skipped_with_a_line_and_training_goes_on(scene_di
 
     base = SimpleNamespace(handler=SimpleNamespace(caption_reader=broken), pipe=None)
     examples, _ = prepare(scan_dataset(scene_dir), 64, False, "", 0)
-    config = SimpleNamespace(resolution=64, data=str(scene_dir))
+    config = SimpleNamespace(resolution=64, data=str(scene_dir), trigger="")
     assert dataset_check_lines(examples, config, base) == [
         "dataset check skipped (RuntimeError: tokenizer.json is damaged)"]
     reader = CaptionReader(tokenizer=None, limit=77, encoder="CLIP")  # every caption counts 1 token below
@@ -273,11 +273,18 @@ def test_cli_prints_the_findings_and_exits_1_then_0_once_fixed(tmp_path):
     assert found.stdout.splitlines() == [
         "- the same picture more than once (a copy weighs double and its subject leaks into the style); keep one "
         "of: again.jpg, hatch-0002.png",
-        "- 1 picture(s) without a caption: each trains on words from its file name instead, so the LoRA cannot tell "
-        "the style from the subject; caption them (Caption all on the Dataset tab, or python -m trainer caption): "
-        "again.jpg",
+        "- 1 picture(s) without a caption: each trains on words from its file name instead (none for camera names "
+        "such as IMG_0042), so the LoRA cannot tell the style from the subject; caption them (Caption all on the "
+        "Dataset tab, or python -m trainer caption): again.jpg",
         "9 picture(s) looked over for training at 64 px: 2 thing(s) to look at"]
     (data / "again.jpg").unlink()
+    (data / "hatch-0003.txt").write_text("ZKstyle,  ")  # says nothing but the trigger
+    bare = cli("--data", str(data), "--resolution", "64", "--trigger", "zkstyle", cwd=tmp_path)
+    assert bare.returncode == 1 and bare.stdout.splitlines()[0] == (
+        "- 1 picture(s) whose caption says nothing but the trigger 'zkstyle': the trigger learns their subjects "
+        "along with the style; describe what is in them (Caption all with 'Overwrite' off keeps the others): "
+        "hatch-0003.png")
+    (data / "hatch-0003.txt").write_text("zkstyle, a hatched square")
     clean = cli("--data", str(data), "--resolution", "64", cwd=tmp_path)
     assert (clean.returncode, clean.stdout.strip()) == (0, "8 picture(s) looked over for training at 64 px: nothing to fix")
     missing = cli("--data", str(tmp_path / "nope"), cwd=tmp_path)
@@ -378,3 +385,6 @@ def test_the_dataset_tab_counts_captions_in_the_train_tabs_base_with_the_trigger
     # no tokenizer at hand (an uncached hub id, a single file): the pictures are still checked
     assert studio.dataset_check("r1", 64, "org/not-cached")[1] == 6
     assert [f for f in studio.dataset_check("r1", 64, "org/not-cached")[0] if "tokens" in f.problem] == []
+    studio.set_caption("r1", "hatch-0002.png", "zkstyle")  # a caption the trigger would learn everything from
+    [bare] = [f for f in studio.dataset_check("r1", 64, "org/not-cached")[0] if "nothing but" in f.problem]
+    assert bare.files == ("hatch-0002.png",)

@@ -7,7 +7,7 @@ from functools import partial
 
 from trainer.bases import default_resolution, parse_base
 from trainer.config import RESOLUTION_RULE, TrainConfig, valid_resolution
-from trainer.dataset_check import (check_captions, check_images, check_uncaptioned, file_facts, load_caption_reader,
+from trainer.dataset_check import (check_bare_captions, check_captions, check_images, check_uncaptioned, file_facts, load_caption_reader,
                                    shown_name, token_count)
 from trainer.errors import ImageError, UserError
 from trainer.scan import scan_dataset
@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
             unreadable.append((shown_name(item.path, args.data), str(err).split(": ", 1)[-1]))
     findings = check_images(facts, args.resolution)
     findings += check_uncaptioned([shown_name(item.path, args.data) for item in scan.items if item.from_file_name])
+    findings += check_bare_captions([(shown_name(item.path, args.data), item.caption) for item in scan.items
+                                     if not item.from_file_name], args.trigger or "")
     if args.base:
         reader = load_caption_reader(args.base)
         if reader is None:

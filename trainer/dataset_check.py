@@ -13,6 +13,7 @@ the artist curates. The checks are the ones that cost a style LoRA most and that
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from functools import partial
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from trainer.bases import config_folder
+from trainer.trigger import without_trigger
 from trainer.buckets import buckets, cover_size, nearest_bucket
 from trainer.images import (COLOUR_SIDE, DEFAULT_LIMITS, FINGERPRINT_BYTES, ImageLimits, fingerprint, open_image,
                             shown_size)
@@ -146,13 +148,29 @@ def check_captions(captions: Sequence[tuple[str, str]], count_tokens: Callable[[
 
 
 def check_uncaptioned(names: Sequence[str]) -> list[Finding]:
-    """Pictures without a caption: training makes one from the file name ("IMG_0042.jpg" → "IMG"), which
-    says nothing about the picture, so the style learns its subjects along with it."""
+    """Pictures without a caption: training makes one from the file name ("misty_harbor.png" → "misty harbor";
+    "IMG_0042.jpg" → nothing), which says little about the picture, so the style learns its subjects along with
+    it."""
     if not names:
         return []
-    return [Finding(f"{len(names)} picture(s) without a caption: each trains on words from its file name instead, "
-                    "so the LoRA cannot tell the style from the subject; caption them (Caption all on the Dataset "
-                    "tab, or python -m trainer caption)", tuple(names))]
+    return [Finding(f"{len(names)} picture(s) without a caption: each trains on words from its file name instead "
+                    "(none for camera names such as IMG_0042), so the LoRA cannot tell the style from the subject; "
+                    "caption them (Caption all on the Dataset tab, or python -m trainer caption)", tuple(names))]
+
+
+def check_bare_captions(captions: Sequence[tuple[str, str]], trigger: str) -> list[Finding]:
+    """Captions that say nothing but the trigger (``zkstyle``, or an empty file): the trigger then stands for
+    everything in those pictures, their subjects as well as the style. ``captions``: (name, caption) of the
+    pictures that have a caption file."""
+    bare = [name for name, caption in captions
+            if not re.sub(r"[\W_]+", "", without_trigger(caption, trigger))]
+    if not bare:
+        return []
+    what = f"nothing but the trigger {trigger!r}" if trigger else "nothing"
+    return [Finding(f"{len(bare)} picture(s) whose caption says {what}: the trigger learns their subjects along "
+                    "with the style; describe what is in them (Caption all with 'Overwrite' off keeps the others)",
+                    tuple(bare))]
+
 
 
 def token_count(tokenizer, text: str) -> int:
@@ -205,7 +223,7 @@ def load_caption_reader(base: str) -> CaptionReader | None:
 
 
 def check_prepared(examples: Sequence["Example"], resolution: int, root: str | Path,
-                   reader: CaptionReader) -> list[Finding]:
+                   reader: CaptionReader, trigger: str = "") -> list[Finding]:
     """Every check, on the examples a run prepared (their captions as trained, trigger included)."""
     names = [shown_name(e.source, root) for e in examples]
     facts = [ImageFacts(name, e.original_size[1], e.original_size[0], e.fingerprint)
@@ -213,7 +231,8 @@ def check_prepared(examples: Sequence["Example"], resolution: int, root: str | P
     captions = list(zip(names, (e.caption for e in examples)))
     count = partial(token_count, reader.tokenizer)
     uncaptioned = [name for name, e in zip(names, examples) if e.caption_from_file_name]
-    return (check_images(facts, resolution) + check_uncaptioned(uncaptioned)
+    captioned = [pair for pair, e in zip(captions, examples) if not e.caption_from_file_name]
+    return (check_images(facts, resolution) + check_uncaptioned(uncaptioned) + check_bare_captions(captioned, trigger)
             + check_captions(captions, count, reader.limit, reader.encoder))
 
 

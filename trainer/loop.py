@@ -302,7 +302,8 @@ def dataset_check_lines(examples: list[Example], config: TrainConfig, base: Load
     """What ``trainer.dataset_check`` finds, as log lines. Advice only: a check that fails says so and the run
     goes on."""
     try:
-        findings = check_prepared(examples, config.resolution, config.data, base.handler.caption_reader(base.pipe))
+        findings = check_prepared(examples, config.resolution, config.data, base.handler.caption_reader(base.pipe),
+                                  config.trigger)
     except Exception as err:  # a tokenizer or file oddity must not stop a run the check only advises on
         return [f"dataset check skipped ({type(err).__name__}: {err})"]
     if not findings:

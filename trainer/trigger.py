@@ -38,6 +38,11 @@ def has_trigger(caption: str, trigger: str) -> bool:
     return bool(_pattern(trigger, re.IGNORECASE).search(caption))
 
 
+def without_trigger(caption: str, trigger: str) -> str:
+    """``caption`` with the trigger (a whole word or phrase, in any case) taken out: what else it says."""
+    return _pattern(trigger, re.IGNORECASE).sub(" ", caption) if trigger else caption
+
+
 def with_trigger(caption: str, trigger: str) -> str:
     """``caption`` as training sees it: ``trigger`` put first unless it is already there; where it is there in
     another case, that spelling becomes the trigger's own (FLUX's T5 reads "ZKstyle" and "zkstyle" as

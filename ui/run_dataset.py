@@ -15,7 +15,8 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from trainer.dataset_check import (CaptionReader, Finding, check_captions, check_images, check_uncaptioned, file_facts,
+from trainer.dataset_check import (CaptionReader, Finding, check_bare_captions, check_captions, check_images,
+                                   check_uncaptioned, file_facts,
                                    load_caption_reader, token_count)
 from trainer.demo_data import DEMO_TRIGGER, write_style_set
 from trainer.errors import ImageError, UserError
@@ -140,10 +141,11 @@ class RunDataset:
         findings = check_images(facts, resolution)
         uncaptioned = {i.name for i in items if read_caption(Path(i.path).with_suffix(".txt")) is None}
         findings += check_uncaptioned(sorted(uncaptioned))
+        if trigger is None:  # the one saved with the run (the Dataset tab sends what its box holds now)
+            trigger = str(self.settings(run).get("trigger") or "")
+        findings += check_bare_captions([(i.name, i.caption) for i in items if i.name not in uncaptioned], trigger)
         reader = self._caption_reader(base) if base and items else None
         if reader is not None:
-            if trigger is None:  # the one saved with the run (the Dataset tab sends what its box holds now)
-                trigger = str(self.settings(run).get("trigger") or "")
             captions = [(i.name, with_trigger(caption_from_filename(i.name) if i.name in uncaptioned else i.caption,
                                               trigger)) for i in items]
             findings += check_captions(captions, partial(token_count, reader.tokenizer), reader.limit, reader.encoder)
