@@ -70,7 +70,9 @@ def test_metadata(runs, arch):
     for path in result.exports:
         _, meta = read_lora(path)
         assert meta["ss_network_module"] == ("networks.lora_flux" if arch == "flux" else "networks.lora")
-        assert meta["ss_network_dim"] == str(config.rank) and meta["ss_network_alpha"] == f"{config.alpha:g}"
+        folded = path.endswith("_diffusers.safetensors")  # alpha/rank is in its weights: scale 1 by its ss_* keys
+        assert meta["ss_network_dim"] == str(config.rank) and meta["studio.alpha"] == f"{config.alpha:g}"
+        assert meta["ss_network_alpha"] == (str(config.rank) if folded else f"{config.alpha:g}")
         assert meta["ss_steps"] == "5"
         assert meta["modelspec.sai_model_spec"] == "1.0.0"
         assert meta["modelspec.architecture"] == {"sd15": "stable-diffusion-v1/lora",

@@ -141,6 +141,13 @@ def adapter_metadata(weights: LoraWeights, prefix: str) -> str:
     return json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
 
 
+def diffusers_metadata(metadata: dict[str, str], weights: LoraWeights, prefix: str) -> dict[str, str]:
+    """The PEFT file's header: its LoraConfig, and ``ss_network_alpha`` = the rank, since :func:`to_diffusers`
+    folded alpha/rank into its weights (a tool that scales by the ss_* keys would apply it twice);
+    ``studio.alpha`` keeps the alpha the run trained with."""
+    return {**metadata, "lora_adapter_metadata": adapter_metadata(weights, prefix), "ss_network_alpha": f"{weights.rank}"}
+
+
 @dataclass(frozen=True)
 class ExportInfo:
     """What the metadata records about a run (all strings in the file header)."""
@@ -290,7 +297,7 @@ def export_lora(out_dir: str | Path, weights: LoraWeights, info: ExportInfo, pef
     metadata = build_metadata(info, weights)
     shared = to_flux_fused(weights, *flux_dims) if info.arch == "flux" else to_kohya(weights)
     kohya_path = save_safetensors(out_dir / FILE_NAMES["kohya"], shared, metadata)
-    diffusers_meta = {**metadata, "lora_adapter_metadata": adapter_metadata(weights, peft_prefix)}
+    diffusers_meta = diffusers_metadata(metadata, weights, peft_prefix)
     diffusers_path = save_safetensors(out_dir / FILE_NAMES["diffusers"], to_diffusers(weights, peft_prefix), diffusers_meta)
     return kohya_path, diffusers_path
 

@@ -22,7 +22,7 @@ from trainer.bases import parse_base
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step, load_state
 from trainer.config import load_config
 from trainer.errors import UserError, WriteError
-from trainer.export import (LR_HISTORY, ExportInfo, adapter_metadata, build_metadata, from_peft_state_dict,
+from trainer.export import (LR_HISTORY, ExportInfo, build_metadata, diffusers_metadata, from_peft_state_dict,
                             load_export_info, rates_until, read_metadata, save_safetensors, to_diffusers,
                             to_flux_fused, to_kohya, training_record)
 from trainer.models import ARCH_HANDLERS, demo_folder
@@ -126,7 +126,7 @@ def reexport(run: str | Path, fmt: str, step: int | None = None) -> list[Path]:
         metadata["modelspec.title"] = f"{metadata.get('modelspec.title') or run.name} (step {steps})"
     if fmt == "diffusers":
         tensors = to_diffusers(weights, handler.peft_prefix)
-        metadata["lora_adapter_metadata"] = adapter_metadata(weights, handler.peft_prefix)
+        metadata = diffusers_metadata(metadata, weights, handler.peft_prefix)
     elif arch == "flux":
         tensors = to_flux_fused(weights, *_flux_dims(config.base))
     else:
