@@ -929,6 +929,7 @@ def test_an_earlier_step_is_exported_with_its_samples_and_offered_to_the_mix(stu
     assert studio.applied_export("r1")["files"] == final_copy
     os.utime(run / "lora.safetensors", (time.time() + 5, time.time() + 5))  # trained on: newer final files
     assert studio.applied_export("r1") is None and studio.applied_export("r1", 2) is not None
+    assert studio.earlier_metadata("r1")["title"] == "Ink final"  # what was typed is filled in again
     assert [label for label, _ in studio.lora_files()] == ["run: r1", "run: r1 @ step 2"]
     with pytest.raises(UserError, match="no checkpoint at step 3; it kept steps 2, 4"):
         studio.exports("r1", 3)

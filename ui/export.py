@@ -107,10 +107,16 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         except UserError as err:
             return (f"⚠ {err}", "", *[gr.skip()] * len(EXPORT_FIELDS), *buttons(run_name, {}, None, {}), [], "")
         applied = studio.applied_export(run_name, chosen)
+        earlier = studio.earlier_metadata(run_name, chosen) if applied is None else None
         if applied is not None:  # what was applied last, and the copies it wrote
             paths, meta = {**paths, **applied["files"]}, applied["meta"]
+        elif earlier is not None:  # typed once: kept for the files written since
+            meta = earlier
         downloads = served(run_name, paths)
         text = files_line(run_name, chosen, downloads, applied is not None)
+        if earlier is not None:
+            text += (" These files were written again after you applied your metadata: it is filled in below; "
+                     "press Apply metadata to write it into them.")
         if chosen is not None and sampled_at != chosen:
             text += f" (no samples were rendered at step {chosen}" + \
                     (f"; showing step {sampled_at}'s)" if sampled_at is not None else ")")

@@ -154,6 +154,14 @@ class RunExports:
             return None
         return entry
 
+    def earlier_metadata(self, run: str, step: Optional[int] = None) -> Optional[dict[str, str]]:
+        """The metadata applied last to files that were written again since (training on, a re-export): the
+        Export tab fills it in again, so a title, license and description typed once are not lost; None when
+        nothing was applied."""
+        entry = (self.settings(run).get("applied_exports") or {}).get(self._applied_key(step))
+        meta = entry.get("meta") if isinstance(entry, dict) else None
+        return {f: str(meta.get(f, "")) for f in EXPORT_FIELDS} if isinstance(meta, dict) else None
+
     def samples(self, run: str, step: Optional[int] = None) -> list[str]:
         """The run's sample images, oldest first; with ``step``, only those rendered at that step."""
         folder = self.run_dir(run) / "samples"
