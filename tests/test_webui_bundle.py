@@ -22,13 +22,15 @@ def test_the_card_says_what_the_file_says(arch, version):
     meta = {"modelspec.title": "Ink (step 300)", "modelspec.trigger_phrase": "zkink", "studio.arch": arch,
             "modelspec.description": "Thick ink outlines.", "studio.base_model": "demo:sd15", "ss_steps": "300",
             "studio.rank": "8", "studio.alpha": "16", "studio.image_count": "20", "modelspec.license": "CC-BY-4.0",
-            "studio.tool": "style-adapter-studio 0.1.0"}
+            "studio.tool": "style-adapter-studio 0.1.0", "ss_learning_rate": "0.0003", "ss_lr_scheduler": "cosine",
+            "ss_optimizer": "torch.optim.AdamW(weight_decay=0.01)", "modelspec.resolution": "512x512"}
     card = user_metadata(meta, weight=0.8)
     assert list(card) == CARD_KEYS
     assert (card["sd version"], card["activation text"], card["preferred weight"], card["description"]) == \
         (version, "zkink", 0.8, "Thick ink outlines.")
     assert card["notes"] == ("Ink (step 300): trained with style-adapter-studio 0.1.0 (base demo:sd15, 300 steps, "
-                             "rank 8, alpha 16, 20 images). License: CC-BY-4.0.")
+                             "rank 8, alpha 16, 20 images, learning rate 0.0003 (cosine), torch.optim.AdamW, "
+                             "512x512 px). License: CC-BY-4.0.")
 
 
 def test_a_bare_file_still_gets_a_card():

@@ -28,9 +28,14 @@ def user_metadata(metadata: dict[str, str], weight: float = 1.0) -> dict:
     shape = f"rank {metadata['studio.rank']}" if metadata.get("studio.rank") else ""
     if shape and metadata.get("studio.alpha"):
         shape += f", alpha {metadata['studio.alpha']}"
+    rate = f"learning rate {metadata['ss_learning_rate']}" if metadata.get("ss_learning_rate") else ""
+    if rate and metadata.get("ss_lr_scheduler"):
+        rate += f" ({metadata['ss_lr_scheduler']})"
     recipe = [f"base {metadata['studio.base_model']}" if metadata.get("studio.base_model") else "",
               f"{metadata['ss_steps']} steps" if metadata.get("ss_steps") else "", shape,
-              f"{metadata['studio.image_count']} images" if metadata.get("studio.image_count", "0") != "0" else ""]
+              f"{metadata['studio.image_count']} images" if metadata.get("studio.image_count", "0") != "0" else "",
+              rate, metadata.get("ss_optimizer", "").split("(", 1)[0],
+              f"{metadata['modelspec.resolution']} px" if metadata.get("modelspec.resolution") else ""]
     made_with = metadata.get("studio.tool", "Style Adapter Studio")
     notes = [f"{title}: trained with {made_with}" + (f" ({', '.join(r for r in recipe if r)})" if any(recipe) else "")]
     if metadata.get("modelspec.license"):
