@@ -24,7 +24,9 @@ def caption_run(run_dir: Path, captioner: str, trigger: str, overwrite: bool,
     if report.kept:
         parts.append(f"{len(report.kept)} kept (tick 'overwrite' to replace them)")
     if report.skipped:
-        parts.append("skipped: " + "; ".join(f"{f}: {why}" for f, why in report.skipped[:5]))
+        more = len(report.skipped) - 5
+        parts.append("skipped: " + "; ".join(f"{f}: {why}" for f, why in report.skipped[:5])
+                     + (f"; and {more} more" if more > 0 else ""))
     if report.fallback_reason:
         parts.append(f"note: {report.fallback_reason}")
     if report.cancelled:
