@@ -180,6 +180,26 @@ def test_flux_fused_layout_converts_exactly_at_real_dims():
     assert torch.count_nonzero(q) == 0  # q gets an exactly-zero update
 
 
+def test_a_fused_single_block_reads_back_at_the_models_own_width(tmp_path):
+    """--init-lora of a FLUX file: a single block's linear1 rows are q, k, v, then the MLP; where the MLP starts is
+    the model's attention width, not FLUX.1's ratio of 4, and a file of another width is refused in one line."""
+    from trainer.errors import LoraFormatError
+    from trainer.export import LoraWeights, save_safetensors, to_flux_fused, weights_from_file
+
+    inner, mlp, rank = 16, 32, 2  # an MLP ratio of 2
+    gen = torch.Generator().manual_seed(0)
+    names = ["single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.attn.to_v"]
+    weights = LoraWeights({n: (torch.randn(rank, inner, generator=gen), torch.randn(inner, rank, generator=gen))
+                           for n in names}, rank, 4.0)
+    path = save_safetensors(tmp_path / "fused.safetensors", to_flux_fused(weights, inner, mlp), {})
+    back = weights_from_file(path, names, inner_dim=inner)
+    for name in names:
+        torch.testing.assert_close(back.modules[name][1], weights.modules[name][1])
+        torch.testing.assert_close(back.modules[name][0], weights.modules[name][0])
+    with pytest.raises(LoraFormatError, match="do not fit this model's attention width 64: it was made for another"):
+        weights_from_file(path, names, inner_dim=64)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_exports_are_not_pickles(runs, arch):
     _, result, _ = runs[arch]
