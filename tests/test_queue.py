@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -213,6 +214,12 @@ def test_failures_are_recorded_and_the_worker_goes_on(tmp_path):
     assert ended[1].error.startswith("internal error: KeyError")
     with pytest.raises(QueueError, match="no checkpoint .* to resume from"):
         queue.resume(ended[0].id)
+    fake_checkpoint(Path(ended[1].run_dir), 3)  # the failed job kept a checkpoint at step 3
+    for refused in (lambda: queue.resume(ended[1].id, steps=2),
+                    lambda: queue.add(replace(ended[1].config, steps=2), resume=True)):
+        with pytest.raises(QueueError, match="has trained 3 steps: --steps 2 is fewer; give at least 3"):
+            refused()  # it would record a run that trained past its own length
+    assert queue.resume(ended[1].id, steps=3).state == "queued"
 
 
 def test_a_done_job_trains_on_only_with_more_steps(tmp_path):

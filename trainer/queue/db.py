@@ -119,6 +119,14 @@ class QueuedJob:
         return self.state in RESUMABLE and (bool(self.last_checkpoint) or self.state == "interrupted")
 
 
+def _refuse_fewer_steps(what: str, ckpt: str, steps: int) -> None:
+    """A resumed total below the checkpoint's step would record a run that trained past its own length."""
+    trained = checkpoint_step(Path(ckpt))
+    if steps < trained:
+        raise QueueError(f"{what} has trained {trained} steps: --steps {steps} is fewer; give at least {trained} "
+                         f"(more trains it on)")
+
+
 def last_checkpoint(run_dir: str | Path) -> str:
     """Name of the run folder's newest complete checkpoint, "" if none."""
     found = checkpoint_dirs(Path(run_dir))
@@ -325,6 +333,8 @@ class JobQueue:
         ckpt = last_checkpoint(config.out)
         if resume and not ckpt:
             raise QueueError(f"nothing to resume in {config.out}: it has no checkpoint yet; queue it without --resume")
+        if resume:
+            _refuse_fewer_steps(f"{config.out}", ckpt, config.steps)
         if ckpt and not resume:
             raise QueueError(f"run folder {config.out} already holds a run (checkpoint {ckpt}); queue it with --resume "
                              "to continue that run, or pick a new --out")
@@ -413,6 +423,8 @@ class JobQueue:
             if not ckpt and row["state"] != "interrupted":
                 raise QueueError(f"job {job_id} has no checkpoint in {row['run_dir']} to resume from; "
                                  "queue the run again with `queue add`")
+            if ckpt and steps is not None:
+                _refuse_fewer_steps(f"job {job_id}", ckpt, steps)
             self._clash(conn, row["run_dir"], job_id)
             text = row["config_yaml"]
             changes = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
