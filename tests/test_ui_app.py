@@ -56,6 +56,7 @@ def test_launch_is_safe_by_default(tmp_path, monkeypatch, capsys):
     ui_app.launch(parse_args(["--outputs", str(tmp_path / "out"), "--base", "demo-random:sd15"]))
     assert seen["server_name"] == "127.0.0.1" and seen["share"] is False and seen["auth"] is None
     assert seen["allowed_paths"] == [str((tmp_path / "out").resolve())]
+    assert seen["blocked_paths"][0] == str((tmp_path / "out").resolve() / "queue.sqlite3")  # jobs, paths, pids
     assert seen["analytics"] is False and seen["ssr_mode"] is False
     assert seen["max_file_size"] >= 10 * default_limits().max_bytes  # per-file limits are ours, with reasons
     assert "WARNING" not in capsys.readouterr().err
@@ -65,6 +66,8 @@ def test_launch_is_safe_by_default(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(ui_app.AUTH_ENV, raising=False)
     ui_app.launch(parse_args(["--host", "0.0.0.0", "--outputs", str(tmp_path / "out")]))
     assert "without a password" in capsys.readouterr().err
+    ui_app.launch(parse_args(["--outputs", str(tmp_path / "out"), "--share"]))
+    assert "--share makes a public link without a password" in capsys.readouterr().err
     monkeypatch.setenv(ui_app.AUTH_ENV, "ann:secret")
     ui_app.launch(parse_args(["--host", "0.0.0.0", "--outputs", str(tmp_path / "out"), "--share"]))
     assert "WARNING" not in capsys.readouterr().err

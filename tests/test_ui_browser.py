@@ -415,8 +415,13 @@ def test_dataset_check_follows_caption_edits(page, server):
 
 
 # ---- 4. mix & preview -----------------------------------------------------------------------------
+# a downloaded LoRA's metadata is not the page's to render: no image may be fetched, no link made
+HOSTILE_TRIGGER = "![px](http://127.0.0.1:9/pixel.png) <img src=x> [click](javascript:void(0)) _ink_"
+
+
 def second_lora(trained: Path, out: Path) -> Path:
-    """A different LoRA with the same modules: the trained one's tensors, shuffled and scaled."""
+    """A different LoRA with the same modules: the trained one's tensors, shuffled and scaled; its trigger is
+    :data:`HOSTILE_TRIGGER`."""
     import numpy as np
     from safetensors import safe_open
     from safetensors.numpy import save_file
@@ -428,7 +433,7 @@ def second_lora(trained: Path, out: Path) -> Path:
     for k, v in tensors.items():
         if not k.endswith(".alpha"):
             tensors[k] = (rng.standard_normal(v.shape) * (np.abs(v).mean() * 3 + 0.05)).astype(v.dtype)
-    save_file(tensors, str(out), metadata=meta)
+    save_file(tensors, str(out), metadata={**meta, "modelspec.trigger_phrase": HOSTILE_TRIGGER})
     return out
 
 
@@ -491,6 +496,8 @@ def test_mix_two_loras_toggles_and_a_slider_rerender_without_reloading(page, ser
     for slot in (0, 1):  # what each file is, from LoraInfo.summary()
         line = page.locator(f"#mix-line-{slot}").inner_text()
         assert "kohya" in line and "SD1.5" in line and "rank" in line and "alpha" in line, line
+    assert HOSTILE_TRIGGER in page.locator("#mix-line-1").inner_text()  # shown as written, as text
+    assert page.locator("#mix-line-1 img, #mix-line-1 a").count() == 0
 
     toggle(page, 0)
     toggle(page, 1)
@@ -778,6 +785,8 @@ def test_server_serves_only_the_outputs_folder(server):
     assert status(str(server.outputs / ".." / "secret.txt")) >= 400
     assert status(str(ROOT / "app.py")) >= 400
     assert status("/etc/passwd") >= 400
+    assert (server.outputs / "queue.sqlite3").is_file()
+    assert status(str(server.outputs / "queue.sqlite3")) >= 400  # in outputs, but every job's paths and pids
 
 
 # ---- 8. trying the studio with no images of one's own ---------------------------------------------

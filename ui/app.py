@@ -124,6 +124,9 @@ def launch(args) -> None:
     if not is_loopback(args.host) and auth is None:
         print(f"WARNING: serving on {args.host} without a password: anyone who can reach this machine can use "
               f"the app and read its outputs. Add --auth user:password (or set {AUTH_ENV}).", file=sys.stderr)
+    if args.share and auth is None:
+        print(f"WARNING: --share makes a public link without a password: anyone who has it can use the app and "
+              f"read its outputs. Add --auth user:password (or set {AUTH_ENV}).", file=sys.stderr)
     outputs = Path(args.outputs).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
     try:
@@ -137,7 +140,7 @@ def launch(args) -> None:
     try:
         build(studio).queue(default_concurrency_limit=4).launch(
             server_name=args.host, server_port=args.port, share=bool(args.share), auth=auth,
-            allowed_paths=[str(outputs)], max_file_size=UPLOAD_HARD_CAP, theme=theme(), css=CSS, head=HEAD,
+            allowed_paths=[str(outputs)], blocked_paths=queue_files(studio.queue.path), max_file_size=UPLOAD_HARD_CAP, theme=theme(), css=CSS, head=HEAD,
             ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False, footer_links=["settings"],
             show_error=True, favicon_path=None)
     finally:
@@ -145,6 +148,12 @@ def launch(args) -> None:
         studio.shutdown(timeout=60)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def queue_files(database: Path) -> list[str]:
+    """The queue database and SQLite's files beside it: in the served outputs folder, but never for the page (every
+    job's config, absolute paths, host name and pids)."""
+    return [str(database)] + [f"{database}{suffix}" for suffix in ("-wal", "-shm", "-journal")]
 
 
 def _interrupt(signum, frame):

@@ -7,6 +7,7 @@ Everything user-controlled that lands in HTML goes through :func:`html.escape`.
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
@@ -115,6 +116,15 @@ def checkpoint_line(snap: Optional[JobSnapshot]) -> str:
     label = f"{where.parent.name}/{where.name}" if where.parent.name else where.name
     final = {"done": " (final)", "stopped": " (Resume continues from it)"}.get(snap.state, "")
     return f"Last checkpoint{final}: `{label}`"
+
+
+def plain(text: str) -> str:
+    """Text that came from a file (a LoRA's metadata, its key names) or a person, shown in Markdown as written:
+    no HTML, images, links or emphasis, so a downloaded file cannot make the page fetch anything."""
+    return _MARKDOWN_SIGNS.sub(r"\\\1", html.escape(str(text), quote=False))
+
+
+_MARKDOWN_SIGNS = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>:])")
 
 
 def md_code(text: str) -> str:

@@ -16,6 +16,7 @@ import gradio as gr
 from PIL import Image
 
 from trainer.errors import UserError
+from ui import format as fmt
 from ui.mixdesk import default_guidance, default_steps, prompt_with_trigger
 from ui.studio import MixSlot, Studio
 
@@ -46,7 +47,7 @@ def weight_slider(value: float, elem_id: str) -> gr.Slider:
 def _internal(what: str, err: Exception) -> str:
     """A bug must not take the page down: one line here, the traceback in the server log."""
     log.exception("%s failed", what)
-    return f"⚠ internal error while {what}: {type(err).__name__}: {err} (details in the server log)"
+    return f"⚠ internal error while {what}: {type(err).__name__}: {fmt.plain(err)} (details in the server log)"
 
 
 def build(studio: Studio, run: gr.Dropdown) -> dict:
@@ -147,7 +148,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             result = studio.render_mix(base_name, slots_of(slot_values), prompt_text, seed_value, steps_value,
                                        guidance_value, fuse=bool(fuse_value))
         except UserError as err:
-            return gr.skip(), f"⚠ {err}", *[gr.skip()] * SLOTS
+            return gr.skip(), f"⚠ {fmt.plain(err)}", *[gr.skip()] * SLOTS
         except Exception as err:  # noqa: BLE001 — shown as one line, traceback in the log
             return gr.skip(), _internal("rendering", err), *[gr.skip()] * SLOTS
         image, text = result.image, result.info
@@ -155,7 +156,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             factor = -(-PREVIEW_MIN // min(image.size))
             image = image.resize((image.width * factor, image.height * factor), resample=Image.Resampling.NEAREST)
             text += f" (a {image.width // factor} px image, shown {factor}× larger)"
-        return image, text, *result.lines
+        return image, fmt.plain(text), *map(fmt.plain, result.lines)
 
     def on_upload(file, base_name, *current):
         if not file:
@@ -163,22 +164,22 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
         try:
             stored = studio.add_lora_upload(str(file), base=base_name or "")
         except UserError as err:
-            return None, f"⚠ {err}", gr.skip(), *[gr.skip()] * SLOTS
+            return None, f"⚠ {fmt.plain(err)}", gr.skip(), *[gr.skip()] * SLOTS
         options = choices()
         values = list(current)
         empty = next((i for i, v in enumerate(values) if not v), None)
         if empty is not None:
             values[empty] = stored
-        return (None, f"Added {stored.rsplit('/', 1)[-1]}.", gr.update(choices=studio.lora_uploads()),
+        return (None, f"Added {fmt.plain(stored.rsplit('/', 1)[-1])}.", gr.update(choices=studio.lora_uploads()),
                 *[gr.update(choices=options, value=v) for v in values])
 
     def on_delete_upload(path, *current):
         try:
             message = studio.delete_lora_upload(path)
         except UserError as err:
-            return f"⚠ {err}", gr.skip(), *[gr.skip()] * SLOTS
+            return f"⚠ {fmt.plain(err)}", gr.skip(), *[gr.skip()] * SLOTS
         options = choices()
-        return (message, gr.update(choices=studio.lora_uploads(), value=None),
+        return (fmt.plain(message), gr.update(choices=studio.lora_uploads(), value=None),
                 *[gr.update(choices=options, value=None if v == path else v) for v in current])
 
     def on_bake(run_name, base_name, method_value, rank_value, *slot_values):
@@ -188,10 +189,10 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
             path, text = studio.bake_mix(run_name, base_name, slots_of(slot_values),
                                          float(rank_value) if method_value == "svd" else None)
         except UserError as err:
-            return f"⚠ {err}", gr.update(value=None, interactive=False)
+            return f"⚠ {fmt.plain(err)}", gr.update(value=None, interactive=False)
         except Exception as err:  # noqa: BLE001
             return _internal("baking", err), gr.update(value=None, interactive=False)
-        return text, gr.update(value=path, interactive=True)
+        return fmt.plain(text), gr.update(value=path, interactive=True)
 
     def on_grid(run_name, base_name, prompt_text, seed_value, steps_value, guidance_value, axis, weights_text,
                 second, second_text, *slot_values):
@@ -200,10 +201,10 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
                                           None if second in (None, "", -1) else int(second), second_text,
                                           prompt_text, seed_value, steps_value, guidance_value)
         except UserError as err:
-            return f"⚠ {err}", gr.skip(), gr.update(value=None, interactive=False)
+            return f"⚠ {fmt.plain(err)}", gr.skip(), gr.update(value=None, interactive=False)
         except Exception as err:  # noqa: BLE001
             return _internal("drawing the grid", err), gr.skip(), gr.update(value=None, interactive=False)
-        return text, path, gr.update(value=path, interactive=True)
+        return fmt.plain(text), path, gr.update(value=path, interactive=True)
 
     slot_inputs = [*pickers, *sliders, *toggles]
     inputs = [base, prompt, seed, steps, guidance, fuse, *slot_inputs]
