@@ -813,6 +813,10 @@ def test_lora_files_and_uploads(studio, tmp_path):
     with pytest.raises(UserError, match="^broken.safetensors is not a LoRA file: it is damaged, or not a "
                                         "\\.safetensors file at all \\(its header cannot be read\\)$"):
         studio.add_lora_upload(str(tmp_path / "broken.bin"), "broken.safetensors")
+    (tmp_path / "cut.bin").write_bytes(up.read_bytes()[:-10])  # a download that stopped early: its header is whole
+    with pytest.raises(UserError, match="^cut.safetensors is cut off or damaged: its header describes \\d+ bytes of "
+                                        "weights but the file holds \\d+; download it again$"):
+        studio.add_lora_upload(str(tmp_path / "cut.bin"), "cut.safetensors")
     from safetensors.numpy import save_file
     import numpy as np
 

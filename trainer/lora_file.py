@@ -26,9 +26,10 @@ def header_keys(path: str | Path, shown_name: str = "") -> list[str]:
     """
     path = Path(path)
     try:
+        file_size = path.stat().st_size
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
-            if not 2 <= size <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+            if not 2 <= size <= min(MAX_HEADER_BYTES, file_size - 8):
                 raise ValueError("no safetensors header")
             header = json.loads(f.read(size))
         if not isinstance(header, dict):
@@ -37,7 +38,20 @@ def header_keys(path: str | Path, shown_name: str = "") -> list[str]:
         raise LoraFormatError(f"{shown_name or path.name} is not a LoRA file: it is damaged, or not a .safetensors "
                               "file at all "
                               f"({str(err) if isinstance(err, OSError) else 'its header cannot be read'})") from None
-    return [k for k in header if k != "__metadata__"]
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if _data_end(tensors) != file_size - 8 - size:  # the format's own rule: the tensors fill the rest exactly
+        raise LoraFormatError(f"{shown_name or path.name} is cut off or damaged: its header describes "
+                              f"{_data_end(tensors)} bytes of weights but the file holds {file_size - 8 - size}; "
+                              "download it again")
+    return list(tensors)
+
+
+def _data_end(tensors: dict) -> int:
+    """Where the last tensor's bytes end after the header (-1 when an entry is not a tensor description)."""
+    try:
+        return max((int(entry["data_offsets"][1]) for entry in tensors.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return -1
 
 
 def check_lora_file(path: str | Path, shown_name: str = "") -> None:
