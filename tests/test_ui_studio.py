@@ -155,6 +155,12 @@ def test_run_names_are_sanitized_and_confined(studio, tmp_path):
     assert studio.run_dir("../../etc").parent == studio.outputs_dir
     with pytest.raises(UserError):
         studio.run_dir("..")
+    for taken in ("queue.sqlite3", "queue.sqlite3-wal", "Queue.sqlite3-journal"):  # the queue's files, not a folder
+        with pytest.raises(UserError, match="is taken by a file in .* pick another name"):
+            studio.run_dir(taken)
+    (studio.outputs_dir / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="'notes.txt' is taken by a file"):
+        studio.run_dir("notes.txt")
     add_images(studio, "b", tmp_path, 1)
     (studio.outputs_dir / "_loras").mkdir()
     (studio.outputs_dir / "junk").mkdir()

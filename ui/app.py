@@ -81,11 +81,13 @@ def build(studio: Studio) -> gr.Blocks:
             return gr.update(choices=studio.run_names(), value=studio.initial_run())
 
         def on_run(name):
-            """Normalize a typed run name into a safe folder name."""
+            """Normalize a typed run name into a safe folder name; one that cannot be a run's says why and becomes a
+            new run's name (never another run that exists: an upload or Start would go there)."""
             try:
                 safe = studio.run_dir(name).name
-            except UserError:
-                return studio.initial_run()
+            except UserError as err:
+                gr.Warning(str(err))
+                return studio.new_run()
             return safe if safe != name else gr.skip()
 
         demo.load(on_load, None, run)

@@ -219,6 +219,8 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         path = (self.outputs_dir / safe).resolve()
         if path.parent != self.outputs_dir:
             raise UserError(f"run name {name!r} is not allowed")
+        if safe.lower().startswith(self.queue.path.name) or (path.exists() and not path.is_dir()):
+            raise UserError(f"run name {safe!r} is taken by a file in {self.outputs_dir}: pick another name")
         return path
 
     def run_names(self) -> list[str]:
