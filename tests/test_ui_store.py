@@ -149,6 +149,18 @@ def test_caption_sidecars_uploaded_together(tmp_path):
     assert [n for n, _ in report.rejected] == ["orphan.txt"]
 
 
+def test_a_huge_caption_upload_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A 20 MB 'caption' would be read whole into the server and shown in a caption box; it is no caption."""
+    up = tmp_path / "up"
+    img = png(up / "big.png")
+    (up / "big.txt").write_bytes(b"word " * (store.MAX_CAPTION_BYTES // 5 + 1))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self.name} was read"))
+    report = store.import_uploads([img, up / "big.txt"], tmp_path / "run")
+    assert report.accepted == ["big.png"] and report.captions == 0
+    assert report.rejected == [("big.txt", "caption is 64 KB: a caption is a line or a few (at most 64 KB; text "
+                                           "encoders read only its first words)")]
+
+
 def test_an_upload_the_disk_cannot_hold_is_one_line_and_leaves_no_stub(tmp_path, monkeypatch):
     """A full disk midway through a copy: that picture is rejected with the reason, nothing half-written stays
     in the dataset under its name (training would refuse it later), and the report still covers the batch."""

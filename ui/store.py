@@ -35,6 +35,7 @@ from trainer.paths import is_inside, sha256_file
 
 THUMB_SIZE = 256
 MAX_STEM = 80
+MAX_CAPTION_BYTES = 64 * 1024  # an uploaded caption past this is not one: refused before it is read
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 
@@ -219,6 +220,11 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
                                     else "caption file without an image of the same name in this upload"))
             continue
         try:
+            if src.stat().st_size > MAX_CAPTION_BYTES:
+                report.rejected.append((f"{stem}.txt", f"caption is {src.stat().st_size // 1024} KB: a caption is a "
+                                        f"line or a few (at most {MAX_CAPTION_BYTES // 1024} KB; text encoders read "
+                                        "only its first words)"))
+                continue
             write_caption(run_dir, stored, src.read_bytes().decode("utf-8-sig"))
             report.captions += 1
         except UnicodeDecodeError:
