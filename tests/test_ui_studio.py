@@ -415,6 +415,29 @@ def test_cancel_a_queued_job_and_resume_a_stopped_one_by_id(studio, tmp_path):
         studio.resume_job(r2.id)  # cancelled: it never ran
 
 
+def test_a_queued_run_outside_outputs_is_never_taken_for_a_run_of_the_same_name(studio, tmp_path):
+    """`queue add --out /elsewhere/r1` while the app has its own r1: the page names the folder, and neither
+    opens on, notes, nor offers to stop its own r1 for it."""
+    from tests.conftest import tiny_config
+
+    add_images(studio, "r1", tmp_path)
+    studio.start("r1", form(steps=2))
+    wait_ended(studio, "r1")
+    gate = threading.Semaphore(0)
+    studio.runner = FakeLoop(gate=gate)
+    elsewhere = (tmp_path / "elsewhere" / "r1").resolve()
+    (tmp_path / "data").mkdir()
+    studio.queue.add(tiny_config("demo-random:sd15", tmp_path / "data", elsewhere, steps=2))
+    wait_for(lambda: studio.active_job() is not None)
+    assert studio.active_run() is None and studio.training_label() == str(elsewhere)
+    assert studio.initial_run() == "r1" and studio.dataset_note("r1") == ""
+    job = studio.active_job()
+    assert studio.stop("r1") == (f"'r1' is not training; {elsewhere} (a run outside this app's outputs) is: cancel it "
+                                 f"in the Queue below (job {job.id}).")
+    gate.release(100)
+    wait_for(lambda: studio.active_job() is None)
+
+
 def test_training_an_already_trained_run_copies_it(studio, tmp_path):
     add_images(studio, "r1", tmp_path)
     studio.start("r1", form())

@@ -186,6 +186,6 @@ class RunDataset:
 
     def _caption_device(self) -> str:
         """cuda when a GPU is free of training (a captioner beside a run could take the memory it needs)."""
-        if self.active_run() is not None or self.gpu_free() is None:
+        if self.active_job() is not None or self.gpu_free() is None:
             return "cpu"
         return "cuda"

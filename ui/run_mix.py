@@ -58,8 +58,12 @@ class RunMix:
         """
         if is_demo(base):
             return "cpu"
-        active = self.active_run()
-        config = self.recipe(active) if active else None
+        job = self.active_job()
+        active = self.training_label()
+        try:
+            config = job.config if job is not None else None
+        except (UserError, ValueError):  # a stored config that no longer reads: the worker says why
+            config = None
         if config is None or config.device == "cpu":
             return "auto"
         free = self.gpu_free()

@@ -232,10 +232,27 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
                 and ((p / "dataset").is_dir() or (p / "config.yaml").is_file())]
         return [p.name for p in newest_first(runs)]
 
+    def active_job(self) -> Optional[QueuedJob]:
+        """The job the worker is training now (None while the queue is idle)."""
+        return next((j for j in self.jobs() if j.state in TRAINING), None)
+
     def active_run(self) -> Optional[str]:
-        """The run the worker is training now (None while the queue is idle)."""
-        job = next((j for j in self.jobs() if j.state in TRAINING), None)
-        return Path(job.run_dir).name if job is not None else None
+        """The run of this app's outputs the worker is training now; None while the queue is idle or trains a run
+        folder elsewhere (``queue add --out`` anywhere: its folder name may be a run's name here too)."""
+        job = self.active_job()
+        return self.shown_run(job) if job is not None and self._is_local(job) else None
+
+    def training_label(self) -> Optional[str]:
+        """What the page calls the run that trains now: its name, or its folder when it is not in outputs."""
+        job = self.active_job()
+        return None if job is None else self.shown_run(job)
+
+    def _is_local(self, job: QueuedJob) -> bool:
+        return Path(job.run_dir).resolve().parent == self.outputs_dir
+
+    def shown_run(self, job: QueuedJob) -> str:
+        """A job's run name, or its full folder for a run outside outputs (never mistaken for a run here)."""
+        return Path(job.run_dir).name if self._is_local(job) else str(job.run_dir)
 
     def dataset_note(self, run: str) -> str:
         """A sentence for a dataset change made while ``run`` trains ("" otherwise): the running job works
@@ -343,7 +360,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
             note = f"'{run}' was already trained, so its dataset was copied to a new run '{run_dir.name}'. "
             config, warnings = self._resolve(form.preset, overrides, run_dir)
         self.save_settings(run_dir.name, trigger=overrides["trigger"], preset=form.preset, base=overrides["base"])
-        active = self.active_run()
+        active = self.training_label()
         queued = self.queue.add(config)
         message = note + self._queued_message(queued, active, f"Training '{run_dir.name}': {config.steps} steps "
                                                               f"on {config.base}.")
@@ -407,6 +424,9 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         if job is not None and job.state == "queued":
             self.queue.cancel(job.id)
             return f"Took '{run}' out of the queue (job {job.id}); it will not run."
+        if training is not None and not self._is_local(training):
+            return (f"'{run}' is not training; {training.run_dir} (a run outside this app's outputs) is: cancel it in "
+                    f"the Queue below (job {training.id}).")
         if training is not None:
             return (f"'{run}' is not training; '{Path(training.run_dir).name}' is. Select it in the Run box to stop it, "
                     "or cancel it in the Queue below.")
@@ -458,7 +478,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         Raises:
             UserError: the job is not resumable (the queue says why).
         """
-        active = self.active_run()
+        active = self.training_label()
         if self.queue.get(int(job_id)).state == "done":  # the queue's own refusal names the CLI's --steps
             raise UserError(f"job {job_id} is done: to train it on, select its run, set “Train on to step” above "
                             "its steps and press Resume selected run")
@@ -497,11 +517,11 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         if job is not None and (job.resumable or job.state == "done"):  # a done job trains on with more steps
             if total is None and new_lr is None:
                 return self.resume_job(job.id)
-            active = self.active_run()  # before queuing: the worker may claim the job at once
+            active = self.training_label()  # before queuing: the worker may claim the job at once
             return self._queued_message(self.queue.resume(job.id, steps=total, lr=new_lr), active, message + note)
         from trainer.config import load_config  # a run trained before the queue existed (or outside it)
 
-        active = self.active_run()
+        active = self.training_label()
         config = replace(load_config(run_dir / "config.yaml"), out=str(run_dir))
         if total is not None:
             config = replace(config, steps=total)

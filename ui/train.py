@@ -280,10 +280,12 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         """Timer tick: send only the parts that changed since the last tick."""
         jobs = studio.jobs()
         snap = studio.snapshot(run_name)
-        active = studio.active_run()
+        active = studio.training_label()
         note = studio.queue_note(run_name) if run_name else ""
         if active and active != run_name:
-            note = (note + " " if note else "") + f"'{active}' is training now; select it in the Run box to watch it."
+            watch = "select it in the Run box to watch it" if studio.active_run() else \
+                "a run outside this app's outputs (python -m trainer queue list shows it)"
+            note = (note + " " if note else "") + f"'{active}' is training now; {watch}."
         view = {"run": run_name, "note": note, "state": snap.state if snap else None,
                 "step": snap.step if snap else 0, "total": snap.total_steps if snap else 0,
                 "points": (len(snap.losses), len(snap.eval_losses)) if snap else (0, 0), "log": snap.log[-1:] if snap else (),
