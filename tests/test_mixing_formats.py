@@ -121,7 +121,7 @@ MISFITS = [  # (file made for, layout, loaded on, expected words in the message)
     ("sd15", "kohya", "flux", ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight",
                                "FLUX base", "UNet"]),
     ("sd15", "kohya", "sdxl", ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight",
-                               "SDXL base", "SD1.5 LoRA: load it with a SD1.5 base"]),
+                               "SDXL base", "SD1.5 LoRA: load it with an SD1.5 base"]),
     ("sdxl", "kohya", "sd15", ["lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_down.weight",
                                "text_encoder_2", "SDXL LoRA"]),
 ]
@@ -134,7 +134,7 @@ def test_a_unet_lora_that_fits_but_says_it_is_for_the_other_unet_is_refused(clea
     _write(clean("sd15"), path, "kohya", metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     session = clean("sd15")
     with pytest.raises(LoraFormatError, match="does not fit the SD1.5 base: its names and shapes fit, but it was made "
-                                              "for SDXL; it looks like a SDXL LoRA: load it with a SDXL base"):
+                                              "for SDXL; it looks like an SDXL LoRA: load it with an SDXL base"):
         session.add_lora(path)
     assert session.loras == []
 

@@ -107,7 +107,9 @@ def targets_of(role: str, naming: str, rest: str, index: ModelIndex) -> tuple[st
 
 def _misfit(file_name: str, key: str, problem: str, index: ModelIndex, detected: str) -> LoraFormatError:
     if detected not in ("unknown", index.arch):
-        advice = f"it looks like a {ARCH_LABELS.get(detected, detected)} LoRA: load it with a {ARCH_LABELS.get(detected, detected)} base"
+        label = ARCH_LABELS.get(detected, detected)
+        article = "an" if label in ("SDXL", "SD1.5") else "a"  # read letter by letter; FLUX is read as a word
+        advice = f"it looks like {article} {label} LoRA: load it with {article} {label} base"
     else:
         advice = f"use a LoRA made for this {index.label} base"
     return LoraFormatError(f"{file_name}: key {key!r} does not fit the {index.label} base: {problem}; {advice}")
