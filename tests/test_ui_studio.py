@@ -743,6 +743,9 @@ def test_bake_writes_the_mix_into_the_runs_export_folder(studio, tmp_path):
     assert "exact" in report and "relative error 0.00%" in report and "layout kohya" in report
     path, report = studio.bake_mix("r1", "demo-random:sd15", slots, 4)
     assert Path(path).name == "r1_mix_r4.safetensors" and "SVD to rank 4" in report and "12.50%" in report
+    add_images(studio, "r1", tmp_path, 1)  # a run of the app: the Mix tab offers its baked mixes beside the rest
+    assert [label for label, _ in studio.lora_files() if "baked" in label] == [
+        "run: r1 baked mix r1_mix.safetensors", "run: r1 baked mix r1_mix_r4.safetensors"]
     with pytest.raises(UserError, match="pick a run"):
         studio.bake_mix("", "demo-random:sd15", slots, None)
     with pytest.raises(UserError, match="whole number"):

@@ -37,9 +37,9 @@ def cuda_free_bytes() -> Optional[int]:
     return int(torch.cuda.mem_get_info()[0])
 
 
-def _safetensors_in(folder: Path) -> list[Path]:
+def _safetensors_in(folder: Path, pattern: str = "*.safetensors") -> list[Path]:
     """The ``.safetensors`` files in ``folder`` (resolved, sorted by name); none when it does not exist."""
-    return [p.resolve() for p in sorted(folder.glob("*.safetensors"))] if folder.is_dir() else []
+    return [p.resolve() for p in sorted(folder.glob(pattern))] if folder.is_dir() else []
 
 
 class RunMix:
@@ -93,6 +93,8 @@ class RunMix:
                 elif step != final:  # a kept checkpoint: its LoRA file is written when a slot first uses it
                     found.append((f"run: {name} @ step {step} (checkpoint)", str(step_file(self.outputs_dir / name,
                                                                                          step))))
+            for baked in _safetensors_in(self.outputs_dir / name / "export", f"{name}_mix*.safetensors"):
+                found.append((f"run: {name} baked mix {baked.name}", str(baked)))  # previewed beside others
         for folder, tag in ((self.loras_dir, "loras"), (self.outputs_dir / LORA_UPLOADS, "uploaded")):
             found += [(f"{tag}: {path.name}", str(path)) for path in _safetensors_in(folder)]
         return found
