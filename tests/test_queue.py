@@ -493,3 +493,14 @@ def test_cli_user_error_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: queue database ")
     assert "is corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_one_shot_worker_says_which_jobs_it_left_for_others(tmp_path, capsys):
+    """`queue run --once && shutdown`: a job pinned to another device group is not this worker's, and it says so
+    instead of ending as if the queue were empty."""
+    queue = JobQueue(tmp_path / "outputs")
+    pinned = queue.add(light_config(tmp_path, "pinned"), group="1")
+    assert cli("run", "--once", "--outputs", str(tmp_path / "outputs"), "--group", "0", "--poll", "0.05") == 0
+    out = capsys.readouterr().out
+    assert "worker done: 0 job(s)" in out
+    assert f"1 job(s) not done: another worker or device group holds them (job {pinned.id} queued, group 1)" in out
