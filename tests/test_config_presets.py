@@ -51,12 +51,19 @@ def test_alpha_ratio_guard(rank, alpha, warns):
     ({"noise_offset": float("inf")}, "noise_offset"), ({"snr_gamma": -5}, "snr_gamma"),
     ({"snr_gamma": float("nan")}, "snr_gamma"), ({"snr_gamma": "five"}, "snr_gamma"), ({"flip": "yes"}, "flip"),
     ({"timestep_sampling": "shift"}, "timestep_sampling"), ({"eval_every": -1}, "eval_every"),
-    ({"eval_every": True}, "eval_every"), ({"trigger": "zk, style"}, "trigger"), ({"trigger": "zk\nstyle"}, "trigger"),
+    ({"eval_every": True}, "eval_every"),
 ])
 def test_bad_values_name_the_key(values, key):
     with pytest.raises(ConfigError) as err:
         make_config(values)
     assert key in str(err.value)
+
+
+@pytest.mark.parametrize("trigger", ["zk, style", "zk\nstyle"])
+def test_a_new_run_refuses_a_trigger_that_would_be_two_tags_but_an_earlier_runs_config_still_loads(trigger):
+    with pytest.raises(ConfigError, match="trigger=.*: must be one word or phrase, without commas or line breaks"):
+        resolve_config("style", {"trigger": trigger})
+    assert make_config({"trigger": trigger}).trigger == trigger  # a config.yaml written before the rule: resumable
 
 
 def test_all_problems_reported_together():

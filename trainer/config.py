@@ -19,7 +19,6 @@ import yaml
 
 from trainer.errors import ConfigError
 from trainer.objective import TIMESTEP_SAMPLINGS
-from trainer.trigger import TRIGGER_RULE, valid_trigger
 
 
 class Precision(str, enum.Enum):
@@ -167,7 +166,6 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(isinstance(cfg.sample_steps, int) and 1 <= cfg.sample_steps <= 200, "sample_steps", "an integer from 1 to 200")
     need(finite(cfg.sample_guidance) and cfg.sample_guidance >= 0, "sample_guidance", "a number >= 0")
     need(cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"), "device", "auto, cpu or cuda[:N]")
-    need(valid_trigger(cfg.trigger), "trigger", TRIGGER_RULE)
     need(isinstance(cfg.sample_prompts, tuple) and all(isinstance(p, str) for p in cfg.sample_prompts), "sample_prompts", "a list of strings")
     return problems
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from trainer.config import TrainConfig, alpha_ratio_warning, load_yaml, make_config
 from trainer.errors import ConfigError
+from trainer.trigger import TRIGGER_RULE, valid_trigger
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -80,6 +81,8 @@ def resolve_config(preset: str, overrides: dict[str, Any]) -> tuple[TrainConfig,
     values.update(overrides)
     values["preset"] = Path(preset).stem
     cfg = make_config(values)
+    if not valid_trigger(cfg.trigger):  # a new run's rule; config.yaml files of earlier runs still load
+        raise ConfigError([f"trigger={cfg.trigger!r}: must be {TRIGGER_RULE}"])
     warnings = [w for w in [alpha_ratio_warning(cfg.rank, cfg.alpha)] if w]
     return cfg, warnings
 
