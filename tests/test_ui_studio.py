@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.test_job import FakeLoop, wait_for
+from captioning import CaptionerUnavailable
 from trainer.config import dump_yaml
 from trainer.errors import LoraFormatError, UserError
 from trainer.scan import scan_dataset
@@ -613,8 +614,52 @@ def test_caption_all_stops_after_the_batch_at_hand_and_keeps_what_it_wrote(studi
     assert report.startswith("4 caption(s) written") and "stopped (the captions written so far are kept)" in report
     assert sum(bool(item.caption) for item in studio.items("r1")) == 4
     studio.gpu_free = lambda: 8 << 30  # a GPU with room, and no run training on it
-    studio.caption_all("r1", "filename", "zk", overwrite=False)
+
+    def start_meanwhile(done, total):  # training beside a captioner on the GPU could run either out of memory
+        with pytest.raises(UserError, match="'r1' is being captioned on the GPU, and training beside it could"):
+            studio.start("r1", form())
+
+    studio.caption_all("r1", "filename", "zk", overwrite=False, progress=start_meanwhile)
     assert devices == ["cpu", "cuda"] and all(item.caption for item in studio.items("r1"))
+    assert studio.jobs() == []
+
+    def no_cuda_build(*args, device, **kwargs):  # WD14 with the CPU build of onnxruntime: it runs on the CPU
+        devices.append(device)
+        if device == "cuda":
+            raise CaptionerUnavailable("captioner 'wd14' on cuda needs onnxruntime-gpu")
+        return real_caption_folder(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(ui.captions, "caption_folder", no_cuda_build)
+    pictures = len(studio.items("r1"))
+    assert studio.caption_all("r1", "filename", "zk", overwrite=True).startswith(f"{pictures} caption(s) written")
+    assert devices[-2:] == ["cuda", "cpu"]
+
+
+def test_a_caption_all_that_fails_midway_can_still_be_undone(studio, tmp_path, monkeypatch):
+    """Out of GPU memory at the second batch: the first batch's overwrites are recorded, so Undo brings back the
+    hand-written captions they replaced."""
+    import ui.captions
+    from captioning import CaptionOptions
+
+    names = add_images(studio, "r1", tmp_path, 3)
+    for name in names:
+        studio.set_caption("r1", name, f"hand-written {name}")
+    real_caption_folder = ui.captions.caption_folder
+
+    def out_of_memory_after_the_first(done, total):
+        if done >= 1:
+            raise MemoryError("out of GPU memory")
+
+    def dies_after_one(folder, captioner, options, progress, cancel, device):
+        real_caption_folder(folder, captioner, CaptionOptions(trigger="zk", overwrite=True), batch_size=1,
+                            progress=out_of_memory_after_the_first)
+
+    monkeypatch.setattr(ui.captions, "caption_folder", dies_after_one)
+    with pytest.raises(MemoryError):
+        studio.caption_all("r1", "filename", "zk", overwrite=True)
+    assert sum(item.caption == "zk" for item in studio.items("r1")) == 1
+    studio.undo_captions("r1")
+    assert [item.caption for item in studio.items("r1")] == [f"hand-written {name}" for name in names]
 
 
 def test_mixing_loads_base_and_files_once_and_only_reweights(studio, tmp_path):

@@ -13,18 +13,26 @@ import tempfile
 import threading
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from trainer.dataset_check import (CaptionReader, Finding, check_bare_captions, check_captions, check_images,
                                    check_uncaptioned, file_facts,
                                    load_caption_reader, token_count)
 from trainer.demo_data import DEMO_TRIGGER, write_style_set
 from trainer.errors import ImageError, UserError
+from trainer.job import LIVE
 from trainer.scan import caption_from_filename, read_caption
 from trainer.trigger import check_trigger, with_trigger
 from ui import caption_tools, choices, store
 from ui.format import first_few
 from ui.captions import caption_run
+
+
+class CaptionJob(NamedTuple):
+    """A Caption all under way: its stop flag, and where it runs."""
+
+    flag: threading.Event
+    device: str
 
 
 class RunDataset:
@@ -163,29 +171,43 @@ class RunDataset:
 
     def caption_all(self, run: str, captioner: str, trigger: str, overwrite: bool,
                     progress: Callable[[int, int], None] = lambda done, total: None) -> str:
-        """Write captions for every image (on the GPU when there is one and no run trains on it); returns a
-        one-line report. :meth:`stop_captioning` stops it after the batch at hand."""
+        """Write captions for every image (on the GPU when there is one and no run trains or waits to); returns a
+        one-line report. :meth:`stop_captioning` stops it after the batch at hand. While it captions on the GPU,
+        Start and Resume wait for it (:meth:`refuse_while_captioning_on_gpu`)."""
         run_dir = self.run_dir(run)
         if not store.list_items(run_dir):
             raise UserError("the dataset is empty: add images first")
         trigger = check_trigger(trigger or "")  # refused before it is saved as the run's trigger
         self.save_settings(run, trigger=trigger)
-        stop = self._captioning[run_dir.name] = threading.Event()
+        device = self._caption_device()
+        stop = self._captioning[run_dir.name] = CaptionJob(threading.Event(), device)
         try:
-            return caption_run(run_dir, captioner, trigger, overwrite, progress, stop, self._caption_device())
+            return caption_run(run_dir, captioner, trigger, overwrite, progress, stop.flag, device)
         finally:
             self._captioning.pop(run_dir.name, None)
 
+    def refuse_while_captioning_on_gpu(self) -> None:
+        """Training beside a captioner on the GPU could run either out of memory: a Start waits for it.
+
+        Raises:
+            UserError: a Caption all runs on the GPU (the message says which and what to do).
+        """
+        busy = [name for name, job in list(self._captioning.items()) if job.device != "cpu"]
+        if busy:
+            raise UserError(f"'{busy[0]}' is being captioned on the GPU, and training beside it could run either out "
+                            "of GPU memory: start when it is done, or stop it on the Dataset tab")
+
     def stop_captioning(self, run: str) -> str:
         """Stop the run's Caption all after the batch at hand; the captions written so far stay."""
-        stop = self._captioning.get(self.run_dir(run).name)
-        if stop is None:
+        job = self._captioning.get(self.run_dir(run).name)
+        if job is None:
             return "Nothing is being captioned."
-        stop.set()
+        job.flag.set()
         return "Stopping after the pictures at hand…"
 
     def _caption_device(self) -> str:
-        """cuda when a GPU is free of training (a captioner beside a run could take the memory it needs)."""
-        if self.active_job() is not None or self.gpu_free() is None:
+        """cuda when a GPU is free of training, now and queued (a captioner beside a run could take the memory it
+        needs)."""
+        if any(job.state in LIVE for job in self.jobs()) or self.gpu_free() is None:
             return "cpu"
         return "cuda"

@@ -36,7 +36,7 @@ from trainer.presets import list_presets, resolve_config
 from trainer.scan import scan_dataset
 from ui import choices, store
 from ui.run_exports import EXPORT_FIELDS, RunExports  # noqa: F401 (EXPORT_FIELDS: the Export tab)
-from ui.run_dataset import RunDataset
+from ui.run_dataset import CaptionJob, RunDataset
 from ui.run_space import RunSpace
 from ui.run_mix import RunMix, cuda_free_bytes
 from ui.mixdesk import MixDesk, MixSlot  # noqa: F401 (MixSlot: the Mix tab)
@@ -167,7 +167,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         self._facts: dict[str, tuple[tuple, ImageFacts]] = {}  # dataset check: picture path -> (its stat, facts)
         self._readers: dict[str, Optional[CaptionReader]] = {}  # dataset check: base -> its caption tokenizer
         self._readers_lock = threading.Lock()
-        self._captioning: dict[str, threading.Event] = {}  # run -> the stop flag of its Caption all
+        self._captioning: dict[str, CaptionJob] = {}  # run -> its Caption all under way
 
     # ---- the queue worker -------------------------------------------------------------------
     def start_worker(self, stop: Optional[threading.Event] = None) -> threading.Thread:
@@ -342,6 +342,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         run_dir = self.run_dir(run)
         if not store.list_items(run_dir):
             raise UserError("the dataset is empty: add images on the Dataset tab first")
+        self.refuse_while_captioning_on_gpu()
         overrides = form.overrides()
         parse_base(overrides["base"])  # a missing folder or unknown demo name is refused now, not after loading torch
         if form.precision == Precision.NF4.value:
@@ -478,6 +479,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         Raises:
             UserError: the job is not resumable (the queue says why).
         """
+        self.refuse_while_captioning_on_gpu()
         active = self.training_label()
         if self.queue.get(int(job_id)).state == "done":  # the queue's own refusal names the CLI's --steps
             raise UserError(f"job {job_id} is done: to train it on, select its run, set “Train on to step” above "
@@ -500,6 +502,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         run_dir = self.run_dir(run)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"'{run}' has not been trained yet: press Start")
+        self.refuse_while_captioning_on_gpu()
         job = self._job_for(run_dir)
         if job is not None and job.state in LIVE:
             raise UserError(f"'{run_dir.name}' is already {job.state} (job {job.id})")
