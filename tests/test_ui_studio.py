@@ -435,6 +435,11 @@ def test_a_queued_run_outside_outputs_is_never_taken_for_a_run_of_the_same_name(
     job = studio.active_job()
     assert studio.stop("r1") == (f"'r1' is not training; {elsewhere} (a run outside this app's outputs) is: cancel it "
                                  f"in the Queue below (job {job.id}).")
+    assert studio.job_run(job.id) == ""  # the page does not watch its own r1 for it
+    from ui import format as fmt
+
+    assert f'data-run="{elsewhere}"' in fmt.queue_html(studio.jobs(), shown=studio.shown_run)
+    assert studio.cancel_job(job.id).startswith(f"Stopping job {job.id} ('{elsewhere}')")
     gate.release(100)
     wait_for(lambda: studio.active_job() is None)
 

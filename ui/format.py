@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import quote
 
 from trainer.job import LIVE, TRAINING, JobSnapshot
@@ -243,9 +243,10 @@ QUEUE_STATES = {"queued": "waiting", "running": "training", "stopping": "stoppin
                 "interrupted": "interrupted (resumes when the server starts)"}
 
 
-def queue_html(jobs, limit: int = 20) -> str:
+def queue_html(jobs, limit: int = 20, shown: Callable = lambda job: Path(job.run_dir).name) -> str:
     """The training queue as a table: id, run, state, position, error; the newest ``limit`` jobs, with
-    the active ones first. Each row carries ``data-*`` attributes (tests and scripts read them)."""
+    the active ones first. Each row carries ``data-*`` attributes (tests and scripts read them). ``shown``: a
+    job's run as the page names it (``Studio.shown_run``: a folder outside outputs by its path)."""
     active = [j for j in jobs if j.state in LIVE]
     active.sort(key=lambda j: (j.state == "queued", j.position or 0))
     rest = [j for j in reversed(jobs) if j not in active][:max(0, limit - len(active))]
@@ -253,7 +254,7 @@ def queue_html(jobs, limit: int = 20) -> str:
         return '<div class="queue-view" data-jobs="0">The queue is empty: press Start to add a run.</div>'
     rows = []
     for j in active + rest:
-        run = Path(j.run_dir).name
+        run = shown(j)
         pos = str(j.position) if j.position else ""
         error = " ".join(str(j.error or "").split())
         rows.append(
@@ -265,10 +266,10 @@ def queue_html(jobs, limit: int = 20) -> str:
             '<th>Position</th><th>Note</th></tr></thead><tbody>%s</tbody></table></div>' % (len(jobs), "".join(rows)))
 
 
-def queue_choices(jobs) -> list[tuple[str, int]]:
+def queue_choices(jobs, shown: Callable = lambda job: Path(job.run_dir).name) -> list[tuple[str, int]]:
     """(label, id) of the jobs a person can act on (cancel or resume), newest first."""
     out = []
     for j in reversed(jobs):
         if j.state in LIVE or j.resumable:
-            out.append((f"job {j.id} — {Path(j.run_dir).name}", j.id))  # stable label: the state is in the table
+            out.append((f"job {j.id} — {shown(j)}", j.id))  # stable label: the state is in the table
     return out

@@ -387,7 +387,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         if job.position is None or (active is None and job.position == 1):  # None: the worker took it already
             return starting + freed
         ahead = f"'{active}' is training" if active else "other runs are waiting"
-        return (f"'{Path(job.run_dir).name}' is queued at position {job.position} (job {job.id}): {ahead}, and one "
+        return (f"'{self.shown_run(job)}' is queued at position {job.position} (job {job.id}): {ahead}, and one "
                 "run trains at a time; it starts by itself when its turn comes." + freed)
 
     def _copy_run(self, run_dir: Path) -> Path:
@@ -420,7 +420,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         job = training if run is None else self._job_for(self.run_dir(run), jobs)
         if job is not None and job.state in TRAINING:
             self.queue.cancel(job.id)
-            return (f"Stopping '{Path(job.run_dir).name}' after the current step; a final checkpoint and the exports "
+            return (f"Stopping '{self.shown_run(job)}' after the current step; a final checkpoint and the exports "
                     "are saved.")
         if job is not None and job.state == "queued":
             self.queue.cancel(job.id)
@@ -434,8 +434,10 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         return "Nothing is training."
 
     def job_run(self, job_id: int) -> str:
-        """The run (folder name) of a queue job; raises UserError for an unknown job."""
-        return Path(self.queue.get(int(job_id)).run_dir).name
+        """The run (folder name) of a queue job, "" for one outside outputs (no run of this page); raises UserError
+        for an unknown job."""
+        job = self.queue.get(int(job_id))
+        return self.shown_run(job) if self._is_local(job) else ""
 
     def is_active(self, run: str) -> bool:
         """Whether a job of ``run`` is queued, training or stopping."""
@@ -468,7 +470,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         """
         before = self.queue.get(int(job_id))
         after = self.queue.cancel(int(job_id))
-        name = Path(after.run_dir).name
+        name = self.shown_run(after)
         if before.state in TRAINING:
             return f"Stopping job {after.id} ('{name}') after the current step; a final checkpoint is saved."
         return f"Cancelled job {after.id} ('{name}'); it will not run."
@@ -486,7 +488,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
                             "its steps and press Resume selected run")
         job = self.queue.resume(int(job_id))
         where = f"checkpoint {job.last_checkpoint}" if job.last_checkpoint else "step 0 (it had no checkpoint yet)"
-        return self._queued_message(job, active, f"Resuming '{Path(job.run_dir).name}' from {where}.")
+        return self._queued_message(job, active, f"Resuming '{self.shown_run(job)}' from {where}.")
 
     def resume(self, run: str, steps: Any = None, lr: Any = None) -> str:
         """Resume ``run`` from its last checkpoint through the queue (its queue job if it has one).

@@ -111,9 +111,9 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
     with gr.Accordion("Queue (one run trains at a time; the rest wait here, also after a server restart)",
                       open=True, elem_id="queue"):
         jobs0 = studio.jobs()
-        queue_view = gr.HTML(fmt.queue_html(jobs0), elem_id="queue-view")
+        queue_view = gr.HTML(fmt.queue_html(jobs0, shown=studio.shown_run), elem_id="queue-view")
         with gr.Row(equal_height=True):
-            job_pick = gr.Dropdown(label="Job", choices=fmt.queue_choices(jobs0), value=None, elem_id="queue-job",
+            job_pick = gr.Dropdown(label="Job", choices=fmt.queue_choices(jobs0, studio.shown_run), value=None, elem_id="queue-job",
                                    allow_custom_value=True,
                                    scale=3, info="Pick a job, then cancel it (a running one stops after its step) "
                                                  "or resume it from its last checkpoint.")
@@ -311,7 +311,8 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
             runs_update = gr.update(choices=listed, value=run_name if run_name in {n for _, n in listed} else None)
         queue_update, pick_update = gr.skip(), gr.skip()
         if view["queue"] != shown.get("queue"):
-            queue_update, pick_update = fmt.queue_html(jobs), gr.update(choices=fmt.queue_choices(jobs))
+            queue_update = fmt.queue_html(jobs, shown=studio.shown_run)
+            pick_update = gr.update(choices=fmt.queue_choices(jobs, studio.shown_run))
         disk_update = runfolder.usage_line(studio, run_name) if changed("checkpoint") or changed("state") \
             else gr.skip()  # a checkpoint written (or rotated away), or the run ended with its exports
         return (fmt.progress_html(snap, note), plot_update, samples_update, fmt.checkpoint_line(snap),
