@@ -118,6 +118,7 @@ def test_an_unreadable_line_inside_the_events_is_skipped_with_a_warning(tmp_path
     ev.append_jsonl(path, replace(step, step=2))
     with caplog.at_level("WARNING", logger="trainer.events"):
         assert [e.step for e in ev.read_jsonl(path)] == [1, 2]
+        assert [e.step for e in ev.read_jsonl(path)] == [1, 2]  # read again at the next step: said once
     assert [r.getMessage() for r in caplog.records] == [
         f"{path}: skipped 1 line(s) that are not events this version reads (line 2)"]
     caplog.clear()

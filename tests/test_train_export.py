@@ -192,12 +192,14 @@ def test_a_fused_single_block_reads_back_at_the_models_own_width(tmp_path):
     weights = LoraWeights({n: (torch.randn(rank, inner, generator=gen), torch.randn(inner, rank, generator=gen))
                            for n in names}, rank, 4.0)
     path = save_safetensors(tmp_path / "fused.safetensors", to_flux_fused(weights, inner, mlp), {})
-    back = weights_from_file(path, names, inner_dim=inner)
+    back = weights_from_file(path, names, dims=(inner, mlp))
     for name in names:
         torch.testing.assert_close(back.modules[name][1], weights.modules[name][1])
         torch.testing.assert_close(back.modules[name][0], weights.modules[name][0])
-    with pytest.raises(LoraFormatError, match="do not fit this model's attention width 64: it was made for another"):
-        weights_from_file(path, names, inner_dim=64)
+    for other in ((64, 128), (24, 48), (16, 64)):  # wider, a near width, another MLP ratio
+        with pytest.raises(LoraFormatError, match=f"has 80 rows, which do not fit this model \\(attention width "
+                                                  f"{other[0]}, MLP width {other[1]}\\): it was made for another"):
+            weights_from_file(path, names, dims=other)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

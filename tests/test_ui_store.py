@@ -157,8 +157,8 @@ def test_a_huge_caption_upload_is_refused_before_it_is_read(tmp_path, monkeypatc
     monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self.name} was read"))
     report = store.import_uploads([img, up / "big.txt"], tmp_path / "run")
     assert report.accepted == ["big.png"] and report.captions == 0
-    assert report.rejected == [("big.txt", "caption is 64 KB: a caption is a line or a few (at most 64 KB; text "
-                                           "encoders read only its first words)")]
+    assert report.rejected == [("big.txt", "caption is over 64 KB (65 KB): a caption is a line or a few, and text "
+                                           "encoders read only its first words")]
 
 
 def test_an_upload_the_disk_cannot_hold_is_one_line_and_leaves_no_stub(tmp_path, monkeypatch):

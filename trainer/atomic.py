@@ -72,7 +72,7 @@ def _umask() -> int:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", newline="\n")  # the same bytes on every system
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

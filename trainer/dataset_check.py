@@ -166,10 +166,9 @@ def check_bare_captions(captions: Sequence[tuple[str, str]], trigger: str) -> li
             if not re.sub(r"[\W_]+", "", without_trigger(caption, trigger))]
     if not bare:
         return []
-    what = f"nothing but the trigger {trigger!r}" if trigger else "nothing"
-    return [Finding(f"{len(bare)} picture(s) whose caption says {what}: the trigger learns their subjects along "
-                    "with the style; describe what is in them (Caption all with 'Overwrite' off keeps the others)",
-                    tuple(bare))]
+    what = f"nothing but the trigger {trigger!r}: the trigger learns" if trigger else "nothing: the LoRA learns"
+    return [Finding(f"{len(bare)} picture(s) whose caption says {what} their subjects along with the style; "
+                    "describe what is in them (Caption all with 'Overwrite' off keeps the others)", tuple(bare))]
 
 
 

@@ -8,6 +8,7 @@ opened later, or a CLI ``tail -f``, sees the same history.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -156,6 +157,12 @@ def read_jsonl(path: Path) -> list[Event]:
             if number < len(lines):
                 unread.append(number)
     if unread:
-        log.warning("%s: skipped %d line(s) that are not events this version reads (line %s)", path, len(unread),
-                    ", ".join(map(str, unread[:5])) + (" …" if len(unread) > 5 else ""))
+        _warn_unread(str(path), tuple(unread))
     return events
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_unread(path: str, unread: tuple[int, ...]) -> None:
+    """Said once per file and set of lines: the web app re-reads a training run's events at every step."""
+    log.warning("%s: skipped %d line(s) that are not events this version reads (line %s)", path, len(unread),
+                ", ".join(map(str, unread[:5])) + (" …" if len(unread) > 5 else ""))

@@ -363,24 +363,23 @@ def peft_deltas(weights: LoraWeights) -> dict[str, torch.Tensor]:
 
 
 def _split_fused(file_name: str, stem: str, down: torch.Tensor, up: torch.Tensor, parts: list[tuple[int, str]],
-                 made_with: str = "", inner_dim: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 made_with: str = "", dims: tuple[int, int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Undo :func:`to_flux_fused` for one group: the file's own row blocks say which projections it adapts.
 
     ``parts``: (index in the group, module) of the projections this run adapts. They must be the file's: a
     style file (k, v) read for the attention targets (q, k, v) would otherwise be cut into wrong pieces.
-    ``inner_dim``: the model's attention width (q, k and v rows each); without it, FLUX.1's MLP ratio of 4.
+    ``dims``: the model's (attention width, MLP width) (:func:`trainer.loop.flux_dims`); without them, FLUX.1's
+    MLP ratio of 4.
     """
     if stem.endswith("_proj"):
         (_, module), = parts
         return {module: (down, up)}
     rows = up.shape[0]
-    if stem.endswith("linear1"):  # q, k, v, then the MLP rows
-        inner = inner_dim or rows // 7
-    else:
-        inner = rows // 3
-    if 3 * inner > rows or (not stem.endswith("linear1") and 3 * inner != rows):
-        raise LoraFormatError(f"{file_name}: {stem} has {rows} rows, which do not fit this model's attention width "
-                              f"{inner}: it was made for another model")
+    single = stem.endswith("linear1")  # q, k, v, then the MLP rows
+    inner = dims[0] if dims else (rows // 7 if single else rows // 3)
+    if dims and rows != 3 * inner + (dims[1] if single else 0):
+        raise LoraFormatError(f"{file_name}: {stem} has {rows} rows, which do not fit this model (attention width "
+                              f"{dims[0]}, MLP width {dims[1]}): it was made for another model")
     sizes = [inner] * 3 + ([rows - 3 * inner] if stem.endswith("linear1") else [])
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     in_file = [i for i in range(len(sizes)) if up[offsets[i]:offsets[i] + sizes[i]].abs().sum() > 0]
@@ -397,12 +396,12 @@ def _split_fused(file_name: str, stem: str, down: torch.Tensor, up: torch.Tensor
             for j, (index, module) in enumerate(parts)}
 
 
-def weights_from_file(path: str | Path, module_names: list[str], inner_dim: int | None = None) -> LoraWeights:
+def weights_from_file(path: str | Path, module_names: list[str], dims: tuple[int, int] | None = None) -> LoraWeights:
     """Read one of our own exports (PEFT/diffusers, kohya or FLUX fused) back as :class:`LoraWeights`.
 
     ``module_names`` are the adapted modules of the model it should fit; used to
-    undo the kohya ``.``→``_`` mangling and to split fused FLUX groups (``inner_dim``: a FLUX model's attention
-    width, which says where a single block's q/k/v rows end and its MLP rows begin).
+    undo the kohya ``.``→``_`` mangling and to split fused FLUX groups (``dims``: a FLUX model's attention and
+    MLP widths, which say where a single block's q/k/v rows end and its MLP rows begin).
 
     Raises:
         LoraFormatError: unknown layout, modules that do not fit, or mixed ranks.
@@ -439,7 +438,7 @@ def weights_from_file(path: str | Path, module_names: list[str], inner_dim: int 
                 alphas.add(alpha)
             elif stem in fused:
                 split = _split_fused(name, stem, down, up, sorted(fused[stem]), metadata.get("studio.targets", ""),
-                                     inner_dim)
+                                     dims)
                 for module, ab in split.items():
                     modules[module] = ab
                     ranks.add(ab[0].shape[0])

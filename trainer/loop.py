@@ -191,7 +191,7 @@ def inject_lora(base: LoadedBase, config: TrainConfig) -> list[str]:
     denoiser.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=names,
                                     init_lora_weights=True), adapter_name=ADAPTER)
     if config.init_lora:
-        prior = weights_from_file(config.init_lora, names, (flux_dims(base) or (None,))[0])
+        prior = weights_from_file(config.init_lora, names, flux_dims(base))
         if prior.rank != config.rank:
             raise ConfigError([f"init_lora {Path(config.init_lora).name} has rank {prior.rank}; pass --rank {prior.rank}"])
         rescale = (prior.alpha / prior.rank) / (config.alpha / config.rank)  # keep ΔW when alphas differ

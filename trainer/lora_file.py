@@ -39,10 +39,13 @@ def header_keys(path: str | Path, shown_name: str = "") -> list[str]:
                               "file at all "
                               f"({str(err) if isinstance(err, OSError) else 'its header cannot be read'})") from None
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    if _data_end(tensors) != file_size - 8 - size:  # the format's own rule: the tensors fill the rest exactly
-        raise LoraFormatError(f"{shown_name or path.name} is cut off or damaged: its header describes "
-                              f"{_data_end(tensors)} bytes of weights but the file holds {file_size - 8 - size}; "
+    end = _data_end(tensors)
+    if end < 0:
+        raise LoraFormatError(f"{shown_name or path.name} is damaged: its header does not describe its weights; "
                               "download it again")
+    if end != file_size - 8 - size:  # the format's own rule: the tensors fill the rest exactly
+        raise LoraFormatError(f"{shown_name or path.name} is cut off or damaged: its header describes {end} bytes "
+                              f"of weights but the file holds {file_size - 8 - size}; download it again")
     return list(tensors)
 
 

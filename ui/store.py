@@ -221,9 +221,9 @@ def import_uploads(paths: list[str | Path], run_dir: Path, limits: ImageLimits =
             continue
         try:
             if src.stat().st_size > MAX_CAPTION_BYTES:
-                report.rejected.append((f"{stem}.txt", f"caption is {src.stat().st_size // 1024} KB: a caption is a "
-                                        f"line or a few (at most {MAX_CAPTION_BYTES // 1024} KB; text encoders read "
-                                        "only its first words)"))
+                report.rejected.append((f"{stem}.txt", f"caption is over {MAX_CAPTION_BYTES // 1024} KB "
+                                        f"({-(-src.stat().st_size // 1024)} KB): a caption is a line or a few, and "
+                                        "text encoders read only its first words"))
                 continue
             write_caption(run_dir, stored, src.read_bytes().decode("utf-8-sig"))
             report.captions += 1
