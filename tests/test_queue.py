@@ -381,7 +381,7 @@ def test_add_stores_absolute_paths_and_guards_run_folders(tmp_path, monkeypatch)
     fake_checkpoint(tmp_path / "outputs" / "old", 10)
     with pytest.raises(QueueError, match="already holds a run .*--resume"):
         queue.add(light_config(tmp_path, "old"))
-    assert queue.add(light_config(tmp_path, "old"), resume=True).resume
+    assert queue.add(light_config(tmp_path, "old", steps=10), resume=True).resume
 
 
 # -- a damaged or busy database --------------------------------------------------------------------

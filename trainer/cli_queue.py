@@ -165,7 +165,7 @@ def _work(queue: JobQueue, args: argparse.Namespace) -> int:
     counts = {s: sum(j.state == s for j in ran) for s in dict.fromkeys(j.state for j in ran)}
     print(f"worker done: {len(ran)} job(s)" + "".join(f", {n} {s}" for s, n in counts.items()))
     left = [j for j in queue.list() if j.state in ("queued", "running", "stopping")]
-    if args.once and left:  # `queue run --once && shutdown` would otherwise end the night early
+    if args.once and left and not stop.is_set():  # said, so that a person sees the queue was not emptied
         held = ", ".join(f"job {j.id} {j.state}, group {j.group or 'any'}" for j in left[:3])
         print(f"{len(left)} job(s) not done: another worker or device group holds them ({held}); `queue list` shows "
               "them", flush=True)

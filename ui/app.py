@@ -153,8 +153,8 @@ def launch(args) -> None:
 
 
 def queue_files(database: Path) -> list[str]:
-    """The queue database and SQLite's files beside it: in the served outputs folder, but never for the page (every
-    job's config, absolute paths, host name and pids)."""
+    """The queue database and SQLite's files beside it: in the served outputs folder, but never for the page (the
+    server's whole job history: every job's config, the host name and pids; a run's own files stay served)."""
     return [str(database)] + [f"{database}{suffix}" for suffix in ("-wal", "-shm", "-journal")]
 
 

@@ -1,7 +1,7 @@
 """The Studio's dataset side: pictures and their captions, bulk caption edits, auto-captioning and the
 dataset check. The files work is ``ui.store``'s, ``ui.caption_tools``' and ``trainer.dataset_check``'s.
 
-A mixin of :class:`ui.studio.Studio`: it uses ``run_dir``, ``limits``, ``dataset_note``, ``active_run``,
+A mixin of :class:`ui.studio.Studio`: it uses ``run_dir``, ``limits``, ``dataset_note``, ``jobs``,
 ``gpu_free``, the check's caches ``_facts``, ``_readers`` and ``_readers_lock``, and ``_captioning`` (each run's
 Caption all stop flag).
 """

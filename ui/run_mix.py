@@ -1,9 +1,9 @@
 """The Studio's LoRA files and mixing side: the files the Mix tab offers (runs, their steps, the loras folder,
 uploads), where a preview loads its base, and rendering, baking and grids (``ui.mixdesk`` does the work).
 
-A mixin of :class:`ui.studio.Studio`: it uses ``outputs_dir``, ``loras_dir``, ``mix``, ``gpu_free``,
-``run_dir``, ``run_names``, ``active_run``, ``recipe``, ``run_config``, ``settings``, ``final_step`` and
-``exports``.
+A mixin of :class:`ui.studio.Studio`: it uses ``outputs_dir``, ``loras_dir``, ``default_base``, ``mix``,
+``gpu_free``, ``run_dir``, ``run_names``, ``active_job``, ``training_label``, ``run_config``, ``settings``,
+``final_step`` and ``exports``.
 """
 
 from __future__ import annotations

@@ -418,8 +418,9 @@ class JobQueue:
                     raise QueueError(f"job {job_id} is done: it trained all {trained} steps; to train it on, pass "
                                      f"--steps with more (e.g. --steps {2 * trained})")
             elif row["state"] not in RESUMABLE:
-                raise QueueError(f"job {job_id} is {row['state']}; only {', '.join(RESUMABLE)} jobs can be resumed"
-                                 + (", and done ones with more --steps" if row["state"] == "done" else ""))
+                raise QueueError(f"job {job_id} is {row['state']}; only {', '.join(RESUMABLE)} jobs can be resumed, and "
+                                 "done ones that kept a checkpoint" if row["state"] == "done" else
+                                 f"job {job_id} is {row['state']}; only {', '.join(RESUMABLE)} jobs can be resumed")
             if not ckpt and row["state"] != "interrupted":
                 raise QueueError(f"job {job_id} has no checkpoint in {row['run_dir']} to resume from; "
                                  "queue the run again with `queue add`")
