@@ -382,6 +382,8 @@ def test_resume_from_the_run_list(page, server):
     page.click("#resume")
     wait_until(page, lambda: "Resuming" in page.locator("#train-status").inner_text(), 20, "the resume message")
     assert f"at learning rate {old_lr / 2:g} (was {old_lr:g})" in page.locator("#train-status").inner_text()
+    wait_until(page, lambda: page.locator("#continue-lr input").input_value() == "0", 10,
+               "the box back at 0 (the run's own), so the next Resume does not reuse the rate")
     wait_until(page, lambda: f"learning rate {old_lr / 2:g} (" in recipe.inner_text(), 20, "the recipe's new rate")
     wait_until(page, lambda: progress(page)["step"] > FLOW["stopped_at"], 120, "steps after the resume")
     page.click("#stop")
@@ -395,6 +397,22 @@ def test_resume_from_the_run_list(page, server):
 
     assert load_config(server.outputs / FLOW["run"] / "config.yaml").lr == pytest.approx(old_lr / 2)
     set_number(page, "continue-lr", 0)
+
+
+def test_a_run_name_typed_in_the_run_box_stays_as_typed_on_enter(page, server):
+    """Typing a new name that begins like an existing run's and pressing Enter must not open that run: an upload
+    or Start would go there."""
+    if "stopped_at" not in FLOW:
+        pytest.skip("needs the trained run from the training test")
+    box = page.locator("#run-select input")
+    typed = FLOW["run"][:5]  # "style": a prefix of the existing run's name
+    box.click()
+    box.fill(typed)
+    box.press("Enter")
+    page.wait_for_timeout(1000)
+    assert box.input_value() == typed
+    pick(page, "run-select", FLOW["run"])  # arrow keys or a click still pick a run from the list
+    wait_until(page, lambda: box.input_value() == FLOW["run"], 10, "the run picked from the list")
 
 
 def test_dataset_check_follows_caption_edits(page, server):

@@ -444,6 +444,26 @@ def test_a_queued_run_outside_outputs_is_never_taken_for_a_run_of_the_same_name(
     wait_for(lambda: studio.active_job() is None)
 
 
+def test_a_second_start_of_a_training_run_is_refused_but_a_variant_is_queued_as_a_copy(studio, tmp_path):
+    """An artist unsure the first press worked presses Start again: that must not queue the same 500 steps twice."""
+    add_images(studio, "r1", tmp_path)
+    gate = threading.Semaphore(0)
+    studio.runner = FakeLoop(gate=gate)
+    studio.start("r1", form(steps=6))
+    wait_for(lambda: studio.active_run() == "r1")
+    job = job_of(studio, "r1")
+    with pytest.raises(UserError, match=f"^'r1' is training with these settings already \\(job {job.id}\\); to "
+                                        "train a variant beside it, change a setting"):
+        studio.start("r1", form(steps=6))
+    used, message = studio.start("r1", form(steps=6, seed=3))  # a variant: its own run, queued behind
+    assert used == "r1-2" and message.startswith("'r1' is training, so its dataset was copied to a new run 'r1-2' "
+                                                 "for these settings. 'r1-2' is queued at position 1")
+    with pytest.raises(UserError, match="^'r1-2' is waiting in the queue with these settings already"):
+        studio.start("r1-2", form(steps=6, seed=3))
+    gate.release(100)
+    wait_ended(studio, "r1-2")
+
+
 def test_training_an_already_trained_run_copies_it(studio, tmp_path):
     add_images(studio, "r1", tmp_path)
     studio.start("r1", form())
@@ -601,7 +621,16 @@ def test_caption_all_stops_after_the_batch_at_hand_and_keeps_what_it_wrote(studi
     import ui.captions
 
     add_images(studio, "r1", tmp_path, 10)
-    assert studio.stop_captioning("r1") == "Nothing is being captioned."
+    assert studio.stop_captioning("r1", wait=0) == "Nothing is being captioned."
+    answers = []
+    stop_first = threading.Thread(target=lambda: answers.append(studio.stop_captioning("r1")))
+    stop_first.start()  # pressed just after Caption all, it reaches the server first
+    time.sleep(0.2)
+    report = studio.caption_all("r1", "filename", "zk", overwrite=False,
+                                progress=lambda done, total: time.sleep(0.5 if done == 0 else 0))  # a model loads
+    assert report.startswith("0 caption(s) written") and "stopped" in report
+    stop_first.join()
+    assert answers == ["Stopping after the pictures at hand…"]
     devices = []
     real_caption_folder = ui.captions.caption_folder
 

@@ -41,9 +41,24 @@ CSS = """
 
 # A weight typed into a slider's number box re-renders on Enter too: gradio fires the slider's ``release``
 # (what the Mix tab listens to, so a drag renders once, at its end) on blur but not on Enter.
+# A run name typed into the Run box stays what was typed on Enter: gradio's dropdown would pick the first run
+# whose name contains it ("ink" → "ink-wash"), and uploads or Start would go there. Picking with the arrow keys
+# and Enter still picks.
 HEAD = """<script>
+let runTyped = false;
+document.addEventListener("input", (event) => {
+  if (event.target.matches("#run-select input")) runTyped = true;
+}, true);
 document.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && event.target.matches(".mix-slot input[type=number]")) event.target.blur();
+  if (!event.target.matches("#run-select input")) return;
+  if (event.key === "ArrowDown" || event.key === "ArrowUp") runTyped = false;
+  if (event.key === "Enter" && runTyped) {
+    runTyped = false;
+    event.stopPropagation();
+    event.preventDefault();
+    event.target.blur();
+  }
 }, true);
 </script>"""
 

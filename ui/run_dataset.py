@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import time
 from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -197,9 +198,13 @@ class RunDataset:
             raise UserError(f"'{busy[0]}' is being captioned on the GPU, and training beside it could run either out "
                             "of GPU memory: start when it is done, or stop it on the Dataset tab")
 
-    def stop_captioning(self, run: str) -> str:
-        """Stop the run's Caption all after the batch at hand; the captions written so far stay."""
-        job = self._captioning.get(self.run_dir(run).name)
+    def stop_captioning(self, run: str, wait: float = 2.0) -> str:
+        """Stop the run's Caption all after the batch at hand; the captions written so far stay. A Stop pressed
+        just after Caption all may arrive first: it waits ``wait`` seconds for the captioning to begin."""
+        name = self.run_dir(run).name
+        deadline = time.monotonic() + wait
+        while (job := self._captioning.get(name)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         if job is None:
             return "Nothing is being captioned."
         job.flag.set()

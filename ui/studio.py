@@ -113,6 +113,15 @@ class TrainForm:
         return values
 
 
+def _same_settings(job: QueuedJob, config) -> bool:
+    """Whether ``config`` is what ``job`` trains already (its run folder and data aside)."""
+    try:
+        queued = job.config
+    except (UserError, ValueError):
+        return False
+    return replace(config, out=queued.out, data=queued.data) == queued
+
+
 def _planned_steps(job: QueuedJob) -> int:
     """The steps a queued job will train (0 when its stored config no longer reads: the worker says why)."""
     try:
@@ -355,10 +364,17 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         config, warnings = self._resolve(form.preset, overrides, run_dir)  # refused settings leave no folder behind
         note = ""
         job = self._job_for(run_dir)
+        live = job is not None and job.state in LIVE
+        if live and _same_settings(job, config):  # a second press, not a variant: it would train the same twice
+            doing = "waiting in the queue" if job.state == "queued" else "training"
+            raise UserError(f"'{run}' is {doing} with these settings already (job {job.id}); to train a variant "
+                            "beside it, change a setting and press Start again")
         if ((run_dir / "config.yaml").is_file() or (run_dir / "events.jsonl").is_file()
                 or (run_dir / "checkpoints").is_dir() or (job is not None and job.state in ACTIVE)):
             run_dir = self._copy_run(run_dir)
-            note = f"'{run}' was already trained, so its dataset was copied to a new run '{run_dir.name}'. "
+            was = {"queued": "is waiting in the queue", "running": "is training", "stopping": "is stopping"}.get(
+                job.state if job is not None else "", "was already trained")
+            note = f"'{run}' {was}, so its dataset was copied to a new run '{run_dir.name}' for these settings. "
             config, warnings = self._resolve(form.preset, overrides, run_dir)
         self.save_settings(run_dir.name, trigger=overrides["trigger"], preset=form.preset, base=overrides["base"])
         active = self.training_label()

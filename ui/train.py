@@ -138,7 +138,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
                                     info="0: the run's own total. More steps also continue a finished run with "
                                          "its own saved settings (a cosine or linear schedule stretches to the "
                                          "new total).")
-            continue_lr = gr.Number(0, label="Learning rate from here", elem_id="continue-lr", scale=1,
+            continue_lr = gr.Number(0, label="Learning rate from here", elem_id="continue-lr", scale=1, step=1e-5,
                                     info="0: the run's own. After a run diverged (NaN loss), lower it, e.g. to half, "
                                          "and resume from its last good checkpoint.")
             resume = gr.Button("Resume selected run", elem_id="resume")
@@ -226,13 +226,15 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
     stopped = stop.click(on_stop, run, status, concurrency_id="train-control", concurrency_limit=1)
 
     def on_resume(run_name, steps, lr):
+        """Resume; the two boxes go back to 0 ("the run's own") once used, so the next Resume does not reuse them."""
         try:
-            return studio.resume(run_name, steps, lr), None
+            return studio.resume(run_name, steps, lr), None, 0, 0
         except UserError as err:
-            return f"⚠ {err}", gr.skip()
+            return f"⚠ {err}", gr.skip(), gr.skip(), gr.skip()
 
-    resumed = resume.click(on_resume, [run, continue_to, continue_lr], [status, last], concurrency_id="train-control",
-                           concurrency_limit=1)
+    resumed = resume.click(on_resume, [run, continue_to, continue_lr], [status, last, continue_to, continue_lr],
+                           concurrency_id="train-control", concurrency_limit=1)
+    run.change(lambda _: (0, 0), run, [continue_to, continue_lr])  # meant for the run they were typed for
 
     def recipe_of(name):
         return fmt.recipe(name, studio.recipe(name), studio.lr_history(name))
