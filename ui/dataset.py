@@ -105,11 +105,11 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
         try:
             text = studio.caption_all(run_name, name, trig or "", bool(over), progress=step)
         except UserError as err:
-            return f"⚠ {err}", ver
-        return text, ver + 1
+            return f"⚠ {err}", ver, gr.skip()
+        return text, ver + 1, ""  # the caption tools' last line spoke of the captions before
 
-    caption_btn.click(on_caption_all, [run, captioner, trigger, overwrite, version], [caption_status, version],
-                      concurrency_id="dataset", concurrency_limit=1)
+    caption_btn.click(on_caption_all, [run, captioner, trigger, overwrite, version],
+                      [caption_status, version, tools_status], concurrency_id="dataset", concurrency_limit=1)
 
     def on_caption_stop(run_name):
         try:
@@ -123,17 +123,17 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
         """Run a whole-dataset caption edit; the grid redraws from disk when it succeeded."""
         def handler(run_name, ver, *values):
             try:
-                return action(run_name, *values), ver + 1
+                return action(run_name, *values), ver + 1, ""  # Caption all's last line spoke of the old captions
             except UserError as err:
-                return f"⚠ {err}", ver
+                return f"⚠ {err}", ver, gr.skip()
         return handler
 
     dataset_lock = {"concurrency_id": "dataset", "concurrency_limit": 1}
+    tool_lines = [tools_status, version, caption_status]
     replace_btn.click(bulk(studio.replace_in_captions), [run, version, find, replace, whole_words, match_case],
-                      [tools_status, version], **dataset_lock)
-    add_trigger.click(bulk(studio.add_trigger_to_captions), [run, version, trigger], [tools_status, version],
-                      **dataset_lock)
-    undo.click(bulk(studio.undo_captions), [run, version], [tools_status, version], **dataset_lock)
+                      tool_lines, **dataset_lock)
+    add_trigger.click(bulk(studio.add_trigger_to_captions), [run, version, trigger], tool_lines, **dataset_lock)
+    undo.click(bulk(studio.undo_captions), [run, version], tool_lines, **dataset_lock)
 
     def tags_of(run_name):
         try:
