@@ -347,6 +347,21 @@ def test_a_job_that_keeps_killing_its_worker_waits_for_a_person(tmp_path):
     assert ran == [("killer", False)] and queue.get(job.id).state == "done"
 
 
+def test_a_worker_that_died_while_stopping_leaves_a_stopped_job_that_resumes_from_its_last_checkpoint(tmp_path):
+    """Cancel asked it to stop; it died before its final checkpoint: the note says where Resume continues."""
+    outputs = tmp_path / "outputs"
+    queue = JobQueue(outputs)
+    job = queue.add(light_config(tmp_path, "halted"))
+    with sqlite3.connect(queue.path) as conn:  # its worker is alive while the cancel arrives
+        conn.execute("UPDATE jobs SET state = 'stopping', worker_pid = ? WHERE id = ?", (os.getpid(), job.id))
+    fake_checkpoint(Path(job.run_dir), 2)
+    with sqlite3.connect(queue.path) as conn:  # then it is gone
+        conn.execute("UPDATE jobs SET worker_pid = ?, heartbeat_at = 0 WHERE id = ?", (2**22 + 12345, job.id))
+    [recovered] = queue.recover()
+    assert recovered.state == "stopped" and recovered.resumable
+    assert recovered.error.endswith("while stopping; resume continues from checkpoint step-000002")
+
+
 def test_worker_shutdown_leaves_the_job_interrupted_for_the_next_worker(tmp_path):
     queue = JobQueue(tmp_path / "outputs")
     job = queue.add(light_config(tmp_path, "overnight"))

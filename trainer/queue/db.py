@@ -293,8 +293,10 @@ class JobQueue:
             ckpt = last_checkpoint(row["run_dir"])
             where = (f"the worker (pid {row['worker_pid']} on {row['worker_host'] or '?'}) stopped responding; "
                      f"last heartbeat {_when(row['heartbeat_at'])}")
-            if row["state"] == "stopping":
-                state, crashes, note = "stopped", row["crashes"], f"{where} while stopping"
+            if row["state"] == "stopping":  # its final checkpoint and exports may not have been written
+                state, crashes = "stopped", row["crashes"]
+                note = f"{where} while stopping; " + (f"resume continues from checkpoint {ckpt}" if ckpt else
+                                                      "it had no checkpoint yet")
             else:
                 state, crashes = "interrupted", row["crashes"] + 1
                 note = f"{where}; " + (f"resumes from checkpoint {ckpt}" if ckpt else "no checkpoint yet, it restarts from step 0")
