@@ -76,6 +76,20 @@ def test_a_finished_run_trained_on_follows_the_longer_schedule(base_dirs, scene_
     assert any(n.startswith("the schedule now ends at the new total: the learning rate continues at") for n in notes)
 
 
+def test_a_resume_with_fewer_steps_than_trained_is_refused_before_it_writes(base_dirs, scene_dir, tmp_path):
+    """`train --resume --steps 3` of a run that trained 4 used to export files saying "4 of 3 steps"."""
+    from trainer.errors import UserError
+
+    run = tmp_path / "run"
+    run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=4, checkpoint_every=2))
+    (run / "lora.safetensors").unlink()  # as when the process died after the last checkpoint
+    events_before = (run / "events.jsonl").read_bytes()
+    with pytest.raises(UserError, match="has trained 4 steps: --steps 3 is fewer; give at least 4"):
+        run_training(tiny_config(str(base_dirs["sd15"]), scene_dir, run, steps=3, checkpoint_every=2), resume=True)
+    assert not (run / "lora.safetensors").exists()
+    assert (run / "events.jsonl").read_bytes() == events_before
+
+
 def test_resume_without_checkpoint_is_a_clear_error(base_dirs, scene_dir, tmp_path):
     from trainer.errors import UserError
 

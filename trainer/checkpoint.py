@@ -44,6 +44,16 @@ def checkpoint_step(path: Path) -> int:
     return int(_STEP_DIR.match(Path(path).name).group(1))
 
 
+def fewer_steps(what: str, checkpoint: Path | str, steps: int) -> str:
+    """Why a resume to ``steps`` in all is refused, "" when it is not: a total below the checkpoint's step would
+    record a run that trained past its own length (its exports would say "6 of 3 steps"). The CLI, the queue and
+    the web app resume by this one rule."""
+    trained = checkpoint_step(Path(checkpoint))
+    if steps >= trained:
+        return ""
+    return f"{what} has trained {trained} steps: --steps {steps} is fewer; give at least {trained} (more trains it on)"
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():

@@ -36,7 +36,7 @@ import yaml
 
 from trainer.bases import parse_base
 from trainer.config import TrainConfig, dump_yaml, make_config
-from trainer.checkpoint import checkpoint_dirs, checkpoint_step
+from trainer.checkpoint import checkpoint_dirs, checkpoint_step, fewer_steps
 from trainer.errors import DataError, UserError
 from trainer.job import LIVE
 
@@ -117,14 +117,6 @@ class QueuedJob:
     def resumable(self) -> bool:
         """True when :meth:`JobQueue.resume` would accept it (the web app's resume button)."""
         return self.state in RESUMABLE and (bool(self.last_checkpoint) or self.state == "interrupted")
-
-
-def _refuse_fewer_steps(what: str, ckpt: str, steps: int) -> None:
-    """A resumed total below the checkpoint's step would record a run that trained past its own length."""
-    trained = checkpoint_step(Path(ckpt))
-    if steps < trained:
-        raise QueueError(f"{what} has trained {trained} steps: --steps {steps} is fewer; give at least {trained} "
-                         f"(more trains it on)")
 
 
 def last_checkpoint(run_dir: str | Path) -> str:
@@ -335,8 +327,8 @@ class JobQueue:
         ckpt = last_checkpoint(config.out)
         if resume and not ckpt:
             raise QueueError(f"nothing to resume in {config.out}: it has no checkpoint yet; queue it without --resume")
-        if resume:
-            _refuse_fewer_steps(f"{config.out}", ckpt, config.steps)
+        if resume and (refused := fewer_steps(f"{config.out}", ckpt, config.steps)):
+            raise QueueError(refused)
         if ckpt and not resume:
             raise QueueError(f"run folder {config.out} already holds a run (checkpoint {ckpt}); queue it with --resume "
                              "to continue that run, or pick a new --out")
@@ -426,8 +418,8 @@ class JobQueue:
             if not ckpt and row["state"] != "interrupted":
                 raise QueueError(f"job {job_id} has no checkpoint in {row['run_dir']} to resume from; "
                                  "queue the run again with `queue add`")
-            if ckpt and steps is not None:
-                _refuse_fewer_steps(f"job {job_id}", ckpt, steps)
+            if ckpt and steps is not None and (refused := fewer_steps(f"job {job_id}", ckpt, steps)):
+                raise QueueError(refused)
             self._clash(conn, row["run_dir"], job_id)
             text = row["config_yaml"]
             changes = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
