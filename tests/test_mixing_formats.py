@@ -133,8 +133,8 @@ def test_a_unet_lora_that_fits_but_says_it_is_for_the_other_unet_is_refused(clea
     path = tmp_path / "sdxl-style.safetensors"
     _write(clean("sd15"), path, "kohya", metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     session = clean("sd15")
-    with pytest.raises(LoraFormatError, match="does not fit the SD1.5 base: its names and shapes fit, but it was made "
-                                              "for SDXL; it looks like an SDXL LoRA: load it with an SDXL base"):
+    with pytest.raises(LoraFormatError, match="^sdxl-style.safetensors was made for SDXL \\(its metadata says so\\), "
+                                              "not for the SD1.5 base; load it with an SDXL base$"):
         session.add_lora(path)
     assert session.loras == []
 

@@ -170,8 +170,8 @@ def resolve(tensors: dict[str, torch.Tensor], metadata: dict[str, str], index: M
                                                             roles["down"])
     if {detected, index.arch} <= {"sd15", "sdxl"} and detected != index.arch:
         # names and shapes can coincide (the demo bases share their widths): what the file says it is decides
-        key = next((g["down"] for s, g in sorted(sc.groups.items()) if sc.located[s][0] == "denoiser"),
-                   next(iter(sorted(tensors))))
-        raise _misfit(file_name, key, "its names and shapes fit, but it was made for "
-                      f"{ARCH_LABELS.get(detected, detected)}", index, detected)
+        label = ARCH_LABELS.get(detected, detected)
+        article = "an" if label in ("SDXL", "SD1.5") else "a"
+        raise LoraFormatError(f"{file_name} was made for {label} (its metadata says so), not for the {index.label} "
+                              f"base; load it with {article} {label} base")
     return layers, sc, detected, ignored
