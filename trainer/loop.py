@@ -354,26 +354,10 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
         raise ConfigError(["adapter_dtype bf16 with an fp16 base mixes two half types in every layer; use "
                            "adapter_dtype fp32 (or a bf16 base where the GPU has it)"])
     scaler = grad_scaler(base.precision.value, base.device, dist.sharded)
-    start_step = 0
+    start_step, trained_at = 0, config.lr
     if resume:
-        from peft.utils import set_peft_model_state_dict
-
-        state = load_checkpoint(checkpoints[-1])
-        try:
-            set_peft_model_state_dict(denoiser, state.adapter, adapter_name=ADAPTER)
-            optimizer.load_state_dict(state.optimizer)
-        except (RuntimeError, ValueError, KeyError):
-            raise ConfigError([f"checkpoint {checkpoints[-1].name} does not fit this run's config.yaml (rank "
-                               f"{config.rank}, targets {config.targets}): the file was edited after the run "
-                               "started; put back the values it was trained with, or start a new run"]) from None
-        lr_scheduler.load_state_dict(state.lr_scheduler)
-        trained_at = lr_scheduler.base_lrs[0]  # the peak rate the steps so far trained with
-        for note in continue_schedule(optimizer, lr_scheduler, config.lr):
-            emit(ev.Log(message=note))
-        generator.set_state(state.generator)
-        if scaler is not None and state.scaler:
-            scaler.load_state_dict(state.scaler)
-        start_step = state.step
+        start_step, trained_at = _restore(checkpoints[-1], config, denoiser, optimizer, lr_scheduler, generator,
+                                          scaler, emit)
     forward = dist.wrap(denoiser, optimizer)
     params = [p for p in denoiser.parameters() if p.requires_grad]  # FSDP swapped them for shards
     if dist.world > 1:
@@ -385,7 +369,6 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
                             f"group: a batch holds one size group, so batches have at most {largest} image(s)"))
     prompts = sample_prompts(config, examples)
     sample_size = max({ex.bucket for ex in examples}, key=lambda b: sum(ex.bucket == b for ex in examples))
-    groups = {ex.source: Path(ex.source).parent.name for ex in examples}
     emit(ev.Start(run_dir=str(run_dir), total_steps=config.steps, start_step=start_step, images=len(examples),
                   arch=base.arch, sample_every=config.sample_every, eval_every=config.eval_every,
                   message=f"{'resumed at step ' + str(start_step) if resume else 'started'}: "
@@ -395,22 +378,8 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
 
     info = None  # what the exports record; hashing the base's weights and the images is the main process's job
     if dist.is_main:
-        info = ExportInfo(
-            arch=base.arch, modelspec_architecture=base.handler.modelspec_architecture,
-            base_model_version=base.handler.base_model_version, base=config.base, base_sha256=base_fingerprint(base),
-            resolution=config.resolution, output_name=run_dir.name, title=config.title or run_dir.name,
-            trigger=config.trigger, license=config.license, description=config.description, targets=config.targets,
-            started_at=started_at, image_count=len(examples), data_sha256=dataset_hash(examples),
-            tag_frequency=tag_frequency(examples, groups), training=training_record(config, dist.world),
-        )
-        if resume:  # kohya's ss_learning_rate holds one rate: the changes are kept beside it
-            earlier = load_export_info(run_dir)
-            history = learning_rates((earlier.training if earlier else {}).get(LR_HISTORY, ""), trained_at,
-                                     config.lr, start_step)
-            if history:
-                info = replace(info, training={**info.training, LR_HISTORY: history})
-            if earlier is not None and earlier.started_at:  # ss_training_started_at: when the run began, not resumed
-                info = replace(info, started_at=earlier.started_at)
+        info = _export_info(config, base, run_dir, examples, started_at, dist.world,
+                            (trained_at, start_step) if resume else None)
         save_export_info(run_dir, info)
     saved_at = start_step if resume else None  # the same on every process: deciding from the disk would race
     # chunks of the global batch: no more memory than a training step, and the same draws on any number of processes
@@ -541,6 +510,56 @@ def _train(config: TrainConfig, run_dir: Path, emit: ev.Emit, stop: threading.Ev
     if stopped:
         emit(ev.Log(message=f"exports written: {', '.join(Path(p).name for p in paths)}"))
     return RunResult(step=step, stopped=stopped, exports=paths)
+
+
+def _restore(checkpoint: Path, config: TrainConfig, denoiser, optimizer, lr_scheduler, generator: torch.Generator,
+             scaler, emit: ev.Emit) -> tuple[int, float]:
+    """Load a checkpoint into the run's adapter, optimizer, schedule, generator and scaler; returns its step and
+    the peak learning rate the steps so far trained with (a resume may change it)."""
+    from peft.utils import set_peft_model_state_dict
+
+    state = load_checkpoint(checkpoint)
+    try:
+        set_peft_model_state_dict(denoiser, state.adapter, adapter_name=ADAPTER)
+        optimizer.load_state_dict(state.optimizer)
+    except (RuntimeError, ValueError, KeyError):
+        raise ConfigError([f"checkpoint {checkpoint.name} does not fit this run's config.yaml (rank "
+                           f"{config.rank}, targets {config.targets}): the file was edited after the run "
+                           "started; put back the values it was trained with, or start a new run"]) from None
+    lr_scheduler.load_state_dict(state.lr_scheduler)
+    trained_at = lr_scheduler.base_lrs[0]
+    for note in continue_schedule(optimizer, lr_scheduler, config.lr):
+        emit(ev.Log(message=note))
+    generator.set_state(state.generator)
+    if scaler is not None and state.scaler:
+        scaler.load_state_dict(state.scaler)
+    return state.step, trained_at
+
+
+def _export_info(config: TrainConfig, base: LoadedBase, run_dir: Path, examples: list[Example], started_at: float,
+                 world: int, resumed: Optional[tuple[float, int]]) -> ExportInfo:
+    """What the exports record (kohya's ss_* keys, modelspec, the studio's own). ``resumed``: the peak rate the
+    earlier steps trained with and the step resumed at, None for a new run."""
+    groups = {ex.source: Path(ex.source).parent.name for ex in examples}
+    info = ExportInfo(
+        arch=base.arch, modelspec_architecture=base.handler.modelspec_architecture,
+        base_model_version=base.handler.base_model_version, base=config.base, base_sha256=base_fingerprint(base),
+        resolution=config.resolution, output_name=run_dir.name, title=config.title or run_dir.name,
+        trigger=config.trigger, license=config.license, description=config.description, targets=config.targets,
+        started_at=started_at, image_count=len(examples), data_sha256=dataset_hash(examples),
+        tag_frequency=tag_frequency(examples, groups), training=training_record(config, world),
+    )
+    if resumed is None:
+        return info
+    trained_at, start_step = resumed  # kohya's ss_learning_rate holds one rate: the changes are kept beside it
+    earlier = load_export_info(run_dir)
+    history = learning_rates((earlier.training if earlier else {}).get(LR_HISTORY, ""), trained_at, config.lr,
+                             start_step)
+    if history:
+        info = replace(info, training={**info.training, LR_HISTORY: history})
+    if earlier is not None and earlier.started_at:  # ss_training_started_at: when the run began, not resumed
+        info = replace(info, started_at=earlier.started_at)
+    return info
 
 
 def adapted_state(denoiser) -> dict[str, torch.Tensor]:
