@@ -136,6 +136,24 @@ def write_lora(path: Path, weights: LoraWeights, layout: str, arch: str, flux_di
     return save_safetensors(path, tensors, {**meta, **(metadata or {})})
 
 
+def kohya_deltas(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ΔW = (alpha / rank) · up @ down for every module of a kohya-layout file (alpha defaults to rank)."""
+    deltas = {}
+    for key in tensors:
+        if key.endswith(".lora_down.weight"):
+            name = key[: -len(".lora_down.weight")]
+            down, up = tensors[key].float(), tensors[f"{name}.lora_up.weight"].float()
+            alpha = float(tensors.get(f"{name}.alpha", torch.tensor(down.shape[0])))
+            deltas[name] = (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
+    return deltas
+
+
+def peft_deltas(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    """ΔW = (α/r)·B·A per module of trained weights, keyed by module."""
+    scale = weights.alpha / weights.rank
+    return {m: scale * (b @ a) for m, (a, b) in weights.modules.items()}
+
+
 def expected_deltas(weights: LoraWeights, component: str) -> dict[str, torch.Tensor]:
     """ΔW = (α/r)·B·A per module, keyed ``<component>.<module>`` (computed here, not by the code under test)."""
     scale = weights.alpha / weights.rank

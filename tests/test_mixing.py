@@ -12,10 +12,10 @@ import safetensors.torch
 import torch
 
 from tests.mixing_fixtures import one_torch_thread  # noqa: F401  (autouse)
-from tests.mixing_fixtures import (GUIDANCE, PROMPT, SEED, STEPS, expected_deltas, pipeline_deltas, pixels,
-                                   style_weights, te_weights, write_lora)
+from tests.mixing_fixtures import (GUIDANCE, PROMPT, SEED, STEPS, expected_deltas, kohya_deltas, pipeline_deltas,
+                                   pixels, style_weights, te_weights, write_lora)
 from trainer.errors import UserError
-from trainer.export import kohya_deltas, read_lora, read_metadata
+from trainer.export import read_lora, read_metadata
 from trainer.mixing import Column, MixSession, bake, comparison_grid, side_by_side
 from trainer.mixing.grid import render_alone
 

@@ -15,8 +15,9 @@ from PIL import Image
 from safetensors import safe_open
 
 from tests.conftest import ARCHS, tiny_config
+from tests.mixing_fixtures import kohya_deltas, peft_deltas
 from trainer import events as ev
-from trainer.export import from_peft_state_dict, kohya_deltas, peft_deltas, read_lora
+from trainer.export import from_peft_state_dict, read_lora
 from trainer.loop import render_samples, run_training
 from trainer.models import load_base
 

@@ -345,23 +345,6 @@ def rewrite_metadata(src: str | Path, dst: str | Path, updates: dict[str, str]) 
     return save_safetensors(dst, tensors, metadata)
 
 
-def kohya_deltas(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ΔW = (alpha / rank) · up @ down for every module of a kohya-layout file (alpha defaults to rank)."""
-    deltas = {}
-    for key in tensors:
-        if key.endswith(".lora_down.weight"):
-            name = key[: -len(".lora_down.weight")]
-            down, up = tensors[key].float(), tensors[f"{name}.lora_up.weight"].float()
-            alpha = float(tensors.get(f"{name}.alpha", torch.tensor(down.shape[0])))
-            deltas[name] = (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
-    return deltas
-
-
-def peft_deltas(weights: LoraWeights) -> dict[str, torch.Tensor]:
-    scale = weights.alpha / weights.rank
-    return {m: scale * (b @ a) for m, (a, b) in weights.modules.items()}
-
-
 def _split_fused(file_name: str, stem: str, down: torch.Tensor, up: torch.Tensor, parts: list[tuple[int, str]],
                  made_with: str = "", dims: tuple[int, int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Undo :func:`to_flux_fused` for one group: the file's own row blocks say which projections it adapts.

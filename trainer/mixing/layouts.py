@@ -106,9 +106,6 @@ class LayerLora:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self) -> torch.Tensor:
-        return self.scale * (self.up.flatten(1).double() @ self.down.flatten(1).double())
-
 
 @dataclass(frozen=True)
 class Scan:
