@@ -100,24 +100,32 @@ def studio(tmp_path):
     s.shutdown(10)
 
 
-def test_the_in_app_worker_starts_again_after_the_queue_database_failed_it(tmp_path, monkeypatch):
+def test_the_in_app_worker_starts_again_after_the_queue_database_failed_it(tmp_path, monkeypatch, caplog):
+    """A damaged database fails the worker at each start: it tries again, waiting twice as long each time,
+    and says so in one line (no traceback) instead of once per try."""
     import ui.studio as studio_module
     from trainer.queue import QueueError
 
     calls = []
 
-    def worker_that_fails_once(queue, stop, poll, runner):
+    def worker_that_fails_three_times(queue, stop, poll, runner):
         calls.append(time.monotonic())
-        if len(calls) == 1:
+        if len(calls) <= 3:
             raise QueueError("cannot use the queue database (disk I/O error)")
-        stop.set()  # the second start is the one this test waits for
+        stop.set()  # the fourth start is the one this test waits for
         return []
 
-    monkeypatch.setattr(studio_module, "run_worker", worker_that_fails_once)
+    monkeypatch.setattr(studio_module, "run_worker", worker_that_fails_three_times)
     monkeypatch.setattr(studio_module, "WORKER_RESTART_S", 0.05)
     s = Studio(tmp_path / "outputs", default_base="demo-random:sd15", runner=FakeLoop(), mix_engine=ENGINE)
-    s.start_worker().join(10)
-    assert len(calls) == 2 and calls[1] - calls[0] >= 0.05
+    with caplog.at_level("ERROR", logger="ui.studio"):
+        s.start_worker().join(10)
+    assert len(calls) == 4
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2
+    said = [r for r in caplog.records if "queue worker stopped" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is None
+    assert "cannot use the queue database (disk I/O error)" in said[0].getMessage()
 
 
 def release_after_stop(gate: threading.Semaphore) -> None:

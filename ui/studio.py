@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 MAX_SAMPLE_PROMPTS = 8
 MAX_TRAIN_ON = 10_000  # "Train on to step" accepts up to this or 10 × the steps trained, whichever is more
 WORKER_RESTART_S = 5.0  # after the queue database failed the in-app worker (locked, full disk), it tries again
+WORKER_RESTART_MAX_S = 60.0  # ... waiting twice as long after each failure in a row, up to this
 
 
 @dataclass
@@ -201,12 +203,27 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
             self._worker.join(timeout)
 
     def _work(self) -> None:
+        """Run the worker; when the queue database fails it (locked, full disk, corrupt), log it and try again,
+        waiting longer after each failure in a row: a damaged database must not flood the terminal."""
+        wait, said = WORKER_RESTART_S, ""
         while not self.worker_stop.is_set():
+            started = time.monotonic()
             try:
                 run_worker(self.queue, stop=self.worker_stop, poll=self.worker_poll, runner=self._run)
-            except Exception:  # the queue database went away: say so in the log, the page keeps working
-                log.exception("the training queue worker stopped; it starts again in %s s", WORKER_RESTART_S)
-                self.worker_stop.wait(WORKER_RESTART_S)
+                continue  # it returns when the stop event is set
+            except UserError as err:  # says what to do: one line, and only when it says something new
+                message = str(err)
+            except Exception:  # a bug: its traceback
+                log.exception("the training queue worker stopped; it starts again in %g s", wait)
+                message = ""
+            if time.monotonic() - started > WORKER_RESTART_MAX_S:
+                wait, said = WORKER_RESTART_S, ""  # it worked for a while: this failure is a new one
+            if message and message != said:
+                log.error("the training queue worker stopped: %s (it tries again, at most every %g s)", message,
+                          WORKER_RESTART_MAX_S)
+            said = message or said
+            self.worker_stop.wait(wait)
+            wait = min(2 * wait, WORKER_RESTART_MAX_S)
 
     def _run(self, config, emit, stop, resume):
         return (self.runner or default_runner)(config, emit, stop, resume)
