@@ -452,6 +452,25 @@ def test_a_queued_run_outside_outputs_is_never_taken_for_a_run_of_the_same_name(
     wait_for(lambda: studio.active_job() is None)
 
 
+def test_a_run_the_command_line_named_with_spaces_and_accents_opens_by_its_own_name(studio, tmp_path):
+    """`train --out "outputs/my hätch 🎨"`: the Run list offers it, and picking it must open that run (it used to
+    open a new, empty run 'my_hatch'). A new name typed in the box is still made safe."""
+    from tests.conftest import tiny_config
+
+    name = "my hätch 🎨"
+    (tmp_path / "data").mkdir()
+    studio.queue.add(tiny_config("demo-random:sd15", tmp_path / "data", studio.outputs_dir / name, steps=4))
+    wait_for(lambda: (j := job_of(studio, name)) is not None and j.state == "done")
+    assert name in studio.run_names()
+    assert studio.run_dir(name) == studio.outputs_dir / name
+    assert studio.run_config(name).steps == 4
+    assert studio.resume(name, steps=6).startswith(f"Resuming '{name}' from its last checkpoint, on to step 6.")
+    wait_for(lambda: next(r for r in studio.runs() if r.name == name).step == 6)
+    assert job_of(studio, name).state == "done"
+    assert studio.run_dir("Ink wash ✓") == studio.outputs_dir / "Ink_wash"
+    assert studio.run_dir("../" + name).parent == studio.outputs_dir  # still never outside outputs
+
+
 def test_a_second_start_of_a_training_run_is_refused_but_a_variant_is_queued_as_a_copy(studio, tmp_path):
     """An artist unsure the first press worked presses Start again: that must not queue the same 500 steps twice."""
     add_images(studio, "r1", tmp_path)

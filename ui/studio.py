@@ -240,7 +240,13 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
 
     # ---- runs -------------------------------------------------------------------------------
     def run_dir(self, name: str) -> Path:
-        """``outputs/<name>`` for a user-given run name (sanitized; never outside outputs)."""
+        """``outputs/<name>`` for a user-given run name (sanitized; never outside outputs). An existing run folder
+        is taken by its own name, as the Run list shows it: one that ``train --out`` named with spaces or accents."""
+        text = str(name or "").strip()
+        if text and not text.startswith(("_", ".")) and Path(text).name == text and "\\" not in text:
+            existing = self.outputs_dir / text
+            if existing.is_dir() and existing.resolve().parent == self.outputs_dir:
+                return existing.resolve()
         safe = store.safe_run_name(name)
         path = (self.outputs_dir / safe).resolve()
         if path.parent != self.outputs_dir:
