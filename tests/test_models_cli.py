@@ -248,6 +248,8 @@ def test_a_trained_run_folder_is_continued_never_overwritten(base_dirs, scene_di
     assert main(["train", "--out", str(out), "--resume"]) == 0  # finished: says how to train on, trains nothing
     assert capsys.readouterr().out.strip() == f"{out} already trained all 4 steps; to train on, pass --steps with " \
         "more (e.g. --steps 8)"
+    assert one_error(["train", "--out", str(out), "--resume", "--steps", "3"]) == (  # a typo, not a finished run
+        f"error: {out.name} has trained 4 steps: --steps 3 is fewer; give at least 4 (more trains it on)")
     (out / "lora.safetensors").unlink()  # killed while it wrote its exports: a resume writes them
     assert main(["train", "--out", str(out), "--resume"]) == 0 and (out / "lora.safetensors").is_file()
     capsys.readouterr()
