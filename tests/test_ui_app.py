@@ -53,8 +53,10 @@ def test_launch_is_safe_by_default(tmp_path, monkeypatch, capsys):
 
     seen = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: seen.update(kw, analytics=self.analytics_enabled))
+    monkeypatch.setattr(ui_app, "refuse_used_port", lambda host, port: seen.update(probed=(host, port)))
     ui_app.launch(parse_args(["--outputs", str(tmp_path / "out"), "--base", "demo-random:sd15"]))
     assert seen["server_name"] == "127.0.0.1" and seen["share"] is False and seen["auth"] is None
+    assert seen["probed"] == ("127.0.0.1", 7860)
     assert seen["allowed_paths"] == [str((tmp_path / "out").resolve())]
     assert seen["blocked_paths"][0] == str((tmp_path / "out").resolve() / "queue.sqlite3")  # jobs, paths, pids
     assert seen["analytics"] is False and seen["ssr_mode"] is False
@@ -72,6 +74,24 @@ def test_launch_is_safe_by_default(tmp_path, monkeypatch, capsys):
     ui_app.launch(parse_args(["--host", "0.0.0.0", "--outputs", str(tmp_path / "out"), "--share"]))
     assert "WARNING" not in capsys.readouterr().err
     assert seen["auth"] == ("ann", "secret") and seen["share"] is True
+
+
+def test_a_port_in_use_is_one_line_and_starts_nothing(tmp_path):
+    """A second copy of the app on the same port: one line naming another --port, no gradio traceback, and no
+    queue worker that would resume a queued job only to stop it again."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "app.py", "--port", str(port), "--outputs", str(tmp_path / "out")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"error: cannot serve on 127.0.0.1:{port} (Address already in use): another "
+                                   f"program, or the app started before, uses it; stop that, or pass another --port "
+                                   f"such as {port + 1}")
+    assert not (tmp_path / "out").exists()
 
 
 def test_auth_and_host_parsing():

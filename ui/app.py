@@ -144,6 +144,7 @@ def launch(args) -> None:
     if args.share and auth is None:
         print(f"WARNING: --share makes a public link without a password: anyone who has it can use the app and "
               f"read its outputs. Add --auth user:password (or set {AUTH_ENV}).", file=sys.stderr)
+    refuse_used_port(args.host, args.port)  # before the worker starts: it would resume a queued job for nothing
     outputs = Path(args.outputs).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
     try:
@@ -165,6 +166,25 @@ def launch(args) -> None:
         studio.shutdown(timeout=60)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def refuse_used_port(host: str, port: int) -> None:
+    """A port another program (or a second copy of the app) listens on is one line, not gradio's traceback."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise SystemExit(f"error: --host {host}: not an address of this machine ({err}); leave it out to serve on "
+                         "127.0.0.1") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a just-closed port is free
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise SystemExit(f"error: cannot serve on {host}:{port} ({err.strerror or err}): another program, or "
+                             f"the app started before, uses it; stop that, or pass another --port such as "
+                             f"{port + 1}") from None
 
 
 def queue_files(database: Path) -> list[str]:
