@@ -237,6 +237,26 @@ def test_fuse_then_unfuse_restores_the_base_weights(mixer, tmp_path):
     assert abs(pixels(session.render(PROMPT, SEED, STEPS, GUIDANCE)) - mixed).max() <= 1
 
 
+def test_grid_labels_draw_accented_letters():
+    """Run names, titles and prompts are the artist's words: "hätch" must not come out as "h□tch", as Pillow's
+    own default font draws it (its "ä" is its missing-glyph box)."""
+    from PIL import ImageFont
+
+    from trainer.mixing.grid import LABEL_FONTS, _font
+
+    def installed(name):
+        try:
+            return ImageFont.truetype(name, 12)
+        except OSError:
+            return None
+    if not any(installed(name) for name in LABEL_FONTS):
+        pytest.skip("no TrueType font with accented letters on this machine (e.g. Debian's fonts-dejavu-core)")
+    font = _font()
+    missing = bytes(font.getmask("\U000F0000"))  # a private-use code point: no font draws it
+    for letter in "äéøßñ":
+        assert bytes(font.getmask(letter)) != missing, letter
+
+
 @pytest.mark.parametrize("prompt, label", [
     ("a street", "a street"),
     ("zkstyle, a red circle on a blue background", "zkstyle, a red circle on\na blue background"),

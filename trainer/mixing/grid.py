@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import textwrap
+from functools import lru_cache
 from typing import NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
@@ -23,7 +24,19 @@ class Column(NamedTuple):
     weight: float
 
 
+# system fonts with accented letters (Pillow looks them up in the system's font folders); Pillow's own default
+# font draws "hätch" as "h□tch", and run names, titles and prompts are the artist's own words
+LABEL_FONTS = ("DejaVuSans.ttf", "LiberationSans-Regular.ttf", "NotoSans-Regular.ttf", "Arial.ttf", "arial.ttf",
+               "Helvetica.ttc")
+
+
+@lru_cache(maxsize=4)
 def _font(size: int = 12):
+    for name in LABEL_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except (OSError, ImportError):  # not on this machine, or Pillow without FreeType
+            continue
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
