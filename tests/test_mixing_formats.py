@@ -254,3 +254,27 @@ def test_our_own_trained_exports_load_and_agree(clean, base_dirs, scene_dir, arc
     assert one.keys() == two.keys() and len(one) > 0
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("path, label", [
+    ("outputs/ink-wash/lora.safetensors", "ink-wash"),  # every run's own file has this name: its run tells them apart
+    ("outputs/ink-wash/lora_diffusers.safetensors", "ink-wash"),
+    ("outputs/_loras/lora.safetensors", "lora"),  # an upload that kept its name: not the uploads folder's name
+    ("loras/watercolor_v2.safetensors", "watercolor_v2"),
+    ("outputs/ink-wash/export/ink-wash-step000200.safetensors", "ink-wash-step000200"),
+])
+def test_a_lora_goes_by_its_run_or_its_file_name(path, label):
+    from trainer.steps import lora_label
+
+    assert lora_label(path) == label
+
+
+def test_two_runs_own_files_are_told_apart_by_their_run_names(clean, tmp_path):
+    session = clean("sd15")
+    names = []
+    for run in ("ink-wash", "sepia"):
+        path = tmp_path / run / "lora.safetensors"
+        path.parent.mkdir()
+        _write(session, path, "kohya")
+        names.append(session.add_lora(path).name)
+    assert names == ["ink-wash", "sepia"]  # not "lora" and "lora_2"

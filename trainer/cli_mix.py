@@ -19,6 +19,7 @@ from pathlib import Path
 from trainer.atomic import save_image
 from trainer.errors import UserError
 from trainer.mix_weights import parse_weight, parse_weights
+from trainer.steps import lora_label
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     for lora in plan.loras:
         info = session.add_lora(lora.path)
         weights[info.name] = weights.get(info.name, 0.0) + lora.weight
-        label = lora.path.parent.name if lora.path.name == "lora.safetensors" else lora.path.stem  # a run's own file
+        label = lora_label(lora.path)
         columns.append(Column(f"{label} x{lora.weight:g}", info.name, lora.weight))
         print(info.summary())
         if info.ignored_keys:

@@ -21,6 +21,15 @@ STEP_SUFFIXES = {"kohya": "", "diffusers": "_diffusers", "comfy": "_comfy"}
 _SAMPLE = re.compile(r"^step-(\d+)-(\d+)\.png$")
 
 
+def lora_label(path: str | Path) -> str:
+    """What a LoRA file is called in Mix slots, grids and mixes: a run's own files (every run's is named
+    ``lora.safetensors``) by their run folder, any other file (an upload, a download) by its stem."""
+    path = Path(path)
+    if path.name in FILE_NAMES.values() and path.parent.name and not path.parent.name.startswith(("_", ".")):
+        return path.parent.name
+    return path.stem
+
+
 def step_file(run: str | Path, step: int, fmt: str = "kohya") -> Path:
     """Where the LoRA of ``step`` goes in layout ``fmt``."""
     run = Path(run)

@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from trainer.atomic import atomic_path
 from trainer.bases import base_sampling_defaults
 from trainer.errors import UserError
+from trainer.steps import lora_label
 from trainer.trigger import with_trigger
 
 MAX_GRID_CELLS = 25  # each cell is a full render; more would hold the preview lock for minutes
@@ -119,12 +120,6 @@ def _engine_default():
     import trainer.mixing
 
     return trainer.mixing
-
-
-def slot_label(path: str) -> str:
-    """``run`` for a run's own ``outputs/<run>/lora.safetensors``, else the file stem."""
-    p = Path(path)
-    return p.parent.name if p.name == "lora.safetensors" else p.stem
 
 
 def lora_weight(value: Any) -> float:
@@ -250,7 +245,7 @@ class MixDesk:
             raise UserError(mixer.refused[key])
         if key not in mixer.loaded:
             self._unload(mixer, key[0])  # rewritten (a resumed run): drop the old one
-            name = self._new_name(mixer, slot_label(path))
+            name = self._new_name(mixer, lora_label(path))
             try:
                 info = mixer.session.add_lora(str(p), name=name)
             except UserError as err:  # LoraFormatError: another architecture, shapes that do not fit, not safetensors
@@ -311,7 +306,7 @@ class MixDesk:
             t1 = time.perf_counter()
             image = mixer.session.render(prompt or "", seed=int(seed), steps=int(steps), guidance=float(guidance))
             t2 = time.perf_counter()
-        used = [f"{slot_label(s.path)} × {s.effective:g}" + ("" if s.enabled else " (off)")
+        used = [f"{lora_label(s.path)} × {s.effective:g}" + ("" if s.enabled else " (off)")
                 for s, n in zip(slots, names) if n is not None]
         refused = sum(1 for line in lines if line.startswith("⚠"))
         prepared = (f"loading the base took {t1 - t0:.1f} s" if self.base_loads != loads

@@ -31,6 +31,7 @@ from trainer.errors import LoraFormatError, UserError
 from trainer.mixing.index import ModelIndex
 from trainer.mixing.layouts import LayerLora, LoraInfo, representative
 from trainer.mixing.resolve import resolve
+from trainer.steps import lora_label
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class MixSession:
             if name in self._adapters:
                 raise UserError(f"a LoRA named {name!r} is already loaded; remove it first or pick another name")
             return name
-        stem, n = sanitize(path.stem), 1
+        stem, n = sanitize(lora_label(path)), 1  # a run's own lora.safetensors: its run's name
         name = stem
         while name in self._adapters:
             n += 1
