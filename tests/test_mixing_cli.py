@@ -88,7 +88,9 @@ def test_bake_rank_compresses_and_reports_the_error(loras, tmp_path, capsys):
 @pytest.mark.parametrize("argv,words", [
     (["--lora", "x.safetensors:heavy", "--out", "a.png"], "the weight after ':': 'heavy' is not a number"),
     (["--lora", "x.safetensors:nan", "--out", "a.png"], "the weight after ':': 'nan' is not a finite number"),
-    (["--lora", "style.pt", "--out", "a.png"], "only .safetensors"),
+    (["--lora", "style.pt", "--out", "a.png"], "only .safetensors LoRA files are accepted (pickled .pt files can run"),
+    (["--lora", "notes.txt", "--out", "a.png"], "--lora notes.txt: not a .safetensors file"),
+    (["--lora", "x.safetensors:0.5:1", "--out", "a.png"], "one weight after the file name, as FILE.safetensors:0.7"),
     (["--lora", "missing.safetensors", "--out", "a.png"], "file not found"),
     ([], "nothing to do"),
     (["--out", "a.gif"], "image file name"),
@@ -108,6 +110,19 @@ def test_bad_flags_fail_before_loading_anything(monkeypatch, argv, words):
     monkeypatch.setattr(trainer.mixing, "MixSession", lambda *a, **k: pytest.fail("the base was loaded"))
     with pytest.raises(UserError, match=words.replace(".", r"\.").replace("(", r"\(")):
         cli_mix.run(parse("--base", "demo:sd15", *argv))
+
+
+def test_a_run_folder_given_as_lora_names_its_file(monkeypatch, tmp_path):
+    import trainer.mixing
+
+    monkeypatch.setattr(trainer.mixing, "MixSession", lambda *a, **k: pytest.fail("the base was loaded"))
+    run = tmp_path / "sepia"
+    run.mkdir()
+    with pytest.raises(UserError, match=f"^--lora {run}: a folder; give its LoRA file \\(.safetensors\\)$"):
+        cli_mix.run(parse("--base", "demo:sd15", "--lora", str(run), "--out", "a.png"))
+    (run / "lora.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=f"^--lora {run}: a folder; give its LoRA file, e.g. --lora {run}/lora"):
+        cli_mix.run(parse("--base", "demo:sd15", "--lora", str(run), "--out", "a.png"))
 
 
 def test_parse_lora_weights_and_paths():

@@ -22,6 +22,7 @@ from trainer.mix_weights import parse_weight, parse_weights
 from trainer.steps import lora_label
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,17 @@ def _plan(args: argparse.Namespace) -> _Plan:
         except UserError as err:
             problems.append(str(err))
             continue
-        if lora.path.suffix.lower() != ".safetensors":
-            problems.append(f"--lora {lora.path}: only .safetensors LoRA files are accepted (pickles can run code)")
+        if lora.path.is_dir():
+            own = lora.path / "lora.safetensors"  # a run folder
+            problems.append(f"--lora {lora.path}: a folder; give its LoRA file" +
+                            (f", e.g. --lora {own}" if own.is_file() else " (.safetensors)"))
+        elif ".safetensors:" in lora.path.name.lower():
+            problems.append(f"--lora {text}: one weight after the file name, as FILE.safetensors:0.7")
+        elif lora.path.suffix.lower() in PICKLE_SUFFIXES:
+            problems.append(f"--lora {lora.path}: only .safetensors LoRA files are accepted (pickled "
+                            f"{lora.path.suffix} files can run code when loaded)")
+        elif lora.path.suffix.lower() != ".safetensors":
+            problems.append(f"--lora {lora.path}: not a .safetensors file (a LoRA file ends in .safetensors)")
         elif not lora.path.is_file():
             problems.append(f"--lora {lora.path}: file not found")
         loras.append(lora)
