@@ -471,6 +471,25 @@ def test_a_run_the_command_line_named_with_spaces_and_accents_opens_by_its_own_n
     assert studio.run_dir("../" + name).parent == studio.outputs_dir  # still never outside outputs
 
 
+def test_a_run_trained_on_a_data_folder_outside_the_app_says_where_its_pictures_are(studio, tmp_path):
+    """`queue add --data data/set --out outputs/q1`: the run has no dataset of its own in the app. Its empty
+    Dataset tab and a Start name the folder it trained on instead of "the dataset is empty"."""
+    from tests.conftest import tiny_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    studio.queue.add(tiny_config("demo-random:sd15", data, studio.outputs_dir / "q1", steps=2))
+    wait_for(lambda: (j := job_of(studio, "q1")) is not None and j.state == "done")
+    assert studio.outside_data("q1") == str(data.resolve())
+    with pytest.raises(UserError, match=f"^'q1' trained on {data.resolve()}, which stays outside the app: add images"):
+        studio.start("q1", form())
+    add_images(studio, "r1", tmp_path)
+    studio.start("r1", form(steps=2))
+    wait_ended(studio, "r1")
+    assert studio.outside_data("r1") == ""  # trained on its own dataset
+    assert studio.outside_data("never-trained") == ""
+
+
 def test_a_second_start_of_a_training_run_is_refused_but_a_variant_is_queued_as_a_copy(studio, tmp_path):
     """An artist unsure the first press worked presses Start again: that must not queue the same 500 steps twice."""
     add_images(studio, "r1", tmp_path)

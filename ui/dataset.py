@@ -166,9 +166,12 @@ def build(studio: Studio, run: gr.Dropdown, version: gr.State) -> dict:
         except UserError as err:
             gr.Markdown(f"⚠ {err}")
             return
+        elsewhere = "" if items else studio.outside_data(run_name)
+        empty = (f"No images here: {fmt.md_code(run_name)} trained on {fmt.md_code(elsewhere)} (from the command line "
+                 "or the queue), which stays where it is. Drop pictures above to train it in the app."
+                 if elsewhere else "No images yet: drop some above.")
         gr.Markdown(f"**{len(items)} image(s)** in {fmt.md_code(run_name)} — click a caption to edit it; it is saved "
-                    "when you click elsewhere." if items else "No images yet: drop some above.",
-                    elem_id="dataset-count")
+                    "when you click elsewhere." if items else empty, elem_id="dataset-count")
         with gr.Row(elem_id="dataset-grid", elem_classes=["dataset-grid"]):
             for item in items:
                 with gr.Column(min_width=170, scale=0, elem_classes=["card"]), gr.Group():

@@ -73,8 +73,12 @@ def build(studio: Studio, run: gr.Dropdown) -> gr.Markdown:
             if not confirmed(asked, run_name, "delete"):
                 studio.check_deletable(run_name)
                 size = studio.disk_usage(run_name).total
-                return (f"Delete {fmt.md_code(run_name)} with its images, captions, checkpoints, LoRA files and "
-                        f"samples ({human_bytes(size)})? This cannot be undone: press the button again within "
+                elsewhere = studio.outside_data(run_name)
+                kept = f" Its data folder {fmt.md_code(elsewhere)} is not touched." if elsewhere else ""
+                what = "checkpoints, LoRA files and samples" if elsewhere else \
+                    "images, captions, checkpoints, LoRA files and samples"
+                return (f"Delete {fmt.md_code(run_name)} with its {what} ({human_bytes(size)})?{kept} This cannot "
+                        f"be undone: press the button again within "
                         f"{CONFIRM_SECONDS} s to delete it.", gr.skip(),
                         {"run": run_name, "action": "delete", "at": time.time()},
                         gr.update(value=f"Press again to delete '{run_name}'"), gr.skip(),

@@ -373,7 +373,10 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         """
         run_dir = self.run_dir(run)
         if not store.list_items(run_dir):
-            raise UserError("the dataset is empty: add images on the Dataset tab first")
+            elsewhere = self.outside_data(run)
+            raise UserError(f"'{run_dir.name}' trained on {elsewhere}, which stays outside the app: add images on "
+                            "the Dataset tab to train it here, or Resume it from the Runs list" if elsewhere else
+                            "the dataset is empty: add images on the Dataset tab first")
         self.refuse_while_captioning_on_gpu()
         overrides = form.overrides()
         parse_base(overrides["base"])  # a missing folder or unknown demo name is refused now, not after loading torch
@@ -684,6 +687,17 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
             return load_config(self.run_dir(run) / "config.yaml")
         except UserError:
             return None
+
+    def outside_data(self, run: str) -> str:
+        """The data folder a run trained on when it is not the run's own dataset (``train --data`` or ``queue add``
+        from the command line), "" otherwise: its pictures stay there, and the app neither shows nor deletes them."""
+        config = self.run_config(run)
+        if config is None or not config.data:
+            return ""
+        own = store.dataset_dir(self.run_dir(run)).resolve()
+        data = Path(config.data).expanduser()
+        data = (self.run_dir(run) / data if not data.is_absolute() else data).resolve()
+        return "" if data == own else str(data)
 
     def lr_history(self, run: str) -> str:
         """The peak learning rates of a run resumed at another rate; "" otherwise."""
