@@ -401,9 +401,15 @@ def test_resume_from_the_run_list(page, server):
 
 def test_a_run_name_typed_in_the_run_box_stays_as_typed_on_enter(page, server):
     """Typing a new name that begins like an existing run's and pressing Enter must not open that run: an upload
-    or Start would go there."""
-    if "stopped_at" not in FLOW:
-        pytest.skip("needs the trained run from the training test")
+    or Start would go there. Arrow keys and a click still pick a run; another run puts "Train on to step" and
+    "Learning rate from here" back at 0, so they do not carry over to its Resume."""
+    if "queued" not in FLOW:
+        pytest.skip("needs the two runs of the training test")
+    set_number(page, "continue-to", 5000)
+    set_number(page, "continue-lr", "0.0002")
+    pick(page, "run-select", FLOW["queued"])
+    for box_id in ("continue-to", "continue-lr"):
+        wait_until(page, lambda: page.locator(f"#{box_id} input").input_value() == "0", 10, f"#{box_id} back at 0")
     box = page.locator("#run-select input")
     typed = FLOW["run"][:5]  # "style": a prefix of the existing run's name
     box.click()
@@ -411,7 +417,11 @@ def test_a_run_name_typed_in_the_run_box_stays_as_typed_on_enter(page, server):
     box.press("Enter")
     page.wait_for_timeout(1000)
     assert box.input_value() == typed
-    pick(page, "run-select", FLOW["run"])  # arrow keys or a click still pick a run from the list
+    box.fill(typed)
+    box.press("ArrowDown")  # the keyboard still picks from the list
+    box.press("Enter")
+    wait_until(page, lambda: box.input_value().startswith(typed + "-"), 10, "a run picked with the arrow key")
+    pick(page, "run-select", FLOW["run"])
     wait_until(page, lambda: box.input_value() == FLOW["run"], 10, "the run picked from the list")
 
 
