@@ -285,8 +285,11 @@ def test_cli_prints_the_findings_and_exits_1_then_0_once_fixed(tmp_path):
         "along with the style; describe what is in them (Caption all with 'Overwrite' off keeps the others): "
         "hatch-0003.png")
     (data / "hatch-0003.txt").write_text("zkstyle, a hatched square")
+    (data / "broken.png").write_bytes(b"garbage")  # skipped by training: said once, not also "without a caption"
     clean = cli("--data", str(data), "--resolution", "64", cwd=tmp_path)
-    assert (clean.returncode, clean.stdout.strip()) == (0, "8 picture(s) looked over for training at 64 px: nothing to fix")
+    assert (clean.returncode, clean.stdout.splitlines()) == (0, [
+        "skipped broken.png: not an image Pillow can read",
+        "8 picture(s) looked over for training at 64 px: nothing to fix"])
     missing = cli("--data", str(tmp_path / "nope"), cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: data folder") and "Traceback" not in missing.stderr
 

@@ -41,9 +41,11 @@ def run(args: argparse.Namespace) -> int:
             facts.append(file_facts(shown_name(item.path, args.data), item.path))
         except ImageError as err:
             unreadable.append((shown_name(item.path, args.data), str(err).split(": ", 1)[-1]))
+    skipped = {name for name, _ in unreadable}  # training skips them: their captions are no finding
+    items = [item for item in scan.items if shown_name(item.path, args.data) not in skipped]
     findings = check_images(facts, args.resolution)
-    findings += check_uncaptioned([shown_name(item.path, args.data) for item in scan.items if item.from_file_name])
-    findings += check_bare_captions([(shown_name(item.path, args.data), item.caption) for item in scan.items
+    findings += check_uncaptioned([shown_name(item.path, args.data) for item in items if item.from_file_name])
+    findings += check_bare_captions([(shown_name(item.path, args.data), item.caption) for item in items
                                      if not item.from_file_name], args.trigger or "")
     if args.base:
         reader = load_caption_reader(args.base)
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                   "folder or a hub id in the Hugging Face cache)")
         else:
             captions = [(shown_name(item.path, args.data), with_trigger(item.caption, args.trigger))
-                        for item in scan.items]
+                        for item in items]
             findings += check_captions(captions, partial(token_count, reader.tokenizer), reader.limit, reader.encoder)
     for name, reason in unreadable:
         print(f"skipped {name}: {reason}")
