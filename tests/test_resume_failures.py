@@ -90,6 +90,20 @@ def test_a_resume_with_fewer_steps_than_trained_is_refused_before_it_writes(base
     assert (run / "events.jsonl").read_bytes() == events_before
 
 
+def test_a_run_refused_before_it_starts_leaves_no_folder_behind(base_dirs, tmp_path):
+    """A missing --data is one error; the run folder it would have made is not left holding only that error (a
+    folder that was there before is kept)."""
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match="does not exist"):
+        run_training(tiny_config(str(base_dirs["sd15"]), tmp_path / "no-data", tmp_path / "x1"))
+    assert not (tmp_path / "x1").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError, match="does not exist"):
+        run_training(tiny_config(str(base_dirs["sd15"]), tmp_path / "no-data", tmp_path / "mine"))
+    assert (tmp_path / "mine" / "events.jsonl").is_file()  # the folder was the user's: the error is recorded in it
+
+
 def test_resume_without_checkpoint_is_a_clear_error(base_dirs, scene_dir, tmp_path):
     from trainer.errors import UserError
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import threading
 import time
 from dataclasses import dataclass, fields, replace
@@ -257,6 +258,7 @@ def run_training(config: TrainConfig, emit: Optional[ev.Emit] = None, stop: Opti
             raise UserError(refused)
     stop = stop or threading.Event()
     dist = setup(config.device)
+    created = dist.is_main and not run_dir.exists()  # a run refused before it wrote anything leaves no folder behind
     if dist.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -289,6 +291,8 @@ def run_training(config: TrainConfig, emit: Optional[ev.Emit] = None, stop: Opti
                 ev.append_jsonl(events_path, ev.Error(message=line))
             except OSError:
                 pass  # a folder that cannot be written to is the error being raised; it must not be masked
+        if created and {p.name for p in run_dir.iterdir()} <= {"events.jsonl"}:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a missing --data or base: nothing of the run to keep
         if failure is err:
             raise
         raise failure from err
