@@ -314,7 +314,7 @@ def test_one_job_at_a_time_per_device_group(tmp_path):
         queue.add(light_config(tmp_path, "c"))  # its run folder belongs to a running job
 
 
-def test_worker_start_resumes_interrupted_jobs_at_their_old_place(tmp_path):
+def test_worker_start_resumes_interrupted_jobs_at_their_old_place(tmp_path, caplog):
     outputs = tmp_path / "outputs"
     queue = JobQueue(outputs)
     crashed = queue.add(light_config(tmp_path, "crashed"))
@@ -324,9 +324,13 @@ def test_worker_start_resumes_interrupted_jobs_at_their_old_place(tmp_path):
     assert queue.get(crashed.id).state == "running"
 
     ran = []
-    run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
+    with caplog.at_level("WARNING", logger="trainer.queue.worker"):
+        run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
 
     assert ran == [("crashed", True), ("later", False)]  # recovered, resumed first, from its checkpoint
+    assert [r.getMessage() for r in caplog.records] == [  # said, as nobody pressed Resume
+        f"job {crashed.id} (crashed) was interrupted when its worker stopped: it continues from its last checkpoint "
+        f"(`python -m trainer queue cancel {crashed.id}` takes it out)"]
     assert queue.get(crashed.id).state == "done" and queue.get(crashed.id).crashes == 1
     assert queue.get(later.id).state == "done"
 

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Optional
 
 from trainer import events as ev
@@ -58,7 +59,10 @@ def run_worker(queue: JobQueue, group: Optional[str] = None, once: bool = False,
     group = (group if group is not None else default_group()).replace(" ", "") or "default"
     stop = stop or threading.Event()
     if auto_resume:
-        queue.requeue_interrupted()  # recovers jobs of dead workers first
+        for job in queue.requeue_interrupted():  # recovers jobs of dead workers first; said, as nobody pressed Resume
+            log.warning("job %d (%s) was interrupted when its worker stopped: it continues from its last "
+                        "checkpoint (`python -m trainer queue cancel %d` takes it out)", job.id,
+                        Path(job.run_dir).name, job.id)
     else:
         queue.recover()
     finished = []
