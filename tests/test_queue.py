@@ -235,6 +235,9 @@ def test_a_done_job_trains_on_only_with_more_steps(tmp_path):
             queue.resume(job.id, steps=steps)
     again = queue.resume(job.id, steps=6)
     assert (again.state, again.config.steps, again.resume) == ("queued", 6, True)
+    from trainer.cli_queue import _progress
+
+    assert again.planned_steps == 6 and _progress(again).endswith("/6")  # `queue list`: the new total, not 4
     run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
     assert ran == [("faint", False), ("faint", True)] and [j.state for j in queue.list()] == ["done"]
 
@@ -493,7 +496,8 @@ def test_cli_add_list_cancel_resume(tmp_path, capsys):
     assert cli("list", "--outputs", str(outputs)) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:5] == ["ID", "STATE", "POS", "GROUP", "STEP"]
-    assert table[1].split()[:3] == ["1", "cancelled", "-"] and table[2].split()[:4] == ["2", "queued", "1", "1"]
+    assert table[1].split()[:3] == ["1", "cancelled", "-"]
+    assert table[2].split()[:5] == ["2", "queued", "1", "1", "0/5"]  # the steps it will train, before it starts
     with pytest.raises(QueueError, match="job 1 is cancelled; only interrupted, stopped, failed"):
         cli("resume", "1", "--outputs", str(outputs))
     with pytest.raises(QueueError, match="already used by job 2"):

@@ -103,13 +103,16 @@ def _when(t: float | None) -> str:
 
 
 def _progress(job: QueuedJob) -> str:
-    """``step/total`` from the run's events (the queue itself does not track steps)."""
+    """``step/total`` from the run's events (the queue itself does not track steps); a queued job's total is the
+    one it will train to (``queue resume --steps`` changed it)."""
     step = total = 0
     for event in ev.read_jsonl(Path(job.run_dir) / "events.jsonl"):
         if isinstance(event, ev.Start):
             step, total = event.start_step, event.total_steps
         elif isinstance(event, ev.Step):
             step, total = event.step, event.total_steps
+    if job.state == "queued":
+        total = job.planned_steps or total
     return f"{step}/{total}" if total else "-"
 
 

@@ -124,14 +124,6 @@ def _same_settings(job: QueuedJob, config) -> bool:
     return replace(config, out=queued.out, data=queued.data) == queued
 
 
-def _planned_steps(job: QueuedJob) -> int:
-    """The steps a queued job will train (0 when its stored config no longer reads: the worker says why)."""
-    try:
-        return job.config.steps
-    except (UserError, ValueError):
-        return 0
-
-
 class Studio(RunDataset, RunExports, RunSpace, RunMix):
     """Everything the page does, for one server process.
 
@@ -312,7 +304,7 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         trained = list_runs(self.outputs_dir, states)
         listed = {r.name for r in trained}
         waiting = [RunInfo(name=Path(j.run_dir).name, path=j.run_dir, state="queued", step=0,
-                           total_steps=_planned_steps(j), resumable=False)
+                           total_steps=j.planned_steps, resumable=False)
                    for j in reversed(jobs) if j.state == "queued" and Path(j.run_dir).name not in listed
                    and Path(j.run_dir).parent == self.outputs_dir.resolve()]
         return waiting + trained

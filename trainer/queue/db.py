@@ -114,6 +114,15 @@ class QueuedJob:
         return make_config(yaml.safe_load(self.config_yaml) or {})
 
     @property
+    def planned_steps(self) -> int:
+        """The steps its stored config trains to (a resume with --steps changes it); 0 when the config no longer
+        reads (the worker says why)."""
+        try:
+            return self.config.steps
+        except (UserError, ValueError, yaml.YAMLError):
+            return 0
+
+    @property
     def resumable(self) -> bool:
         """True when :meth:`JobQueue.resume` would accept it (the web app's resume button)."""
         return self.state in RESUMABLE and (bool(self.last_checkpoint) or self.state == "interrupted")
