@@ -104,7 +104,8 @@ def test_the_bundles_lora_loads_in_diffusers(sampled_run, base_dirs, tmp_path, d
     assert [m for m in diffusers_warnings.messages if "No LoRA keys associated to CLIPTextModel" not in m] == []
 
 
-def test_a_step_without_samples_shows_the_latest_before_it_and_a_run_without_any_has_no_preview(sampled_run, tmp_path):
+def test_a_step_without_samples_shows_the_latest_before_it_and_a_run_without_any_has_no_preview(sampled_run, tmp_path,
+                                                                                                  capsys):
     import shutil
 
     from trainer.reexport import a1111_bundle
@@ -119,6 +120,12 @@ def test_a_step_without_samples_shows_the_latest_before_it_and_a_run_without_any
     shutil.rmtree(run / "samples")
     assert sorted(unpack(a1111_bundle(step_file(run, 4), run))) == ["ink-step000004.json",
                                                                     "ink-step000004.safetensors"]
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--format", "a1111", "--step", "4"]) == 0
+    assert capsys.readouterr().err.strip() == ("note: its card has no preview picture: the run rendered no sample "
+                                               "near that step (train with --sample-every N to have them)")
+    assert main(["export", "--run", str(sampled_run), "--format", "a1111", "--step", "4"]) == 0
+    assert capsys.readouterr().err == ""  # with its sample: nothing to say
 
 
 def test_a_bundle_is_packed_again_only_when_its_files_change(sampled_run, tmp_path):

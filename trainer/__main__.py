@@ -62,7 +62,17 @@ def _export(args: argparse.Namespace) -> int:
 
     for path in reexport(args.run, args.format, args.step):
         print(path)
+        if args.format == "a1111" and not _has_preview(path):
+            print("note: its card has no preview picture: the run rendered no sample near that step (train with "
+                  "--sample-every N to have them)", file=sys.stderr)
     return 0
+
+
+def _has_preview(bundle: Path) -> bool:
+    import zipfile
+
+    with zipfile.ZipFile(bundle) as archive:
+        return any(name.endswith(".preview.png") for name in archive.namelist())
 
 
 # subcommand -> (module with add_arguments/run, help); modules are imported only when used
