@@ -125,6 +125,26 @@ def test_a_run_folder_given_as_lora_names_its_file(monkeypatch, tmp_path):
         cli_mix.run(parse("--base", "demo:sd15", "--lora", str(run), "--out", "a.png"))
 
 
+def test_a_weight_outside_the_sliders_range_is_warned_before_anything_loads(monkeypatch, tmp_path, capsys):
+    """Allowed on the command line (the curious may try 3), but a 1e9 typo is said before minutes of noise."""
+    import trainer.mixing
+
+    def stop_here(*args, **kwargs):
+        raise UserError("the base would load now")
+
+    monkeypatch.setattr(trainer.mixing, "MixSession", stop_here)
+    lora = tmp_path / "ink.safetensors"
+    lora.write_bytes(b"")
+    with pytest.raises(UserError, match="the base would load now"):
+        cli_mix.run(parse("--base", "demo:sd15", "--lora", f"{lora}:1e9", "--out", str(tmp_path / "a.png")))
+    assert capsys.readouterr().err == ("warning: weight 1e+09 is outside -1 to 2 (the Mix tab's range): a style LoRA "
+                                       "turns the picture to noise far past it\n")
+    with pytest.raises(UserError, match="the base would load now"):
+        cli_mix.run(parse("--base", "demo:sd15", "--lora", f"{lora}:-1", "--out", str(tmp_path / "a.png"),
+                          "--grid", "0,1,2"))
+    assert capsys.readouterr().err == ""
+
+
 def test_parse_lora_weights_and_paths():
     assert cli_mix.parse_lora("a.safetensors:0.7") == cli_mix.LoraArg(Path("a.safetensors"), 0.7)
     assert cli_mix.parse_lora("dir/a.safetensors") == cli_mix.LoraArg(Path("dir/a.safetensors"), 1.0)

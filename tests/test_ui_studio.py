@@ -918,6 +918,8 @@ def test_comparison_grid_over_one_or_two_loras(studio, tmp_path):
     assert fake_grid.calls[-1] == ("a", [0.0, 1.0], ("b", [0.0, 1.0]))
     with pytest.raises(UserError, match="'x' is not a number"):
         studio.make_grid("r1", "demo-random:sd15", slots, 0, "0, x", None, "", "p", 1, 4, 5.0)
+    with pytest.raises(UserError, match="^weights of LoRA 2: 12 is outside -1 to 2, the sliders' range$"):
+        studio.make_grid("r1", "demo-random:sd15", slots, 0, "0,1", 1, "0 12", "p", 1, 4, 5.0)  # 1.2 mistyped
     with pytest.raises(UserError, match="LoRA 3 is empty"):
         studio.make_grid("r1", "demo-random:sd15", slots, 2, "0, 1", None, "", "p", 1, 4, 5.0)
     with pytest.raises(UserError, match="two different"):

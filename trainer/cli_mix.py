@@ -18,7 +18,7 @@ from pathlib import Path
 
 from trainer.atomic import save_image
 from trainer.errors import UserError
-from trainer.mix_weights import parse_weight, parse_weights
+from trainer.mix_weights import WEIGHT_RANGE, outside_range, parse_weight, parse_weights
 from trainer.steps import lora_label
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -150,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     from trainer.mixing import Column, MixSession, bake, comparison_grid, side_by_side
 
     plan = _plan(args)
+    if outside := outside_range([lora.weight for lora in plan.loras] + (plan.grid or []) + (plan.grid_second or [])):
+        low, high = WEIGHT_RANGE  # allowed here, for the curious; a typo is said before minutes of rendering
+        print(f"warning: weight {outside[0]:g} is outside {low:g} to {high:g} (the Mix tab's range): a style LoRA "
+              "turns the picture to noise far past it", file=sys.stderr)
     session = MixSession(args.base, device=args.device)
     demo = args.base.strip().startswith("demo")
     tuned = base_sampling_defaults(args.base)  # a demo base's own steps/guidance (studio.json)

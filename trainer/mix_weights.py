@@ -8,6 +8,9 @@ import re
 
 from trainer.errors import UserError
 
+# the Mix tab's sliders; far past it a style LoRA's picture turns to noise (the command line only warns)
+WEIGHT_RANGE = (-1.0, 2.0)
+
 
 def parse_weight(text: str, what: str) -> float:
     """One finite number; a UserError naming ``what`` otherwise."""
@@ -30,3 +33,9 @@ def parse_weights(text: str, what: str = "weights") -> list[float]:
     if not parts:
         raise UserError(f"{what}: give at least one weight, e.g. 0, 0.5, 1")
     return [parse_weight(part, what) for part in parts]
+
+
+def outside_range(weights: list[float]) -> list[float]:
+    """The weights outside :data:`WEIGHT_RANGE`."""
+    low, high = WEIGHT_RANGE
+    return [w for w in weights if not low <= w <= high]

@@ -16,6 +16,7 @@ import gradio as gr
 from PIL import Image
 
 from trainer.errors import UserError
+from trainer.mix_weights import WEIGHT_RANGE
 from ui import format as fmt
 from ui.mixdesk import default_guidance, default_steps, prompt_with_trigger
 from ui.studio import MixSlot, Studio
@@ -33,7 +34,7 @@ def weight_slider(value: float, elem_id: str) -> gr.Slider:
     shows it (the nearest end, or 0) instead of gradio's "Value 5 is greater than maximum value 2.0" error toast
     and a preview that kept the old weight under the new number. (Set on the instance: a gradio component
     subclass would write a .pyi stub next to this file at import.)"""
-    slider = gr.Slider(-1.0, 2.0, value=value, step=0.05, label="Weight", elem_id=elem_id, scale=4)
+    slider = gr.Slider(*WEIGHT_RANGE, value=value, step=0.05, label="Weight", elem_id=elem_id, scale=4)
 
     def clamped(payload: float | None) -> float:
         if payload is None or payload == "":

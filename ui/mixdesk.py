@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from trainer.atomic import atomic_path
 from trainer.bases import base_sampling_defaults
 from trainer.errors import UserError
+from trainer.mix_weights import WEIGHT_RANGE
 from trainer.steps import lora_label
 from trainer.trigger import with_trigger
 
@@ -124,14 +125,15 @@ def _engine_default():
 
 def lora_weight(value: Any) -> float:
     """A LoRA weight from the page, -1…2 like the Mix tab's sliders; a UserError naming the value otherwise."""
+    low, high = WEIGHT_RANGE
     if value is None or str(value).strip() == "":
-        raise UserError("weight: give a number from -1 to 2, e.g. 1")
+        raise UserError(f"weight: give a number from {low:g} to {high:g}, e.g. 1")
     try:
         weight = float(value)
     except (TypeError, ValueError):
         weight = float("nan")
-    if not -1.0 <= weight <= 2.0:  # NaN fails too
-        raise UserError(f"weight {value!r}: give a number from -1 to 2, e.g. 1")
+    if not low <= weight <= high:  # NaN fails too
+        raise UserError(f"weight {value!r}: give a number from {low:g} to {high:g}, e.g. 1")
     return weight
 
 

@@ -15,7 +15,7 @@ from trainer.atomic import copy_new
 from trainer.bases import weight_bytes
 from trainer.errors import UserError
 from trainer.lora_file import check_lora_file
-from trainer.mix_weights import parse_weights
+from trainer.mix_weights import WEIGHT_RANGE, outside_range, parse_weights
 from trainer.steps import FILE_NAMES, exported_step_files, exported_steps, parse_step_file, step_file
 from ui import store
 from ui.mixdesk import (MAX_GRID_CELLS, FileColumn, MixResult, MixSlot, default_guidance, default_steps, is_demo,
@@ -191,10 +191,10 @@ class RunMix:
                   guidance: float) -> tuple[str, str]:
         """A comparison grid saved as ``outputs/<run>/export/<run>_grid.png``; returns (path, info)."""
         folder = self._export_dir(run)
-        first = parse_weights(weights, f"weights of LoRA {axis + 1}")
+        first = grid_weights(weights, f"weights of LoRA {axis + 1}")
         other = None
         if second is not None and second >= 0:
-            other = (second, parse_weights(second_weights, f"weights of LoRA {second + 1}"))
+            other = (second, grid_weights(second_weights, f"weights of LoRA {second + 1}"))
         return self.mix.grid(base, self._written(slots), axis, first, other, prompt, seed, steps, guidance,
                              folder / f"{folder.parent.name}_grid.png")
 
@@ -250,3 +250,12 @@ class RunMix:
         if missing:
             info += f" Left out: step {', '.join(missing)} (its checkpoint is gone or damaged)."
         return path, info
+
+
+def grid_weights(text: str, what: str) -> list[float]:
+    """A grid's weights as typed, in the sliders' range (a 12 meant to be 1.2 would render a column of noise)."""
+    weights = parse_weights(text, what)
+    if outside := outside_range(weights):
+        low, high = WEIGHT_RANGE
+        raise UserError(f"{what}: {outside[0]:g} is outside {low:g} to {high:g}, the sliders' range")
+    return weights
