@@ -857,7 +857,7 @@ def test_previews_beside_a_run_training_on_the_gpu_load_a_base_only_where_it_fit
         studio.shutdown(10)
 
 
-def test_bake_writes_the_mix_into_the_runs_export_folder(studio, tmp_path):
+def test_bake_writes_the_mix_into_the_runs_export_folder(studio, tmp_path, monkeypatch):
     a, b = tmp_path / "loras" / "a.safetensors", tmp_path / "loras" / "b.safetensors"
     a.parent.mkdir()
     a.write_bytes(b"x")
@@ -868,6 +868,19 @@ def test_bake_writes_the_mix_into_the_runs_export_folder(studio, tmp_path):
     assert "exact" in report and "relative error 0.00%" in report and "layout kohya" in report
     path, report = studio.bake_mix("r1", "demo-random:sd15", slots, 4)
     assert Path(path).name == "r1_mix_r4.safetensors" and "SVD to rank 4" in report and "12.50%" in report
+    def holds_rank_2(*args, **kwargs):  # the mix holds rank 2: asking for 5000 gets 2
+        report = fake_bake(*args, **kwargs)
+        report.rank = 2
+        return report
+
+    monkeypatch.setattr(ENGINE, "bake", holds_rank_2)
+    path, report = studio.bake_mix("r1", "demo-random:sd15", slots, 5000)
+    monkeypatch.undo()
+    assert Path(path).name == "r1_mix_r2.safetensors" and Path(path).is_file()
+    assert not (Path(path).parent / "r1_mix_r5000.safetensors").exists()
+    assert report.endswith("into `r1_mix_r2.safetensors`: SVD to rank 2, rank 2, relative error 12.50%, layout kohya, "
+                           "4 layers. (Rank 5000 was asked; this mix holds rank 2 at most.)")
+    Path(path).unlink()
     add_images(studio, "r1", tmp_path, 1)  # a run of the app: the Mix tab offers its baked mixes beside the rest
     assert [label for label, _ in studio.lora_files() if "baked" in label] == [
         "run: r1 baked mix r1_mix.safetensors", "run: r1 baked mix r1_mix_r4.safetensors"]

@@ -9,6 +9,7 @@ LoRAs still render. ``trainer.mixing`` (torch) is imported only when the first p
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -341,10 +342,18 @@ class MixDesk:
                     weights[name] += slot.effective
             out_path.parent.mkdir(parents=True, exist_ok=True)
             report = self.engine.bake(mixer.session, weights, out_path, rank=None if rank is None else int(rank))
+        path, asked = Path(report.path), f"_r{rank:g}.safetensors" if rank is not None else ""
+        note = ""
+        if asked and report.rank != int(rank):  # more than the mix holds: a name with the rank says the one it has
+            note = f" (Rank {rank:g} was asked; this mix holds rank {report.rank} at most.)"
+            if path.name.endswith(asked):
+                named = path.with_name(f"{path.name[:-len(asked)]}_r{report.rank}.safetensors")
+                os.replace(path, named)
+                path = named
         method = "exact (ranks concatenated)" if report.method == "concat" else f"SVD to rank {report.rank}"
-        text = (f"Baked {', '.join(report.sources)} into `{Path(report.path).name}`: {method}, rank {report.rank}, "
-                f"relative error {report.relative_error:.2%}, layout {report.layout}, {report.layers} layers.")
-        return report.path, text
+        text = (f"Baked {', '.join(report.sources)} into `{path.name}`: {method}, rank {report.rank}, "
+                f"relative error {report.relative_error:.2%}, layout {report.layout}, {report.layers} layers.{note}")
+        return str(path), text
 
     def grid(self, base: str, slots: list[MixSlot], axis: int, weights: list[float],
              second: Optional[tuple[int, list[float]]], prompt: str, seed: int, steps: int, guidance: float,
