@@ -527,3 +527,8 @@ def test_a_one_shot_worker_says_which_jobs_it_left_for_others(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "worker done: 0 job(s)" in out
     assert f"1 job(s) not done: another worker or device group holds them (job {pinned.id} queued, group 1)" in out
+    failing = queue.add(light_config(tmp_path, "empty"), group="0")  # its data folder has no pictures: it fails
+    assert cli("run", "--once", "--outputs", str(tmp_path / "outputs"), "--group", "0", "--poll", "0.05") == 1
+    out = capsys.readouterr().out
+    assert f"job {failing.id} failed: " in out and "worker done: 1 job(s), 1 failed" in out  # still exit 1
+    assert "1 job(s) not done" in out
