@@ -357,6 +357,11 @@ def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page
     wait_until(page, lambda: f"'{FLOW['run']}' stopped at step {done['step']} of" in status.inner_text(), 20,
                "the stop's outcome line")
     FLOW["stopped_at"] = done["step"]
+    log = page.locator("#train-log textarea")  # longer than its box: it shows its newest lines, as a terminal
+    page.mouse.move(0, 0)
+    assert log.evaluate("t => t.scrollHeight > t.clientHeight"), log.input_value()
+    wait_until(page, lambda: log.evaluate("t => t.scrollTop + t.clientHeight >= t.scrollHeight - 2"), 5,
+               "the log scrolled to its newest line")
     shot(page, "04-stopped")
 
     # the queued run starts by itself once the first one stopped; cancel it from the queue view

@@ -60,6 +60,11 @@ document.addEventListener("keydown", (event) => {
     event.target.blur();
   }
 }, true);
+// the training log follows its newest line, as a terminal does, unless the reader is in it (focus or pointer)
+setInterval(() => {
+  const log = document.querySelector("#train-log textarea");
+  if (log && log !== document.activeElement && !log.matches(":hover")) log.scrollTop = log.scrollHeight;
+}, 1000);
 </script>"""
 
 

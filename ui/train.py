@@ -127,7 +127,7 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
                            title="Loss (training, and on fixed noise with Eval every N steps)", elem_id="loss-plot", height=260,
                            scale=3)
         samples = gr.Gallery(label="Latest samples", elem_id="samples", columns=2, height=260, scale=2,
-                             allow_preview=True, interactive=False)
+                             allow_preview=True, interactive=False, object_fit="contain")
     checkpoint = gr.Markdown(elem_id="train-checkpoint")
     log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, autoscroll=True, elem_id="train-log")
     with gr.Accordion("Runs", open=True, elem_id="runs"):
