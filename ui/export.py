@@ -63,7 +63,7 @@ def build(studio: Studio, run: gr.Dropdown) -> dict:
                                           interactive=False)
             samples_zip = gr.DownloadButton("Download all sample images, every step (.zip)", elem_id="dl-samples",
                                             interactive=False)
-    gallery = gr.Gallery(label="Sample images", elem_id="export-samples", columns=4, height=260, interactive=False,
+    gallery = gr.Gallery(label="Sample images", elem_id="export-samples", columns=4, height="auto", interactive=False,
                          object_fit="contain")  # whole pictures, not their tops
     with gr.Accordion("Compare steps: the base, then each kept step's LoRA alone, on your prompts", open=False,
                       elem_id="export-compare-box"):
