@@ -108,7 +108,11 @@ def build(studio: Studio) -> gr.Blocks:
             except UserError as err:
                 gr.Warning(str(err))
                 return studio.new_run()
-            return safe if safe != name else gr.skip()
+            if safe == name:
+                return gr.skip()
+            if str(name or "").strip():  # said, so a folder under another name is no surprise
+                gr.Info(f"Run folders keep letters, digits, '-', '_' and '.': '{name}' is the run '{safe}'.")
+            return safe
 
         demo.load(on_load, None, run)
         run.change(on_run, run, run)
