@@ -278,3 +278,8 @@ def test_two_runs_own_files_are_told_apart_by_their_run_names(clean, tmp_path):
         _write(session, path, "kohya")
         names.append(session.add_lora(path).name)
     assert names == ["ink-wash", "sepia"]  # not "lora" and "lora_2"
+    from trainer.mixing import bake  # baking the files without a session names them the same way
+
+    files = [tmp_path / run / "lora.safetensors" for run in ("ink-wash", "sepia")]
+    report = bake(files, {"ink-wash": 0.7, "sepia": 0.3}, tmp_path / "mix.safetensors", base=session.base)
+    assert report.sources == ("ink-wash", "sepia")

@@ -338,6 +338,19 @@ def test_worker_start_resumes_interrupted_jobs_at_their_old_place(tmp_path, capl
     assert queue.get(later.id).state == "done"
 
 
+def test_an_interrupted_job_without_a_checkpoint_is_said_to_start_again(tmp_path, caplog):
+    queue = JobQueue(tmp_path / "outputs")
+    job = queue.add(light_config(tmp_path, "early"))
+    assert dead_worker_claims(tmp_path / "outputs") == job.id  # killed before its first checkpoint
+    ran = []
+    with caplog.at_level("WARNING", logger="trainer.queue.worker"):
+        run_worker(queue, once=True, poll=0.05, runner=fake_runner(ran))
+    assert ran == [("early", False)]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"job {job.id} (early) was interrupted when its worker stopped: it continues from step 0 (it had no "
+        f"checkpoint yet) (`python -m trainer queue cancel {job.id}` takes it out)"]
+
+
 def test_a_job_that_keeps_killing_its_worker_waits_for_a_person(tmp_path):
     outputs = tmp_path / "outputs"
     queue = JobQueue(outputs)

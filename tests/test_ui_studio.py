@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import threading
 import time
 import zipfile
@@ -468,6 +469,7 @@ def test_a_run_the_command_line_named_with_spaces_and_accents_opens_by_its_own_n
     wait_for(lambda: next(r for r in studio.runs() if r.name == name).step == 6)
     assert job_of(studio, name).state == "done"
     assert studio.run_dir("Ink wash ✓") == studio.outputs_dir / "Ink_wash"
+    assert studio.run_dir("ä" * 200 + " x") == studio.outputs_dir / ("a" * 64)  # too long for a file name: made safe
     assert studio.run_dir("../" + name).parent == studio.outputs_dir  # still never outside outputs
 
 
@@ -874,13 +876,19 @@ def test_bake_writes_the_mix_into_the_runs_export_folder(studio, tmp_path, monke
         return report
 
     monkeypatch.setattr(ENGINE, "bake", holds_rank_2)
-    path, report = studio.bake_mix("r1", "demo-random:sd15", slots, 5000)
+    path, report = studio.bake_mix("r1", "demo-random:sd15", slots, 1000000)
     monkeypatch.undo()
     assert Path(path).name == "r1_mix_r2.safetensors" and Path(path).is_file()
-    assert not (Path(path).parent / "r1_mix_r5000.safetensors").exists()
+    assert not (Path(path).parent / "r1_mix_r1000000.safetensors").exists()
     assert report.endswith("into `r1_mix_r2.safetensors`: SVD to rank 2, rank 2, relative error 12.50%, layout kohya, "
-                           "4 layers. (Rank 5000 was asked; this mix holds rank 2 at most.)")
+                           "4 layers. (Rank 1000000 was asked; this mix holds rank 2 at most.)")
     Path(path).unlink()
+    odd = "[v1] ink?"  # a run named on the command line: its baked mixes are offered too (no glob pattern)
+    (studio.outputs_dir / odd / "export").mkdir(parents=True)
+    (studio.outputs_dir / odd / "config.yaml").write_text("steps: 1\n")
+    (studio.outputs_dir / odd / "export" / f"{odd}_mix.safetensors").write_bytes(b"x")
+    assert f"run: {odd} baked mix {odd}_mix.safetensors" in [label for label, _ in studio.lora_files()]
+    shutil.rmtree(studio.outputs_dir / odd)
     add_images(studio, "r1", tmp_path, 1)  # a run of the app: the Mix tab offers its baked mixes beside the rest
     assert [label for label, _ in studio.lora_files() if "baked" in label] == [
         "run: r1 baked mix r1_mix.safetensors", "run: r1 baked mix r1_mix_r4.safetensors"]

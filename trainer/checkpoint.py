@@ -47,7 +47,7 @@ def checkpoint_step(path: Path) -> int:
 def fewer_steps(what: str, checkpoint: Path | str, steps: int) -> str:
     """Why a resume to ``steps`` in all is refused, "" when it is not: a total below the checkpoint's step would
     record a run that trained past its own length (its exports would say "6 of 3 steps"). The CLI, the queue and
-    the web app resume by this one rule."""
+    the loop refuse by this one rule (the web app's "Train on to step" asks for more than the steps trained)."""
     trained = checkpoint_step(Path(checkpoint))
     if steps >= trained:
         return ""

@@ -291,8 +291,9 @@ def run_training(config: TrainConfig, emit: Optional[ev.Emit] = None, stop: Opti
                 ev.append_jsonl(events_path, ev.Error(message=line))
             except OSError:
                 pass  # a folder that cannot be written to is the error being raised; it must not be masked
-        if created and {p.name for p in run_dir.iterdir()} <= {"events.jsonl"}:
-            shutil.rmtree(run_dir, ignore_errors=True)  # a missing --data or base: nothing of the run to keep
+        with contextlib.suppress(OSError):  # gone or unreadable meanwhile: the error raised is the one to see
+            if created and {p.name for p in run_dir.iterdir()} <= {"events.jsonl"}:
+                shutil.rmtree(run_dir, ignore_errors=True)  # a missing --data or base: nothing of the run to keep
         if failure is err:
             raise
         raise failure from err

@@ -342,14 +342,14 @@ class MixDesk:
                     weights[name] += slot.effective
             out_path.parent.mkdir(parents=True, exist_ok=True)
             report = self.engine.bake(mixer.session, weights, out_path, rank=None if rank is None else int(rank))
-        path, asked = Path(report.path), f"_r{rank:g}.safetensors" if rank is not None else ""
-        note = ""
-        if asked and report.rank != int(rank):  # more than the mix holds: a name with the rank says the one it has
-            note = f" (Rank {rank:g} was asked; this mix holds rank {report.rank} at most.)"
-            if path.name.endswith(asked):
-                named = path.with_name(f"{path.name[:-len(asked)]}_r{report.rank}.safetensors")
-                os.replace(path, named)
-                path = named
+            path, note = Path(report.path), ""
+            if rank is not None and report.rank != int(rank):  # more than the mix holds: named by the rank it has
+                note = f" (Rank {int(rank)} was asked; this mix holds rank {report.rank} at most.)"
+                asked = f"_r{int(rank)}.safetensors"
+                if path.name.endswith(asked):  # as a bake of that rank would be; under the lock, as every bake
+                    named = path.with_name(f"{path.name[:-len(asked)]}_r{report.rank}.safetensors")
+                    os.replace(path, named)
+                    path = named
         method = "exact (ranks concatenated)" if report.method == "concat" else f"SVD to rank {report.rank}"
         text = (f"Baked {', '.join(report.sources)} into `{path.name}`: {method}, rank {report.rank}, "
                 f"relative error {report.relative_error:.2%}, layout {report.layout}, {report.layers} layers.{note}")

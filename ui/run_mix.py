@@ -8,6 +8,7 @@ A mixin of :class:`ui.studio.Studio`: it uses ``outputs_dir``, ``loras_dir``, ``
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Any, Optional
 
@@ -93,7 +94,7 @@ class RunMix:
                 elif step != final:  # a kept checkpoint: its LoRA file is written when a slot first uses it
                     found.append((f"run: {name} @ step {step} (checkpoint)", str(step_file(self.outputs_dir / name,
                                                                                          step))))
-            for baked in _safetensors_in(self.outputs_dir / name / "export", f"{name}_mix*.safetensors"):
+            for baked in _safetensors_in(self.outputs_dir / name / "export", f"{glob.escape(name)}_mix*.safetensors"):
                 found.append((f"run: {name} baked mix {baked.name}", str(baked)))  # previewed beside others
         for folder, tag in ((self.loras_dir, "loras"), (self.outputs_dir / LORA_UPLOADS, "uploaded")):
             found += [(f"{tag}: {path.name}", str(path)) for path in _safetensors_in(folder)]

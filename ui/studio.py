@@ -28,7 +28,7 @@ from trainer import housekeeping
 from trainer.images import DEFAULT_LIMITS, ImageLimits
 from trainer import events as ev
 from trainer.objective import Objective, check_objective
-from trainer.paths import newest_first
+from trainer.paths import is_inside, newest_first
 from trainer.job import LIVE, TRAINING, JobSnapshot, RunInfo, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, Runner, default_runner, run_worker
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
@@ -199,17 +199,18 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         waiting longer after each failure in a row: a damaged database must not flood the terminal."""
         wait, said = WORKER_RESTART_S, ""
         while not self.worker_stop.is_set():
-            started = time.monotonic()
+            started, bug = time.monotonic(), None
             try:
                 run_worker(self.queue, stop=self.worker_stop, poll=self.worker_poll, runner=self._run)
                 continue  # it returns when the stop event is set
             except UserError as err:  # says what to do: one line, and only when it says something new
                 message = str(err)
-            except Exception:  # a bug: its traceback
-                log.exception("the training queue worker stopped; it starts again in %g s", wait)
-                message = ""
+            except Exception as err:  # a bug: its traceback
+                message, bug = "", err
             if time.monotonic() - started > WORKER_RESTART_MAX_S:
                 wait, said = WORKER_RESTART_S, ""  # it worked for a while: this failure is a new one
+            if bug is not None:
+                log.error("the training queue worker stopped; it starts again in %g s", wait, exc_info=bug)
             if message and message != said:
                 log.error("the training queue worker stopped: %s (it tries again, at most every %g s)", message,
                           WORKER_RESTART_MAX_S)
@@ -237,8 +238,11 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         text = str(name or "").strip()
         if text and not text.startswith(("_", ".")) and Path(text).name == text and "\\" not in text:
             existing = self.outputs_dir / text
-            if existing.is_dir() and existing.resolve().parent == self.outputs_dir:
-                return existing.resolve()
+            try:
+                if existing.is_dir() and existing.resolve().parent == self.outputs_dir:
+                    return existing.resolve()
+            except OSError:  # a name too long for a file name (a caption pasted into the box): made safe below
+                pass
         safe = store.safe_run_name(name)
         path = (self.outputs_dir / safe).resolve()
         if path.parent != self.outputs_dir:
@@ -686,10 +690,9 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         config = self.run_config(run)
         if config is None or not config.data:
             return ""
-        own = store.dataset_dir(self.run_dir(run)).resolve()
-        data = Path(config.data).expanduser()
-        data = (self.run_dir(run) / data if not data.is_absolute() else data).resolve()
-        return "" if data == own else str(data)
+        run_dir = self.run_dir(run)
+        data = Path(config.data).expanduser().resolve()  # relative: to where the run was started (before paths
+        return "" if is_inside(data, run_dir) else str(data)  # were stored absolute); inside the run: its own
 
     def lr_history(self, run: str) -> str:
         """The peak learning rates of a run resumed at another rate; "" otherwise."""

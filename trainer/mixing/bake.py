@@ -29,6 +29,7 @@ from trainer.mixing.index import ModelIndex
 from trainer.mixing.layouts import LayerLora, LoraInfo
 from trainer.mixing.resolve import resolve
 from trainer.mixing.session import MixSession, layer_info, read_lora_once, sanitize
+from trainer.steps import lora_label
 
 TE_PREFIXES = {"sd15": {"text_encoder": "lora_te_"}, "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
                "flux": {"text_encoder": "lora_te1_"}}
@@ -167,7 +168,7 @@ def _sources_from_files(paths: Sequence[str | Path], weights, index: ModelIndex)
         path = Path(raw)
         tensors, metadata, sha256 = read_lora_once(path)
         layers, sc, detected, ignored = resolve(tensors, metadata, index, path.name)
-        name = sanitize(path.stem)
+        name = sanitize(lora_label(path))  # as MixSession names it: a run's own file by its run
         name = next(f"{name}_{n}" for n in range(2, len(names) + 3) if f"{name}_{n}" not in names) if name in names else name
         names.add(name)
         info = layer_info(name, path, layers, sc.format, detected, metadata, sha256, ignored)

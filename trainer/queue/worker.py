@@ -60,9 +60,9 @@ def run_worker(queue: JobQueue, group: Optional[str] = None, once: bool = False,
     stop = stop or threading.Event()
     if auto_resume:
         for job in queue.requeue_interrupted():  # recovers jobs of dead workers first; said, as nobody pressed Resume
-            log.warning("job %d (%s) was interrupted when its worker stopped: it continues from its last "
-                        "checkpoint (`python -m trainer queue cancel %d` takes it out)", job.id,
-                        Path(job.run_dir).name, job.id)
+            log.warning("job %d (%s) was interrupted when its worker stopped: it continues from %s "
+                        "(`python -m trainer queue cancel %d` takes it out)", job.id, Path(job.run_dir).name,
+                        "its last checkpoint" if job.resume else "step 0 (it had no checkpoint yet)", job.id)
     else:
         queue.recover()
     finished = []
