@@ -170,6 +170,10 @@ def launch(args) -> None:
             allowed_paths=[str(outputs)], blocked_paths=queue_files(studio.queue.path), max_file_size=UPLOAD_HARD_CAP, theme=theme(), css=CSS, head=HEAD,
             ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False, footer_links=["settings"],
             show_error=True, favicon_path=None)
+    except OSError as err:  # the port was taken after refuse_used_port looked (or by another address family)
+        if "port" not in str(err).lower():
+            raise
+        raise SystemExit(f"error: cannot serve on {args.host}:{args.port} ({err}); pass another --port") from None
     finally:
         # the running job stops after its step with a checkpoint; the next server start resumes it
         studio.shutdown(timeout=60)
