@@ -51,7 +51,7 @@ def test_alpha_ratio_guard(rank, alpha, warns):
     ({"noise_offset": float("inf")}, "noise_offset"), ({"snr_gamma": -5}, "snr_gamma"),
     ({"snr_gamma": float("nan")}, "snr_gamma"), ({"snr_gamma": "five"}, "snr_gamma"), ({"flip": "yes"}, "flip"),
     ({"timestep_sampling": "shift"}, "timestep_sampling"), ({"eval_every": -1}, "eval_every"),
-    ({"eval_every": True}, "eval_every"),
+    ({"eval_every": True}, "eval_every"), ({"seed": -1}, "seed"), ({"seed": 10**20}, "seed"),  # torch: "Overflow"
 ])
 def test_bad_values_name_the_key(values, key):
     with pytest.raises(ConfigError) as err:

@@ -63,6 +63,9 @@ class FakeLoop:
             out(ev.Step(step=step, total_steps=config.steps, loss=1.0 / step, lr=1e-4, seconds=0.01))
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 out(ev.Checkpoint(step=step, path=save_checkpoint(run, step)))
+        if step == 0:  # stopped before its first step: like the loop, it writes nothing
+            out(ev.Stopped(step=0))
+            return step
         out(ev.Checkpoint(step=step, path=save_checkpoint(run, step)))
         exports = (str(run / "lora.safetensors"),)
         out(ev.Stopped(step=step) if stop.is_set() and step < config.steps else ev.Done(step=step, exports=exports))

@@ -22,6 +22,7 @@ from PIL import Image
 
 from tests.test_job import FakeLoop, wait_for
 from captioning import CaptionerUnavailable
+from trainer import events as ev
 from trainer.config import dump_yaml
 from trainer.errors import LoraFormatError, UserError
 from trainer.scan import scan_dataset
@@ -299,13 +300,43 @@ def test_stop_acts_on_the_run_shown_not_on_whatever_trains(studio, tmp_path):
     assert job_of(studio, "r2").state == "cancelled" and job_of(studio, "r1").state == "running"
     assert studio.ended_line("r2") == f"'r2' was taken out of the queue (job {job_of(studio, 'r2').id}); it did " \
         "not train."  # never trained, no events: the wait after a Start still gets its last line
+    gate.release(1)
+    wait_for(lambda: studio.snapshot("r1").step == 1)
     assert studio.stop("r1").startswith("Stopping 'r1' after the current step")
     assert studio.ended_line("r1") is None and studio.is_active("r1")  # the page keeps its "Stopping" line
     release_after_stop(gate)
     assert wait_ended(studio, "r1").state == "stopped"
-    assert re.fullmatch(r"'r1' stopped at step \d of 6: its checkpoint and LoRA files are saved; Resume continues it\.",
-                        studio.ended_line("r1"))
+    assert studio.ended_line("r1") == ("'r1' stopped at step 1 of 6: its checkpoint and LoRA files are saved; Resume "
+                                       "continues it.")
     assert studio.stop("r1") == "Nothing is training."
+
+
+def test_a_run_stopped_before_its_first_step_says_nothing_was_saved_and_starts_again_in_its_folder(studio, tmp_path):
+    gate = threading.Semaphore(0)
+    studio.runner = FakeLoop(gate=gate)
+    add_images(studio, "r1", tmp_path)
+    studio.start("r1", form(steps=6))
+    wait_for(lambda: studio.active_run() == "r1")
+    studio.stop("r1")
+    release_after_stop(gate)
+    assert wait_ended(studio, "r1").state == "stopped"
+    assert studio.ended_line("r1") == ("'r1' stopped before its first step: nothing was saved; Start trains it from "
+                                       "the beginning.")
+    used, message = studio.start("r1", form(steps=2))  # nothing trained: no copy to 'r1-2'
+    assert used == "r1" and message.startswith("Training 'r1': 2 steps")
+    assert wait_ended(studio, "r1").state == "done"
+    used, message = studio.start("r1", form(steps=2, seed=5))  # trained now: a copy, then a copy of the copy
+    assert used == "r1-2"
+    wait_ended(studio, "r1-2")
+    used, _ = studio.start("r1-2", form(steps=2, seed=6))
+    assert used == "r1-3"  # not 'r1-2-2'
+    wait_ended(studio, "r1-3")
+
+
+def test_an_emptied_resolution_box_trains_at_the_bases_own_size(studio, tmp_path):
+    add_images(studio, "r1", tmp_path)
+    studio.start("r1", form(resolution=None, steps=2))
+    assert wait_ended(studio, "r1").config.resolution == 64  # demo-random:sd15's size, not TrainConfig's 512
 
 
 def test_disk_space_comes_back_only_from_runs_that_neither_train_nor_wait(studio, tmp_path):
@@ -636,7 +667,8 @@ def test_failed_job_shows_one_line_and_the_studio_keeps_working(studio, tmp_path
     snap = studio.snapshot("r1")
     assert snap.state == "failed" and "CUDA exploded" in snap.error and "\n" not in snap.error
     studio.runner = FakeLoop()
-    assert studio.start("r1", form())[0] == "r1-2"
+    assert studio.start("r1", form())[0] == "r1"  # it saved nothing (no checkpoint): it starts again in its folder
+    assert wait_ended(studio, "r1").state == "done" and studio.snapshot("r1").state == "done"
 
 
 def test_caption_all_with_trigger(studio, tmp_path):
@@ -1307,10 +1339,9 @@ def test_resume_a_run_trained_outside_the_queue(studio, tmp_path):
 
     add_images(studio, "cli", tmp_path)
     config = config_for(tmp_path, name="cli", data=str(studio.outputs_dir / "cli" / "dataset"), steps=3)
-    stop = threading.Event()
-    stop.set()  # like `python -m trainer train` stopped with Ctrl-C before its first step
-    FakeLoop()(config, lambda e: None, stop, False)
-    assert studio.run_list() == [("cli — stopped at 0/3 · resumable", "cli")] and studio.jobs() == []
+    stop = threading.Event()  # like `python -m trainer train` stopped with Ctrl-C after its first step
+    FakeLoop()(config, lambda e: stop.set() if isinstance(e, ev.Step) else None, stop, False)
+    assert studio.run_list() == [("cli — stopped at 1/3 · resumable", "cli")] and studio.jobs() == []
     assert "Resuming 'cli'" in studio.resume("cli")
     wait_for(lambda: (j := job_of(studio, "cli")) is not None and j.state == "done")
     assert studio.snapshot("cli").step == 3

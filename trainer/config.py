@@ -44,6 +44,9 @@ def _help(text: str, **kw) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
+MAX_SEED = 2**32 - 1  # the seeds A1111 and kohya show; torch takes them with room for seed + i
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     base: str = _help("Base model: demo:sd15|demo:sdxl|demo:flux, a diffusers folder, a .safetensors file or a hub id.", default="demo:sd15")
@@ -157,7 +160,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     need(isinstance(cfg.offload_frozen, bool), "offload_frozen", "true or false")
     need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a number >= 0")
     need(finite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
-    need(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", "an integer >= 0")
+    need(isinstance(cfg.seed, int) and 0 <= cfg.seed <= MAX_SEED, "seed", f"an integer from 0 to {MAX_SEED}")
     need(isinstance(cfg.checkpoint_every, int) and cfg.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
     need(isinstance(cfg.keep_checkpoints, int) and cfg.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1")
     need(isinstance(cfg.sample_every, int) and cfg.sample_every >= 0, "sample_every", "an integer >= 0")

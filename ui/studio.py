@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import re
 import shutil
 import threading
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from trainer.bases import base_sampling_defaults, list_bases, parse_base
+from trainer.bases import base_sampling_defaults, default_resolution, list_bases, parse_base
 from trainer.config import Precision
 from trainer.demo_data import DEMO_TRIGGER, STYLES as DEMO_STYLES  # noqa: F401 (the Dataset tab)
 from trainer.errors import ConfigError, UserError, WriteError
@@ -32,7 +33,7 @@ from trainer.paths import is_inside, newest_first
 from trainer.job import LIVE, TRAINING, JobSnapshot, RunInfo, disk_state, list_runs, summarize
 from trainer.queue import ACTIVE, JobQueue, QueuedJob, Runner, default_runner, run_worker
 from trainer.checkpoint import checkpoint_dirs, checkpoint_step
-from trainer.steps import exported_step_files, learning_rate_history
+from trainer.steps import FILE_NAMES, exported_step_files, learning_rate_history
 from trainer.presets import list_presets, resolve_config
 from trainer.scan import scan_dataset
 from ui import choices, store
@@ -383,6 +384,11 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         for key, value in base_sampling_defaults(overrides["base"]).items():  # the base's tuned sampling (studio.json)
             if overrides.get(f"sample_{key}") is None:
                 overrides[f"sample_{key}"] = value
+        if overrides.get("resolution") is None:  # an emptied box: the base's own size, as `train` takes it
+            try:
+                overrides["resolution"] = default_resolution(overrides["base"])
+            except UserError:
+                pass  # a base that is not there: _resolve says so
         config, warnings = self._resolve(form.preset, overrides, run_dir)  # refused settings leave no folder behind
         note = ""
         job = self._job_for(run_dir)
@@ -391,8 +397,9 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
             doing = "waiting in the queue" if job.state == "queued" else "training"
             raise UserError(f"'{run}' is {doing} with these settings already (job {job.id}); to train a variant "
                             "beside it, change a setting and press Start again")
-        if ((run_dir / "config.yaml").is_file() or (run_dir / "events.jsonl").is_file()
-                or (run_dir / "checkpoints").is_dir() or (job is not None and job.state in ACTIVE)):
+        trained = bool(checkpoint_dirs(run_dir)) or (run_dir / FILE_NAMES["kohya"]).is_file()
+        if trained or (job is not None and job.state in ACTIVE):  # a run stopped or failed before its first step
+            # trained nothing: it starts again in its own folder
             run_dir = self._copy_run(run_dir)
             was = {"queued": "is waiting in the queue", "running": "is training", "stopping": "is stopping"}.get(
                 job.state if job is not None else "", "was already trained")
@@ -429,8 +436,13 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
                 "run trains at a time; it starts by itself when its turn comes." + freed)
 
     def _copy_run(self, run_dir: Path) -> Path:
+        """A new run with ``run_dir``'s dataset: ``<run>-2``, ``-3`` …; a copy of ``ink-2`` is ``ink-3``, not
+        ``ink-2-2``."""
+        stem, numbered = run_dir.name, re.fullmatch(r"(.+)-(\d+)", run_dir.name)
+        if numbered and (run_dir.parent / numbered.group(1)).is_dir():
+            stem = numbered.group(1)
         n = 2
-        while (target := run_dir.with_name(f"{run_dir.name}-{n}")).exists():
+        while (target := run_dir.with_name(f"{stem}-{n}")).exists():
             n += 1
         try:
             target.mkdir(parents=True)
@@ -491,6 +503,8 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         if snap is None or snap.state in LIVE:
             return None
         name = Path(snap.run_dir).name
+        if snap.state == "stopped" and snap.step == 0:
+            return f"'{name}' stopped before its first step: nothing was saved; Start trains it from the beginning."
         if snap.state == "stopped":
             return (f"'{name}' stopped at step {snap.step} of {snap.total_steps}: its checkpoint and LoRA files are "
                     "saved; Resume continues it.")
