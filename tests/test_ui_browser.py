@@ -367,6 +367,17 @@ def test_train_shows_progress_loss_and_samples_then_stops_with_a_checkpoint(page
     # the queued run starts by itself once the first one stopped; cancel it from the queue view
     wait_until(page, lambda: queue_row(page, FLOW["queued"]).get("state") == "running", 120,
                "the queued run to start")
+    page.click("#stop")  # the stopped run is shown: Stop says which run trains and leaves it be
+    not_training = f"'{FLOW['run']}' is not training; '{FLOW['queued']}' is."
+    wait_until(page, lambda: not_training in status.inner_text(), 20, "the answer to a Stop of an idle run")
+    page.wait_for_timeout(2500)  # and the answer stays: not replaced by how the shown run ended long ago
+    assert not_training in status.inner_text() and queue_row(page, FLOW["queued"]).get("state") == "running"
+    pick(page, "run-select", FLOW["queued"])  # a refusal about the training run goes when another run is shown
+    page.click("#delete-run")
+    folder_line = page.locator("#run-folder-status")
+    wait_until(page, lambda: folder_line.inner_text().startswith("⚠"), 20, "the refusal to delete a training run")
+    pick(page, "run-select", FLOW["run"])
+    wait_until(page, lambda: folder_line.inner_text().strip() == "", 10, "the refusal gone with its run")
     pick(page, "queue-job", f"job {queue_row(page, FLOW['queued'])['job-id']} — {FLOW['queued']}")
     page.click("#queue-cancel")
     wait_until(page, lambda: queue_row(page, FLOW["queued"]).get("state") in ("stopped", "done"), 120,

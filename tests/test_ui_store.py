@@ -265,7 +265,7 @@ def test_a_removed_picture_is_set_aside_and_put_back_with_its_caption(tmp_path):
     assert store.restore_removed(run) == "b.png"
     assert store.restore_removed(run) == "a.png" and store.read_caption(run, "a.png") == "my careful caption"
     assert [i.name for i in store.list_items(run)] == ["a.png", "b.png", "c.png"]
-    with pytest.raises(UserError, match="nothing to put back"):
+    with pytest.raises(UserError, match="^nothing to put back: every picture removed from this run is back"):
         store.restore_removed(run)
     store.remove_item(run, "c.png")
     png(store.dataset_dir(run) / "c.png")  # a new picture of the same name meanwhile: it is not overwritten

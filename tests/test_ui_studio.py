@@ -612,7 +612,7 @@ def test_resume_a_diverged_run_at_a_lower_learning_rate(studio, tmp_path):
     assert wait_ended(studio, "r1").state == "failed"
     old_lr = studio.run_config("r1").lr
     for bad in ("-1", "abc", 2, "nan", "inf"):
-        with pytest.raises(UserError, match="learning rate from here .*: give a positive number such as 5e-5"):
+        with pytest.raises(UserError, match="learning rate from here .*: give a number above 0 and at most 1, such as 5e-5"):
             studio.resume("r1", 0, bad)
     gate = threading.Semaphore(0)
     studio.runner = FakeLoop(gate=gate)

@@ -42,9 +42,11 @@ def build(studio: Studio, run: gr.Dropdown) -> gr.Markdown:
     armed = gr.State(None)  # {"run", "action", "at"}: what the first press of a button asked about, and when
     expiry = gr.Timer(1.0, active=False)  # on while a question waits: puts the buttons back when its time is up
 
-    def on_run(run_name, asked):
-        """Another run shown: its size; a pending "delete?" question was about the other one, so it goes."""
-        return (usage_line(studio, run_name), ("" if asked else gr.skip()), None, gr.update(value=DELETE_LABEL),
+    def on_run(run_name, asked, line):
+        """Another run shown: its size; a pending "delete?" question or a refusal ("⚠ 'T' is running") was about
+        the other one, so it goes (a "Deleted …" line stays: deleting shows another run)."""
+        stale = bool(asked) or str(line or "").startswith("⚠")
+        return (usage_line(studio, run_name), ("" if stale else gr.skip()), None, gr.update(value=DELETE_LABEL),
                 gr.update(value=PRUNE_LABEL))
 
     def confirmed(asked, run_name, action):
@@ -100,7 +102,7 @@ def build(studio: Studio, run: gr.Dropdown) -> gr.Markdown:
                 else gr.skip())
         return line, None, gr.update(value=DELETE_LABEL), gr.update(value=PRUNE_LABEL), gr.Timer(active=False)
 
-    run.change(on_run, [run, armed], [usage, status, armed, delete, prune])
+    run.change(on_run, [run, armed, status], [usage, status, armed, delete, prune])
     prune.click(on_prune, [run, armed], [status, usage, armed, prune, delete, expiry], concurrency_id="train-control",
                 concurrency_limit=1)
     delete.click(on_delete, [run, armed], [status, usage, armed, delete, run, prune, expiry],

@@ -318,7 +318,7 @@ def restore_removed(run_dir: Path) -> str:
                             f"is still in {folder.relative_to(run_dir)}") from None
         images = [p.name for p in back if is_image_name(p.name)]
         return images[0] if images else back[0].name
-    raise UserError("nothing to put back: no picture was removed from this run")
+    raise UserError("nothing to put back: every picture removed from this run is back (or none was removed)")
 
 
 @dataclass(frozen=True)

@@ -637,8 +637,8 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
         except (TypeError, ValueError):
             value = float("nan")
         if not (math.isfinite(value) and 0 < value <= 1):
-            raise UserError(f"learning rate from here {lr!r}: give a positive number such as 5e-5 (0 keeps the "
-                            "run's own)")
+            raise UserError(f"learning rate from here {lr!r}: give a number above 0 and at most 1, such as 5e-5 (0 "
+                            "keeps the run's own)")
         return value
 
     @staticmethod

@@ -206,7 +206,8 @@ def build(studio: Studio, run: gr.Dropdown, trigger: gr.Textbox) -> dict:
         trains) until the run is no longer active, or a newer press or another run takes over the line."""
         page, mine = getattr(request, "session_hash", "") or "", (next(tokens), run_name or "")
         watching[page] = mine
-        if not run_name or f"'{run_name}'" not in str(message or "") or str(message).startswith("⚠"):
+        if (not run_name or f"'{run_name}'" not in str(message or "") or str(message).startswith("⚠")
+                or f"'{run_name}' is not training" in str(message)):  # a press that did nothing: its answer stays
             return gr.skip()
         while watching.get(page) == mine and await asyncio.to_thread(studio.is_active, run_name):
             await asyncio.sleep(POLL_SECONDS)
