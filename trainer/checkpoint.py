@@ -54,6 +54,12 @@ def fewer_steps(what: str, checkpoint: Path | str, steps: int) -> str:
     return f"{what} has trained {trained} steps: --steps {steps} is fewer; give at least {trained} (more trains it on)"
 
 
+def fewer_steps_in(run_dir: Path, steps: int) -> str:
+    """:func:`fewer_steps` for a run folder's newest checkpoint ("" when it has none)."""
+    checkpoints = checkpoint_dirs(run_dir)
+    return fewer_steps(Path(run_dir).name, checkpoints[-1], steps) if checkpoints else ""
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():

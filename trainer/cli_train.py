@@ -177,15 +177,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, list[str]]:
     return resolve_config(preset, values)
 
 
-def fewer_steps_than_trained(config: TrainConfig) -> str:
-    """Why a resume to ``config.steps`` is refused ("" when it is not): before the finished-run note, which
-    would end a typo's `--steps 10` on a run at step 60 with exit status 0."""
-    from trainer.checkpoint import checkpoint_dirs, fewer_steps
-
-    checkpoints = checkpoint_dirs(Path(config.out))
-    return fewer_steps(Path(config.out).name, checkpoints[-1], config.steps) if checkpoints else ""
-
-
 def finished_at(config: TrainConfig) -> int | None:
     """The step a run to resume already finished at, when it is at or past ``config.steps`` and its LoRA files
     were written after that checkpoint (a run killed while exporting resumes to write them)."""
@@ -236,6 +227,7 @@ def relaunch_distributed(processes: int, argv: list[str]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import fewer_steps_in
     from trainer.distributed import world_size_from_env
     from trainer.loop import run_training
 
@@ -248,8 +240,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume:
         refuse_used_folder(config.out)
         warnings += untold_trigger(config)
-    elif (refused := fewer_steps_than_trained(config)):
-        raise UserError(refused)
+    elif (refused := fewer_steps_in(Path(config.out), config.steps)):  # before the finished-run note: a typo's
+        raise UserError(refused)  # `--steps 10` on a run at step 60 must not end with exit status 0
     elif (done := finished_at(config)) is not None:
         print(f"{config.out} already trained all {done} steps; to train on, pass --steps with more (e.g. "
               f"--steps {2 * done})")

@@ -21,7 +21,7 @@ import torch
 from trainer import events as ev
 from trainer.atomic import atomic_path, write_text
 from trainer.bases import parse_base
-from trainer.checkpoint import TrainState, checkpoint_dirs, fewer_steps, load_checkpoint, save_checkpoint
+from trainer.checkpoint import TrainState, checkpoint_dirs, fewer_steps_in, load_checkpoint, save_checkpoint
 from trainer.config import Precision, TrainConfig, dump_yaml
 from trainer.distributed import Dist, setup
 from trainer.data import BatchPlan, Example, dataset_hash, prepare, tag_frequency
@@ -253,9 +253,8 @@ def run_training(config: TrainConfig, emit: Optional[ev.Emit] = None, stop: Opti
         TrainingDiverged: NaN/inf loss (the last good checkpoint is kept).
     """
     run_dir = Path(config.out)
-    if resume and (checkpoints := checkpoint_dirs(run_dir)):  # refused before a line goes to its events.jsonl:
-        if refused := fewer_steps(run_dir.name, checkpoints[-1], config.steps):  # a typo must not mark it failed
-            raise UserError(refused)
+    if resume and (refused := fewer_steps_in(run_dir, config.steps)):  # before a line goes to its events.jsonl:
+        raise UserError(refused)  # a typo must not mark the run failed
     stop = stop or threading.Event()
     dist = setup(config.device)
     created = dist.is_main and not run_dir.exists()  # a run refused before it wrote anything leaves no folder behind

@@ -397,9 +397,9 @@ class Studio(RunDataset, RunExports, RunSpace, RunMix):
             doing = "waiting in the queue" if job.state == "queued" else "training"
             raise UserError(f"'{run}' is {doing} with these settings already (job {job.id}); to train a variant "
                             "beside it, change a setting and press Start again")
+        # a run stopped or failed before it saved anything trained nothing: it starts again in its own folder
         trained = bool(checkpoint_dirs(run_dir)) or (run_dir / FILE_NAMES["kohya"]).is_file()
-        if trained or (job is not None and job.state in ACTIVE):  # a run stopped or failed before its first step
-            # trained nothing: it starts again in its own folder
+        if trained or (job is not None and job.state in ACTIVE):
             run_dir = self._copy_run(run_dir)
             was = {"queued": "is waiting in the queue", "running": "is training", "stopping": "is stopping"}.get(
                 job.state if job is not None else "", "was already trained")
